@@ -1,0 +1,314 @@
+//! Validation and normalisation of resources. Every error names the field and the reason, so the
+//! CLI and the gRPC status can tell the user exactly what to fix.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::kind::Kind;
+use crate::pb;
+use crate::DEFAULT_NAMESPACE;
+
+/// A rejected field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ValidationError {
+    /// Path of the field, e.g. `spec.cidr`.
+    pub field: String,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+impl ValidationError {
+    /// A new error for `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ValidationError { field: field.into(), reason: reason.into() }
+    }
+}
+
+type Result<T> = std::result::Result<T, ValidationError>;
+
+fn is_dns_label_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+}
+
+/// A resource name: lower-case letters, digits and '-', starting and ending alphanumeric, at most
+/// 253 characters. Dots are not allowed because upstream names carry the namespace after a dot.
+pub fn name(field: &str, s: &str) -> Result<()> {
+    dns_label(field, s, 253)
+}
+
+/// A namespace: like a name, at most 63 characters.
+pub fn namespace(field: &str, s: &str) -> Result<()> {
+    dns_label(field, s, 63)
+}
+
+fn dns_label(field: &str, s: &str, max: usize) -> Result<()> {
+    if s.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(ValidationError::new(field, format!("{s:?} is longer than {max} characters")));
+    }
+    if let Some(c) = s.chars().find(|c| !is_dns_label_char(*c)) {
+        return Err(ValidationError::new(
+            field,
+            format!("{s:?} contains {c:?}; only lower-case letters, digits and '-' are allowed"),
+        ));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err(ValidationError::new(field, format!("{s:?} must start and end with a letter or digit")));
+    }
+    Ok(())
+}
+
+fn label_part(field: &str, what: &str, s: &str, allow_empty: bool) -> Result<()> {
+    if s.is_empty() {
+        return if allow_empty { Ok(()) } else { Err(ValidationError::new(field, format!("{what} must not be empty"))) };
+    }
+    if s.len() > 63 {
+        return Err(ValidationError::new(field, format!("{what} {s:?} is longer than 63 characters")));
+    }
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if let Some(c) = s.chars().find(|c| !ok_char(*c)) {
+        return Err(ValidationError::new(field, format!("{what} {s:?} contains {c:?}")));
+    }
+    let first = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let last = s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first || !last {
+        return Err(ValidationError::new(field, format!("{what} {s:?} must start and end with a letter or digit")));
+    }
+    Ok(())
+}
+
+/// Labels as Kubernetes defines them: key `[prefix/]name`, value up to 63 characters.
+pub fn labels(field: &str, labels: &HashMap<String, String>) -> Result<()> {
+    for (k, v) in labels {
+        let f = format!("{field}[{k}]");
+        let name = match k.split_once('/') {
+            Some((prefix, name)) => {
+                if prefix.is_empty() || prefix.len() > 253 || !prefix.split('.').all(|p| dns_label("", p, 63).is_ok()) {
+                    return Err(ValidationError::new(&f, format!("key prefix {prefix:?} must be a DNS subdomain")));
+                }
+                name
+            }
+            None => k.as_str(),
+        };
+        label_part(&f, "key", name, false)?;
+        label_part(&f, "value", v, true)?;
+    }
+    Ok(())
+}
+
+/// Selector maps of upstream `matches` and per-service labels: keys must be non-empty; values may
+/// be upstream templates such as `{{.nodeName}}`, so only control characters are refused.
+pub fn selector(field: &str, map: &HashMap<String, String>) -> Result<()> {
+    for (k, v) in map {
+        if k.is_empty() {
+            return Err(ValidationError::new(field, "label keys must not be empty"));
+        }
+        if k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(ValidationError::new(format!("{field}[{k}]"), "contains control characters"));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `k=v,k2=v2` (as given to `--labels` or `-l`).
+pub fn parse_labels(field: &str, s: &str) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| ValidationError::new(field, format!("{part:?} is not key=value")))?;
+        if out.insert(k.trim().to_owned(), v.trim().to_owned()).is_some() {
+            return Err(ValidationError::new(field, format!("key {:?} given twice", k.trim())));
+        }
+    }
+    labels(field, &out)?;
+    Ok(out)
+}
+
+/// An address pool: a network in CIDR notation with no host bits set.
+pub fn cidr(field: &str, s: &str) -> Result<IpNet> {
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| ValidationError::new(field, format!("{s:?} is not a CIDR such as 10.60.0.0/16 or fd00::/64")))?;
+    if net.trunc() != net {
+        return Err(ValidationError::new(field, format!("{s:?} has host bits set; did you mean {}?", net.trunc())));
+    }
+    Ok(net)
+}
+
+/// An IP address (v4 or v6).
+pub fn ip(field: &str, s: &str) -> Result<IpAddr> {
+    s.parse().map_err(|_| ValidationError::new(field, format!("{s:?} is not an IP address")))
+}
+
+/// Upstream payloads; returns the canonical upper-case spelling.
+pub fn payload(field: &str, s: &str) -> Result<&'static str> {
+    match s.to_ascii_uppercase().as_str() {
+        "" | "IP" => Ok("IP"),
+        "ETHERNET" => Ok("ETHERNET"),
+        _ => Err(ValidationError::new(field, format!("{s:?} is not a payload (expected IP or ETHERNET)"))),
+    }
+}
+
+/// Endpoint URLs as upstream uses them: `tcp://host:port`, `unix:///path`, `inode://dev/ino`.
+pub fn url(field: &str, s: &str) -> Result<()> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or_else(|| ValidationError::new(field, format!("{s:?} is not a URL (expected tcp://host:port or unix:///path)")))?;
+    match scheme {
+        "tcp" => {
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| ValidationError::new(field, format!("{s:?} has no port")))?;
+            if host.is_empty() {
+                return Err(ValidationError::new(field, format!("{s:?} has no host")));
+            }
+            port.parse::<u16>().map_err(|_| ValidationError::new(field, format!("{s:?} has an invalid port")))?;
+            Ok(())
+        }
+        "unix" if rest.starts_with('/') => Ok(()),
+        "unix" => Err(ValidationError::new(field, format!("{s:?}: unix socket paths must be absolute (unix:///path)"))),
+        "inode" => Ok(()),
+        other => Err(ValidationError::new(field, format!("unsupported URL scheme {other:?} (expected tcp, unix or inode)"))),
+    }
+}
+
+/// A reference to a network service from a resource in `namespace`: `name` (same namespace) or
+/// `name.namespace`.
+pub fn service_ref(field: &str, s: &str) -> Result<()> {
+    match s.split_once('.') {
+        Some((n, ns)) => {
+            name(field, n)?;
+            namespace(field, ns)
+        }
+        None => name(field, s),
+    }
+}
+
+fn check_meta(kind: Kind, meta: &mut pb::ObjectMeta) -> Result<()> {
+    name("metadata.name", &meta.name)?;
+    if kind.namespaced() {
+        if meta.namespace.is_empty() {
+            meta.namespace = DEFAULT_NAMESPACE.to_owned();
+        }
+        namespace("metadata.namespace", &meta.namespace)?;
+    } else {
+        meta.namespace.clear();
+    }
+    labels("metadata.labels", &meta.labels)
+}
+
+/// Validates a resource and fills defaults (namespace, payload, service type) in place.
+pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
+    use pb::resource::Kind as R;
+    let kind = Kind::of(resource).ok_or_else(|| ValidationError::new("resource", "no resource given"))?;
+    match resource.kind.as_mut().expect("checked above") {
+        R::NetworkService(ns) => {
+            check_meta(kind, ns.metadata.get_or_insert_with(Default::default))?;
+            let spec = ns.spec.get_or_insert_with(Default::default);
+            spec.payload = payload("spec.payload", &spec.payload)?.to_owned();
+            if spec.r#type == pb::ServiceType::Unspecified as i32 {
+                spec.r#type = pb::ServiceType::Vwire as i32;
+            }
+            pb::ServiceType::try_from(spec.r#type)
+                .map_err(|_| ValidationError::new("spec.type", format!("unknown service type {}", spec.r#type)))?;
+            if !spec.cidr.is_empty() {
+                spec.cidr = cidr("spec.cidr", &spec.cidr)?.to_string();
+            }
+            for (i, m) in spec.matches.iter().enumerate() {
+                selector(&format!("spec.matches[{i}].sourceSelector"), &m.source_selector)?;
+                for (j, r) in m.routes.iter().enumerate() {
+                    selector(&format!("spec.matches[{i}].routes[{j}].destinationSelector"), &r.destination_selector)?;
+                }
+            }
+        }
+        R::Endpoint(ep) => {
+            check_meta(kind, ep.metadata.get_or_insert_with(Default::default))?;
+            let spec = ep.spec.get_or_insert_with(Default::default);
+            for (i, s) in spec.network_services.iter().enumerate() {
+                service_ref(&format!("spec.networkServices[{i}]"), s)?;
+            }
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = spec.network_services.iter().find(|s| !seen.insert(s.as_str())) {
+                return Err(ValidationError::new("spec.networkServices", format!("{dup:?} listed twice")));
+            }
+            for (svc, l) in &spec.service_labels {
+                service_ref(&format!("spec.serviceLabels[{svc}]"), svc)?;
+                selector(&format!("spec.serviceLabels[{svc}]"), &l.labels)?;
+            }
+            url("spec.url", &spec.url)?;
+            if !spec.address.is_empty() {
+                spec.address = ip("spec.address", &spec.address)?.to_string();
+            }
+            if !spec.node.is_empty() {
+                name("spec.node", &spec.node)?;
+            }
+            if spec.address.is_empty() && spec.url.is_empty() && spec.node.is_empty() && spec.network_services.is_empty() {
+                return Err(ValidationError::new(
+                    "spec",
+                    "an endpoint needs at least one of address, url, node or networkServices",
+                ));
+            }
+        }
+        R::Node(node) => {
+            check_meta(kind, node.metadata.get_or_insert_with(Default::default))?;
+            let spec = node.spec.get_or_insert_with(Default::default);
+            if spec.address.is_empty() {
+                return Err(ValidationError::new("spec.address", "a node needs its underlay address"));
+            }
+            spec.address = ip("spec.address", &spec.address)?.to_string();
+        }
+    }
+    Ok(kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(name("n", "istio-namespace").is_ok());
+        assert!(name("n", "").unwrap_err().reason.contains("empty"));
+        assert!(name("n", "Bad").unwrap_err().reason.contains("'B'"));
+        assert!(name("n", "a.b").unwrap_err().reason.contains("'.'"));
+        assert!(name("n", "-a").is_err());
+        assert!(namespace("n", &"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(cidr("c", "10.60.0.0/16").unwrap().to_string(), "10.60.0.0/16");
+        let e = cidr("spec.cidr", "10.60.0.1/16").unwrap_err();
+        assert_eq!(e.field, "spec.cidr");
+        assert!(e.reason.contains("did you mean 10.60.0.0/16"), "{e}");
+        assert!(cidr("c", "10.0.0.0/33").is_err());
+        assert!(cidr("c", "fd00::/64").is_ok());
+    }
+
+    #[test]
+    fn label_parsing() {
+        let l = parse_labels("l", "app=web, tier=backend").unwrap();
+        assert_eq!(l["app"], "web");
+        assert!(parse_labels("l", "app").unwrap_err().reason.contains("key=value"));
+        assert!(parse_labels("l", "a=1,a=2").unwrap_err().reason.contains("twice"));
+        assert!(parse_labels("l", "example.com/app=x").is_ok());
+        assert!(parse_labels("l", "app=has space").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert!(url("u", "tcp://10.0.0.1:5002").is_ok());
+        assert!(url("u", "unix:///run/nsm.sock").is_ok());
+        assert!(url("u", "tcp://10.0.0.1").is_err());
+        assert!(url("u", "http://x:1").is_err());
+    }
+}
