@@ -1,0 +1,393 @@
+//! The nsm registry.
+//!
+//! One per domain. It serves upstream's `registry.NetworkServiceRegistry` and
+//! `registry.NetworkServiceEndpointRegistry` (wire-compatible, upstream semantics) and nsm's own
+//! `nsm.v1.ResourceService` over the same state, so that what `nsmctl` creates is visible to
+//! upstream clients and the other way round. State lives in a [`Store`]; reads are served from an
+//! in-memory view that follows the store ([`cache`]).
+
+mod cache;
+mod error;
+mod resources;
+mod upstream_api;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nsm_model::{Kind, ValidationError, kind, pb, upstream, validate};
+use nsm_store::{Condition, PutOptions, Store, StoreError};
+use prost::Message;
+use tonic::service::Routes;
+
+pub use error::RegistryError;
+
+use crate::cache::{Cache, Item};
+
+/// How the registry behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Lifetime of an upstream endpoint registration that is not refreshed (upstream: 1 minute).
+    pub default_expiration: Duration,
+    /// This registry's domain: names `x@<domain>` are local. None = only undomained names.
+    pub domain: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { default_expiration: Duration::from_secs(60), domain: None }
+    }
+}
+
+/// A running registry (cheap to clone).
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    cache: Arc<Cache>,
+    config: Config,
+}
+
+/// What an apply did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The resource did not exist.
+    Created,
+    /// It existed and was changed.
+    Configured,
+    /// It existed and already matched.
+    Unchanged,
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+/// Attempts of an optimistic read-modify-write before giving up with `Conflict`.
+const WRITE_ATTEMPTS: usize = 8;
+
+fn display_name(kind: Kind, namespace: &str, name: &str) -> String {
+    if kind.namespaced() { format!("{namespace}/{name}") } else { name.to_owned() }
+}
+
+fn meta_of(r: &pb::Resource) -> (String, String) {
+    kind::meta(r).map_or_else(Default::default, |m| (m.namespace.clone(), m.name.clone()))
+}
+
+/// The expiry a resource asks the store for (endpoints registered with an expiration time).
+fn expiry_of(r: &pb::Resource) -> Option<SystemTime> {
+    match &r.kind {
+        Some(pb::resource::Kind::Endpoint(ep)) => {
+            ep.spec.as_ref()?.expiration_time.as_ref().and_then(nsm_model::to_system_time)
+        }
+        _ => None,
+    }
+}
+
+/// A resource as it is written to the store: without the store-owned resource version.
+fn encode(r: &pb::Resource) -> Vec<u8> {
+    let mut r = r.clone();
+    if let Some(m) = kind::meta_mut(&mut r) {
+        m.resource_version = 0;
+    }
+    r.encode_to_vec()
+}
+
+/// Spec and labels, the parts a user changes (not uid, timestamps or versions).
+fn same_content(a: &pb::Resource, b: &pb::Resource) -> bool {
+    let strip = |r: &pb::Resource| {
+        let mut r = r.clone();
+        if let Some(m) = kind::meta_mut(&mut r) {
+            m.uid.clear();
+            m.resource_version = 0;
+            m.creation_timestamp = None;
+        }
+        r
+    };
+    strip(a) == strip(b)
+}
+
+impl Registry {
+    /// Loads the store's state and starts following it.
+    pub async fn start(store: Arc<dyn Store>, config: Config) -> std::result::Result<Registry, StoreError> {
+        let cache = Cache::start(store.clone()).await?;
+        Ok(Registry { inner: Arc::new(Inner { store, cache, config }) })
+    }
+
+    /// The gRPC services: upstream registry ×2, nsm.v1 resources, health (all SERVING).
+    pub async fn routes(&self) -> Routes {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for name in [
+            nsm_api::service_names::NS_REGISTRY,
+            nsm_api::service_names::NSE_REGISTRY,
+            nsm_api::service_names::RESOURCES,
+            "",
+        ] {
+            reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+        let mut b = Routes::builder();
+        b.add_service(health)
+            .add_service(nsm_api::registry::network_service_registry_server::NetworkServiceRegistryServer::new(
+                upstream_api::NsRegistry(self.clone()),
+            ))
+            .add_service(
+                nsm_api::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistryServer::new(
+                    upstream_api::NseRegistry(self.clone()),
+                ),
+            )
+            .add_service(nsm_api::nsm::v1::resource_service_server::ResourceServiceServer::new(
+                resources::ResourceApi(self.clone()),
+            ));
+        b.routes()
+    }
+
+    /// The store backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.inner.store.backend()
+    }
+
+    /// Number of resources of `kind` in the view.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.inner.cache.state.read().kind(kind).count()
+    }
+
+    fn get_item(&self, kind: Kind, namespace: &str, name: &str) -> Option<Item> {
+        self.inner.cache.state.read().get(kind, &kind.key(namespace, name)).cloned()
+    }
+
+    /// Gets one resource.
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
+        self.get_item(kind, namespace, name)
+            .ok_or_else(|| RegistryError::NotFound { kind, name: display_name(kind, namespace, name) })
+    }
+
+    /// Lists resources of `kind` in `namespace` (empty = all) whose labels include `selector`.
+    pub fn list(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        selector: &std::collections::HashMap<String, String>,
+    ) -> (Vec<Item>, u64) {
+        let state = self.inner.cache.state.read();
+        let items = state.kind(kind).map(|(_, i)| i).filter(|i| resources::selected(i, namespace, selector)).cloned().collect();
+        (items, state.revision)
+    }
+
+    /// Writes `resource` (already validated) with a read-modify-write loop: `decide` sees the
+    /// current value and returns what to store, or None to leave it as is.
+    async fn write(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        mut decide: impl FnMut(Option<&pb::Resource>) -> Result<Option<pb::Resource>>,
+    ) -> Result<(Option<Item>, Item)> {
+        let key = kind.key(namespace, name);
+        let mut current = self.inner.cache.state.read().get(kind, &key).cloned();
+        for _ in 0..WRITE_ATTEMPTS {
+            let Some(next) = decide(current.as_deref())? else {
+                let cur = current.clone().expect("decide keeps only what exists");
+                return Ok((current, cur));
+            };
+            let condition = match &current {
+                Some(c) => Condition::ModRevision(kind::meta(c).map_or(0, |m| m.resource_version)),
+                None => Condition::Absent,
+            };
+            let opts = PutOptions { condition, expires_at: expiry_of(&next) };
+            match self.inner.store.put(&key, encode(&next), opts).await {
+                Ok(kv) => {
+                    self.inner.cache.wait_for(kv.mod_revision).await?;
+                    let mut stored = next;
+                    if let Some(m) = kind::meta_mut(&mut stored) {
+                        m.resource_version = kv.mod_revision;
+                    }
+                    return Ok((current, Arc::new(stored)));
+                }
+                Err(StoreError::Conflict { .. } | StoreError::AlreadyExists(_) | StoreError::NotFound(_)) => {
+                    current = self.inner.store.get(&key).await?.as_ref().and_then(cache::decode);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RegistryError::Conflict { kind, name: display_name(kind, namespace, name) })
+    }
+
+    fn stamp_new(r: &mut pb::Resource) {
+        if let Some(m) = kind::meta_mut(r) {
+            m.uid = uuid::Uuid::new_v4().to_string();
+            m.creation_timestamp = Some(nsm_model::now_timestamp());
+        }
+    }
+
+    fn keep_identity(r: &mut pb::Resource, existing: &pb::Resource) {
+        if let (Some(old), Some(m)) = (kind::meta(existing).cloned(), kind::meta_mut(r)) {
+            m.uid = old.uid;
+            m.creation_timestamp = old.creation_timestamp;
+        }
+    }
+
+    /// Creates a resource; fails with AlreadyExists if it exists.
+    pub async fn create(&self, mut resource: pb::Resource) -> Result<Item> {
+        let kind = validate::resource(&mut resource)?;
+        let (namespace, name) = meta_of(&resource);
+        Self::stamp_new(&mut resource);
+        let (_, stored) = self
+            .write(kind, &namespace, &name, |current| match current {
+                Some(_) => Err(RegistryError::AlreadyExists { kind, name: display_name(kind, &namespace, &name) }),
+                None => Ok(Some(resource.clone())),
+            })
+            .await?;
+        Ok(stored)
+    }
+
+    /// Creates or updates a resource. With `dry_run`, only validates and reports the outcome.
+    pub async fn apply(&self, mut resource: pb::Resource, dry_run: bool) -> Result<(Applied, Item)> {
+        let kind = validate::resource(&mut resource)?;
+        let (namespace, name) = meta_of(&resource);
+        if dry_run {
+            return Ok(match self.get_item(kind, &namespace, &name) {
+                None => (Applied::Created, Arc::new(resource)),
+                Some(cur) if same_content(&cur, &resource) => (Applied::Unchanged, cur),
+                Some(_) => (Applied::Configured, Arc::new(resource)),
+            });
+        }
+        let (before, stored) = self
+            .write(kind, &namespace, &name, |current| {
+                let mut next = resource.clone();
+                match current {
+                    None => Self::stamp_new(&mut next),
+                    Some(cur) if same_content(cur, &next) => return Ok(None),
+                    Some(cur) => Self::keep_identity(&mut next, cur),
+                }
+                Ok(Some(next))
+            })
+            .await?;
+        let outcome = match before {
+            None => Applied::Created,
+            Some(b) if Arc::ptr_eq(&b, &stored) || same_content(&b, &stored) => Applied::Unchanged,
+            Some(_) => Applied::Configured,
+        };
+        Ok((outcome, stored))
+    }
+
+    /// Deletes a resource, returning its last state.
+    pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
+        let namespace = if kind.namespaced() && namespace.is_empty() { nsm_model::DEFAULT_NAMESPACE } else { namespace };
+        let key = kind.key(namespace, name);
+        match self.inner.store.delete(&key, Condition::None).await {
+            Ok((prev, revision)) => {
+                self.inner.cache.wait_for(revision).await?;
+                cache::decode(&prev).ok_or_else(|| StoreError::Backend(format!("undecodable value at {key}")).into())
+            }
+            Err(StoreError::NotFound(_)) => {
+                Err(RegistryError::NotFound { kind, name: display_name(kind, namespace, name) })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Resolves an upstream name to (namespace, name), accepting our own domain suffix.
+    fn local_name(&self, field: &str, upstream_name: &str) -> Result<(String, String)> {
+        let (namespace, name, domain) = upstream::parse_name(field, upstream_name)?;
+        match (domain, &self.inner.config.domain) {
+            (None, _) => Ok((namespace, name)),
+            (Some(d), Some(ours)) if d == *ours => Ok((namespace, name)),
+            (Some(d), ours) => Err(RegistryError::Interdomain(format!(
+                "{field}: {upstream_name:?} belongs to domain {d:?}, and this registry serves {}; \
+                 interdomain registration is not supported yet",
+                ours.as_deref().map_or("no domain".to_owned(), |o| format!("domain {o:?}"))
+            ))),
+        }
+    }
+
+    /// Upstream NetworkServiceRegistry.Register: creates or updates the service.
+    pub async fn register_ns(&self, ns: &pb::registry::NetworkService) -> Result<pb::registry::NetworkService> {
+        if ns.name.is_empty() {
+            return Err(ValidationError::new("name", "must not be empty").into());
+        }
+        let (namespace, name) = self.local_name("name", &ns.name)?;
+        let mut local = ns.clone();
+        local.name = upstream::name_of(&namespace, &name);
+        let (_, stored) = self
+            .write(Kind::NetworkService, &namespace, &name, |current| {
+                let existing = match current.and_then(|c| c.kind.as_ref()) {
+                    Some(pb::resource::Kind::NetworkService(n)) => Some(n),
+                    _ => None,
+                };
+                let mut r = pb::Resource {
+                    kind: Some(pb::resource::Kind::NetworkService(upstream::ns_from_upstream(&local, existing)?)),
+                };
+                validate::resource(&mut r)?;
+                match current {
+                    None => Self::stamp_new(&mut r),
+                    Some(c) if same_content(c, &r) => return Ok(None),
+                    Some(_) => {}
+                }
+                Ok(Some(r))
+            })
+            .await?;
+        let Some(pb::resource::Kind::NetworkService(n)) = &stored.kind else { unreachable!("wrote a service") };
+        let mut out = upstream::ns_to_upstream(n);
+        out.name = ns.name.clone();
+        Ok(out)
+    }
+
+    /// Upstream NetworkServiceEndpointRegistry.Register: creates or refreshes the endpoint with an
+    /// expiry of at most `default_expiration` from now (upstream `expire` semantics).
+    pub async fn register_nse(
+        &self,
+        nse: &pb::registry::NetworkServiceEndpoint,
+    ) -> Result<pb::registry::NetworkServiceEndpoint> {
+        if nse.name.is_empty() {
+            return Err(ValidationError::new("name", "must not be empty").into());
+        }
+        let (namespace, name) = self.local_name("name", &nse.name)?;
+        let mut local = nse.clone();
+        local.name = upstream::name_of(&namespace, &name);
+        let now = SystemTime::now();
+        let cap = now + self.inner.config.default_expiration;
+        let expires = match nse.expiration_time.as_ref().and_then(nsm_model::to_system_time) {
+            Some(t) if t < cap => t,
+            _ => cap,
+        };
+        local.expiration_time = Some(prost_types::Timestamp::from(expires));
+        let (_, stored) = self
+            .write(Kind::Endpoint, &namespace, &name, |current| {
+                let existing = match current.and_then(|c| c.kind.as_ref()) {
+                    Some(pb::resource::Kind::Endpoint(e)) => Some(e),
+                    _ => None,
+                };
+                let mut ep = upstream::nse_from_upstream(&local, existing)?;
+                let spec = ep.spec.get_or_insert_with(Default::default);
+                // setregistrationtime: the first registration's time is kept for good.
+                spec.initial_registration_time = existing
+                    .and_then(|e| e.spec.as_ref()?.initial_registration_time)
+                    .or(nse.initial_registration_time)
+                    .or_else(|| Some(prost_types::Timestamp::from(now)));
+                let mut r = pb::Resource { kind: Some(pb::resource::Kind::Endpoint(ep)) };
+                validate::resource(&mut r)?;
+                if current.is_none() {
+                    Self::stamp_new(&mut r);
+                }
+                Ok(Some(r))
+            })
+            .await?;
+        let Some(pb::resource::Kind::Endpoint(e)) = &stored.kind else { unreachable!("wrote an endpoint") };
+        let mut out = upstream::nse_to_upstream(e);
+        out.name = nse.name.clone();
+        Ok(out)
+    }
+
+    /// Upstream Unregister: removes the resource; like upstream, removing what is not there is
+    /// not an error (clients unregister after their registration may already have expired).
+    pub async fn unregister(&self, kind: Kind, upstream_name: &str) -> Result<()> {
+        if upstream_name.is_empty() {
+            return Err(ValidationError::new("name", "must not be empty").into());
+        }
+        let (namespace, name) = self.local_name("name", upstream_name)?;
+        match self.delete(kind, &namespace, &name).await {
+            Ok(_) | Err(RegistryError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Registry errors and their one mapping onto gRPC statuses.
+
+use nsm_model::{Kind, ValidationError};
+use nsm_store::StoreError;
+use tonic::Status;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The request is malformed; nothing was written.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The resource does not exist.
+    #[error("{kind} {name:?} not found")]
+    NotFound {
+        /// Kind.
+        kind: Kind,
+        /// `namespace/name` or `name`.
+        name: String,
+    },
+    /// A create found the resource already there.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists {
+        /// Kind.
+        kind: Kind,
+        /// `namespace/name` or `name`.
+        name: String,
+    },
+    /// The resource kept changing under us; the caller may retry.
+    #[error("{kind} {name:?} is being modified concurrently; retry")]
+    Conflict {
+        /// Kind.
+        kind: Kind,
+        /// `namespace/name` or `name`.
+        name: String,
+    },
+    /// A name in another registry domain; interdomain registration is not served here.
+    #[error("{0}")]
+    Interdomain(String),
+    /// A watcher fell too far behind the change stream.
+    #[error("watch fell behind the registry's change stream; start a new one")]
+    WatchLagged,
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Status {
+        let msg = e.to_string();
+        match e {
+            RegistryError::Invalid(_) => Status::invalid_argument(msg),
+            RegistryError::NotFound { .. } => Status::not_found(msg),
+            RegistryError::AlreadyExists { .. } => Status::already_exists(msg),
+            RegistryError::Conflict { .. } | RegistryError::WatchLagged => Status::aborted(msg),
+            RegistryError::Interdomain(_) => Status::unimplemented(msg),
+            RegistryError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
+            RegistryError::Store(_) => Status::internal(msg),
+        }
+    }
+}
