@@ -14,12 +14,13 @@ mod upstream_api;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nsm_model::{Kind, ValidationError, kind, pb, upstream, validate};
+use nsm_model::{ValidationError, kind, pb, upstream, validate};
 use nsm_store::{Condition, PutOptions, Store, StoreError};
 use prost::Message;
 use tonic::service::Routes;
 
 pub use error::RegistryError;
+pub use nsm_model::Kind;
 
 use crate::cache::{Cache, Item};
 

@@ -39,13 +39,20 @@ pub struct Etcd {
 
 impl Etcd {
     /// Starts etcd on free loopback ports with a fresh data directory and waits (up to 10 s)
-    /// until it answers `/health`.
+    /// until it answers `/health`. The binary is `$NSM_TEST_ETCD` if set, else `etcd` on `PATH`.
     ///
     /// Fails with a message naming the binary and quoting the end of its log if the binary is
     /// missing, exits early, or does not become healthy in time.
     pub fn start() -> anyhow::Result<Etcd> {
+        let binary =
+            std::env::var_os(ETCD_BINARY_ENV).map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
+        Etcd::start_with_binary(binary)
+    }
+
+    /// Like [`start`](Self::start), with an explicit etcd binary.
+    pub fn start_with_binary(binary: impl Into<PathBuf>) -> anyhow::Result<Etcd> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let binary = std::env::var_os(ETCD_BINARY_ENV).map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
+        let binary = binary.into();
         let mut last_error = None;
         // Free ports are found by binding port 0 and releasing it, so another process may take one
         // before etcd binds it; try a few times with fresh ports.
@@ -61,12 +68,17 @@ impl Etcd {
                 name,
                 client_port,
                 peer_port,
-                dir: tempfile::Builder::new().prefix("nsm-etcd-").tempdir().context("creating etcd temp dir")?,
+                dir: tempfile::Builder::new()
+                    .prefix("nsm-etcd-")
+                    .tempdir()
+                    .context("creating etcd temp dir")?,
                 child: None,
             };
             match etcd.launch() {
                 Ok(()) => return Ok(etcd),
-                Err(e) if etcd.log_tail().contains("address already in use") => last_error = Some(e),
+                Err(e) if etcd.log_tail().contains("address already in use") => {
+                    last_error = Some(e)
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -88,9 +100,16 @@ impl Etcd {
         self.dir.path().join("data")
     }
 
+    /// The PID of the server process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the server process is running (it was started and not stopped).
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Kills the server with SIGKILL (no graceful shutdown, like a crash) and reaps it. Clients
@@ -99,7 +118,9 @@ impl Etcd {
         if let Some(mut child) = self.child.take() {
             // Fails only if the process was already reaped, which `take` rules out.
             let _ = child.kill();
-            child.wait().with_context(|| format!("waiting for {} to exit", self.binary.display()))?;
+            child
+                .wait()
+                .with_context(|| format!("waiting for {} to exit", self.binary.display()))?;
         }
         Ok(())
     }
@@ -125,11 +146,28 @@ impl Etcd {
             .arg(&self.name)
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args([
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
             .arg("--initial-cluster")
             .arg(format!("{}={peer_url}", self.name))
-            .args(["--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr"])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating log file handle")?)
             .stderr(log)
@@ -212,9 +250,55 @@ fn health_ok(addr: SocketAddr) -> bool {
 
 fn tail(path: &Path, lines: usize) -> String {
     let mut text = String::new();
-    if File::open(path).and_then(|mut f| f.read_to_string(&mut text)).is_err() {
+    if File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .is_err()
+    {
         return format!("(no log at {})", path.display());
     }
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_says_what_to_install() {
+        let err = Etcd::start_with_binary("/nonexistent/etcd")
+            .err()
+            .expect("no such binary");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent/etcd") && msg.contains("install Debian package etcd-server"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn start_restart_and_drop() {
+        let mut etcd = Etcd::start().unwrap();
+        let addr: SocketAddr = etcd.endpoint().parse().unwrap();
+        assert!(health_ok(addr));
+        let data = etcd.data_dir();
+        let first = etcd.pid().unwrap();
+        etcd.stop().unwrap();
+        assert!(!etcd.is_running() && !health_ok(addr));
+        etcd.restart().unwrap();
+        let second = etcd.pid().unwrap();
+        assert_ne!(first, second);
+        assert_eq!(
+            etcd.endpoint(),
+            addr.to_string(),
+            "same ports after restart"
+        );
+        assert_eq!(etcd.data_dir(), data);
+        drop(etcd);
+        assert!(
+            !Path::new(&format!("/proc/{second}")).exists(),
+            "process killed and reaped on drop"
+        );
+        assert!(!data.exists(), "data directory removed on drop");
+    }
 }

@@ -1,1 +1,39 @@
-fn main() {}
+//! `nsm`: the nsm daemons.
+//!
+//! - `nsm registry` — the registry of a domain (upstream registry API + nsm.v1 resources).
+
+mod registry;
+
+use clap::{Parser, Subcommand};
+
+/// nsm — a Network Service Mesh.
+#[derive(Parser)]
+#[command(name = "nsm", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `nsm_registry=debug`.
+    #[arg(long, env = "NSM_LOG_LEVEL", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry of a domain: upstream's NetworkService/NetworkServiceEndpoint registry
+    /// services and the nsm.v1 resource API, on an embedded durable store or etcd.
+    Registry(registry::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level)?)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Registry(args) => registry::run(args).await,
+        }
+    })
+}

@@ -85,17 +85,21 @@ impl RpcError {
 
     /// The requested revision is older than etcd's compaction point.
     fn is_compacted(&self) -> bool {
-        self.status().is_some_and(|(code, msg)| code == grpc::OUT_OF_RANGE && msg.contains("compacted"))
+        self.status()
+            .is_some_and(|(code, msg)| code == grpc::OUT_OF_RANGE && msg.contains("compacted"))
     }
 
     /// The requested revision is newer than etcd's current revision.
     fn is_future_revision(&self) -> bool {
-        self.status().is_some_and(|(code, msg)| code == grpc::OUT_OF_RANGE && msg.contains("future revision"))
+        self.status().is_some_and(|(code, msg)| {
+            code == grpc::OUT_OF_RANGE && msg.contains("future revision")
+        })
     }
 
     /// A lease the write referred to no longer exists (expired, or revoked by someone).
     fn is_lease_not_found(&self) -> bool {
-        self.status().is_some_and(|(code, msg)| code == grpc::NOT_FOUND && msg.contains("lease not found"))
+        self.status()
+            .is_some_and(|(code, msg)| code == grpc::NOT_FOUND && msg.contains("lease not found"))
     }
 
     /// Errors that retrying will not fix: a watcher gives up on these.
@@ -103,7 +107,10 @@ impl RpcError {
         self.status().is_some_and(|(code, _)| {
             matches!(
                 code,
-                grpc::INVALID_ARGUMENT | grpc::PERMISSION_DENIED | grpc::UNIMPLEMENTED | grpc::UNAUTHENTICATED
+                grpc::INVALID_ARGUMENT
+                    | grpc::PERMISSION_DENIED
+                    | grpc::UNIMPLEMENTED
+                    | grpc::UNAUTHENTICATED
             )
         })
     }
@@ -112,7 +119,9 @@ impl RpcError {
 impl std::fmt::Display for RpcError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RpcError::Etcd(etcd::Error::GRpcStatus(s)) => write!(f, "{:?}: {}", s.code(), s.message()),
+            RpcError::Etcd(etcd::Error::GRpcStatus(s)) => {
+                write!(f, "{:?}: {}", s.code(), s.message())
+            }
             RpcError::Etcd(e) => e.fmt(f),
             RpcError::TimedOut(what) => write!(f, "{what} timed out after {REQUEST_TIMEOUT:?}"),
         }
@@ -120,7 +129,10 @@ impl std::fmt::Display for RpcError {
 }
 
 /// Runs one etcd request with [`REQUEST_TIMEOUT`].
-async fn timed<T>(what: &'static str, fut: impl Future<Output = etcd::Result<T>>) -> Result<T, RpcError> {
+async fn timed<T>(
+    what: &'static str,
+    fut: impl Future<Output = Result<T, etcd::Error>>,
+) -> Result<T, RpcError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(result) => result.map_err(RpcError::Etcd),
         Err(_) => Err(RpcError::TimedOut(what)),
@@ -153,9 +165,12 @@ fn prefix_range(prefix: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn to_kv(kv: &etcd::KeyValue) -> Result<KeyValue, StoreError> {
-    let key = kv
-        .key_str()
-        .map_err(|_| StoreError::Backend(format!("etcd key {:?} is not UTF-8", String::from_utf8_lossy(kv.key()))))?;
+    let key = kv.key_str().map_err(|_| {
+        StoreError::Backend(format!(
+            "etcd key {:?} is not UTF-8",
+            String::from_utf8_lossy(kv.key())
+        ))
+    })?;
     Ok(KeyValue {
         key: key.to_owned(),
         value: kv.value().to_vec(),
@@ -187,7 +202,9 @@ struct Inner {
 
 impl Inner {
     fn kv(&self) -> etcd::KvClient {
-        self.client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES)
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     fn error(&self, e: RpcError) -> StoreError {
@@ -215,7 +232,9 @@ impl Inner {
             let mut items = Vec::new();
             let mut revision = 0;
             loop {
-                let mut opts = etcd::GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+                let mut opts = etcd::GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LIST_PAGE);
                 if revision != 0 {
                     opts = opts.with_revision(to_etcd_revision(revision));
                 }
@@ -245,7 +264,9 @@ impl Inner {
     async fn current_revision(&self, prefix: &str) -> Result<Revision, StoreError> {
         let (key, end) = prefix_range(prefix);
         let opts = etcd::GetOptions::new().with_range(end).with_count_only();
-        let resp = timed("get revision", self.kv().get(key, Some(opts))).await.map_err(|e| self.error(e))?;
+        let resp = timed("get revision", self.kv().get(key, Some(opts)))
+            .await
+            .map_err(|e| self.error(e))?;
         header_revision(resp.header())
     }
 
@@ -262,17 +283,35 @@ impl Inner {
             Err(e) if e.is_compacted() => {
                 // A range error does not say how far etcd compacted; a watch at the compacted
                 // revision does, promptly, in the response that cancels it.
-                let oldest = self.compact_revision(key, end, from).await.unwrap_or(from + 1);
-                Err(StoreError::Compacted { requested: from, oldest })
+                let oldest = self
+                    .compact_revision(key, end, from)
+                    .await
+                    .unwrap_or(from + 1);
+                Err(StoreError::Compacted {
+                    requested: from,
+                    oldest,
+                })
             }
             Err(e) => Err(self.error(e)),
         }
     }
 
-    async fn compact_revision(&self, key: Vec<u8>, end: Vec<u8>, from: Revision) -> Option<Revision> {
+    async fn compact_revision(
+        &self,
+        key: Vec<u8>,
+        end: Vec<u8>,
+        from: Revision,
+    ) -> Option<Revision> {
         let probe = async {
-            let opts = etcd::WatchOptions::new().with_range(end).with_start_revision(to_etcd_revision(from));
-            let mut stream = self.client.watch_client().watch(key, Some(opts)).await.ok()?;
+            let opts = etcd::WatchOptions::new()
+                .with_range(end)
+                .with_start_revision(to_etcd_revision(from));
+            let mut stream = self
+                .client
+                .watch_client()
+                .watch(key, Some(opts))
+                .await
+                .ok()?;
             while let Some(resp) = stream.message().await.ok()? {
                 if resp.compact_revision() > 0 {
                     return Some(to_revision(resp.compact_revision()));
@@ -283,7 +322,10 @@ impl Inner {
             }
             None
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, probe).await.ok().flatten()
+        tokio::time::timeout(REQUEST_TIMEOUT, probe)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The lease shared by keys expiring in the same second as `expires_at`, granting it first
@@ -307,13 +349,25 @@ impl Inner {
                 // to its minimum TTL.
                 let ttl_secs = (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1);
                 let mut lease = self.client.lease_client();
-                let resp = timed("lease grant", lease.grant(i64::try_from(ttl_secs).unwrap_or(i64::MAX), None))
-                    .await
-                    .map_err(|e| self.error(e))?;
+                let resp = timed(
+                    "lease grant",
+                    lease.grant(i64::try_from(ttl_secs).unwrap_or(i64::MAX), None),
+                )
+                .await
+                .map_err(|e| self.error(e))?;
                 if !resp.error().is_empty() {
-                    return Err(StoreError::Backend(format!("etcd at {}: lease grant: {}", self.endpoints, resp.error())));
+                    return Err(StoreError::Backend(format!(
+                        "etcd at {}: lease grant: {}",
+                        self.endpoints,
+                        resp.error()
+                    )));
                 }
-                tracing::debug!(lease = resp.id(), ttl = resp.ttl(), second, "granted shared expiry lease");
+                tracing::debug!(
+                    lease = resp.id(),
+                    ttl = resp.ttl(),
+                    second,
+                    "granted shared expiry lease"
+                );
                 Ok(resp.id())
             })
             .await?;
@@ -351,8 +405,14 @@ impl Inner {
             let first = resp.op_responses().into_iter().next();
             if !resp.succeeded() {
                 let current = match first {
-                    Some(etcd::TxnOpResponse::Get(get)) => get.kvs().first().map(to_kv).transpose()?,
-                    _ => return Err(StoreError::Backend("etcd txn: missing read of failed condition".into())),
+                    Some(etcd::TxnOpResponse::Get(get)) => {
+                        get.kvs().first().map(to_kv).transpose()?
+                    }
+                    _ => {
+                        return Err(StoreError::Backend(
+                            "etcd txn: missing read of failed condition".into(),
+                        ));
+                    }
                 };
                 return Err(condition_error(key, condition, current.as_ref()));
             }
@@ -377,10 +437,17 @@ fn compares(key: &str, condition: Condition) -> Vec<etcd::Compare> {
     let exists = || etcd::Compare::version(key, etcd::CompareOp::Greater, 0);
     match condition {
         Condition::None => Vec::new(),
-        Condition::Absent => vec![etcd::Compare::create_revision(key, etcd::CompareOp::Equal, 0)],
+        Condition::Absent => vec![etcd::Compare::create_revision(
+            key,
+            etcd::CompareOp::Equal,
+            0,
+        )],
         Condition::Exists => vec![exists()],
         Condition::ModRevision(r) => {
-            vec![exists(), etcd::Compare::mod_revision(key, etcd::CompareOp::Equal, to_etcd_revision(r))]
+            vec![
+                exists(),
+                etcd::Compare::mod_revision(key, etcd::CompareOp::Equal, to_etcd_revision(r)),
+            ]
         }
     }
 }
@@ -397,7 +464,11 @@ fn condition_error(key: &str, condition: Condition, current: Option<&KeyValue>) 
         (_, None) => StoreError::NotFound(key.to_owned()),
         // The key changed between the compare and the read of the same transaction: impossible,
         // but report it as a conflict rather than panic.
-        (_, Some(kv)) => StoreError::Conflict { key: key.to_owned(), expected: 0, actual: kv.mod_revision },
+        (_, Some(kv)) => StoreError::Conflict {
+            key: key.to_owned(),
+            expected: 0,
+            actual: kv.mod_revision,
+        },
     }
 }
 
@@ -409,7 +480,9 @@ pub struct EtcdStore {
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore").field("endpoints", &self.inner.endpoints).finish_non_exhaustive()
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.endpoints)
+            .finish_non_exhaustive()
     }
 }
 
@@ -428,14 +501,22 @@ impl EtcdStore {
         let client = timed("connect", etcd::Client::connect(endpoints, Some(options)))
             .await
             .map_err(|e| StoreError::Unavailable(format!("etcd at {label}: {e}")))?;
-        let inner = Inner { client, endpoints: label, leases: Mutex::new(HashMap::new()) };
+        let inner = Inner {
+            client,
+            endpoints: label,
+            leases: Mutex::new(HashMap::new()),
+        };
         // Connecting is lazy; make one request so that a wrong address fails here, not later.
         let mut maintenance = inner.client.maintenance_client();
-        timed("status", maintenance.status()).await.map_err(|e| match inner.error(e) {
-            StoreError::Backend(m) | StoreError::Unavailable(m) => StoreError::Unavailable(m),
-            other => other,
-        })?;
-        Ok(EtcdStore { inner: Arc::new(inner) })
+        timed("status", maintenance.status())
+            .await
+            .map_err(|e| match inner.error(e) {
+                StoreError::Backend(m) | StoreError::Unavailable(m) => StoreError::Unavailable(m),
+                other => other,
+            })?;
+        Ok(EtcdStore {
+            inner: Arc::new(inner),
+        })
     }
 }
 
@@ -443,7 +524,9 @@ impl EtcdStore {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let inner = &self.inner;
-        let resp = timed("get", inner.kv().get(key, None)).await.map_err(|e| inner.error(e))?;
+        let resp = timed("get", inner.kv().get(key, None))
+            .await
+            .map_err(|e| inner.error(e))?;
         resp.kvs().first().map(to_kv).transpose()
     }
 
@@ -451,7 +534,12 @@ impl Store for EtcdStore {
         self.inner.list(prefix).await
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<KeyValue, StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        opts: PutOptions,
+    ) -> Result<KeyValue, StoreError> {
         let inner = &self.inner;
         let mut lease_retried = false;
         loop {
@@ -459,12 +547,19 @@ impl Store for EtcdStore {
                 Some(at) => Some(inner.lease_for(at).await?),
                 None => None,
             };
-            match inner.put_txn(key, &value, opts.condition, lease.map(|(_, id)| id)).await {
+            match inner
+                .put_txn(key, &value, opts.condition, lease.map(|(_, id)| id))
+                .await
+            {
                 Ok(outcome) => return outcome,
                 // The cached lease expired or was revoked under us: get a fresh one, once.
                 Err(e) if e.is_lease_not_found() && !lease_retried => {
                     if let Some((second, id)) = lease {
-                        tracing::debug!(lease = id, second, "cached expiry lease is gone; granting a new one");
+                        tracing::debug!(
+                            lease = id,
+                            second,
+                            "cached expiry lease is gone; granting a new one"
+                        );
                         inner.forget_lease(second, id);
                     }
                     lease_retried = true;
@@ -474,7 +569,11 @@ impl Store for EtcdStore {
         }
     }
 
-    async fn delete(&self, key: &str, condition: Condition) -> Result<(KeyValue, Revision), StoreError> {
+    async fn delete(
+        &self,
+        key: &str,
+        condition: Condition,
+    ) -> Result<(KeyValue, Revision), StoreError> {
         let inner = &self.inner;
         if condition == Condition::Absent {
             // Deleting a key on condition that it is absent can never delete anything.
@@ -490,21 +589,30 @@ impl Store for EtcdStore {
         };
         let txn = etcd::Txn::new()
             .when(compares(key, guard))
-            .and_then([etcd::TxnOp::delete(key, Some(etcd::DeleteOptions::new().with_prev_key()))])
+            .and_then([etcd::TxnOp::delete(
+                key,
+                Some(etcd::DeleteOptions::new().with_prev_key()),
+            )])
             .or_else([etcd::TxnOp::get(key, None)]);
-        let resp = timed("delete", inner.kv().txn(txn)).await.map_err(|e| inner.error(e))?;
+        let resp = timed("delete", inner.kv().txn(txn))
+            .await
+            .map_err(|e| inner.error(e))?;
         let revision = header_revision(resp.header())?;
         match resp.op_responses().into_iter().next() {
-            Some(etcd::TxnOpResponse::Delete(del)) if resp.succeeded() => match del.prev_kvs().first() {
-                Some(prev) => Ok((to_kv(prev)?, revision)),
-                // Removed concurrently between compare and delete: impossible within one txn.
-                None => Err(StoreError::NotFound(key.to_owned())),
-            },
+            Some(etcd::TxnOpResponse::Delete(del)) if resp.succeeded() => {
+                match del.prev_kvs().first() {
+                    Some(prev) => Ok((to_kv(prev)?, revision)),
+                    // Removed concurrently between compare and delete: impossible within one txn.
+                    None => Err(StoreError::NotFound(key.to_owned())),
+                }
+            }
             Some(etcd::TxnOpResponse::Get(get)) if !resp.succeeded() => {
                 let current = get.kvs().first().map(to_kv).transpose()?;
                 Err(condition_error(key, guard, current.as_ref()))
             }
-            _ => Err(StoreError::Backend("etcd txn: unexpected response to delete".into())),
+            _ => Err(StoreError::Backend(
+                "etcd txn: unexpected response to delete".into(),
+            )),
         }
     }
 
@@ -516,9 +624,17 @@ impl Store for EtcdStore {
             from
         };
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let watcher = Watcher { inner: self.inner.clone(), prefix: prefix.to_owned(), next, tx };
+        let watcher = Watcher {
+            inner: self.inner.clone(),
+            prefix: prefix.to_owned(),
+            next,
+            tx,
+        };
         tokio::spawn(watcher.run());
-        Ok(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|event| (event, rx)) }).boxed())
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        })
+        .boxed())
     }
 
     fn backend(&self) -> &'static str {
@@ -600,7 +716,12 @@ impl Watcher {
         loop {
             match self.inner.list(&self.prefix).await {
                 Ok((items, revision)) => {
-                    if self.tx.send(Ok(WatchEvent::Reset { items, revision })).await.is_err() {
+                    if self
+                        .tx
+                        .send(Ok(WatchEvent::Reset { items, revision }))
+                        .await
+                        .is_err()
+                    {
                         return false;
                     }
                     self.next = revision + 1;
@@ -622,7 +743,11 @@ impl Watcher {
             .with_range(end)
             .with_start_revision(to_etcd_revision(self.next))
             .with_prev_key();
-        let mut client = self.inner.client.watch_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut client = self
+            .inner
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let stream = match timed("watch", client.watch(key, Some(opts))).await {
             Ok(stream) => stream,
             Err(e) => return self.ended(e),
@@ -639,7 +764,10 @@ impl Watcher {
                 return StreamEnd::Compacted(to_revision(resp.compact_revision()));
             }
             if resp.canceled() {
-                return StreamEnd::Dropped(format!("watch cancelled by etcd: {}", resp.cancel_reason()));
+                return StreamEnd::Dropped(format!(
+                    "watch cancelled by etcd: {}",
+                    resp.cancel_reason()
+                ));
             }
             if resp.created() {
                 *backoff = MIN_BACKOFF;
@@ -660,12 +788,18 @@ impl Watcher {
     }
 
     fn ended(&self, e: RpcError) -> StreamEnd {
-        if e.is_permanent() { StreamEnd::Fatal(self.inner.error(e)) } else { StreamEnd::Dropped(e.to_string()) }
+        if e.is_permanent() {
+            StreamEnd::Fatal(self.inner.error(e))
+        } else {
+            StreamEnd::Dropped(e.to_string())
+        }
     }
 }
 
 fn to_event(event: &etcd::Event) -> Result<WatchEvent, StoreError> {
-    let kv = event.kv().ok_or_else(|| StoreError::Backend("etcd watch event without kv".into()))?;
+    let kv = event
+        .kv()
+        .ok_or_else(|| StoreError::Backend("etcd watch event without kv".into()))?;
     match event.event_type() {
         etcd::EventType::Put => Ok(WatchEvent::Put(to_kv(kv)?)),
         etcd::EventType::Delete => {

@@ -1,0 +1,318 @@
+//! Printing resources: kubectl-style tables, JSON, YAML and `describe`.
+
+use anyhow::bail;
+use clap::ValueEnum;
+use comfy_table::{Table, presets};
+use nsm_api::nsm::v1 as v1;
+use nsm_model::document::{self, Document, age};
+use nsm_model::{Kind, kind, pb, upstream, validate};
+
+use crate::{Ctx, GetOpts, reference};
+
+/// Output format.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    /// Human-readable columns.
+    Table,
+    /// JSON (a list is `{"items": [...]}`).
+    Json,
+    /// YAML (a list is a multi-document stream that `apply -f` accepts).
+    Yaml,
+}
+
+fn doc(r: &pb::Resource) -> anyhow::Result<Document> {
+    document::to_document(r).ok_or_else(|| anyhow::anyhow!("the registry returned an empty resource"))
+}
+
+fn qualified(r: &pb::Resource) -> String {
+    let kind = Kind::of(r).map_or("resource", Kind::noun);
+    let m = kind::meta(r).cloned().unwrap_or_default();
+    format!("{kind}/{}", m.name)
+}
+
+/// Prints the result of a create/delete/apply: `kind/name verb`, or the object with -o.
+pub(crate) fn print_changed(format: Format, r: &pb::Resource, verb: &str) -> anyhow::Result<()> {
+    match format {
+        Format::Table => println!("{} {verb}", qualified(r)),
+        _ => print_one(format, r)?,
+    }
+    Ok(())
+}
+
+fn print_one(format: Format, r: &pb::Resource) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&doc(r)?)?),
+        Format::Yaml => print!("{}", serde_norway::to_string(&doc(r)?)?),
+        Format::Table => table(std::slice::from_ref(r), false),
+    }
+    Ok(())
+}
+
+fn none_if_empty(s: &str) -> String {
+    if s.is_empty() { "<none>".into() } else { s.to_owned() }
+}
+
+fn joined(v: &[String]) -> String {
+    if v.is_empty() { "<none>".into() } else { v.join(",") }
+}
+
+fn label_string(m: &std::collections::HashMap<String, String>) -> String {
+    let mut l: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    l.sort();
+    joined(&l)
+}
+
+fn expires(ts: Option<&prost_types::Timestamp>) -> String {
+    match ts.and_then(nsm_model::to_system_time) {
+        None => "never".into(),
+        Some(t) => match t.duration_since(std::time::SystemTime::now()) {
+            Ok(d) => format!("in {}s", d.as_secs()),
+            Err(_) => "expired".into(),
+        },
+    }
+}
+
+fn table(items: &[pb::Resource], all_namespaces: bool) {
+    let Some(kind) = items.first().and_then(Kind::of) else { return };
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    let ns_col = all_namespaces && kind.namespaced();
+    let mut header: Vec<&str> = Vec::new();
+    if ns_col {
+        header.push("NAMESPACE");
+    }
+    match kind {
+        Kind::NetworkService => header.extend(["NAME", "TYPE", "PAYLOAD", "CIDR", "MATCHES", "AGE"]),
+        Kind::Endpoint => header.extend(["NAME", "SERVICES", "ADDRESS", "URL", "NODE", "EXPIRES", "AGE"]),
+        Kind::Node => header.extend(["NAME", "ADDRESS", "LABELS", "AGE"]),
+    }
+    t.set_header(header);
+    for r in items {
+        let m = kind::meta(r).cloned().unwrap_or_default();
+        let mut row: Vec<String> = Vec::new();
+        if ns_col {
+            row.push(m.namespace.clone());
+        }
+        row.push(m.name.clone());
+        match &r.kind {
+            Some(pb::resource::Kind::NetworkService(ns)) => {
+                let s = ns.spec.clone().unwrap_or_default();
+                row.extend([
+                    document::service_type_name(s.r#type).to_owned(),
+                    s.payload,
+                    none_if_empty(&s.cidr),
+                    s.matches.len().to_string(),
+                ]);
+            }
+            Some(pb::resource::Kind::Endpoint(ep)) => {
+                let s = ep.spec.clone().unwrap_or_default();
+                row.extend([
+                    if s.network_services.is_empty() && !s.address.is_empty() {
+                        "<any pinned>".to_owned()
+                    } else {
+                        joined(&s.network_services)
+                    },
+                    none_if_empty(&s.address),
+                    none_if_empty(&s.url),
+                    none_if_empty(&s.node),
+                    expires(s.expiration_time.as_ref()),
+                ]);
+            }
+            Some(pb::resource::Kind::Node(n)) => {
+                row.extend([n.spec.clone().unwrap_or_default().address, label_string(&m.labels)]);
+            }
+            None => {}
+        }
+        row.push(age(m.creation_timestamp.as_ref()));
+        t.add_row(row);
+    }
+    println!("{}", t.to_string().lines().map(str::trim_end).collect::<Vec<_>>().join("\n"));
+}
+
+/// `get`: one resource, or a list (optionally followed by a watch).
+pub(crate) async fn get(ctx: &mut Ctx, kind: Kind, opts: &GetOpts) -> anyhow::Result<()> {
+    let selector = match &opts.selector {
+        Some(s) => validate::parse_labels("--selector", s)?,
+        None => Default::default(),
+    };
+    if let Some(name) = &opts.name {
+        let r = ctx.client.get(v1::GetRequest { r#ref: Some(reference(ctx, kind, name)) }).await?.into_inner();
+        return print_one(ctx.format, &r);
+    }
+    let namespace = if opts.all_namespaces || !kind.namespaced() { String::new() } else { ctx.namespace.clone() };
+    if opts.watch {
+        return watch(ctx, kind, namespace, selector, opts.all_namespaces).await;
+    }
+    let list = ctx
+        .client
+        .list(v1::ListRequest { kind: kind.to_pb() as i32, namespace: namespace.clone(), label_selector: selector })
+        .await?
+        .into_inner();
+    match ctx.format {
+        Format::Table if list.items.is_empty() => {
+            if kind.namespaced() && !opts.all_namespaces {
+                eprintln!("No {kind} resources found in namespace {namespace:?}.");
+            } else {
+                eprintln!("No {kind} resources found.");
+            }
+        }
+        Format::Table => table(&list.items, opts.all_namespaces),
+        Format::Json => {
+            let docs: Vec<Document> = list.items.iter().map(doc).collect::<anyhow::Result<_>>()?;
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "items": docs }))?);
+        }
+        Format::Yaml => {
+            for (i, r) in list.items.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", serde_norway::to_string(&doc(r)?)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn watch(
+    ctx: &mut Ctx,
+    kind: Kind,
+    namespace: String,
+    selector: std::collections::HashMap<String, String>,
+    all_namespaces: bool,
+) -> anyhow::Result<()> {
+    use v1::watch_event::Type;
+    let mut stream = ctx
+        .client
+        .watch(v1::WatchRequest { kind: kind.to_pb() as i32, namespace, label_selector: selector })
+        .await?
+        .into_inner();
+    while let Some(ev) = stream.message().await? {
+        let Some(r) = ev.resource else { continue };
+        let what = match Type::try_from(ev.r#type) {
+            Ok(Type::Initial) => "",
+            Ok(Type::Added) => "ADDED ",
+            Ok(Type::Modified) => "MODIFIED ",
+            Ok(Type::Deleted) => "DELETED ",
+            Err(_) => "? ",
+        };
+        match ctx.format {
+            Format::Table => {
+                let m = kind::meta(&r).cloned().unwrap_or_default();
+                let name = if all_namespaces && kind.namespaced() { format!("{}/{}", m.namespace, m.name) } else { m.name };
+                println!("{what}{kind}/{name} (revision {})", ev.revision);
+            }
+            Format::Json => println!("{}", serde_json::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?),
+            Format::Yaml => {
+                println!("---");
+                print!("{}", serde_norway::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?);
+            }
+        }
+    }
+    bail!("the registry ended the watch")
+}
+
+/// `describe`: every field, in words, plus what refers to the resource.
+pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::Result<()> {
+    let r = ctx.client.get(v1::GetRequest { r#ref: Some(reference(ctx, kind, name)) }).await?.into_inner();
+    if ctx.format != Format::Table {
+        return print_one(ctx.format, &r);
+    }
+    let m = kind::meta(&r).cloned().unwrap_or_default();
+    let mut lines: Vec<(String, String)> = vec![("Name".into(), m.name.clone())];
+    if kind.namespaced() {
+        lines.push(("Namespace".into(), m.namespace.clone()));
+    }
+    lines.push(("Kind".into(), kind.name().into()));
+    lines.push(("Labels".into(), label_string(&m.labels)));
+    lines.push(("UID".into(), m.uid.clone()));
+    let created = m
+        .creation_timestamp
+        .as_ref()
+        .and_then(nsm_model::to_system_time)
+        .map_or("-".into(), |t| format!("{} ({} ago)", humantime::format_rfc3339_seconds(t), age(m.creation_timestamp.as_ref())));
+    lines.push(("Created".into(), created));
+    lines.push(("Resource version".into(), m.resource_version.to_string()));
+    let all = |kind: Kind| v1::ListRequest { kind: kind.to_pb() as i32, namespace: String::new(), label_selector: Default::default() };
+    match &r.kind {
+        Some(pb::resource::Kind::NetworkService(ns)) => {
+            let s = ns.spec.clone().unwrap_or_default();
+            lines.push(("Type".into(), document::service_type_name(s.r#type).into()));
+            lines.push(("Payload".into(), s.payload.clone()));
+            lines.push(("CIDR".into(), none_if_empty(&s.cidr)));
+            let up = upstream::name_of(&m.namespace, &m.name);
+            lines.push(("Upstream name".into(), up.clone()));
+            if s.matches.is_empty() {
+                lines.push(("Matches".into(), "<none> (any endpoint offering the service)".into()));
+            }
+            for (i, mt) in s.matches.iter().enumerate() {
+                let dst: Vec<String> = mt.routes.iter().map(|r| label_string(&r.destination_selector)).collect();
+                lines.push((
+                    format!("Match {}", i + 1),
+                    format!(
+                        "{} -> {}{}",
+                        label_string(&mt.source_selector),
+                        joined(&dst),
+                        if mt.fallthrough { "; fallthrough" } else { "" }
+                    ),
+                ));
+            }
+            let eps = ctx.client.list(all(Kind::Endpoint)).await?.into_inner().items;
+            let offering: Vec<String> = eps
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    Some(pb::resource::Kind::Endpoint(ep)) => {
+                        let u = upstream::nse_to_upstream(ep);
+                        u.network_service_names.contains(&up).then_some(u.name)
+                    }
+                    _ => None,
+                })
+                .collect();
+            lines.push(("Endpoints".into(), joined(&offering)));
+        }
+        Some(pb::resource::Kind::Endpoint(ep)) => {
+            let s = ep.spec.clone().unwrap_or_default();
+            lines.push((
+                "Services".into(),
+                if s.network_services.is_empty() && !s.address.is_empty() {
+                    "<any service a client pins this endpoint for>".into()
+                } else {
+                    joined(&s.network_services)
+                },
+            ));
+            for (svc, l) in &s.service_labels {
+                lines.push((format!("Labels for {svc}"), label_string(&l.labels)));
+            }
+            lines.push(("Address".into(), none_if_empty(&s.address)));
+            lines.push(("URL".into(), none_if_empty(&s.url)));
+            lines.push(("Node".into(), none_if_empty(&s.node)));
+            lines.push(("Expires".into(), expires(s.expiration_time.as_ref())));
+            let first = s
+                .initial_registration_time
+                .as_ref()
+                .and_then(nsm_model::to_system_time)
+                .map_or("-".into(), |t| humantime::format_rfc3339_seconds(t).to_string());
+            lines.push(("First registered".into(), first));
+            lines.push(("Upstream name".into(), upstream::name_of(&m.namespace, &m.name)));
+        }
+        Some(pb::resource::Kind::Node(n)) => {
+            lines.push(("Address".into(), n.spec.clone().unwrap_or_default().address));
+            let eps = ctx.client.list(all(Kind::Endpoint)).await?.into_inner().items;
+            let on: Vec<String> = eps
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    Some(pb::resource::Kind::Endpoint(ep)) if ep.spec.as_ref().is_some_and(|s| s.node == m.name) => {
+                        kind::meta(e).map(|em| format!("{}/{}", em.namespace, em.name))
+                    }
+                    _ => None,
+                })
+                .collect();
+            lines.push(("Endpoints".into(), joined(&on)));
+        }
+        None => {}
+    }
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    for (k, v) in lines {
+        println!("{:width$}{v}", format!("{k}:"));
+    }
+    Ok(())
+}
