@@ -126,7 +126,10 @@ fn table(items: &[pb::Resource], all_namespaces: bool) {
         row.push(age(m.creation_timestamp.as_ref()));
         t.add_row(row);
     }
-    println!("{}", t.to_string().lines().map(str::trim_end).collect::<Vec<_>>().join("\n"));
+    // The borderless style still pads cells by one space; drop the leading one, as kubectl prints.
+    let text = t.to_string();
+    let lines: Vec<&str> = text.lines().map(|l| l.strip_prefix(' ').unwrap_or(l).trim_end()).collect();
+    println!("{}", lines.join("\n"));
 }
 
 /// `get`: one resource, or a list (optionally followed by a watch).

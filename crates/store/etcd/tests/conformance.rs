@@ -166,6 +166,20 @@ async fn expiring_keys_share_leases() {
     assert_eq!(kvs.len(), 51);
     let got = raw.get("lease/00", None).await.unwrap();
     assert_eq!(got.kvs()[0].lease(), 0, "plain put carries no lease");
+
+    // A cached lease that disappears (revoked here; expired early in real life) is replaced.
+    let other_lease = raw.get("lease/other", None).await.unwrap().kvs()[0].lease();
+    raw.lease_revoke(other_lease).await.unwrap();
+    let again = PutOptions {
+        condition: Condition::None,
+        expires_at: Some(base + Duration::from_secs(5)),
+    };
+    s.put("lease/again", b"v".to_vec(), again).await.unwrap();
+    let lease = raw.get("lease/again", None).await.unwrap().kvs()[0].lease();
+    assert!(
+        lease != 0 && lease != other_lease,
+        "attached to a fresh lease"
+    );
 }
 
 /// A watch keeps going across a crash (SIGKILL) and restart of etcd, delivering every change
