@@ -256,7 +256,10 @@ fn parse_time(field: &str, t: &TimestampDoc) -> Result<prost_types::Timestamp, S
         TimestampDoc::Text(s) => humantime::parse_rfc3339_weak(s)
             .map(prost_types::Timestamp::from)
             .map_err(|e| format!("{field}: {s:?} is not an RFC 3339 time: {e}")),
-        TimestampDoc::Proto { seconds, nanos } => Ok(prost_types::Timestamp { seconds: *seconds, nanos: *nanos }),
+        TimestampDoc::Proto { seconds, nanos } => Ok(prost_types::Timestamp {
+            seconds: *seconds,
+            nanos: *nanos,
+        }),
     }
 }
 
@@ -282,7 +285,12 @@ fn meta_doc(m: Option<&pb::ObjectMeta>) -> MetadataDoc {
 
 fn meta_pb(m: MetadataDoc) -> pb::ObjectMeta {
     // Server-set fields are ignored on input: the registry owns them.
-    pb::ObjectMeta { name: m.name, namespace: m.namespace, labels: from_map(m.labels), ..Default::default() }
+    pb::ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        labels: from_map(m.labels),
+        ..Default::default()
+    }
 }
 
 fn match_doc(m: &registry::Match) -> MatchDoc {
@@ -291,10 +299,15 @@ fn match_doc(m: &registry::Match) -> MatchDoc {
         routes: m
             .routes
             .iter()
-            .map(|r| DestinationDoc { destination_selector: to_map(&r.destination_selector), weight: r.weight })
+            .map(|r| DestinationDoc {
+                destination_selector: to_map(&r.destination_selector),
+                weight: r.weight,
+            })
             .collect(),
         fallthrough: m.fallthrough,
-        metadata: m.metadata.as_ref().map(|md| LabelsDoc { labels: to_map(&md.labels) }),
+        metadata: m.metadata.as_ref().map(|md| LabelsDoc {
+            labels: to_map(&md.labels),
+        }),
     }
 }
 
@@ -304,10 +317,15 @@ fn match_pb(m: MatchDoc) -> registry::Match {
         routes: m
             .routes
             .into_iter()
-            .map(|r| registry::Destination { destination_selector: from_map(r.destination_selector), weight: r.weight })
+            .map(|r| registry::Destination {
+                destination_selector: from_map(r.destination_selector),
+                weight: r.weight,
+            })
             .collect(),
         fallthrough: m.fallthrough,
-        metadata: m.metadata.map(|md| registry::Metadata { labels: from_map(md.labels) }),
+        metadata: m.metadata.map(|md| registry::Metadata {
+            labels: from_map(md.labels),
+        }),
     }
 }
 
@@ -325,7 +343,10 @@ pub fn parse_service_type(field: &str, s: &str) -> Result<pb::ServiceType, crate
         "" => Ok(pb::ServiceType::Unspecified),
         "vwire" => Ok(pb::ServiceType::Vwire),
         "vl3" => Ok(pb::ServiceType::Vl3),
-        _ => Err(crate::ValidationError::new(field, format!("{s:?} is not a service type (expected vwire or vl3)"))),
+        _ => Err(crate::ValidationError::new(
+            field,
+            format!("{s:?} is not a service type (expected vwire or vl3)"),
+        )),
     }
 }
 
@@ -359,7 +380,11 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                 metadata,
                 spec: EndpointSpecDoc {
                     network_services: s.network_services,
-                    service_labels: s.service_labels.into_iter().map(|(k, v)| (k, to_map(&v.labels))).collect(),
+                    service_labels: s
+                        .service_labels
+                        .into_iter()
+                        .map(|(k, v)| (k, to_map(&v.labels)))
+                        .collect(),
                     url: s.url,
                     address: s.address,
                     node: s.node,
@@ -371,7 +396,12 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
         R::Node(n) => {
             let (api_version, kind, metadata) = header(meta_doc(n.metadata.as_ref()));
             let s = n.spec.clone().unwrap_or_default();
-            Document::Node(Doc { api_version, kind, metadata, spec: NodeSpecDoc { address: s.address } })
+            Document::Node(Doc {
+                api_version,
+                kind,
+                metadata,
+                spec: NodeSpecDoc { address: s.address },
+            })
         }
     })
 }
@@ -384,7 +414,9 @@ struct Header {
 }
 
 fn yaml_error(e: &serde_norway::Error, first_line: usize) -> DocumentError {
-    let (line, column) = e.location().map_or((first_line, 1), |l| (first_line + l.line() - 1, l.column()));
+    let (line, column) = e
+        .location()
+        .map_or((first_line, 1), |l| (first_line + l.line() - 1, l.column()));
     // serde_norway appends " at line X column Y" relative to the document; drop it, we give our own.
     let message = e.to_string();
     let message = match message.find(" at line ") {
@@ -415,7 +447,10 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
     }
     docs.push((start, current));
     docs.into_iter()
-        .filter(|(_, d)| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .filter(|(_, d)| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
         .collect()
 }
 
@@ -425,13 +460,18 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
     let mut out = Vec::new();
     for (first_line, doc) in split_documents(text) {
         let header: Header = parse(&doc, first_line)?;
-        let at = |message: String| DocumentError { line: first_line, column: 1, message };
+        let at = |message: String| DocumentError {
+            line: first_line,
+            column: 1,
+            message,
+        };
         let api_version = header.api_version.ok_or_else(|| at("apiVersion: missing".into()))?;
         let kind = header.kind.ok_or_else(|| at("kind: missing".into()))?;
         let resource = match (api_version.as_str(), kind.as_str()) {
             (API_VERSION, "NetworkService") => {
                 let d: Doc<NetworkServiceSpecDoc> = parse(&doc, first_line)?;
-                let service_type = parse_service_type("spec.type", &d.spec.service_type).map_err(|e| at(e.to_string()))?;
+                let service_type =
+                    parse_service_type("spec.type", &d.spec.service_type).map_err(|e| at(e.to_string()))?;
                 pb::resource::Kind::NetworkService(pb::NetworkService {
                     metadata: Some(meta_pb(d.metadata)),
                     spec: Some(pb::NetworkServiceSpec {
@@ -446,7 +486,9 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
             (API_VERSION, "Endpoint") => {
                 let d: Doc<EndpointSpecDoc> = parse(&doc, first_line)?;
                 let time = |field: &str, t: Option<String>| {
-                    t.map(|s| parse_time(field, &TimestampDoc::Text(s))).transpose().map_err(at)
+                    t.map(|s| parse_time(field, &TimestampDoc::Text(s)))
+                        .transpose()
+                        .map_err(at)
                 };
                 pb::resource::Kind::Endpoint(pb::Endpoint {
                     metadata: Some(meta_pb(d.metadata)),
@@ -474,7 +516,9 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                 let d: Doc<NodeSpecDoc> = parse(&doc, first_line)?;
                 pb::resource::Kind::Node(pb::Node {
                     metadata: Some(meta_pb(d.metadata)),
-                    spec: Some(pb::NodeSpec { address: d.spec.address }),
+                    spec: Some(pb::NodeSpec {
+                        address: d.spec.address,
+                    }),
                 })
             }
             (UPSTREAM_API_VERSION, "NetworkService") => {
@@ -495,7 +539,9 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
             (UPSTREAM_API_VERSION, "NetworkServiceEndpoint") => {
                 let d: UpstreamDoc<UpstreamNseSpec> = parse(&doc, first_line)?;
                 check_spec_name(&d.spec.name, &d.metadata.name).map_err(at)?;
-                let time = |field: &str, t: &Option<TimestampDoc>| t.as_ref().map(|t| parse_time(field, t)).transpose().map_err(at);
+                let time = |field: &str, t: &Option<TimestampDoc>| {
+                    t.as_ref().map(|t| parse_time(field, t)).transpose().map_err(at)
+                };
                 let up = registry::NetworkServiceEndpoint {
                     name: d.metadata.name.clone(),
                     network_service_names: d.spec.network_service_names,
@@ -503,11 +549,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                         .spec
                         .network_service_labels
                         .into_iter()
-                        .map(|(k, v)| (k, registry::NetworkServiceLabels { labels: from_map(v.labels) }))
+                        .map(|(k, v)| {
+                            (
+                                k,
+                                registry::NetworkServiceLabels {
+                                    labels: from_map(v.labels),
+                                },
+                            )
+                        })
                         .collect(),
                     url: d.spec.url,
                     expiration_time: time("spec.expiration_time", &d.spec.expiration_time)?,
-                    initial_registration_time: time("spec.initial_registration_time", &d.spec.initial_registration_time)?,
+                    initial_registration_time: time(
+                        "spec.initial_registration_time",
+                        &d.spec.initial_registration_time,
+                    )?,
                     path_ids: d.spec.path_ids,
                 };
                 let mut ep = upstream::nse_from_upstream(&up, None).map_err(|e| at(format!("spec.{e}")))?;
@@ -538,14 +594,18 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
 
 fn check_spec_name(spec_name: &str, meta_name: &str) -> Result<(), String> {
     if !spec_name.is_empty() && spec_name != meta_name {
-        return Err(format!("spec.name {spec_name:?} differs from metadata.name {meta_name:?}"));
+        return Err(format!(
+            "spec.name {spec_name:?} differs from metadata.name {meta_name:?}"
+        ));
     }
     Ok(())
 }
 
 /// Human-friendly age of a timestamp ("5m", "3h", "2d"), as kubectl prints it.
 pub fn age(ts: Option<&prost_types::Timestamp>) -> String {
-    let Some(t) = ts.and_then(crate::to_system_time) else { return "-".into() };
+    let Some(t) = ts.and_then(crate::to_system_time) else {
+        return "-".into();
+    };
     let d = SystemTime::now().duration_since(t).unwrap_or(Duration::ZERO).as_secs();
     match d {
         0..=119 => format!("{d}s"),
@@ -597,13 +657,17 @@ spec: {address: 192.0.2.10}
 ";
         let r = parse_documents(text).unwrap();
         assert_eq!(r.len(), 3);
-        let Some(pb::resource::Kind::NetworkService(ns)) = &r[0].kind else { panic!() };
+        let Some(pb::resource::Kind::NetworkService(ns)) = &r[0].kind else {
+            panic!()
+        };
         assert_eq!(ns.metadata.as_ref().unwrap().namespace, "ns-x");
         let spec = ns.spec.as_ref().unwrap();
         assert_eq!(spec.payload, "ETHERNET");
         assert_eq!(spec.matches[0].source_selector["app"], "firewall");
         assert!(spec.matches[0].fallthrough);
-        let Some(pb::resource::Kind::Endpoint(ep)) = &r[1].kind else { panic!() };
+        let Some(pb::resource::Kind::Endpoint(ep)) = &r[1].kind else {
+            panic!()
+        };
         let spec = ep.spec.as_ref().unwrap();
         assert_eq!(spec.network_services, ["nse-composition"]);
         assert_eq!(spec.expiration_time.unwrap().seconds, 1_900_000_000);

@@ -77,7 +77,10 @@ impl Kind {
             Ok(pb::Kind::NetworkService) => Ok(Kind::NetworkService),
             Ok(pb::Kind::Endpoint) => Ok(Kind::Endpoint),
             Ok(pb::Kind::Node) => Ok(Kind::Node),
-            _ => Err(ValidationError::new("kind", format!("unknown or unspecified kind {value}"))),
+            _ => Err(ValidationError::new(
+                "kind",
+                format!("unknown or unspecified kind {value}"),
+            )),
         }
     }
 
@@ -106,8 +109,9 @@ impl FromStr for Kind {
             "ns" | "networkservice" | "networkservices" | "netsvc" | "netsvcs" | "service" | "services" => {
                 Ok(Kind::NetworkService)
             }
-            "endpoint" | "endpoints" | "ep" | "nse" | "nses" | "networkserviceendpoint"
-            | "networkserviceendpoints" => Ok(Kind::Endpoint),
+            "endpoint" | "endpoints" | "ep" | "nse" | "nses" | "networkserviceendpoint" | "networkserviceendpoints" => {
+                Ok(Kind::Endpoint)
+            }
             "node" | "nodes" | "no" => Ok(Kind::Node),
             other => Err(ValidationError::new(
                 "kind",

@@ -10,15 +10,20 @@
 
 use std::collections::HashMap;
 
+use crate::DEFAULT_NAMESPACE;
 use crate::pb::{self, registry};
 use crate::validate::{self, ValidationError};
-use crate::DEFAULT_NAMESPACE;
 
 /// Splits `name[.namespace][@domain]` into (namespace, name, domain).
 pub fn parse_name(field: &str, s: &str) -> Result<(String, String, Option<String>), ValidationError> {
     let (target, domain) = match s.split_once('@') {
         Some((t, d)) if !d.is_empty() => (t, Some(d.to_owned())),
-        Some(_) => return Err(ValidationError::new(field, format!("{s:?} has an empty domain after '@'"))),
+        Some(_) => {
+            return Err(ValidationError::new(
+                field,
+                format!("{s:?} has an empty domain after '@'"),
+            ));
+        }
         None => (s, None),
     };
     let (name, namespace) = target.split_once('.').unwrap_or((target, DEFAULT_NAMESPACE));
@@ -96,11 +101,19 @@ pub fn nse_to_upstream(ep: &pb::Endpoint) -> registry::NetworkServiceEndpoint {
         let q = qualify(s, namespace);
         names.push(q.clone());
         if let Some(l) = labels.filter(|l| !l.is_empty()) {
-            service_labels.entry(q).or_default().labels.extend(l.iter().map(|(k, v)| (k.clone(), v.clone())));
+            service_labels
+                .entry(q)
+                .or_default()
+                .labels
+                .extend(l.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
     }
     for (s, l) in spec.service_labels {
-        service_labels.entry(qualify(&s, namespace)).or_default().labels.extend(l.labels);
+        service_labels
+            .entry(qualify(&s, namespace))
+            .or_default()
+            .labels
+            .extend(l.labels);
     }
     registry::NetworkServiceEndpoint {
         name: name_of(namespace, name),
@@ -137,10 +150,15 @@ pub fn nse_from_upstream(
     for (s, l) in &up.network_service_labels {
         validate::selector(&format!("network_service_labels[{s}]"), &l.labels)?;
         // Drop what the endpoint's own labels already say, so the round trip is exact.
-        let extra: HashMap<_, _> =
-            l.labels.iter().filter(|(k, v)| own_labels.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let extra: HashMap<_, _> = l
+            .labels
+            .iter()
+            .filter(|(k, v)| own_labels.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let key = relative(&format!("network_service_labels[{s}]"), s, &namespace)?;
-        spec.service_labels.insert(key, registry::NetworkServiceLabels { labels: extra });
+        spec.service_labels
+            .insert(key, registry::NetworkServiceLabels { labels: extra });
     }
     spec.url = up.url.clone();
     spec.expiration_time = up.expiration_time;
@@ -166,9 +184,14 @@ pub fn match_ns(query: &registry::NetworkService, item: &registry::NetworkServic
 /// the second (sdk matchutils semantics).
 pub fn match_nse(query: &registry::NetworkServiceEndpoint, item: &registry::NetworkServiceEndpoint) -> bool {
     (query.name.is_empty() || query.name == item.name)
-        && query.network_service_names.iter().all(|n| item.network_service_names.contains(n))
+        && query
+            .network_service_names
+            .iter()
+            .all(|n| item.network_service_names.contains(n))
         && query.network_service_labels.iter().all(|(svc, want)| {
-            item.network_service_labels.get(svc).is_some_and(|have| is_subset(&want.labels, &have.labels))
+            item.network_service_labels
+                .get(svc)
+                .is_some_and(|have| is_subset(&want.labels, &have.labels))
         })
         && (query.url.is_empty() || item.url.contains(&query.url))
         && query
@@ -199,7 +222,10 @@ mod tests {
     #[test]
     fn names_round_trip() {
         assert_eq!(name_of("default", "a"), "a");
-        assert_eq!(name_of("istio-system", "istio-namespace"), "istio-namespace.istio-system");
+        assert_eq!(
+            name_of("istio-system", "istio-namespace"),
+            "istio-namespace.istio-system"
+        );
         assert_eq!(parse_name("n", "a").unwrap(), ("default".into(), "a".into(), None));
         assert_eq!(
             parse_name("n", "a.b@cluster2").unwrap(),
@@ -218,7 +244,14 @@ mod tests {
         assert_eq!(up.network_service_labels["orders.shop"].labels["app"], "x");
         let back = nse_from_upstream(&up, Some(&e)).unwrap();
         assert_eq!(back.spec.as_ref().unwrap().network_services, ["orders", "pay.default"]);
-        assert!(back.spec.as_ref().unwrap().service_labels.values().all(|l| l.labels.is_empty()));
+        assert!(
+            back.spec
+                .as_ref()
+                .unwrap()
+                .service_labels
+                .values()
+                .all(|l| l.labels.is_empty())
+        );
         assert_eq!(nse_to_upstream(&back), up);
     }
 
@@ -237,9 +270,19 @@ mod tests {
         q.name = "e".into();
         assert!(!match_nse(&q, &item), "name is exact");
         q.name = "e1".into();
-        q.network_service_labels.insert("a".into(), registry::NetworkServiceLabels { labels: [("app".to_string(), "x".to_string())].into() });
+        q.network_service_labels.insert(
+            "a".into(),
+            registry::NetworkServiceLabels {
+                labels: [("app".to_string(), "x".to_string())].into(),
+            },
+        );
         assert!(match_nse(&q, &item));
-        q.network_service_labels.insert("a".into(), registry::NetworkServiceLabels { labels: [("app".to_string(), "y".to_string())].into() });
+        q.network_service_labels.insert(
+            "a".into(),
+            registry::NetworkServiceLabels {
+                labels: [("app".to_string(), "y".to_string())].into(),
+            },
+        );
         assert!(!match_nse(&q, &item));
     }
 }

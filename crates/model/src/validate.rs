@@ -6,9 +6,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::DEFAULT_NAMESPACE;
 use crate::kind::Kind;
 use crate::pb;
-use crate::DEFAULT_NAMESPACE;
 
 /// A rejected field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -23,7 +23,10 @@ pub struct ValidationError {
 impl ValidationError {
     /// A new error for `field`.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        ValidationError { field: field.into(), reason: reason.into() }
+        ValidationError {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -49,7 +52,10 @@ fn dns_label(field: &str, s: &str, max: usize) -> Result<()> {
         return Err(ValidationError::new(field, "must not be empty"));
     }
     if s.len() > max {
-        return Err(ValidationError::new(field, format!("{s:?} is longer than {max} characters")));
+        return Err(ValidationError::new(
+            field,
+            format!("{s:?} is longer than {max} characters"),
+        ));
     }
     if let Some(c) = s.chars().find(|c| !is_dns_label_char(*c)) {
         return Err(ValidationError::new(
@@ -58,17 +64,27 @@ fn dns_label(field: &str, s: &str, max: usize) -> Result<()> {
         ));
     }
     if s.starts_with('-') || s.ends_with('-') {
-        return Err(ValidationError::new(field, format!("{s:?} must start and end with a letter or digit")));
+        return Err(ValidationError::new(
+            field,
+            format!("{s:?} must start and end with a letter or digit"),
+        ));
     }
     Ok(())
 }
 
 fn label_part(field: &str, what: &str, s: &str, allow_empty: bool) -> Result<()> {
     if s.is_empty() {
-        return if allow_empty { Ok(()) } else { Err(ValidationError::new(field, format!("{what} must not be empty"))) };
+        return if allow_empty {
+            Ok(())
+        } else {
+            Err(ValidationError::new(field, format!("{what} must not be empty")))
+        };
     }
     if s.len() > 63 {
-        return Err(ValidationError::new(field, format!("{what} {s:?} is longer than 63 characters")));
+        return Err(ValidationError::new(
+            field,
+            format!("{what} {s:?} is longer than 63 characters"),
+        ));
     }
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if let Some(c) = s.chars().find(|c| !ok_char(*c)) {
@@ -77,7 +93,10 @@ fn label_part(field: &str, what: &str, s: &str, allow_empty: bool) -> Result<()>
     let first = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     let last = s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
     if !first || !last {
-        return Err(ValidationError::new(field, format!("{what} {s:?} must start and end with a letter or digit")));
+        return Err(ValidationError::new(
+            field,
+            format!("{what} {s:?} must start and end with a letter or digit"),
+        ));
     }
     Ok(())
 }
@@ -89,7 +108,10 @@ pub fn labels(field: &str, labels: &HashMap<String, String>) -> Result<()> {
         let name = match k.split_once('/') {
             Some((prefix, name)) => {
                 if prefix.is_empty() || prefix.len() > 253 || !prefix.split('.').all(|p| dns_label("", p, 63).is_ok()) {
-                    return Err(ValidationError::new(&f, format!("key prefix {prefix:?} must be a DNS subdomain")));
+                    return Err(ValidationError::new(
+                        &f,
+                        format!("key prefix {prefix:?} must be a DNS subdomain"),
+                    ));
                 }
                 name
             }
@@ -109,7 +131,10 @@ pub fn selector(field: &str, map: &HashMap<String, String>) -> Result<()> {
             return Err(ValidationError::new(field, "label keys must not be empty"));
         }
         if k.chars().chain(v.chars()).any(char::is_control) {
-            return Err(ValidationError::new(format!("{field}[{k}]"), "contains control characters"));
+            return Err(ValidationError::new(
+                format!("{field}[{k}]"),
+                "contains control characters",
+            ));
         }
     }
     Ok(())
@@ -136,14 +161,18 @@ pub fn cidr(field: &str, s: &str) -> Result<IpNet> {
         .parse()
         .map_err(|_| ValidationError::new(field, format!("{s:?} is not a CIDR such as 10.60.0.0/16 or fd00::/64")))?;
     if net.trunc() != net {
-        return Err(ValidationError::new(field, format!("{s:?} has host bits set; did you mean {}?", net.trunc())));
+        return Err(ValidationError::new(
+            field,
+            format!("{s:?} has host bits set; did you mean {}?", net.trunc()),
+        ));
     }
     Ok(net)
 }
 
 /// An IP address (v4 or v6).
 pub fn ip(field: &str, s: &str) -> Result<IpAddr> {
-    s.parse().map_err(|_| ValidationError::new(field, format!("{s:?} is not an IP address")))
+    s.parse()
+        .map_err(|_| ValidationError::new(field, format!("{s:?} is not an IP address")))
 }
 
 /// Upstream payloads; returns the canonical upper-case spelling.
@@ -151,7 +180,10 @@ pub fn payload(field: &str, s: &str) -> Result<&'static str> {
     match s.to_ascii_uppercase().as_str() {
         "" | "IP" => Ok("IP"),
         "ETHERNET" => Ok("ETHERNET"),
-        _ => Err(ValidationError::new(field, format!("{s:?} is not a payload (expected IP or ETHERNET)"))),
+        _ => Err(ValidationError::new(
+            field,
+            format!("{s:?} is not a payload (expected IP or ETHERNET)"),
+        )),
     }
 }
 
@@ -160,9 +192,12 @@ pub fn url(field: &str, s: &str) -> Result<()> {
     if s.is_empty() {
         return Ok(());
     }
-    let (scheme, rest) = s
-        .split_once("://")
-        .ok_or_else(|| ValidationError::new(field, format!("{s:?} is not a URL (expected tcp://host:port or unix:///path)")))?;
+    let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+        ValidationError::new(
+            field,
+            format!("{s:?} is not a URL (expected tcp://host:port or unix:///path)"),
+        )
+    })?;
     match scheme {
         "tcp" => {
             let (host, port) = rest
@@ -171,13 +206,20 @@ pub fn url(field: &str, s: &str) -> Result<()> {
             if host.is_empty() {
                 return Err(ValidationError::new(field, format!("{s:?} has no host")));
             }
-            port.parse::<u16>().map_err(|_| ValidationError::new(field, format!("{s:?} has an invalid port")))?;
+            port.parse::<u16>()
+                .map_err(|_| ValidationError::new(field, format!("{s:?} has an invalid port")))?;
             Ok(())
         }
         "unix" if rest.starts_with('/') => Ok(()),
-        "unix" => Err(ValidationError::new(field, format!("{s:?}: unix socket paths must be absolute (unix:///path)"))),
+        "unix" => Err(ValidationError::new(
+            field,
+            format!("{s:?}: unix socket paths must be absolute (unix:///path)"),
+        )),
         "inode" => Ok(()),
-        other => Err(ValidationError::new(field, format!("unsupported URL scheme {other:?} (expected tcp, unix or inode)"))),
+        other => Err(ValidationError::new(
+            field,
+            format!("unsupported URL scheme {other:?} (expected tcp, unix or inode)"),
+        )),
     }
 }
 
@@ -226,7 +268,10 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             for (i, m) in spec.matches.iter().enumerate() {
                 selector(&format!("spec.matches[{i}].sourceSelector"), &m.source_selector)?;
                 for (j, r) in m.routes.iter().enumerate() {
-                    selector(&format!("spec.matches[{i}].routes[{j}].destinationSelector"), &r.destination_selector)?;
+                    selector(
+                        &format!("spec.matches[{i}].routes[{j}].destinationSelector"),
+                        &r.destination_selector,
+                    )?;
                 }
             }
         }
@@ -238,7 +283,10 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             }
             let mut seen = std::collections::HashSet::new();
             if let Some(dup) = spec.network_services.iter().find(|s| !seen.insert(s.as_str())) {
-                return Err(ValidationError::new("spec.networkServices", format!("{dup:?} listed twice")));
+                return Err(ValidationError::new(
+                    "spec.networkServices",
+                    format!("{dup:?} listed twice"),
+                ));
             }
             for (svc, l) in &spec.service_labels {
                 service_ref(&format!("spec.serviceLabels[{svc}]"), svc)?;
@@ -251,7 +299,11 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             if !spec.node.is_empty() {
                 name("spec.node", &spec.node)?;
             }
-            if spec.address.is_empty() && spec.url.is_empty() && spec.node.is_empty() && spec.network_services.is_empty() {
+            if spec.address.is_empty()
+                && spec.url.is_empty()
+                && spec.node.is_empty()
+                && spec.network_services.is_empty()
+            {
                 return Err(ValidationError::new(
                     "spec",
                     "an endpoint needs at least one of address, url, node or networkServices",
@@ -262,7 +314,10 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             check_meta(kind, node.metadata.get_or_insert_with(Default::default))?;
             let spec = node.spec.get_or_insert_with(Default::default);
             if spec.address.is_empty() {
-                return Err(ValidationError::new("spec.address", "a node needs its underlay address"));
+                return Err(ValidationError::new(
+                    "spec.address",
+                    "a node needs its underlay address",
+                ));
             }
             spec.address = ip("spec.address", &spec.address)?.to_string();
         }

@@ -80,7 +80,12 @@ impl State {
             self.index(key, n, true);
         }
         self.revision = revision;
-        (old.is_some() || new.is_some()).then_some(Change { revision, kind, old, new })
+        (old.is_some() || new.is_some()).then_some(Change {
+            revision,
+            kind,
+            old,
+            new,
+        })
     }
 }
 
@@ -162,7 +167,10 @@ impl Cache {
         match event {
             WatchEvent::Put(kv) => {
                 let item = decode(&kv);
-                self.publish(|s| s.apply(&kv.key, item, kv.mod_revision).into_iter().collect(), kv.mod_revision);
+                self.publish(
+                    |s| s.apply(&kv.key, item, kv.mod_revision).into_iter().collect(),
+                    kv.mod_revision,
+                );
             }
             WatchEvent::Delete { prev, revision } => {
                 self.publish(|s| s.apply(&prev.key, None, revision).into_iter().collect(), revision);
@@ -193,7 +201,9 @@ impl Cache {
                     changes.extend(s.apply(&key, None, revision));
                 }
                 for (key, item) in fresh {
-                    let same = kind_of_key(&key).and_then(|k| s.get(k, &key)).is_some_and(|old| **old == *item);
+                    let same = kind_of_key(&key)
+                        .and_then(|k| s.get(k, &key))
+                        .is_some_and(|old| **old == *item);
                     if !same {
                         changes.extend(s.apply(&key, Some(item), revision));
                     }
@@ -222,7 +232,10 @@ impl Cache {
     }
 
     /// Runs `f` on a consistent snapshot and subscribes to every later change.
-    pub(crate) fn snapshot_and_subscribe<T>(&self, f: impl FnOnce(&State) -> T) -> (T, broadcast::Receiver<Arc<Change>>) {
+    pub(crate) fn snapshot_and_subscribe<T>(
+        &self,
+        f: impl FnOnce(&State) -> T,
+    ) -> (T, broadcast::Receiver<Arc<Change>>) {
         let state = self.state.read();
         let rx = self.changes.subscribe();
         (f(&state), rx)

@@ -35,7 +35,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { default_expiration: Duration::from_secs(60), domain: None }
+        Config {
+            default_expiration: Duration::from_secs(60),
+            domain: None,
+        }
     }
 }
 
@@ -68,7 +71,11 @@ type Result<T> = std::result::Result<T, RegistryError>;
 const WRITE_ATTEMPTS: usize = 8;
 
 fn display_name(kind: Kind, namespace: &str, name: &str) -> String {
-    if kind.namespaced() { format!("{namespace}/{name}") } else { name.to_owned() }
+    if kind.namespaced() {
+        format!("{namespace}/{name}")
+    } else {
+        name.to_owned()
+    }
 }
 
 fn meta_of(r: &pb::Resource) -> (String, String) {
@@ -78,9 +85,12 @@ fn meta_of(r: &pb::Resource) -> (String, String) {
 /// The expiry a resource asks the store for (endpoints registered with an expiration time).
 fn expiry_of(r: &pb::Resource) -> Option<SystemTime> {
     match &r.kind {
-        Some(pb::resource::Kind::Endpoint(ep)) => {
-            ep.spec.as_ref()?.expiration_time.as_ref().and_then(nsm_model::to_system_time)
-        }
+        Some(pb::resource::Kind::Endpoint(ep)) => ep
+            .spec
+            .as_ref()?
+            .expiration_time
+            .as_ref()
+            .and_then(nsm_model::to_system_time),
         _ => None,
     }
 }
@@ -112,7 +122,9 @@ impl Registry {
     /// Loads the store's state and starts following it.
     pub async fn start(store: Arc<dyn Store>, config: Config) -> std::result::Result<Registry, StoreError> {
         let cache = Cache::start(store.clone()).await?;
-        Ok(Registry { inner: Arc::new(Inner { store, cache, config }) })
+        Ok(Registry {
+            inner: Arc::new(Inner { store, cache, config }),
+        })
     }
 
     /// The gRPC services: upstream registry ×2, nsm.v1 resources, health (all SERVING).
@@ -124,13 +136,17 @@ impl Registry {
             nsm_api::service_names::RESOURCES,
             "",
         ] {
-            reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
         }
         let mut b = Routes::builder();
         b.add_service(health)
-            .add_service(nsm_api::registry::network_service_registry_server::NetworkServiceRegistryServer::new(
-                upstream_api::NsRegistry(self.clone()),
-            ))
+            .add_service(
+                nsm_api::registry::network_service_registry_server::NetworkServiceRegistryServer::new(
+                    upstream_api::NsRegistry(self.clone()),
+                ),
+            )
             .add_service(
                 nsm_api::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistryServer::new(
                     upstream_api::NseRegistry(self.clone()),
@@ -153,13 +169,21 @@ impl Registry {
     }
 
     fn get_item(&self, kind: Kind, namespace: &str, name: &str) -> Option<Item> {
-        self.inner.cache.state.read().get(kind, &kind.key(namespace, name)).cloned()
+        self.inner
+            .cache
+            .state
+            .read()
+            .get(kind, &kind.key(namespace, name))
+            .cloned()
     }
 
     /// Gets one resource.
     pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
         self.get_item(kind, namespace, name)
-            .ok_or_else(|| RegistryError::NotFound { kind, name: display_name(kind, namespace, name) })
+            .ok_or_else(|| RegistryError::NotFound {
+                kind,
+                name: display_name(kind, namespace, name),
+            })
     }
 
     /// Lists resources of `kind` in `namespace` (empty = all) whose labels include `selector`.
@@ -170,7 +194,12 @@ impl Registry {
         selector: &std::collections::HashMap<String, String>,
     ) -> (Vec<Item>, u64) {
         let state = self.inner.cache.state.read();
-        let items = state.kind(kind).map(|(_, i)| i).filter(|i| resources::selected(i, namespace, selector)).cloned().collect();
+        let items = state
+            .kind(kind)
+            .map(|(_, i)| i)
+            .filter(|i| resources::selected(i, namespace, selector))
+            .cloned()
+            .collect();
         (items, state.revision)
     }
 
@@ -194,7 +223,10 @@ impl Registry {
                 Some(c) => Condition::ModRevision(kind::meta(c).map_or(0, |m| m.resource_version)),
                 None => Condition::Absent,
             };
-            let opts = PutOptions { condition, expires_at: expiry_of(&next) };
+            let opts = PutOptions {
+                condition,
+                expires_at: expiry_of(&next),
+            };
             match self.inner.store.put(&key, encode(&next), opts).await {
                 Ok(kv) => {
                     self.inner.cache.wait_for(kv.mod_revision).await?;
@@ -210,7 +242,10 @@ impl Registry {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(RegistryError::Conflict { kind, name: display_name(kind, namespace, name) })
+        Err(RegistryError::Conflict {
+            kind,
+            name: display_name(kind, namespace, name),
+        })
     }
 
     fn stamp_new(r: &mut pb::Resource) {
@@ -234,7 +269,10 @@ impl Registry {
         Self::stamp_new(&mut resource);
         let (_, stored) = self
             .write(kind, &namespace, &name, |current| match current {
-                Some(_) => Err(RegistryError::AlreadyExists { kind, name: display_name(kind, &namespace, &name) }),
+                Some(_) => Err(RegistryError::AlreadyExists {
+                    kind,
+                    name: display_name(kind, &namespace, &name),
+                }),
                 None => Ok(Some(resource.clone())),
             })
             .await?;
@@ -273,16 +311,21 @@ impl Registry {
 
     /// Deletes a resource, returning its last state.
     pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
-        let namespace = if kind.namespaced() && namespace.is_empty() { nsm_model::DEFAULT_NAMESPACE } else { namespace };
+        let namespace = if kind.namespaced() && namespace.is_empty() {
+            nsm_model::DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
         let key = kind.key(namespace, name);
         match self.inner.store.delete(&key, Condition::None).await {
             Ok((prev, revision)) => {
                 self.inner.cache.wait_for(revision).await?;
                 cache::decode(&prev).ok_or_else(|| StoreError::Backend(format!("undecodable value at {key}")).into())
             }
-            Err(StoreError::NotFound(_)) => {
-                Err(RegistryError::NotFound { kind, name: display_name(kind, namespace, name) })
-            }
+            Err(StoreError::NotFound(_)) => Err(RegistryError::NotFound {
+                kind,
+                name: display_name(kind, namespace, name),
+            }),
             Err(e) => Err(e.into()),
         }
     }
@@ -296,7 +339,8 @@ impl Registry {
             (Some(d), ours) => Err(RegistryError::Interdomain(format!(
                 "{field}: {upstream_name:?} belongs to domain {d:?}, and this registry serves {}; \
                  interdomain registration is not supported yet",
-                ours.as_deref().map_or("no domain".to_owned(), |o| format!("domain {o:?}"))
+                ours.as_deref()
+                    .map_or("no domain".to_owned(), |o| format!("domain {o:?}"))
             ))),
         }
     }
@@ -316,7 +360,9 @@ impl Registry {
                     _ => None,
                 };
                 let mut r = pb::Resource {
-                    kind: Some(pb::resource::Kind::NetworkService(upstream::ns_from_upstream(&local, existing)?)),
+                    kind: Some(pb::resource::Kind::NetworkService(upstream::ns_from_upstream(
+                        &local, existing,
+                    )?)),
                 };
                 validate::resource(&mut r)?;
                 match current {
@@ -327,7 +373,9 @@ impl Registry {
                 Ok(Some(r))
             })
             .await?;
-        let Some(pb::resource::Kind::NetworkService(n)) = &stored.kind else { unreachable!("wrote a service") };
+        let Some(pb::resource::Kind::NetworkService(n)) = &stored.kind else {
+            unreachable!("wrote a service")
+        };
         let mut out = upstream::ns_to_upstream(n);
         out.name = ns.name.clone();
         Ok(out)
@@ -365,7 +413,9 @@ impl Registry {
                     .and_then(|e| e.spec.as_ref()?.initial_registration_time)
                     .or(nse.initial_registration_time)
                     .or_else(|| Some(prost_types::Timestamp::from(now)));
-                let mut r = pb::Resource { kind: Some(pb::resource::Kind::Endpoint(ep)) };
+                let mut r = pb::Resource {
+                    kind: Some(pb::resource::Kind::Endpoint(ep)),
+                };
                 validate::resource(&mut r)?;
                 if current.is_none() {
                     Self::stamp_new(&mut r);
@@ -373,7 +423,9 @@ impl Registry {
                 Ok(Some(r))
             })
             .await?;
-        let Some(pb::resource::Kind::Endpoint(e)) = &stored.kind else { unreachable!("wrote an endpoint") };
+        let Some(pb::resource::Kind::Endpoint(e)) = &stored.kind else {
+            unreachable!("wrote an endpoint")
+        };
         let mut out = upstream::nse_to_upstream(e);
         out.name = nse.name.clone();
         Ok(out)

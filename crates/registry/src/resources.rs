@@ -42,20 +42,28 @@ impl ResourceService for ResourceApi {
     type WatchStream = BoxStream<v1::WatchEvent>;
 
     async fn create(&self, req: Request<v1::CreateRequest>) -> Result<Response<pb::Resource>, Status> {
-        let r = req.into_inner().resource.ok_or_else(|| Status::invalid_argument("resource: missing"))?;
+        let r = req
+            .into_inner()
+            .resource
+            .ok_or_else(|| Status::invalid_argument("resource: missing"))?;
         Ok(Response::new(owned(self.0.create(r).await?)))
     }
 
     async fn apply(&self, req: Request<v1::ApplyRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
         let req = req.into_inner();
-        let r = req.resource.ok_or_else(|| Status::invalid_argument("resource: missing"))?;
+        let r = req
+            .resource
+            .ok_or_else(|| Status::invalid_argument("resource: missing"))?;
         let (outcome, stored) = self.0.apply(r, req.dry_run).await?;
         let outcome = match outcome {
             Applied::Created => v1::ApplyOutcome::Created,
             Applied::Configured => v1::ApplyOutcome::Configured,
             Applied::Unchanged => v1::ApplyOutcome::Unchanged,
         };
-        Ok(Response::new(v1::ApplyResponse { resource: Some(owned(stored)), outcome: outcome as i32 }))
+        Ok(Response::new(v1::ApplyResponse {
+            resource: Some(owned(stored)),
+            outcome: outcome as i32,
+        }))
     }
 
     async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<pb::Resource>, Status> {
@@ -67,7 +75,10 @@ impl ResourceService for ResourceApi {
         let req = req.into_inner();
         let kind = Kind::from_pb(req.kind).map_err(RegistryError::from)?;
         let (items, revision) = self.0.list(kind, &req.namespace, &req.label_selector);
-        Ok(Response::new(v1::ListResponse { items: items.into_iter().map(owned).collect(), revision }))
+        Ok(Response::new(v1::ListResponse {
+            items: items.into_iter().map(owned).collect(),
+            revision,
+        }))
     }
 
     async fn delete(&self, req: Request<v1::DeleteRequest>) -> Result<Response<pb::Resource>, Status> {
@@ -85,7 +96,11 @@ impl ResourceService for ResourceApi {
             s.kind(kind)
                 .map(|(_, i)| i)
                 .filter(|i| selected(i, &namespace, &selector))
-                .map(|i| v1::WatchEvent { r#type: Type::Initial as i32, resource: Some((**i).clone()), revision })
+                .map(|i| v1::WatchEvent {
+                    r#type: Type::Initial as i32,
+                    resource: Some((**i).clone()),
+                    revision,
+                })
                 .collect::<Vec<_>>()
         });
         let stream = follow(initial, rx, move |c| {

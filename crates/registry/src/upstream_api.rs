@@ -90,7 +90,10 @@ fn find_services(state: &State, q: &reg::NetworkService) -> Vec<reg::NetworkServ
     candidates
         .into_iter()
         .filter(|s| upstream::match_ns(q, s))
-        .map(|s| reg::NetworkServiceResponse { network_service: Some(s), deleted: false })
+        .map(|s| reg::NetworkServiceResponse {
+            network_service: Some(s),
+            deleted: false,
+        })
         .collect()
 }
 
@@ -125,7 +128,10 @@ fn find_endpoints(state: &State, q: &reg::NetworkServiceEndpoint) -> Vec<reg::Ne
     candidates
         .into_iter()
         .filter(|e| upstream::match_nse(q, e))
-        .map(|e| reg::NetworkServiceEndpointResponse { network_service_endpoint: Some(e), deleted: false })
+        .map(|e| reg::NetworkServiceEndpointResponse {
+            network_service_endpoint: Some(e),
+            deleted: false,
+        })
         .collect()
 }
 
@@ -164,7 +170,10 @@ impl NetworkServiceRegistry for NsRegistry {
                 _ => None,
             };
             let (ns, deleted) = changed(c, Kind::NetworkService, one)?;
-            upstream::match_ns(&query, &ns).then_some(reg::NetworkServiceResponse { network_service: Some(ns), deleted })
+            upstream::match_ns(&query, &ns).then_some(reg::NetworkServiceResponse {
+                network_service: Some(ns),
+                deleted,
+            })
         });
         Ok(Response::new(stream))
     }
@@ -192,7 +201,9 @@ impl NetworkServiceEndpointRegistry for NseRegistry {
         let mut query = q.network_service_endpoint.unwrap_or_default();
         query.name = self.0.local_query_name("network_service_endpoint.name", &query.name)?;
         for (i, n) in query.network_service_names.iter_mut().enumerate() {
-            *n = self.0.local_query_name(&format!("network_service_endpoint.network_service_names[{i}]"), n)?;
+            *n = self
+                .0
+                .local_query_name(&format!("network_service_endpoint.network_service_names[{i}]"), n)?;
         }
         let (initial, rx) = self.0.inner.cache.snapshot_and_subscribe(|s| find_endpoints(s, &query));
         if !q.watch {
@@ -200,8 +211,10 @@ impl NetworkServiceEndpointRegistry for NseRegistry {
         }
         let stream = follow(initial, rx, move |c| {
             let (nse, deleted) = changed(c, Kind::Endpoint, nse_of)?;
-            upstream::match_nse(&query, &nse)
-                .then_some(reg::NetworkServiceEndpointResponse { network_service_endpoint: Some(nse), deleted })
+            upstream::match_nse(&query, &nse).then_some(reg::NetworkServiceEndpointResponse {
+                network_service_endpoint: Some(nse),
+                deleted,
+            })
         });
         Ok(Response::new(stream))
     }

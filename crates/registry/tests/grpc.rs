@@ -29,8 +29,12 @@ async fn start(config: Config) -> Harness {
     let store: Arc<dyn Store> = Arc::new(nsm_store_redb::RedbStore::open(&dir.path().join("r.redb")).unwrap());
     let registry = Registry::start(store.clone(), config).await.unwrap();
     let routes = registry.routes().await;
-    let tcp = Listener::bind(&"tcp://127.0.0.1:0".parse::<Url>().unwrap()).await.unwrap();
-    let unix_url: Url = format!("unix://{}", dir.path().join("reg.sock").display()).parse().unwrap();
+    let tcp = Listener::bind(&"tcp://127.0.0.1:0".parse::<Url>().unwrap())
+        .await
+        .unwrap();
+    let unix_url: Url = format!("unix://{}", dir.path().join("reg.sock").display())
+        .parse()
+        .unwrap();
     let unix = Listener::bind(&unix_url).await.unwrap();
     let (tcp_url, unix_url) = (tcp.url().to_string(), unix.url().to_string());
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -39,7 +43,13 @@ async fn start(config: Config) -> Harness {
     });
     tokio::spawn(tcp.serve(routes.clone(), shared.clone()));
     tokio::spawn(unix.serve(routes, shared));
-    Harness { _dir: dir, tcp: tcp_url, unix: unix_url, store, _stop: stop }
+    Harness {
+        _dir: dir,
+        tcp: tcp_url,
+        unix: unix_url,
+        store,
+        _stop: stop,
+    }
 }
 
 async fn channel(url: &str) -> Channel {
@@ -55,9 +65,15 @@ fn nse(name: &str, services: &[&str], url: &str) -> reg::NetworkServiceEndpoint 
     }
 }
 
-async fn find_nses(c: &mut NetworkServiceEndpointRegistryClient<Channel>, q: reg::NetworkServiceEndpoint) -> Vec<reg::NetworkServiceEndpoint> {
+async fn find_nses(
+    c: &mut NetworkServiceEndpointRegistryClient<Channel>,
+    q: reg::NetworkServiceEndpoint,
+) -> Vec<reg::NetworkServiceEndpoint> {
     let mut s = c
-        .find(reg::NetworkServiceEndpointQuery { network_service_endpoint: Some(q), watch: false })
+        .find(reg::NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(q),
+            watch: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -76,7 +92,10 @@ async fn upstream_network_services_register_find_watch_unregister() {
     let mut watcher = NetworkServiceRegistryClient::new(channel(&h.tcp).await);
     let mut w = watcher
         .find(reg::NetworkServiceQuery {
-            network_service: Some(reg::NetworkService { name: "icmp-responder".into(), ..Default::default() }),
+            network_service: Some(reg::NetworkService {
+                name: "icmp-responder".into(),
+                ..Default::default()
+            }),
             watch: true,
         })
         .await
@@ -84,70 +103,157 @@ async fn upstream_network_services_register_find_watch_unregister() {
         .into_inner();
 
     // Register returns the stored object, with upstream's default payload.
-    let stored = c.register(reg::NetworkService { name: "icmp-responder".into(), ..Default::default() }).await.unwrap().into_inner();
+    let stored = c
+        .register(reg::NetworkService {
+            name: "icmp-responder".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(stored.payload, "IP");
     let ev = w.message().await.unwrap().unwrap();
-    assert_eq!((ev.network_service.unwrap().name, ev.deleted), ("icmp-responder".to_string(), false));
+    assert_eq!(
+        (ev.network_service.unwrap().name, ev.deleted),
+        ("icmp-responder".to_string(), false)
+    );
 
     // A second service the watcher does not ask for.
-    c.register(reg::NetworkService { name: "other".into(), payload: "ETHERNET".into(), ..Default::default() }).await.unwrap();
+    c.register(reg::NetworkService {
+        name: "other".into(),
+        payload: "ETHERNET".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     // Find without watch ends after current matches; payload matches exactly.
     let q = |payload: &str| reg::NetworkServiceQuery {
-        network_service: Some(reg::NetworkService { payload: payload.into(), ..Default::default() }),
+        network_service: Some(reg::NetworkService {
+            payload: payload.into(),
+            ..Default::default()
+        }),
         watch: false,
     };
     let mut s = c.find(q("ETHERNET")).await.unwrap().into_inner();
     let first = s.message().await.unwrap().unwrap();
     assert_eq!(first.network_service.unwrap().name, "other");
-    assert!(s.message().await.unwrap().is_none(), "the stream ends after current matches");
+    assert!(
+        s.message().await.unwrap().is_none(),
+        "the stream ends after current matches"
+    );
 
-    c.unregister(reg::NetworkService { name: "icmp-responder".into(), ..Default::default() }).await.unwrap();
+    c.unregister(reg::NetworkService {
+        name: "icmp-responder".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let ev = w.message().await.unwrap().unwrap();
-    assert_eq!((ev.network_service.unwrap().name, ev.deleted), ("icmp-responder".to_string(), true));
+    assert_eq!(
+        (ev.network_service.unwrap().name, ev.deleted),
+        ("icmp-responder".to_string(), true)
+    );
     // As upstream: unregistering what is not there is not an error.
-    c.unregister(reg::NetworkService { name: "icmp-responder".into(), ..Default::default() }).await.unwrap();
+    c.unregister(reg::NetworkService {
+        name: "icmp-responder".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn upstream_endpoints_expire_and_find_by_example() {
-    let h = start(Config { default_expiration: Duration::from_secs(2), domain: Some("cluster1".into()) }).await;
+    let h = start(Config {
+        default_expiration: Duration::from_secs(2),
+        domain: Some("cluster1".into()),
+    })
+    .await;
     let mut c = NetworkServiceEndpointRegistryClient::new(channel(&h.tcp).await);
 
     let before = SystemTime::now();
     let mut e1 = nse("nse-1", &["icmp", "dns"], "tcp://192.0.2.1:5001");
-    e1.network_service_labels.insert("icmp".into(), reg::NetworkServiceLabels { labels: HashMap::from([("app".into(), "a".into())]) });
+    e1.network_service_labels.insert(
+        "icmp".into(),
+        reg::NetworkServiceLabels {
+            labels: HashMap::from([("app".into(), "a".into())]),
+        },
+    );
     // A requested expiry later than the default is capped to it.
     e1.expiration_time = Some((SystemTime::now() + Duration::from_secs(3600)).into());
     let r1 = c.register(e1.clone()).await.unwrap().into_inner();
     let exp = SystemTime::try_from(r1.expiration_time.unwrap()).unwrap();
-    assert!(exp <= SystemTime::now() + Duration::from_secs(2) && exp >= before, "expiry capped to the default");
+    assert!(
+        exp <= SystemTime::now() + Duration::from_secs(2) && exp >= before,
+        "expiry capped to the default"
+    );
     let first = r1.initial_registration_time.unwrap();
-    c.register(nse("nse-2@cluster1", &["icmp"], "tcp://192.0.2.2:5001")).await.unwrap();
+    c.register(nse("nse-2@cluster1", &["icmp"], "tcp://192.0.2.2:5001"))
+        .await
+        .unwrap();
 
     // Find by example: service subset, url substring, labels subset, exact name.
     let names = |v: Vec<reg::NetworkServiceEndpoint>| v.into_iter().map(|e| e.name).collect::<Vec<_>>();
-    assert_eq!(names(find_nses(&mut c, nse("", &["icmp"], "")).await), ["nse-1", "nse-2"]);
+    assert_eq!(
+        names(find_nses(&mut c, nse("", &["icmp"], "")).await),
+        ["nse-1", "nse-2"]
+    );
     assert_eq!(names(find_nses(&mut c, nse("", &["icmp", "dns"], "")).await), ["nse-1"]);
     assert_eq!(names(find_nses(&mut c, nse("", &[], "192.0.2.2")).await), ["nse-2"]);
-    assert_eq!(names(find_nses(&mut c, nse("nse-2@cluster1", &[], "")).await), ["nse-2"]);
-    assert!(find_nses(&mut c, nse("nse", &[], "")).await.is_empty(), "names match exactly");
+    assert_eq!(
+        names(find_nses(&mut c, nse("nse-2@cluster1", &[], "")).await),
+        ["nse-2"]
+    );
+    assert!(
+        find_nses(&mut c, nse("nse", &[], "")).await.is_empty(),
+        "names match exactly"
+    );
     let mut by_label = nse("", &[], "");
-    by_label.network_service_labels.insert("icmp".into(), reg::NetworkServiceLabels { labels: HashMap::from([("app".into(), "a".into())]) });
+    by_label.network_service_labels.insert(
+        "icmp".into(),
+        reg::NetworkServiceLabels {
+            labels: HashMap::from([("app".into(), "a".into())]),
+        },
+    );
     assert_eq!(names(find_nses(&mut c, by_label).await), ["nse-1"]);
 
     // A foreign domain is refused, not silently stored locally.
-    let err = c.register(nse("x@cluster9", &["icmp"], "tcp://192.0.2.9:1")).await.unwrap_err();
+    let err = c
+        .register(nse("x@cluster9", &["icmp"], "tcp://192.0.2.9:1"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
 
     // Watch: nse-1 is refreshed, nse-2 is not and expires; the watcher sees the deletion.
     let mut w = c
-        .find(reg::NetworkServiceEndpointQuery { network_service_endpoint: Some(nse("", &["icmp"], "")), watch: true })
+        .find(reg::NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(nse("", &["icmp"], "")),
+            watch: true,
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(w.message().await.unwrap().unwrap().network_service_endpoint.unwrap().name, "nse-1");
-    assert_eq!(w.message().await.unwrap().unwrap().network_service_endpoint.unwrap().name, "nse-2");
+    assert_eq!(
+        w.message()
+            .await
+            .unwrap()
+            .unwrap()
+            .network_service_endpoint
+            .unwrap()
+            .name,
+        "nse-1"
+    );
+    assert_eq!(
+        w.message()
+            .await
+            .unwrap()
+            .unwrap()
+            .network_service_endpoint
+            .unwrap()
+            .name,
+        "nse-2"
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut deleted = None;
     let mut refresh = tokio::time::interval(Duration::from_millis(500));
@@ -163,7 +269,11 @@ async fn upstream_endpoints_expire_and_find_by_example() {
             }
         }
     }
-    assert_eq!(deleted.as_deref(), Some("nse-2"), "the unrefreshed endpoint expires and watchers see it");
+    assert_eq!(
+        deleted.as_deref(),
+        Some("nse-2"),
+        "the unrefreshed endpoint expires and watchers see it"
+    );
     assert_eq!(names(find_nses(&mut c, nse("", &["icmp"], "")).await), ["nse-1"]);
     drop(h.store);
 }
@@ -173,7 +283,11 @@ fn resource(kind: v1::resource::Kind) -> v1::Resource {
 }
 
 fn meta(name: &str, namespace: &str) -> Option<v1::ObjectMeta> {
-    Some(v1::ObjectMeta { name: name.into(), namespace: namespace.into(), ..Default::default() })
+    Some(v1::ObjectMeta {
+        name: name.into(),
+        namespace: namespace.into(),
+        ..Default::default()
+    })
 }
 
 #[tokio::test]
@@ -187,10 +301,21 @@ async fn resources_and_upstream_see_the_same_state() {
     // nsmctl-style creates ...
     let ns = v1::resource::Kind::NetworkService(v1::NetworkService {
         metadata: meta("istio-namespace", "istio-system"),
-        spec: Some(v1::NetworkServiceSpec { cidr: "10.60.0.0/16".into(), ..Default::default() }),
+        spec: Some(v1::NetworkServiceSpec {
+            cidr: "10.60.0.0/16".into(),
+            ..Default::default()
+        }),
     });
-    let created = res.create(v1::CreateRequest { resource: Some(resource(ns.clone())) }).await.unwrap().into_inner();
-    let Some(v1::resource::Kind::NetworkService(c)) = created.kind else { panic!() };
+    let created = res
+        .create(v1::CreateRequest {
+            resource: Some(resource(ns.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::resource::Kind::NetworkService(c)) = created.kind else {
+        panic!()
+    };
     let m = c.metadata.unwrap();
     assert!(!m.uid.is_empty() && m.resource_version > 0 && m.creation_timestamp.is_some());
     let ep = v1::resource::Kind::Endpoint(v1::Endpoint {
@@ -204,60 +329,109 @@ async fn resources_and_upstream_see_the_same_state() {
             ..Default::default()
         }),
     });
-    res.create(v1::CreateRequest { resource: Some(resource(ep)) }).await.unwrap();
+    res.create(v1::CreateRequest {
+        resource: Some(resource(ep)),
+    })
+    .await
+    .unwrap();
 
     // ... are visible upstream under namespace-qualified names.
     let mut s = nss
         .find(reg::NetworkServiceQuery {
-            network_service: Some(reg::NetworkService { name: "istio-namespace.istio-system".into(), ..Default::default() }),
+            network_service: Some(reg::NetworkService {
+                name: "istio-namespace.istio-system".into(),
+                ..Default::default()
+            }),
             watch: false,
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(s.message().await.unwrap().unwrap().network_service.unwrap().payload, "IP");
+    assert_eq!(
+        s.message().await.unwrap().unwrap().network_service.unwrap().payload,
+        "IP"
+    );
     let found = find_nses(&mut nses, nse("", &["istio-namespace.istio-system"], "")).await;
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].name, "gw.istio-system");
-    assert_eq!(found[0].network_service_labels["istio-namespace.istio-system"].labels["app"], "istio");
+    assert_eq!(
+        found[0].network_service_labels["istio-namespace.istio-system"].labels["app"],
+        "istio"
+    );
     assert!(found[0].expiration_time.is_none(), "declared endpoints do not expire");
 
     // Upstream registrations show up as resources in the default namespace.
-    nses.register(nse("upstream-nse", &["istio-namespace.istio-system"], "tcp://192.0.2.8:5001")).await.unwrap();
+    nses.register(nse(
+        "upstream-nse",
+        &["istio-namespace.istio-system"],
+        "tcp://192.0.2.8:5001",
+    ))
+    .await
+    .unwrap();
     let list = res
-        .list(v1::ListRequest { kind: v1::Kind::Endpoint as i32, namespace: "default".into(), ..Default::default() })
+        .list(v1::ListRequest {
+            kind: v1::Kind::Endpoint as i32,
+            namespace: "default".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(list.items.len(), 1);
-    let Some(v1::resource::Kind::Endpoint(e)) = &list.items[0].kind else { panic!() };
+    let Some(v1::resource::Kind::Endpoint(e)) = &list.items[0].kind else {
+        panic!()
+    };
     let spec = e.spec.as_ref().unwrap();
     assert_eq!(spec.network_services, ["istio-namespace.istio-system"]);
     assert!(spec.expiration_time.is_some());
 
     // Upstream re-registration of the service keeps what upstream cannot express.
-    nss.register(reg::NetworkService { name: "istio-namespace.istio-system".into(), payload: "IP".into(), ..Default::default() })
-        .await
-        .unwrap();
+    nss.register(reg::NetworkService {
+        name: "istio-namespace.istio-system".into(),
+        payload: "IP".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let got = res
         .get(v1::GetRequest {
-            r#ref: Some(v1::ResourceRef { kind: v1::Kind::NetworkService as i32, namespace: "istio-system".into(), name: "istio-namespace".into() }),
+            r#ref: Some(v1::ResourceRef {
+                kind: v1::Kind::NetworkService as i32,
+                namespace: "istio-system".into(),
+                name: "istio-namespace".into(),
+            }),
         })
         .await
         .unwrap()
         .into_inner();
-    let Some(v1::resource::Kind::NetworkService(g)) = got.kind else { panic!() };
+    let Some(v1::resource::Kind::NetworkService(g)) = got.kind else {
+        panic!()
+    };
     assert_eq!(g.spec.unwrap().cidr, "10.60.0.0/16");
     assert_eq!(g.metadata.unwrap().uid, m.uid, "identity survives updates");
 
     // Apply: unchanged, then configured.
-    let applied = res.apply(v1::ApplyRequest { resource: Some(resource(ns.clone())), dry_run: false }).await.unwrap().into_inner();
+    let applied = res
+        .apply(v1::ApplyRequest {
+            resource: Some(resource(ns.clone())),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(applied.outcome, v1::ApplyOutcome::Unchanged as i32);
     let mut changed = ns.clone();
     if let v1::resource::Kind::NetworkService(n) = &mut changed {
         n.spec.as_mut().unwrap().cidr = "10.61.0.0/16".into();
     }
-    let applied = res.apply(v1::ApplyRequest { resource: Some(resource(changed)), dry_run: false }).await.unwrap().into_inner();
+    let applied = res
+        .apply(v1::ApplyRequest {
+            resource: Some(resource(changed)),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(applied.outcome, v1::ApplyOutcome::Configured as i32);
 }
 
@@ -270,39 +444,68 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let (_, rev_before) = h.store.list("/").await.unwrap();
 
     let cases: Vec<(v1::resource::Kind, &str)> = vec![
-        (v1::resource::Kind::NetworkService(v1::NetworkService { metadata: meta("Bad_Name", ""), spec: None }), "metadata.name"),
+        (
+            v1::resource::Kind::NetworkService(v1::NetworkService {
+                metadata: meta("Bad_Name", ""),
+                spec: None,
+            }),
+            "metadata.name",
+        ),
         (
             v1::resource::Kind::NetworkService(v1::NetworkService {
                 metadata: meta("ok", ""),
-                spec: Some(v1::NetworkServiceSpec { cidr: "10.0.0.300/8".into(), ..Default::default() }),
+                spec: Some(v1::NetworkServiceSpec {
+                    cidr: "10.0.0.300/8".into(),
+                    ..Default::default()
+                }),
             }),
             "spec.cidr",
         ),
         (
             v1::resource::Kind::Endpoint(v1::Endpoint {
                 metadata: meta("ep", ""),
-                spec: Some(v1::EndpointSpec { address: "10.0.0".into(), ..Default::default() }),
+                spec: Some(v1::EndpointSpec {
+                    address: "10.0.0".into(),
+                    ..Default::default()
+                }),
             }),
             "spec.address",
         ),
         (
             v1::resource::Kind::Endpoint(v1::Endpoint {
                 metadata: meta("ep", ""),
-                spec: Some(v1::EndpointSpec { url: "http://x:1".into(), ..Default::default() }),
+                spec: Some(v1::EndpointSpec {
+                    url: "http://x:1".into(),
+                    ..Default::default()
+                }),
             }),
             "spec.url",
         ),
-        (v1::resource::Kind::Node(v1::Node { metadata: meta("n1", ""), spec: None }), "spec.address"),
+        (
+            v1::resource::Kind::Node(v1::Node {
+                metadata: meta("n1", ""),
+                spec: None,
+            }),
+            "spec.address",
+        ),
         (
             v1::resource::Kind::NetworkService(v1::NetworkService {
-                metadata: Some(v1::ObjectMeta { labels: HashMap::from([("bad key".into(), "v".into())]), ..meta("ok", "").unwrap() }),
+                metadata: Some(v1::ObjectMeta {
+                    labels: HashMap::from([("bad key".into(), "v".into())]),
+                    ..meta("ok", "").unwrap()
+                }),
                 spec: None,
             }),
             "metadata.labels",
         ),
     ];
     for (kind, field) in cases {
-        let err = res.create(v1::CreateRequest { resource: Some(resource(kind)) }).await.unwrap_err();
+        let err = res
+            .create(v1::CreateRequest {
+                resource: Some(resource(kind)),
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().starts_with(field), "{field}: {}", err.message());
     }
@@ -311,23 +514,56 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let err = nses.register(nse("", &["x"], "")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = res
-        .delete(v1::DeleteRequest { r#ref: Some(v1::ResourceRef { kind: v1::Kind::Node as i32, namespace: String::new(), name: "ghost".into() }) })
+        .delete(v1::DeleteRequest {
+            r#ref: Some(v1::ResourceRef {
+                kind: v1::Kind::Node as i32,
+                namespace: String::new(),
+                name: "ghost".into(),
+            }),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(err.message(), "node \"ghost\" not found");
-    let err = res.list(v1::ListRequest { kind: 0, ..Default::default() }).await.unwrap_err();
+    let err = res
+        .list(v1::ListRequest {
+            kind: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let (items, rev_after) = h.store.list("/").await.unwrap();
-    assert!(items.is_empty() && rev_after == rev_before, "rejected requests write nothing");
+    assert!(
+        items.is_empty() && rev_after == rev_before,
+        "rejected requests write nothing"
+    );
 
-    let node = v1::resource::Kind::Node(v1::Node { metadata: meta("n1", ""), spec: Some(v1::NodeSpec { address: "192.0.2.1".into() }) });
-    res.create(v1::CreateRequest { resource: Some(resource(node.clone())) }).await.unwrap();
+    let node = v1::resource::Kind::Node(v1::Node {
+        metadata: meta("n1", ""),
+        spec: Some(v1::NodeSpec {
+            address: "192.0.2.1".into(),
+        }),
+    });
+    res.create(v1::CreateRequest {
+        resource: Some(resource(node.clone())),
+    })
+    .await
+    .unwrap();
     let (_, rev) = h.store.list("/").await.unwrap();
-    let err = res.create(v1::CreateRequest { resource: Some(resource(node)) }).await.unwrap_err();
+    let err = res
+        .create(v1::CreateRequest {
+            resource: Some(resource(node)),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    assert_eq!(h.store.list("/").await.unwrap().1, rev, "a duplicate create writes nothing");
+    assert_eq!(
+        h.store.list("/").await.unwrap().1,
+        rev,
+        "a duplicate create writes nothing"
+    );
 }
 
 #[tokio::test]
@@ -335,12 +571,28 @@ async fn health_and_path_metadata() {
     let h = start(Config::default()).await;
     let ch = channel(&h.unix).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
-    for svc in ["", "registry.NetworkServiceRegistry", "registry.NetworkServiceEndpointRegistry", "nsm.v1.ResourceService"] {
-        let r = health.check(tonic_health::pb::HealthCheckRequest { service: svc.into() }).await.unwrap().into_inner();
-        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{svc}");
+    for svc in [
+        "",
+        "registry.NetworkServiceRegistry",
+        "registry.NetworkServiceEndpointRegistry",
+        "nsm.v1.ResourceService",
+    ] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: svc.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{svc}"
+        );
     }
     let mut c = NetworkServiceRegistryClient::new(ch);
-    let mut req = tonic::Request::new(reg::NetworkService { name: "svc".into(), ..Default::default() });
+    let mut req = tonic::Request::new(reg::NetworkService {
+        name: "svc".into(),
+        ..Default::default()
+    });
     let path = r#"{"Index":0,"PathSegments":[{"token":"t"}]}"#;
     req.metadata_mut().insert("path", path.parse().unwrap());
     let resp = c.register(req).await.unwrap();

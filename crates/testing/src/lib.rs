@@ -44,8 +44,7 @@ impl Etcd {
     /// Fails with a message naming the binary and quoting the end of its log if the binary is
     /// missing, exits early, or does not become healthy in time.
     pub fn start() -> anyhow::Result<Etcd> {
-        let binary =
-            std::env::var_os(ETCD_BINARY_ENV).map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
+        let binary = std::env::var_os(ETCD_BINARY_ENV).map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
         Etcd::start_with_binary(binary)
     }
 
@@ -76,9 +75,7 @@ impl Etcd {
             };
             match etcd.launch() {
                 Ok(()) => return Ok(etcd),
-                Err(e) if etcd.log_tail().contains("address already in use") => {
-                    last_error = Some(e)
-                }
+                Err(e) if etcd.log_tail().contains("address already in use") => last_error = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -107,9 +104,7 @@ impl Etcd {
 
     /// Whether the server process is running (it was started and not stopped).
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Kills the server with SIGKILL (no graceful shutdown, like a crash) and reaps it. Clients
@@ -250,10 +245,7 @@ fn health_ok(addr: SocketAddr) -> bool {
 
 fn tail(path: &Path, lines: usize) -> String {
     let mut text = String::new();
-    if File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .is_err()
-    {
+    if File::open(path).and_then(|mut f| f.read_to_string(&mut text)).is_err() {
         return format!("(no log at {})", path.display());
     }
     let all: Vec<&str> = text.lines().collect();
@@ -288,11 +280,7 @@ mod tests {
         etcd.restart().unwrap();
         let second = etcd.pid().unwrap();
         assert_ne!(first, second);
-        assert_eq!(
-            etcd.endpoint(),
-            addr.to_string(),
-            "same ports after restart"
-        );
+        assert_eq!(etcd.endpoint(), addr.to_string(), "same ports after restart");
         assert_eq!(etcd.data_dir(), data);
         drop(etcd);
         assert!(

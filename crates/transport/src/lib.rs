@@ -70,7 +70,10 @@ impl FromStr for Url {
     type Err = TransportError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: &str| TransportError::InvalidUrl { url: s.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| TransportError::InvalidUrl {
+            url: s.to_owned(),
+            reason: reason.to_owned(),
+        };
         if let Some(path) = s.strip_prefix("unix://") {
             if !path.starts_with('/') {
                 return Err(bad("unix socket paths must be absolute (unix:///path)"));
@@ -85,7 +88,10 @@ impl FromStr for Url {
             Some(port) => format!("127.0.0.1:{port}"),
             None => hostport.to_owned(),
         };
-        hostport.parse().map(Url::Tcp).map_err(|_| bad("expected an IP address and a port, e.g. tcp://127.0.0.1:5002"))
+        hostport
+            .parse()
+            .map(Url::Tcp)
+            .map_err(|_| bad("expected an IP address and a port, e.g. tcp://127.0.0.1:5002"))
     }
 }
 
@@ -110,7 +116,10 @@ impl Listener {
     /// Binds `url`. A unix socket file left over from a dead process is replaced; one that a live
     /// process still answers on is refused.
     pub async fn bind(url: &Url) -> Result<Listener, TransportError> {
-        let bind_err = |source| TransportError::Bind { url: url.to_string(), source };
+        let bind_err = |source| TransportError::Bind {
+            url: url.to_string(),
+            source,
+        };
         match url {
             Url::Tcp(addr) => {
                 let l = TcpListener::bind(addr).await.map_err(bind_err)?;
@@ -143,7 +152,9 @@ impl Listener {
     /// Serves `routes` on this listener until `shutdown` resolves.
     pub async fn serve(self, routes: Routes, shutdown: impl Future<Output = ()> + Send) -> Result<(), TransportError> {
         let url = self.url().clone();
-        let mut builder = Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(Duration::from_secs(30)));
+        let mut builder = Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)));
         let result = match self {
             Listener::Tcp(l, _) => {
                 builder
@@ -162,7 +173,10 @@ impl Listener {
                 r
             }
         };
-        result.map_err(|source| TransportError::Serve { url: url.to_string(), source })
+        result.map_err(|source| TransportError::Serve {
+            url: url.to_string(),
+            source,
+        })
     }
 }
 
@@ -172,8 +186,14 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Channel, TransportE
     let endpoint = endpoint(url)?.connect_timeout(timeout);
     match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e)) => Err(TransportError::Connect { url: url.to_owned(), reason: error_chain(&e) }),
-        Err(_) => Err(TransportError::Connect { url: url.to_owned(), reason: format!("no answer within {timeout:?}") }),
+        Ok(Err(e)) => Err(TransportError::Connect {
+            url: url.to_owned(),
+            reason: error_chain(&e),
+        }),
+        Err(_) => Err(TransportError::Connect {
+            url: url.to_owned(),
+            reason: format!("no answer within {timeout:?}"),
+        }),
     }
 }
 
@@ -190,7 +210,10 @@ fn endpoint(url: &str) -> Result<Endpoint, TransportError> {
     };
     Endpoint::from_shared(uri)
         .map(|e| e.tcp_nodelay(true))
-        .map_err(|e| TransportError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })
+        .map_err(|e| TransportError::InvalidUrl {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// "outer: inner: innermost" for errors whose Display hides their cause.
@@ -214,9 +237,18 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!("tcp://127.0.0.1:5002".parse::<Url>().unwrap(), Url::Tcp("127.0.0.1:5002".parse().unwrap()));
-        assert_eq!("tcp://localhost:1".parse::<Url>().unwrap().to_string(), "tcp://127.0.0.1:1");
-        assert_eq!("unix:///run/x.sock".parse::<Url>().unwrap().to_string(), "unix:///run/x.sock");
+        assert_eq!(
+            "tcp://127.0.0.1:5002".parse::<Url>().unwrap(),
+            Url::Tcp("127.0.0.1:5002".parse().unwrap())
+        );
+        assert_eq!(
+            "tcp://localhost:1".parse::<Url>().unwrap().to_string(),
+            "tcp://127.0.0.1:1"
+        );
+        assert_eq!(
+            "unix:///run/x.sock".parse::<Url>().unwrap().to_string(),
+            "unix:///run/x.sock"
+        );
         assert!("unix://rel.sock".parse::<Url>().is_err());
         assert!("http://x:1".parse::<Url>().is_err());
         assert!("tcp://example.com:1".parse::<Url>().is_err());

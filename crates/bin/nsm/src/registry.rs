@@ -49,7 +49,10 @@ async fn open_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
             .with_context(|| format!("cannot connect to etcd at {list}"))?;
         return Ok(Arc::new(store));
     }
-    bail!("--store: {:?} is neither `embedded` nor `etcd://HOST:PORT[,…]`", args.store)
+    bail!(
+        "--store: {:?} is neither `embedded` nor `etcd://HOST:PORT[,…]`",
+        args.store
+    )
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
@@ -71,8 +74,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     let started = std::time::Instant::now();
     let store = open_store(&args).await?;
-    let config = Config { default_expiration: args.default_expiration, domain: args.domain.clone() };
-    let registry = Registry::start(store, config).await.context("cannot load the registry's state")?;
+    let config = Config {
+        default_expiration: args.default_expiration,
+        domain: args.domain.clone(),
+    };
+    let registry = Registry::start(store, config)
+        .await
+        .context("cannot load the registry's state")?;
     let routes = registry.routes().await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -112,5 +120,3 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-

@@ -5,7 +5,7 @@ use std::io::Read;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use nsm_api::nsm::v1 as v1;
+use nsm_api::nsm::v1;
 use nsm_model::{Kind, document, kind, pb, validate};
 
 use crate::{Ctx, Reported, output};
@@ -33,7 +33,9 @@ pub(crate) fn read(args: &ApplyArgs, namespace: &str) -> anyhow::Result<Vec<Doc>
     for file in &args.files {
         let text = if file == "-" {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).context("cannot read standard input")?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("cannot read standard input")?;
             s
         } else {
             std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
@@ -64,7 +66,10 @@ pub(crate) fn read(args: &ApplyArgs, namespace: &str) -> anyhow::Result<Vec<Doc>
 pub(crate) async fn run(ctx: &mut Ctx, args: &ApplyArgs, docs: Vec<Doc>) -> anyhow::Result<()> {
     let mut failed = false;
     for d in &docs {
-        let req = v1::ApplyRequest { resource: Some(d.resource.clone()), dry_run: true };
+        let req = v1::ApplyRequest {
+            resource: Some(d.resource.clone()),
+            dry_run: true,
+        };
         if let Err(s) = ctx.client.apply(req).await {
             eprintln!("Error: {}: {}", d.origin, s.message());
             failed = true;
@@ -75,14 +80,26 @@ pub(crate) async fn run(ctx: &mut Ctx, args: &ApplyArgs, docs: Vec<Doc>) -> anyh
         bail!(Reported);
     }
     for d in docs {
-        let req = v1::ApplyRequest { resource: Some(d.resource), dry_run: args.dry_run };
-        let resp = ctx.client.apply(req).await.map_err(|s| anyhow::anyhow!("{}: {}", d.origin, s.message()))?.into_inner();
+        let req = v1::ApplyRequest {
+            resource: Some(d.resource),
+            dry_run: args.dry_run,
+        };
+        let resp = ctx
+            .client
+            .apply(req)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", d.origin, s.message()))?
+            .into_inner();
         let verb = match v1::ApplyOutcome::try_from(resp.outcome) {
             Ok(v1::ApplyOutcome::Created) => "created",
             Ok(v1::ApplyOutcome::Configured) => "configured",
             _ => "unchanged",
         };
-        let verb = if args.dry_run { format!("{verb} (dry run)") } else { verb.to_owned() };
+        let verb = if args.dry_run {
+            format!("{verb} (dry run)")
+        } else {
+            verb.to_owned()
+        };
         let r = resp.resource.unwrap_or_default();
         output::print_changed(ctx.format, &r, &verb)?;
     }

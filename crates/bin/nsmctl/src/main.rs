@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use nsm_api::nsm::v1 as v1;
+use nsm_api::nsm::v1;
 use nsm_api::nsm::v1::resource_service_client::ResourceServiceClient;
 use nsm_model::{Kind, pb, validate};
 use tonic::transport::Channel;
@@ -213,14 +213,22 @@ fn labels(s: &Option<String>) -> anyhow::Result<std::collections::HashMap<String
 }
 
 fn meta(name: &str, namespace: &str, labels: std::collections::HashMap<String, String>) -> Option<pb::ObjectMeta> {
-    Some(pb::ObjectMeta { name: name.to_owned(), namespace: namespace.to_owned(), labels, ..Default::default() })
+    Some(pb::ObjectMeta {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        labels,
+        ..Default::default()
+    })
 }
 
 /// Parses a `--match` rule.
 fn parse_match(rule: &str) -> anyhow::Result<pb::registry::Match> {
     let (body, fallthrough) = match rule.rsplit_once(';') {
         Some((b, flag)) if flag.trim() == "fallthrough" => (b, true),
-        Some((_, flag)) => bail!("--match {rule:?}: unknown option {:?} (only 'fallthrough')", flag.trim()),
+        Some((_, flag)) => bail!(
+            "--match {rule:?}: unknown option {:?} (only 'fallthrough')",
+            flag.trim()
+        ),
         None => (rule, false),
     };
     let (src, dst) = body
@@ -233,7 +241,10 @@ fn parse_match(rule: &str) -> anyhow::Result<pb::registry::Match> {
         routes: if dst.is_empty() {
             vec![]
         } else {
-            vec![pb::registry::Destination { destination_selector: dst, weight: 0 }]
+            vec![pb::registry::Destination {
+                destination_selector: dst,
+                weight: 0,
+            }]
         },
         fallthrough,
         metadata: None,
@@ -243,7 +254,9 @@ fn parse_match(rule: &str) -> anyhow::Result<pb::registry::Match> {
 async fn create(ctx: &mut Ctx, resource: pb::Resource) -> anyhow::Result<()> {
     let created = ctx
         .client
-        .create(v1::CreateRequest { resource: Some(resource) })
+        .create(v1::CreateRequest {
+            resource: Some(resource),
+        })
         .await?
         .into_inner();
     output::print_changed(ctx.format, &created, "created")
@@ -336,13 +349,23 @@ async fn verb_common<C: Args>(ctx: &mut Ctx, kind: Kind, verb: Verb<C>) -> anyho
 }
 
 pub(crate) fn reference(ctx: &Ctx, kind: Kind, name: &str) -> v1::ResourceRef {
-    v1::ResourceRef { kind: kind.to_pb() as i32, namespace: ctx.namespace.clone(), name: name.to_owned() }
+    v1::ResourceRef {
+        kind: kind.to_pb() as i32,
+        namespace: ctx.namespace.clone(),
+        name: name.to_owned(),
+    }
 }
 
 async fn delete(ctx: &mut Ctx, kind: Kind, names: &[String]) -> anyhow::Result<()> {
     let mut failed = 0;
     for name in names {
-        match ctx.client.delete(v1::DeleteRequest { r#ref: Some(reference(ctx, kind, name)) }).await {
+        match ctx
+            .client
+            .delete(v1::DeleteRequest {
+                r#ref: Some(reference(ctx, kind, name)),
+            })
+            .await
+        {
             Ok(r) => output::print_changed(ctx.format, &r.into_inner(), "deleted")?,
             Err(status) => {
                 failed += 1;
@@ -372,7 +395,11 @@ async fn connect(cli: &Cli) -> anyhow::Result<Ctx> {
     let channel = nsm_transport::connect(&cli.registry, Duration::from_secs(5))
         .await
         .map_err(|e| anyhow::anyhow!("{e} (set --registry or NSM_REGISTRY; is `nsm registry` running?)"))?;
-    Ok(Ctx { client: ResourceServiceClient::new(channel), namespace: cli.namespace.clone(), format: cli.output })
+    Ok(Ctx {
+        client: ResourceServiceClient::new(channel),
+        namespace: cli.namespace.clone(),
+        format: cli.output,
+    })
 }
 
 fn main() -> ExitCode {

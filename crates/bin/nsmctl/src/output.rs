@@ -3,7 +3,7 @@
 use anyhow::bail;
 use clap::ValueEnum;
 use comfy_table::{Table, presets};
-use nsm_api::nsm::v1 as v1;
+use nsm_api::nsm::v1;
 use nsm_model::document::{self, Document, age};
 use nsm_model::{Kind, kind, pb, upstream, validate};
 
@@ -73,7 +73,9 @@ fn expires(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 fn table(items: &[pb::Resource], all_namespaces: bool) {
-    let Some(kind) = items.first().and_then(Kind::of) else { return };
+    let Some(kind) = items.first().and_then(Kind::of) else {
+        return;
+    };
     let mut t = Table::new();
     t.load_style(presets::NOTHING);
     let ns_col = all_namespaces && kind.namespaced();
@@ -128,7 +130,10 @@ fn table(items: &[pb::Resource], all_namespaces: bool) {
     }
     // The borderless style still pads cells by one space; drop the leading one, as kubectl prints.
     let text = t.to_string();
-    let lines: Vec<&str> = text.lines().map(|l| l.strip_prefix(' ').unwrap_or(l).trim_end()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.strip_prefix(' ').unwrap_or(l).trim_end())
+        .collect();
     println!("{}", lines.join("\n"));
 }
 
@@ -139,16 +144,30 @@ pub(crate) async fn get(ctx: &mut Ctx, kind: Kind, opts: &GetOpts) -> anyhow::Re
         None => Default::default(),
     };
     if let Some(name) = &opts.name {
-        let r = ctx.client.get(v1::GetRequest { r#ref: Some(reference(ctx, kind, name)) }).await?.into_inner();
+        let r = ctx
+            .client
+            .get(v1::GetRequest {
+                r#ref: Some(reference(ctx, kind, name)),
+            })
+            .await?
+            .into_inner();
         return print_one(ctx.format, &r);
     }
-    let namespace = if opts.all_namespaces || !kind.namespaced() { String::new() } else { ctx.namespace.clone() };
+    let namespace = if opts.all_namespaces || !kind.namespaced() {
+        String::new()
+    } else {
+        ctx.namespace.clone()
+    };
     if opts.watch {
         return watch(ctx, kind, namespace, selector, opts.all_namespaces).await;
     }
     let list = ctx
         .client
-        .list(v1::ListRequest { kind: kind.to_pb() as i32, namespace: namespace.clone(), label_selector: selector })
+        .list(v1::ListRequest {
+            kind: kind.to_pb() as i32,
+            namespace: namespace.clone(),
+            label_selector: selector,
+        })
         .await?
         .into_inner();
     match ctx.format {
@@ -162,7 +181,10 @@ pub(crate) async fn get(ctx: &mut Ctx, kind: Kind, opts: &GetOpts) -> anyhow::Re
         Format::Table => table(&list.items, opts.all_namespaces),
         Format::Json => {
             let docs: Vec<Document> = list.items.iter().map(doc).collect::<anyhow::Result<_>>()?;
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "items": docs }))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "items": docs }))?
+            );
         }
         Format::Yaml => {
             for (i, r) in list.items.iter().enumerate() {
@@ -186,7 +208,11 @@ async fn watch(
     use v1::watch_event::Type;
     let mut stream = ctx
         .client
-        .watch(v1::WatchRequest { kind: kind.to_pb() as i32, namespace, label_selector: selector })
+        .watch(v1::WatchRequest {
+            kind: kind.to_pb() as i32,
+            namespace,
+            label_selector: selector,
+        })
         .await?
         .into_inner();
     while let Some(ev) = stream.message().await? {
@@ -201,13 +227,23 @@ async fn watch(
         match ctx.format {
             Format::Table => {
                 let m = kind::meta(&r).cloned().unwrap_or_default();
-                let name = if all_namespaces && kind.namespaced() { format!("{}/{}", m.namespace, m.name) } else { m.name };
+                let name = if all_namespaces && kind.namespaced() {
+                    format!("{}/{}", m.namespace, m.name)
+                } else {
+                    m.name
+                };
                 println!("{what}{kind}/{name} (revision {})", ev.revision);
             }
-            Format::Json => println!("{}", serde_json::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?),
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?
+            ),
             Format::Yaml => {
                 println!("---");
-                print!("{}", serde_norway::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?);
+                print!(
+                    "{}",
+                    serde_norway::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?
+                );
             }
         }
     }
@@ -216,7 +252,13 @@ async fn watch(
 
 /// `describe`: every field, in words, plus what refers to the resource.
 pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::Result<()> {
-    let r = ctx.client.get(v1::GetRequest { r#ref: Some(reference(ctx, kind, name)) }).await?.into_inner();
+    let r = ctx
+        .client
+        .get(v1::GetRequest {
+            r#ref: Some(reference(ctx, kind, name)),
+        })
+        .await?
+        .into_inner();
     if ctx.format != Format::Table {
         return print_one(ctx.format, &r);
     }
@@ -232,10 +274,20 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
         .creation_timestamp
         .as_ref()
         .and_then(nsm_model::to_system_time)
-        .map_or("-".into(), |t| format!("{} ({} ago)", humantime::format_rfc3339_seconds(t), age(m.creation_timestamp.as_ref())));
+        .map_or("-".into(), |t| {
+            format!(
+                "{} ({} ago)",
+                humantime::format_rfc3339_seconds(t),
+                age(m.creation_timestamp.as_ref())
+            )
+        });
     lines.push(("Created".into(), created));
     lines.push(("Resource version".into(), m.resource_version.to_string()));
-    let all = |kind: Kind| v1::ListRequest { kind: kind.to_pb() as i32, namespace: String::new(), label_selector: Default::default() };
+    let all = |kind: Kind| v1::ListRequest {
+        kind: kind.to_pb() as i32,
+        namespace: String::new(),
+        label_selector: Default::default(),
+    };
     match &r.kind {
         Some(pb::resource::Kind::NetworkService(ns)) => {
             let s = ns.spec.clone().unwrap_or_default();
@@ -248,7 +300,11 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
                 lines.push(("Matches".into(), "<none> (any endpoint offering the service)".into()));
             }
             for (i, mt) in s.matches.iter().enumerate() {
-                let dst: Vec<String> = mt.routes.iter().map(|r| label_string(&r.destination_selector)).collect();
+                let dst: Vec<String> = mt
+                    .routes
+                    .iter()
+                    .map(|r| label_string(&r.destination_selector))
+                    .collect();
                 lines.push((
                     format!("Match {}", i + 1),
                     format!(

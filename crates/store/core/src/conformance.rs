@@ -9,7 +9,10 @@ use futures::StreamExt;
 use crate::{Condition, PutOptions, Store, StoreError, WatchEvent, WatchStream};
 
 fn put(condition: Condition) -> PutOptions {
-    PutOptions { condition, expires_at: None }
+    PutOptions {
+        condition,
+        expires_at: None,
+    }
 }
 
 async fn next_event(stream: &mut WatchStream) -> WatchEvent {
@@ -28,15 +31,21 @@ pub async fn crud_and_revisions(store: &dyn Store, prefix: &str) {
     assert_eq!(kv1.create_revision, kv1.mod_revision);
     let kv2 = store.put(&a, b"2".to_vec(), put(Condition::None)).await.unwrap();
     assert!(kv2.mod_revision > kv1.mod_revision, "revision must grow");
-    assert_eq!(kv2.create_revision, kv1.create_revision, "create_revision survives updates");
+    assert_eq!(
+        kv2.create_revision, kv1.create_revision,
+        "create_revision survives updates"
+    );
     let kv3 = store.put(&b, b"3".to_vec(), put(Condition::None)).await.unwrap();
     assert_eq!(store.get(&a).await.unwrap().unwrap().value, b"2");
     assert_eq!(store.get(&format!("{prefix}zz")).await.unwrap(), None);
 
     let (items, rev) = store.list(prefix).await.unwrap();
-    assert_eq!(items.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(), [a.as_str(), b.as_str()]);
+    assert_eq!(
+        items.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(),
+        [a.as_str(), b.as_str()]
+    );
     assert!(rev >= kv3.mod_revision);
-    // A prefix is a prefix, not a directory: "p/a" must not list "p/ab…" siblings of other prefixes.
+    // A prefix with nothing under it lists nothing.
     let (none, _) = store.list(&format!("{prefix}nothing/")).await.unwrap();
     assert!(none.is_empty());
 
@@ -51,18 +60,31 @@ pub async fn conditions_leave_state_untouched(store: &dyn Store, prefix: &str) {
     let k = format!("{prefix}k");
     let created = store.put(&k, b"v1".to_vec(), put(Condition::Absent)).await.unwrap();
     let err = store.put(&k, b"v2".to_vec(), put(Condition::Absent)).await.unwrap_err();
-    assert!(matches!(err, StoreError::AlreadyExists(ref key) if *key == k), "{err:?}");
+    assert!(
+        matches!(err, StoreError::AlreadyExists(ref key) if *key == k),
+        "{err:?}"
+    );
     let err = store
-        .put(&k, b"v3".to_vec(), put(Condition::ModRevision(created.mod_revision + 1000)))
+        .put(
+            &k,
+            b"v3".to_vec(),
+            put(Condition::ModRevision(created.mod_revision + 1000)),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     let missing = format!("{prefix}missing");
-    let err = store.put(&missing, b"x".to_vec(), put(Condition::Exists)).await.unwrap_err();
+    let err = store
+        .put(&missing, b"x".to_vec(), put(Condition::Exists))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
     let err = store.delete(&missing, Condition::None).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
-    let err = store.delete(&k, Condition::ModRevision(created.mod_revision + 1000)).await.unwrap_err();
+    let err = store
+        .delete(&k, Condition::ModRevision(created.mod_revision + 1000))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
 
     let now = store.get(&k).await.unwrap().unwrap();
@@ -74,7 +96,10 @@ pub async fn conditions_leave_state_untouched(store: &dyn Store, prefix: &str) {
         .await
         .unwrap();
     assert_eq!(updated.value, b"v4");
-    store.delete(&k, Condition::ModRevision(updated.mod_revision)).await.unwrap();
+    store
+        .delete(&k, Condition::ModRevision(updated.mod_revision))
+        .await
+        .unwrap();
 }
 
 /// A watch from a past revision replays history in order, then follows live writes.
@@ -93,7 +118,13 @@ pub async fn watch_replays_then_follows(store: &dyn Store, prefix: &str) {
     // Only the key under "<prefix>/" is replayed; earlier keys are outside the watched prefix.
     assert_eq!(next_event(&mut w).await, WatchEvent::Put(kv3.clone()));
     let (_, del_rev) = store.delete(&a_sub, Condition::None).await.unwrap();
-    assert_eq!(next_event(&mut w).await, WatchEvent::Delete { prev: kv3, revision: del_rev });
+    assert_eq!(
+        next_event(&mut w).await,
+        WatchEvent::Delete {
+            prev: kv3,
+            revision: del_rev
+        }
+    );
 
     let mut all = store.watch(prefix, kv1.mod_revision).await.unwrap();
     assert_eq!(next_event(&mut all).await, WatchEvent::Put(kv1));
@@ -132,7 +163,10 @@ pub async fn expiry(store: &dyn Store, prefix: &str) {
     store.put(&renewed, b"r".to_vec(), soon()).await.unwrap();
     store.put(&renewed, b"r2".to_vec(), later).await.unwrap();
     store.put(&permanent, b"p".to_vec(), soon()).await.unwrap();
-    store.put(&permanent, b"p2".to_vec(), put(Condition::None)).await.unwrap();
+    store
+        .put(&permanent, b"p2".to_vec(), put(Condition::None))
+        .await
+        .unwrap();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut deleted = Vec::new();
@@ -142,8 +176,14 @@ pub async fn expiry(store: &dyn Store, prefix: &str) {
     assert_eq!(store.get(&short).await.unwrap(), None, "expired key must be gone");
     // Give a wrongly attached expiry time to fire too.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(store.get(&renewed).await.unwrap().is_some(), "a renewed key must not expire early");
-    assert!(store.get(&permanent).await.unwrap().is_some(), "a key re-put without expiry is permanent");
+    assert!(
+        store.get(&renewed).await.unwrap().is_some(),
+        "a renewed key must not expire early"
+    );
+    assert!(
+        store.get(&permanent).await.unwrap().is_some(),
+        "a key re-put without expiry is permanent"
+    );
     while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_millis(500), w.next()).await {
         if let WatchEvent::Delete { prev, .. } = e {
             deleted.push(prev.key);
@@ -159,7 +199,11 @@ pub async fn concurrent_writes(store: std::sync::Arc<dyn Store>, prefix: &str) {
         let store = store.clone();
         let key = format!("{prefix}{i:03}");
         tasks.push(tokio::spawn(async move {
-            store.put(&key, vec![i as u8], put(Condition::Absent)).await.unwrap().mod_revision
+            store
+                .put(&key, vec![i as u8], put(Condition::Absent))
+                .await
+                .unwrap()
+                .mod_revision
         }));
     }
     let mut revs = Vec::new();

@@ -91,7 +91,9 @@ impl WatchEvent {
     }
 }
 
-/// A stream of changes under a prefix, in revision order. It ends only on an unrecoverable error.
+/// A stream of changes under a prefix, in revision order. Several events may share one revision
+/// (etcd deletes all keys of an expired lease in one revision), so a consumer resuming after
+/// revision `r` must have seen every event of `r`. It ends only on an unrecoverable error.
 pub type WatchStream = BoxStream<'static, Result<WatchEvent, StoreError>>;
 
 /// Why a store operation failed.

@@ -34,9 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client as etcd;
 use futures::StreamExt;
-use nsm_store::{
-    Condition, KeyValue, PutOptions, Revision, Store, StoreError, WatchEvent, WatchStream,
-};
+use nsm_store::{Condition, KeyValue, PutOptions, Revision, Store, StoreError, WatchEvent, WatchStream};
 use parking_lot::Mutex;
 use tokio::sync::{OnceCell, mpsc};
 
@@ -91,9 +89,8 @@ impl RpcError {
 
     /// The requested revision is newer than etcd's current revision.
     fn is_future_revision(&self) -> bool {
-        self.status().is_some_and(|(code, msg)| {
-            code == grpc::OUT_OF_RANGE && msg.contains("future revision")
-        })
+        self.status()
+            .is_some_and(|(code, msg)| code == grpc::OUT_OF_RANGE && msg.contains("future revision"))
     }
 
     /// A lease the write referred to no longer exists (expired, or revoked by someone).
@@ -107,10 +104,7 @@ impl RpcError {
         self.status().is_some_and(|(code, _)| {
             matches!(
                 code,
-                grpc::INVALID_ARGUMENT
-                    | grpc::PERMISSION_DENIED
-                    | grpc::UNIMPLEMENTED
-                    | grpc::UNAUTHENTICATED
+                grpc::INVALID_ARGUMENT | grpc::PERMISSION_DENIED | grpc::UNIMPLEMENTED | grpc::UNAUTHENTICATED
             )
         })
     }
@@ -129,10 +123,7 @@ impl std::fmt::Display for RpcError {
 }
 
 /// Runs one etcd request with [`REQUEST_TIMEOUT`].
-async fn timed<T>(
-    what: &'static str,
-    fut: impl Future<Output = Result<T, etcd::Error>>,
-) -> Result<T, RpcError> {
+async fn timed<T>(what: &'static str, fut: impl Future<Output = Result<T, etcd::Error>>) -> Result<T, RpcError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(result) => result.map_err(RpcError::Etcd),
         Err(_) => Err(RpcError::TimedOut(what)),
@@ -165,12 +156,9 @@ fn prefix_range(prefix: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn to_kv(kv: &etcd::KeyValue) -> Result<KeyValue, StoreError> {
-    let key = kv.key_str().map_err(|_| {
-        StoreError::Backend(format!(
-            "etcd key {:?} is not UTF-8",
-            String::from_utf8_lossy(kv.key())
-        ))
-    })?;
+    let key = kv
+        .key_str()
+        .map_err(|_| StoreError::Backend(format!("etcd key {:?} is not UTF-8", String::from_utf8_lossy(kv.key()))))?;
     Ok(KeyValue {
         key: key.to_owned(),
         value: kv.value().to_vec(),
@@ -202,9 +190,7 @@ struct Inner {
 
 impl Inner {
     fn kv(&self) -> etcd::KvClient {
-        self.client
-            .kv_client()
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        self.client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     fn error(&self, e: RpcError) -> StoreError {
@@ -232,9 +218,7 @@ impl Inner {
             let mut items = Vec::new();
             let mut revision = 0;
             loop {
-                let mut opts = etcd::GetOptions::new()
-                    .with_range(end.clone())
-                    .with_limit(LIST_PAGE);
+                let mut opts = etcd::GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
                 if revision != 0 {
                     opts = opts.with_revision(to_etcd_revision(revision));
                 }
@@ -283,10 +267,7 @@ impl Inner {
             Err(e) if e.is_compacted() => {
                 // A range error does not say how far etcd compacted; a watch at the compacted
                 // revision does, promptly, in the response that cancels it.
-                let oldest = self
-                    .compact_revision(key, end, from)
-                    .await
-                    .unwrap_or(from + 1);
+                let oldest = self.compact_revision(key, end, from).await.unwrap_or(from + 1);
                 Err(StoreError::Compacted {
                     requested: from,
                     oldest,
@@ -296,22 +277,12 @@ impl Inner {
         }
     }
 
-    async fn compact_revision(
-        &self,
-        key: Vec<u8>,
-        end: Vec<u8>,
-        from: Revision,
-    ) -> Option<Revision> {
+    async fn compact_revision(&self, key: Vec<u8>, end: Vec<u8>, from: Revision) -> Option<Revision> {
         let probe = async {
             let opts = etcd::WatchOptions::new()
                 .with_range(end)
                 .with_start_revision(to_etcd_revision(from));
-            let mut stream = self
-                .client
-                .watch_client()
-                .watch(key, Some(opts))
-                .await
-                .ok()?;
+            let mut stream = self.client.watch_client().watch(key, Some(opts)).await.ok()?;
             while let Some(resp) = stream.message().await.ok()? {
                 if resp.compact_revision() > 0 {
                     return Some(to_revision(resp.compact_revision()));
@@ -322,10 +293,7 @@ impl Inner {
             }
             None
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, probe)
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(REQUEST_TIMEOUT, probe).await.ok().flatten()
     }
 
     /// The lease shared by keys expiring in the same second as `expires_at`, granting it first
@@ -405,13 +373,9 @@ impl Inner {
             let first = resp.op_responses().into_iter().next();
             if !resp.succeeded() {
                 let current = match first {
-                    Some(etcd::TxnOpResponse::Get(get)) => {
-                        get.kvs().first().map(to_kv).transpose()?
-                    }
+                    Some(etcd::TxnOpResponse::Get(get)) => get.kvs().first().map(to_kv).transpose()?,
                     _ => {
-                        return Err(StoreError::Backend(
-                            "etcd txn: missing read of failed condition".into(),
-                        ));
+                        return Err(StoreError::Backend("etcd txn: missing read of failed condition".into()));
                     }
                 };
                 return Err(condition_error(key, condition, current.as_ref()));
@@ -437,11 +401,7 @@ fn compares(key: &str, condition: Condition) -> Vec<etcd::Compare> {
     let exists = || etcd::Compare::version(key, etcd::CompareOp::Greater, 0);
     match condition {
         Condition::None => Vec::new(),
-        Condition::Absent => vec![etcd::Compare::create_revision(
-            key,
-            etcd::CompareOp::Equal,
-            0,
-        )],
+        Condition::Absent => vec![etcd::Compare::create_revision(key, etcd::CompareOp::Equal, 0)],
         Condition::Exists => vec![exists()],
         Condition::ModRevision(r) => {
             vec![
@@ -514,9 +474,7 @@ impl EtcdStore {
                 StoreError::Backend(m) | StoreError::Unavailable(m) => StoreError::Unavailable(m),
                 other => other,
             })?;
-        Ok(EtcdStore {
-            inner: Arc::new(inner),
-        })
+        Ok(EtcdStore { inner: Arc::new(inner) })
     }
 }
 
@@ -534,12 +492,7 @@ impl Store for EtcdStore {
         self.inner.list(prefix).await
     }
 
-    async fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        opts: PutOptions,
-    ) -> Result<KeyValue, StoreError> {
+    async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<KeyValue, StoreError> {
         let inner = &self.inner;
         let mut lease_retried = false;
         loop {
@@ -555,11 +508,7 @@ impl Store for EtcdStore {
                 // The cached lease expired or was revoked under us: get a fresh one, once.
                 Err(e) if e.is_lease_not_found() && !lease_retried => {
                     if let Some((second, id)) = lease {
-                        tracing::debug!(
-                            lease = id,
-                            second,
-                            "cached expiry lease is gone; granting a new one"
-                        );
+                        tracing::debug!(lease = id, second, "cached expiry lease is gone; granting a new one");
                         inner.forget_lease(second, id);
                     }
                     lease_retried = true;
@@ -569,11 +518,7 @@ impl Store for EtcdStore {
         }
     }
 
-    async fn delete(
-        &self,
-        key: &str,
-        condition: Condition,
-    ) -> Result<(KeyValue, Revision), StoreError> {
+    async fn delete(&self, key: &str, condition: Condition) -> Result<(KeyValue, Revision), StoreError> {
         let inner = &self.inner;
         if condition == Condition::Absent {
             // Deleting a key on condition that it is absent can never delete anything.
@@ -594,9 +539,7 @@ impl Store for EtcdStore {
                 Some(etcd::DeleteOptions::new().with_prev_key()),
             )])
             .or_else([etcd::TxnOp::get(key, None)]);
-        let resp = timed("delete", inner.kv().txn(txn))
-            .await
-            .map_err(|e| inner.error(e))?;
+        let resp = timed("delete", inner.kv().txn(txn)).await.map_err(|e| inner.error(e))?;
         let revision = header_revision(resp.header())?;
         match resp.op_responses().into_iter().next() {
             Some(etcd::TxnOpResponse::Delete(del)) if resp.succeeded() => {
@@ -610,9 +553,7 @@ impl Store for EtcdStore {
                 let current = get.kvs().first().map(to_kv).transpose()?;
                 Err(condition_error(key, guard, current.as_ref()))
             }
-            _ => Err(StoreError::Backend(
-                "etcd txn: unexpected response to delete".into(),
-            )),
+            _ => Err(StoreError::Backend("etcd txn: unexpected response to delete".into())),
         }
     }
 
@@ -631,10 +572,7 @@ impl Store for EtcdStore {
             tx,
         };
         tokio::spawn(watcher.run());
-        Ok(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        })
-        .boxed())
+        Ok(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|event| (event, rx)) }).boxed())
     }
 
     fn backend(&self) -> &'static str {
@@ -716,12 +654,7 @@ impl Watcher {
         loop {
             match self.inner.list(&self.prefix).await {
                 Ok((items, revision)) => {
-                    if self
-                        .tx
-                        .send(Ok(WatchEvent::Reset { items, revision }))
-                        .await
-                        .is_err()
-                    {
+                    if self.tx.send(Ok(WatchEvent::Reset { items, revision })).await.is_err() {
                         return false;
                     }
                     self.next = revision + 1;
@@ -764,10 +697,7 @@ impl Watcher {
                 return StreamEnd::Compacted(to_revision(resp.compact_revision()));
             }
             if resp.canceled() {
-                return StreamEnd::Dropped(format!(
-                    "watch cancelled by etcd: {}",
-                    resp.cancel_reason()
-                ));
+                return StreamEnd::Dropped(format!("watch cancelled by etcd: {}", resp.cancel_reason()));
             }
             if resp.created() {
                 *backoff = MIN_BACKOFF;

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use nsm_store::{
-    Condition, KeyValue, PutOptions, Store, StoreError, WatchEvent, WatchStream, conformance,
-};
+use nsm_store::{Condition, KeyValue, PutOptions, Store, StoreError, WatchEvent, WatchStream, conformance};
 use nsm_store_etcd::EtcdStore;
 use nsm_testing::Etcd;
 use tokio::net::{TcpListener, TcpStream};
@@ -27,9 +25,7 @@ fn init_tracing() {
 async fn start() -> (Etcd, EtcdStore) {
     init_tracing();
     let etcd = Etcd::start().expect("start etcd");
-    let store = EtcdStore::connect(&[etcd.endpoint()])
-        .await
-        .expect("connect to etcd");
+    let store = EtcdStore::connect(&[etcd.endpoint()]).await.expect("connect to etcd");
     (etcd, store)
 }
 
@@ -131,9 +127,7 @@ async fn expiring_keys_share_leases() {
                 condition: Condition::None,
                 expires_at: Some(at),
             };
-            s.put(&format!("lease/{i:02}"), b"v".to_vec(), opts)
-                .await
-                .unwrap();
+            s.put(&format!("lease/{i:02}"), b"v".to_vec(), opts).await.unwrap();
         }));
     }
     for t in tasks {
@@ -151,10 +145,7 @@ async fn expiring_keys_share_leases() {
     s.put("lease/other", b"v".to_vec(), other).await.unwrap();
     let leases = raw.leases().await.unwrap();
     assert_eq!(leases.leases().len(), 2, "another second, another lease");
-    let ttl = raw
-        .lease_time_to_live(leases.leases()[0].id(), None)
-        .await
-        .unwrap();
+    let ttl = raw.lease_time_to_live(leases.leases()[0].id(), None).await.unwrap();
     assert!(
         (55..=67).contains(&ttl.ttl()),
         "lease TTL reaches its second: {}",
@@ -176,10 +167,7 @@ async fn expiring_keys_share_leases() {
     };
     s.put("lease/again", b"v".to_vec(), again).await.unwrap();
     let lease = raw.get("lease/again", None).await.unwrap().kvs()[0].lease();
-    assert!(
-        lease != 0 && lease != other_lease,
-        "attached to a fresh lease"
-    );
+    assert!(lease != 0 && lease != other_lease, "attached to a fresh lease");
 }
 
 /// A watch keeps going across a crash (SIGKILL) and restart of etcd, delivering every change
@@ -195,10 +183,7 @@ async fn watch_survives_etcd_restart() {
     assert_eq!(next_event(&mut w).await, WatchEvent::Put(two));
 
     etcd.stop().unwrap();
-    let err = s
-        .put("w/down", b"x".to_vec(), plain())
-        .await
-        .expect_err("etcd is down");
+    let err = s.put("w/down", b"x".to_vec(), plain()).await.expect_err("etcd is down");
     assert!(
         matches!(&err, StoreError::Unavailable(m) if m.contains(&etcd.endpoint())),
         "{err:?}"
@@ -301,11 +286,7 @@ async fn watch_from_compacted_revision_fails() {
     let last = s.put("k/a", b"3".to_vec(), plain()).await.unwrap();
     raw.compact(last.mod_revision as i64, None).await.unwrap();
 
-    let err = s
-        .watch("k/", first.mod_revision)
-        .await
-        .err()
-        .expect("compacted");
+    let err = s.watch("k/", first.mod_revision).await.err().expect("compacted");
     assert!(
         matches!(err, StoreError::Compacted { requested, oldest } if requested == first.mod_revision && oldest == last.mod_revision),
         "{err:?}"
@@ -340,9 +321,7 @@ async fn wait_for_watchers(etcd: &Etcd, n: u64) {
     let mut seen = None;
     while tokio::time::Instant::now() < deadline {
         let mut conn = TcpStream::connect(etcd.endpoint()).await.unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
         let mut body = String::new();
         conn.read_to_string(&mut body).await.unwrap();
         seen = body

@@ -18,9 +18,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use nsm_store::{
-    Condition, KeyValue, PutOptions, Revision, Store, StoreError, WatchEvent, WatchStream,
-};
+use nsm_store::{Condition, KeyValue, PutOptions, Revision, Store, StoreError, WatchEvent, WatchStream};
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -97,8 +95,17 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 enum Command {
-    Put { key: String, value: Vec<u8>, opts: PutOptions, reply: oneshot::Sender<Result<KeyValue, StoreError>> },
-    Delete { key: String, condition: Condition, reply: oneshot::Sender<Result<(KeyValue, Revision), StoreError>> },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        opts: PutOptions,
+        reply: oneshot::Sender<Result<KeyValue, StoreError>>,
+    },
+    Delete {
+        key: String,
+        condition: Condition,
+        reply: oneshot::Sender<Result<(KeyValue, Revision), StoreError>>,
+    },
 }
 
 struct Subscriber {
@@ -126,9 +133,8 @@ impl Hub {
                 WatchEvent::Reset { .. } => unreachable!("the writer never produces resets"),
             };
             // A subscriber whose buffer is full is dropped; its stream notices and catches up.
-            self.subscribers.retain(|s| {
-                !key.starts_with(&s.prefix) || s.tx.try_send(event.clone()).is_ok()
-            });
+            self.subscribers
+                .retain(|s| !key.starts_with(&s.prefix) || s.tx.try_send(event.clone()).is_ok());
             if self.history.len() == HISTORY_LEN
                 && let Some(old) = self.history.pop_front()
             {
@@ -142,7 +148,10 @@ impl Hub {
     fn subscribe(&mut self, prefix: &str, from: Revision) -> Result<mpsc::Receiver<WatchEvent>, StoreError> {
         let from = if from == 0 { self.current + 1 } else { from };
         if from < self.history_start {
-            return Err(StoreError::Compacted { requested: from, oldest: self.history_start });
+            return Err(StoreError::Compacted {
+                requested: from,
+                oldest: self.history_start,
+            });
         }
         let backlog: Vec<WatchEvent> = self
             .history
@@ -154,7 +163,10 @@ impl Hub {
         for e in backlog {
             tx.try_send(e).expect("channel sized for the backlog");
         }
-        self.subscribers.push(Subscriber { prefix: prefix.to_owned(), tx });
+        self.subscribers.push(Subscriber {
+            prefix: prefix.to_owned(),
+            tx,
+        });
         Ok(rx)
     }
 }
@@ -183,7 +195,10 @@ impl RedbStore {
     /// Opens (or creates) the store file `path`, deletes keys whose expiry passed while it was
     /// closed, and starts the writer thread.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(backend)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(backend)?;
         let db = Arc::new(db);
         // Make sure the tables exist so that readers never see "table does not exist".
         let txn = db.begin_write().map_err(backend)?;
@@ -215,29 +230,42 @@ impl RedbStore {
             subscribers: Vec::new(),
         }));
         let (tx, rx) = std_mpsc::channel();
-        let mut writer = Writer { db: db.clone(), hub: hub.clone(), revision: current, deadlines };
+        let mut writer = Writer {
+            db: db.clone(),
+            hub: hub.clone(),
+            revision: current,
+            deadlines,
+        };
         // Expire what is due before anyone can read it.
         writer.run_batch(Vec::new());
         std::thread::Builder::new()
             .name("nsm-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(backend)?;
-        Ok(RedbStore { inner: Arc::new(Inner { db, commands: Mutex::new(Some(tx)), hub }) })
+        Ok(RedbStore {
+            inner: Arc::new(Inner {
+                db,
+                commands: Mutex::new(Some(tx)),
+                hub,
+            }),
+        })
     }
 
     fn send(&self, cmd: Command) -> Result<(), StoreError> {
         let guard = self.inner.commands.lock();
-        let tx = guard.as_ref().ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        tx.send(cmd).map_err(|_| StoreError::Unavailable("store writer stopped".into()))
+        let tx = guard
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
+        tx.send(cmd)
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))
     }
 
-    fn read_list(db: &Database, hub: &Mutex<Hub>, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+    fn read_list(db: &Database, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let read = db.begin_read().map_err(backend)?;
         // The revision published to watchers can run ahead of this snapshot only by writes that are
         // committed; read META inside the snapshot so the pair is consistent.
         let meta = read.open_table(META).map_err(backend)?;
         let revision = meta.get(META_REVISION).map_err(backend)?.map_or(0, |g| g.value());
-        let _ = hub;
         let kv = read.open_table(KV).map_err(backend)?;
         let mut out = Vec::new();
         for item in kv.range(prefix..).map_err(backend)? {
@@ -266,26 +294,42 @@ impl Store for RedbStore {
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let inner = self.inner.clone();
         let prefix = prefix.to_owned();
-        tokio::task::spawn_blocking(move || Self::read_list(&inner.db, &inner.hub, &prefix))
+        tokio::task::spawn_blocking(move || Self::read_list(&inner.db, &prefix))
             .await
             .map_err(backend)?
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<KeyValue, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Put { key: key.to_owned(), value, opts, reply })?;
-        rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+        self.send(Command::Put {
+            key: key.to_owned(),
+            value,
+            opts,
+            reply,
+        })?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
 
     async fn delete(&self, key: &str, condition: Condition) -> Result<(KeyValue, Revision), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Delete { key: key.to_owned(), condition, reply })?;
-        rx.await.map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+        self.send(Command::Delete {
+            key: key.to_owned(),
+            condition,
+            reply,
+        })?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
         let rx = self.inner.hub.lock().subscribe(prefix, from)?;
-        let state = WatchState { store: self.clone(), prefix: prefix.to_owned(), rx, last: None };
+        let state = WatchState {
+            store: self.clone(),
+            prefix: prefix.to_owned(),
+            rx,
+            last: None,
+        };
         Ok(futures::stream::unfold(state, WatchState::next).boxed())
     }
 
@@ -322,9 +366,9 @@ impl WatchState {
                     let prefix = self.prefix.clone();
                     let snapshot = tokio::task::spawn_blocking(move || {
                         let mut hub = inner.hub.lock();
-                        let (items, revision) = RedbStore::read_list(&inner.db, &inner.hub, &prefix)?;
-                        // Subscribing under the hub lock after reading guarantees no gap... the
-                        // writer publishes under the same lock, and META is committed before publish.
+                        let (items, revision) = RedbStore::read_list(&inner.db, &prefix)?;
+                        // The writer commits before it publishes under this lock, so a snapshot read
+                        // while holding the lock is exactly the state at the hub's position: no gap.
                         let rx = hub.subscribe(&prefix, revision + 1)?;
                         Ok::<_, StoreError>((items, revision, rx))
                     })
@@ -361,8 +405,14 @@ struct Writer {
 }
 
 enum Reply {
-    Put(oneshot::Sender<Result<KeyValue, StoreError>>, Result<KeyValue, StoreError>),
-    Delete(oneshot::Sender<Result<(KeyValue, Revision), StoreError>>, Result<(KeyValue, Revision), StoreError>),
+    Put(
+        oneshot::Sender<Result<KeyValue, StoreError>>,
+        Result<KeyValue, StoreError>,
+    ),
+    Delete(
+        oneshot::Sender<Result<(KeyValue, Revision), StoreError>>,
+        Result<(KeyValue, Revision), StoreError>,
+    ),
 }
 
 impl Writer {
@@ -403,8 +453,17 @@ impl Writer {
                 let mut kv = txn.open_table(KV).map_err(backend)?;
                 for cmd in batch {
                     match cmd {
-                        Command::Put { key, value, opts, reply } => {
-                            let existing = kv.get(key.as_str()).map_err(backend)?.map(|g| Record::decode(g.value())).transpose()?;
+                        Command::Put {
+                            key,
+                            value,
+                            opts,
+                            reply,
+                        } => {
+                            let existing = kv
+                                .get(key.as_str())
+                                .map_err(backend)?
+                                .map(|g| Record::decode(g.value()))
+                                .transpose()?;
                             let res = match check(&key, existing.as_ref(), opts.condition, true) {
                                 Err(e) => Err(e),
                                 Ok(()) => {
@@ -428,13 +487,20 @@ impl Writer {
                             replies.push(Reply::Put(reply, res));
                         }
                         Command::Delete { key, condition, reply } => {
-                            let existing = kv.get(key.as_str()).map_err(backend)?.map(|g| Record::decode(g.value())).transpose()?;
+                            let existing = kv
+                                .get(key.as_str())
+                                .map_err(backend)?
+                                .map(|g| Record::decode(g.value()))
+                                .transpose()?;
                             let res = match (check(&key, existing.as_ref(), condition, false), existing) {
                                 (Ok(()), Some(rec)) => {
                                     self.revision += 1;
                                     kv.remove(key.as_str()).map_err(backend)?;
                                     let prev = rec.into_kv(&key);
-                                    events.push(WatchEvent::Delete { prev: prev.clone(), revision: self.revision });
+                                    events.push(WatchEvent::Delete {
+                                        prev: prev.clone(),
+                                        revision: self.revision,
+                                    });
                                     Ok((prev, self.revision))
                                 }
                                 (Err(e), _) => Err(e),
@@ -452,14 +518,21 @@ impl Writer {
                     }
                     self.deadlines.pop_first();
                     fired.push((due, key.clone()));
-                    let existing = kv.get(key.as_str()).map_err(backend)?.map(|g| Record::decode(g.value())).transpose()?;
+                    let existing = kv
+                        .get(key.as_str())
+                        .map_err(backend)?
+                        .map(|g| Record::decode(g.value()))
+                        .transpose()?;
                     if let Some(rec) = existing
                         && rec.expires_ms == due
                         && !new_deadlines.iter().any(|(_, k)| *k == key)
                     {
                         self.revision += 1;
                         kv.remove(key.as_str()).map_err(backend)?;
-                        events.push(WatchEvent::Delete { prev: rec.into_kv(&key), revision: self.revision });
+                        events.push(WatchEvent::Delete {
+                            prev: rec.into_kv(&key),
+                            revision: self.revision,
+                        });
                     }
                 }
                 let mut meta = txn.open_table(META).map_err(backend)?;

@@ -1,0 +1,330 @@
+//! `nsm-bench`: measurements that back the figures in docs/BENCHMARKS.md.
+//!
+//! `nsm-bench registry` starts a real `nsm registry` process per (store, size), registers N
+//! endpoints through the upstream API with many concurrent clients, measures Find-by-name latency,
+//! the registry's RSS, and the time a `kill -9`-ed registry takes to serve again.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use nsm_api::registry::{self as reg, network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "nsm-bench", about = "nsm benchmarks (see docs/BENCHMARKS.md)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Registry: Register throughput, Find-by-name latency, RSS, restart-to-serving time.
+    Registry(RegistryArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Numbers of endpoints to measure at.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 10_000, 100_000])]
+    endpoints: Vec<usize>,
+    /// Stores to measure.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [StoreKind::Embedded, StoreKind::Etcd])]
+    store: Vec<StoreKind>,
+    /// Concurrent registering clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Find-by-name calls per measurement.
+    #[arg(long, default_value_t = 5_000)]
+    finds: usize,
+    /// The `nsm` binary (default: next to this one).
+    #[arg(long)]
+    nsm_bin: Option<PathBuf>,
+}
+
+struct RegistryProc {
+    child: Child,
+    url: String,
+}
+
+impl RegistryProc {
+    fn spawn(bin: &PathBuf, port: u16, data_dir: &std::path::Path, store: &str) -> anyhow::Result<Self> {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "registry",
+                "--listen",
+                &url,
+                "--store",
+                store,
+                "--default-expiration",
+                "1h",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("NSM_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(RegistryProc { child, url })
+    }
+
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RegistryProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `name` can be found, returning how long that took.
+async fn wait_serving(url: &str, name: &str, timeout: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(ch) = nsm_transport::connect(url, Duration::from_millis(200)).await {
+            let mut c = NetworkServiceEndpointRegistryClient::new(ch);
+            if find_one(&mut c, name).await.is_ok_and(|found| found) {
+                return Ok(start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    bail!("registry at {url} did not serve {name} within {timeout:?}")
+}
+
+async fn find_one(c: &mut NetworkServiceEndpointRegistryClient<Channel>, name: &str) -> anyhow::Result<bool> {
+    let q = reg::NetworkServiceEndpointQuery {
+        network_service_endpoint: Some(reg::NetworkServiceEndpoint {
+            name: name.into(),
+            ..Default::default()
+        }),
+        watch: false,
+    };
+    let mut s = c.find(q).await?.into_inner();
+    let mut found = false;
+    while let Some(r) = s.message().await? {
+        found |= r.network_service_endpoint.is_some_and(|e| e.name == name);
+    }
+    Ok(found)
+}
+
+fn endpoint(i: usize) -> reg::NetworkServiceEndpoint {
+    let svc = format!("svc-{}", i % 100);
+    reg::NetworkServiceEndpoint {
+        name: format!("nse-{i}"),
+        network_service_names: vec![svc.clone()],
+        network_service_labels: [(
+            svc,
+            reg::NetworkServiceLabels {
+                labels: [("app".to_string(), format!("a{}", i % 7))].into(),
+            },
+        )]
+        .into(),
+        url: format!("tcp://10.{}.{}.{}:5001", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+        ..Default::default()
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+struct Row {
+    store: &'static str,
+    n: usize,
+    reg_per_s: f64,
+    find_p50: Duration,
+    find_p99: Duration,
+    rss_mb: f64,
+    restart: Duration,
+}
+
+async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let etcd = match store {
+        StoreKind::Etcd => Some(nsm_testing::Etcd::start()?),
+        StoreKind::Embedded => None,
+    };
+    let store_arg = etcd
+        .as_ref()
+        .map_or("embedded".to_string(), |e| format!("etcd://{}", e.endpoint()));
+    let port = free_port()?;
+    let mut proc = RegistryProc::spawn(bin, port, dir.path(), &store_arg)?;
+    let url = proc.url.clone();
+    // Wait for the listener.
+    let start = Instant::now();
+    let ch = loop {
+        match nsm_transport::connect(&url, Duration::from_millis(200)).await {
+            Ok(ch) => break ch,
+            Err(e) if start.elapsed() > Duration::from_secs(20) => bail!("registry did not start: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+
+    // Register N endpoints with `clients` concurrent callers over 8 HTTP/2 connections.
+    let mut channels = vec![ch];
+    for _ in 1..8 {
+        channels.push(nsm_transport::connect(&url, Duration::from_secs(5)).await?);
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let mut client = NetworkServiceEndpointRegistryClient::new(channels[c % channels.len()].clone());
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, tonic::Status>(());
+                }
+                client.register(endpoint(i)).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let reg_elapsed = t0.elapsed();
+
+    // Find by name, sequentially (latency, not throughput).
+    let mut client = NetworkServiceEndpointRegistryClient::new(channels[0].clone());
+    let mut lat = Vec::with_capacity(args.finds);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..args.finds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let name = format!("nse-{}", x as usize % n);
+        let t = Instant::now();
+        if !find_one(&mut client, &name).await? {
+            bail!("{name} not found");
+        }
+        lat.push(t.elapsed());
+    }
+    lat.sort_unstable();
+    let rss_mb = proc.rss_mb();
+
+    // kill -9 and measure time until the last registered endpoint is served again.
+    proc.kill9();
+    drop(channels);
+    drop(client);
+    let t = Instant::now();
+    let proc2 = RegistryProc::spawn(bin, port, dir.path(), &store_arg)?;
+    let ready = wait_serving(&proc2.url, &format!("nse-{}", n - 1), Duration::from_secs(60)).await?;
+    let restart = t.elapsed().max(ready);
+    // Every acknowledged registration survived.
+    let ch = nsm_transport::connect(&proc2.url, Duration::from_secs(5)).await?;
+    let mut c = NetworkServiceEndpointRegistryClient::new(ch);
+    let mut s = c
+        .find(reg::NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(Default::default()),
+            watch: false,
+        })
+        .await?
+        .into_inner();
+    let mut count = 0;
+    while s.message().await?.is_some() {
+        count += 1;
+    }
+    if count != n {
+        bail!("after kill -9 and restart the registry has {count} endpoints, expected {n}");
+    }
+    drop(proc2);
+    drop(etcd);
+    Ok(Row {
+        store: if store == StoreKind::Etcd { "etcd" } else { "embedded" },
+        n,
+        reg_per_s: n as f64 / reg_elapsed.as_secs_f64(),
+        find_p50: percentile(&lat, 0.5),
+        find_p99: percentile(&lat, 0.99),
+        rss_mb,
+        restart,
+    })
+}
+
+fn default_bin() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("nsm");
+    if !bin.exists() {
+        bail!(
+            "{} not found; build it (cargo build --release -p nsm) or pass --nsm-bin",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
+    let bin = match &args.nsm_bin {
+        Some(b) => b.clone(),
+        None => default_bin()?,
+    };
+    println!(
+        "| store | endpoints | Register/s ({} clients) | Find p50 | Find p99 | RSS after load | kill -9 → serving |",
+        args.clients
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for &store in &args.store {
+        for &n in &args.endpoints {
+            eprintln!(
+                "measuring {} endpoints on {} …",
+                n,
+                if store == StoreKind::Etcd { "etcd" } else { "embedded" }
+            );
+            let r = measure(&args, &bin, store, n).await?;
+            println!(
+                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} MB | {:.0} ms |",
+                r.store,
+                r.n,
+                r.reg_per_s,
+                r.find_p50.as_secs_f64() * 1e6,
+                r.find_p99.as_secs_f64() * 1e6,
+                r.rss_mb,
+                r.restart.as_secs_f64() * 1e3
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Cmd::Registry(a) => registry(a).await,
+        }
+    })
+}
