@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+mod registry;
+pub use registry::{NsmRegistry, sibling_binary};
+
 /// Environment variable that overrides the etcd binary (default: `etcd` on `PATH`).
 pub const ETCD_BINARY_ENV: &str = "NSM_TEST_ETCD";
 

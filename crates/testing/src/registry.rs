@@ -1,0 +1,109 @@
+//! A real `nsm registry` process for end-to-end tests and benchmarks.
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The path of workspace binary `name` built next to `sibling` (e.g. `env!("CARGO_BIN_EXE_nsmctl")`),
+/// with a clear error if it was not built.
+pub fn sibling_binary(sibling: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let path = Path::new(sibling).with_file_name(name);
+    if !path.exists() {
+        bail!("{} is not built; run `cargo build -p {name}` (or `cargo test --workspace`)", path.display());
+    }
+    Ok(path)
+}
+
+/// `nsm registry` on a free loopback port with a data directory of its own, killed (by its own PID)
+/// when dropped.
+pub struct NsmRegistry {
+    bin: PathBuf,
+    port: u16,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NsmRegistry {
+    /// Starts `bin registry --listen tcp://127.0.0.1:PORT --data-dir DIR EXTRA…` and waits until
+    /// its port accepts connections.
+    pub fn start(bin: &Path, extra: &[&str]) -> anyhow::Result<NsmRegistry> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut r = NsmRegistry {
+            bin: bin.to_owned(),
+            port,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            dir: tempfile::tempdir()?,
+            child: None,
+        };
+        r.launch()?;
+        Ok(r)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let log = File::options().create(true).append(true).open(self.dir.path().join("registry.log"))?;
+        let child = Command::new(&self.bin)
+            .arg("registry")
+            .args(["--listen", &self.url()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(&self.args)
+            .env("NSM_LOG_LEVEL", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("nsm registry exited with {status}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("nsm registry did not listen within 20 s:\n{}", self.log())
+    }
+
+    /// `tcp://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `kill -9`, then start again on the same port and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.launch()
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NsmRegistry {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
