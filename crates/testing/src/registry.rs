@@ -13,7 +13,10 @@ use anyhow::{Context, bail};
 pub fn sibling_binary(sibling: &str, name: &str) -> anyhow::Result<PathBuf> {
     let path = Path::new(sibling).with_file_name(name);
     if !path.exists() {
-        bail!("{} is not built; run `cargo build -p {name}` (or `cargo test --workspace`)", path.display());
+        bail!(
+            "{} is not built; run `cargo build -p {name}` (or `cargo test --workspace`)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -45,7 +48,10 @@ impl NsmRegistry {
     }
 
     fn launch(&mut self) -> anyhow::Result<()> {
-        let log = File::options().create(true).append(true).open(self.dir.path().join("registry.log"))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("registry.log"))?;
         let child = Command::new(&self.bin)
             .arg("registry")
             .args(["--listen", &self.url()])

@@ -28,7 +28,10 @@ fn nse(i: usize) -> reg::NetworkServiceEndpoint {
 async fn all_names(url: &str) -> Vec<String> {
     let mut c = client(url).await;
     let mut s = c
-        .find(reg::NetworkServiceEndpointQuery { network_service_endpoint: Some(Default::default()), watch: false })
+        .find(reg::NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(Default::default()),
+            watch: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -92,15 +95,32 @@ async fn two_registries_share_etcd_and_expire_through_leases() {
     let b = NsmRegistry::start(Path::new(NSM), &["--store", &store, "--default-expiration", "3s"]).unwrap();
     let mut wb = client(&b.url()).await;
     let mut watch = wb
-        .find(reg::NetworkServiceEndpointQuery { network_service_endpoint: Some(Default::default()), watch: true })
+        .find(reg::NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(Default::default()),
+            watch: true,
+        })
         .await
         .unwrap()
         .into_inner();
     client(&a.url()).await.register(nse(1)).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.unwrap().unwrap().unwrap();
-    assert_eq!((first.network_service_endpoint.unwrap().name, first.deleted), ("nse-1".into(), false));
-    let gone = tokio::time::timeout(Duration::from_secs(15), watch.message()).await.unwrap().unwrap().unwrap();
-    assert_eq!((gone.network_service_endpoint.unwrap().name, gone.deleted), ("nse-1".into(), true));
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (first.network_service_endpoint.unwrap().name, first.deleted),
+        ("nse-1".into(), false)
+    );
+    let gone = tokio::time::timeout(Duration::from_secs(15), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (gone.network_service_endpoint.unwrap().name, gone.deleted),
+        ("nse-1".into(), true)
+    );
     assert!(all_names(&a.url()).await.is_empty());
 }
 
@@ -118,7 +138,10 @@ fn bad_flags_fail_with_the_flag_named() {
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (ok, err) = run(&["--listen", "http://127.0.0.1:1"]);
-    assert!(!ok && err.contains("--listen") && err.contains("http://127.0.0.1:1"), "{err}");
+    assert!(
+        !ok && err.contains("--listen") && err.contains("http://127.0.0.1:1"),
+        "{err}"
+    );
     let (ok, err) = run(&["--listen", "tcp://127.0.0.1:0", "--store", "mysql://x"]);
     assert!(!ok && err.contains("--store"), "{err}");
     let (ok, err) = run(&["--listen", "tcp://127.0.0.1:0", "--default-expiration", "soon"]);

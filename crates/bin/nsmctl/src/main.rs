@@ -156,7 +156,7 @@ struct NsCreate {
     /// Endpoint selection rule, upstream `matches` style, in order (repeatable):
     /// 'SRC_LABELS -> DST_LABELS[; fallthrough]', e.g. 'app=web -> version=v2'. SRC labels must be
     /// on the client's request; DST labels select endpoints.
-    #[arg(long = "match", value_name = "RULE")]
+    #[arg(long = "match", value_name = "RULE", allow_hyphen_values = true)]
     matches: Vec<String>,
     /// Labels: k=v,k2=v2.
     #[arg(long)]
