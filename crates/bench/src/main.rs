@@ -166,6 +166,8 @@ struct Row {
     reg_per_s: f64,
     find_p50: Duration,
     find_p99: Duration,
+    floor_p50: Duration,
+    floor_p99: Duration,
     rss_mb: f64,
     restart: Duration,
 }
@@ -234,6 +236,17 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
         lat.push(t.elapsed());
     }
     lat.sort_unstable();
+    // The floor: a unary health check on the same connection, measured the same way.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channels[0].clone());
+    let mut floor = Vec::with_capacity(args.finds);
+    for _ in 0..args.finds {
+        let t = Instant::now();
+        health
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await?;
+        floor.push(t.elapsed());
+    }
+    floor.sort_unstable();
     let rss_mb = proc.rss_mb();
 
     // kill -9 and measure time until the last registered endpoint is served again.
@@ -269,6 +282,8 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
         reg_per_s: n as f64 / reg_elapsed.as_secs_f64(),
         find_p50: percentile(&lat, 0.5),
         find_p99: percentile(&lat, 0.99),
+        floor_p50: percentile(&floor, 0.5),
+        floor_p99: percentile(&floor, 0.99),
         rss_mb,
         restart,
     })
@@ -292,10 +307,10 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
         None => default_bin()?,
     };
     println!(
-        "| store | endpoints | Register/s ({} clients) | Find p50 | Find p99 | RSS after load | kill -9 → serving |",
+        "| store | endpoints | Register/s ({} clients) | Find p50 | Find p99 | health-check p50 / p99 (floor) | RSS after load | kill -9 → serving |",
         args.clients
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for &store in &args.store {
         for &n in &args.endpoints {
             eprintln!(
@@ -305,12 +320,14 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
             );
             let r = measure(&args, &bin, store, n).await?;
             println!(
-                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} MB | {:.0} ms |",
+                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} / {:.0} µs | {:.0} MB | {:.0} ms |",
                 r.store,
                 r.n,
                 r.reg_per_s,
                 r.find_p50.as_secs_f64() * 1e6,
                 r.find_p99.as_secs_f64() * 1e6,
+                r.floor_p50.as_secs_f64() * 1e6,
+                r.floor_p99.as_secs_f64() * 1e6,
                 r.rss_mb,
                 r.restart.as_secs_f64() * 1e3
             );
@@ -321,7 +338,7 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         match cli.command {
             Cmd::Registry(a) => registry(a).await,

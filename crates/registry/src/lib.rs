@@ -165,16 +165,11 @@ impl Registry {
 
     /// Number of resources of `kind` in the view.
     pub fn count(&self, kind: Kind) -> usize {
-        self.inner.cache.state.read().kind(kind).count()
+        self.inner.cache.state.read().count(kind)
     }
 
     fn get_item(&self, kind: Kind, namespace: &str, name: &str) -> Option<Item> {
-        self.inner
-            .cache
-            .state
-            .read()
-            .get(kind, &kind.key(namespace, name))
-            .cloned()
+        self.inner.cache.state.read().get(kind, &kind.key(namespace, name))
     }
 
     /// Gets one resource.
@@ -196,9 +191,7 @@ impl Registry {
         let state = self.inner.cache.state.read();
         let items = state
             .kind(kind)
-            .map(|(_, i)| i)
             .filter(|i| resources::selected(i, namespace, selector))
-            .cloned()
             .collect();
         (items, state.revision)
     }
@@ -213,7 +206,7 @@ impl Registry {
         mut decide: impl FnMut(Option<&pb::Resource>) -> Result<Option<pb::Resource>>,
     ) -> Result<(Option<Item>, Item)> {
         let key = kind.key(namespace, name);
-        let mut current = self.inner.cache.state.read().get(kind, &key).cloned();
+        let mut current = self.inner.cache.state.read().get(kind, &key);
         for _ in 0..WRITE_ATTEMPTS {
             let Some(next) = decide(current.as_deref())? else {
                 let cur = current.clone().expect("decide keeps only what exists");

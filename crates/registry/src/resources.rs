@@ -94,11 +94,10 @@ impl ResourceService for ResourceApi {
         let (initial, rx) = self.0.inner.cache.snapshot_and_subscribe(|s| {
             let revision = s.revision;
             s.kind(kind)
-                .map(|(_, i)| i)
                 .filter(|i| selected(i, &namespace, &selector))
                 .map(|i| v1::WatchEvent {
                     r#type: Type::Initial as i32,
-                    resource: Some((**i).clone()),
+                    resource: Some(owned(i)),
                     revision,
                 })
                 .collect::<Vec<_>>()

@@ -78,12 +78,12 @@ fn find_services(state: &State, q: &reg::NetworkService) -> Vec<reg::NetworkServ
         _ => None,
     };
     let candidates: Vec<reg::NetworkService> = if q.name.is_empty() {
-        state.kind(Kind::NetworkService).filter_map(|(_, i)| one(i)).collect()
+        state.kind(Kind::NetworkService).filter_map(|i| one(&i)).collect()
     } else {
         upstream::parse_name("name", &q.name)
             .ok()
             .and_then(|(ns, n, _)| state.get(Kind::NetworkService, &Kind::NetworkService.key(&ns, &n)))
-            .and_then(one)
+            .and_then(|i| one(&i))
             .into_iter()
             .collect()
     };
@@ -109,7 +109,7 @@ fn find_endpoints(state: &State, q: &reg::NetworkServiceEndpoint) -> Vec<reg::Ne
         upstream::parse_name("name", &q.name)
             .ok()
             .and_then(|(ns, n, _)| state.get(Kind::Endpoint, &Kind::Endpoint.key(&ns, &n)))
-            .and_then(nse_of)
+            .and_then(|i| nse_of(&i))
             .into_iter()
             .collect()
     } else if let Some(first) = q.network_service_names.first() {
@@ -120,10 +120,10 @@ fn find_endpoints(state: &State, q: &reg::NetworkServiceEndpoint) -> Vec<reg::Ne
             .into_iter()
             .flatten()
             .filter_map(|key| state.get(Kind::Endpoint, key))
-            .filter_map(nse_of)
+            .filter_map(|i| nse_of(&i))
             .collect()
     } else {
-        state.kind(Kind::Endpoint).filter_map(|(_, i)| nse_of(i)).collect()
+        state.kind(Kind::Endpoint).filter_map(|i| nse_of(&i)).collect()
     };
     candidates
         .into_iter()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages nsm needs to build and test, if any is missing:
+#   protobuf-compiler  protoc, needed only by the etcd-client crate's build (our own .proto files
+#                      compile with protox, in pure Rust)
+#   etcd-server        a real etcd for the etcd store tests and benchmarks
+set -euo pipefail
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+if ((${#need[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing packages: ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
