@@ -41,8 +41,8 @@ async fn start(config: Config) -> Harness {
     let shared = futures::FutureExt::shared(async move {
         let _ = rx.await;
     });
-    tokio::spawn(tcp.serve(routes.clone(), shared.clone()));
-    tokio::spawn(unix.serve(routes, shared));
+    tokio::spawn(tcp.serve(routes.clone(), None, shared.clone()));
+    tokio::spawn(unix.serve(routes, None, shared));
     Harness {
         _dir: dir,
         tcp: tcp_url,

@@ -18,6 +18,9 @@ use anyhow::{Context, bail};
 mod registry;
 pub use registry::{NsmRegistry, sibling_binary};
 
+mod pki;
+pub use pki::{Pem, TestPki};
+
 /// Environment variable that overrides the etcd binary (default: `etcd` on `PATH`).
 pub const ETCD_BINARY_ENV: &str = "NSM_TEST_ETCD";
 

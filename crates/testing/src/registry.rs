@@ -33,7 +33,7 @@ pub struct NsmRegistry {
 
 impl NsmRegistry {
     /// Starts `bin registry --listen tcp://127.0.0.1:PORT --data-dir DIR EXTRA…` and waits until
-    /// its port accepts connections.
+    /// it says it is serving (its state is loaded).
     pub fn start(bin: &Path, extra: &[&str]) -> anyhow::Result<NsmRegistry> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut r = NsmRegistry {
@@ -48,6 +48,7 @@ impl NsmRegistry {
     }
 
     fn launch(&mut self) -> anyhow::Result<()> {
+        let ready_before = self.log().matches("serving on").count();
         let log = File::options()
             .create(true)
             .append(true)
@@ -67,7 +68,9 @@ impl NsmRegistry {
         self.child = Some(child);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.log().matches("serving on").count() > ready_before
+                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
                 return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

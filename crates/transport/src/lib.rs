@@ -3,6 +3,14 @@
 //! Endpoints are named by URLs as upstream names them: `tcp://HOST:PORT` and `unix:///PATH`.
 //! A server binds every listener before it serves any, so a bad address fails start-up with a
 //! message naming it instead of leaving a half-started daemon.
+//!
+//! TCP listeners take a TLS configuration ([`ServerTls`]): server certificate, and with a client
+//! CA, mutual TLS — SPIFFE-shaped identities (`spiffe://trust-domain/…` URI SANs) as upstream uses
+//! them. Unix sockets stay local to the host and are not wrapped in TLS.
+
+mod tls;
+
+pub use tls::{ClientTls, ServerTls};
 
 use std::fmt;
 use std::future::Future;
@@ -47,6 +55,9 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
+    /// TLS material could not be read or used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The server stopped with an error.
     #[error("server on {url} failed: {source}")]
     Serve {
@@ -149,14 +160,24 @@ impl Listener {
         }
     }
 
-    /// Serves `routes` on this listener until `shutdown` resolves.
-    pub async fn serve(self, routes: Routes, shutdown: impl Future<Output = ()> + Send) -> Result<(), TransportError> {
+    /// Serves `routes` on this listener until `shutdown` resolves; TCP over TLS when `tls` is given.
+    pub async fn serve(
+        self,
+        routes: Routes,
+        tls: Option<ServerTls>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), TransportError> {
         let url = self.url().clone();
         let mut builder = Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)));
         let result = match self {
             Listener::Tcp(l, _) => {
+                if let Some(tls) = tls {
+                    builder = builder
+                        .tls_config(tls.config()?)
+                        .map_err(|e| TransportError::Tls(error_chain(&e)))?;
+                }
                 builder
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
@@ -183,7 +204,12 @@ impl Listener {
 /// Dials `url` and waits until connected (up to `timeout`), so that an unreachable server is
 /// reported at once and by name.
 pub async fn connect(url: &str, timeout: Duration) -> Result<Channel, TransportError> {
-    let endpoint = endpoint(url)?.connect_timeout(timeout);
+    connect_with(url, timeout, None).await
+}
+
+/// Like [`connect`], over TLS for `tcp://` URLs when `tls` is given.
+pub async fn connect_with(url: &str, timeout: Duration, tls: Option<&ClientTls>) -> Result<Channel, TransportError> {
+    let endpoint = endpoint_with(url, tls)?.connect_timeout(timeout);
     match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(ch)) => Ok(ch),
         Ok(Err(e)) => Err(TransportError::Connect {
@@ -203,17 +229,28 @@ pub fn connect_lazy(url: &str) -> Result<Channel, TransportError> {
 }
 
 fn endpoint(url: &str) -> Result<Endpoint, TransportError> {
+    endpoint_with(url, None)
+}
+
+fn endpoint_with(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, TransportError> {
     let parsed: Url = url.parse()?;
-    let uri = match &parsed {
-        Url::Tcp(addr) => format!("http://{addr}"),
-        Url::Unix(path) => format!("unix://{}", path.display()),
+    let uri = match (&parsed, tls) {
+        (Url::Tcp(addr), None) => format!("http://{addr}"),
+        (Url::Tcp(addr), Some(_)) => format!("https://{addr}"),
+        (Url::Unix(path), _) => format!("unix://{}", path.display()),
     };
-    Endpoint::from_shared(uri)
+    let endpoint = Endpoint::from_shared(uri)
         .map(|e| e.tcp_nodelay(true))
         .map_err(|e| TransportError::InvalidUrl {
             url: url.to_owned(),
             reason: e.to_string(),
-        })
+        })?;
+    match (&parsed, tls) {
+        (Url::Tcp(addr), Some(tls)) => endpoint
+            .tls_config(tls.config(&addr.ip().to_string())?)
+            .map_err(|e| TransportError::Tls(error_chain(&e))),
+        _ => Ok(endpoint),
+    }
 }
 
 /// "outer: inner: innermost" for errors whose Display hides their cause.

@@ -25,6 +25,15 @@ pub(crate) struct Args {
     /// This registry's domain: names `x@DOMAIN` are served as local names.
     #[arg(long, env = "NSM_DOMAIN")]
     domain: Option<String>,
+    /// Server certificate (PEM) for TCP listeners; with --tls-key, TCP is served over TLS.
+    #[arg(long, env = "NSM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "NSM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: mutual TLS (needs --tls-cert).
+    #[arg(long, env = "NSM_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Lifetime of an upstream endpoint registration that is not refreshed (upstream: 1m).
     #[arg(long, env = "NSM_EXPIRE_PERIOD", default_value = "1m", value_parser = humantime::parse_duration)]
     default_expiration: Duration,
@@ -67,6 +76,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if urls.is_empty() {
         bail!("--listen: give at least one URL");
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            nsm_transport::ServerTls::from_files(cert, key, args.tls_client_ca.as_deref())
+                .context("--tls-cert/--tls-key/--tls-client-ca")?,
+        ),
+        _ => None,
+    };
     // Bind everything first: a bad address stops start-up before anything is served.
     let mut listeners = Vec::new();
     for url in &urls {
@@ -86,11 +102,21 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     for l in listeners {
-        tracing::info!(url = %l.url(), "serving");
-        println!("nsm registry serving on {}", l.url());
+        let tls = matches!(l.url(), Url::Tcp(_)).then(|| tls.clone()).flatten();
+        let mode = if tls.is_some() {
+            if args.tls_client_ca.is_some() {
+                " (mutual TLS)"
+            } else {
+                " (TLS)"
+            }
+        } else {
+            ""
+        };
+        tracing::info!(url = %l.url(), tls = tls.is_some(), "serving");
+        println!("nsm registry serving on {}{mode}", l.url());
         let mut rx = stop_rx.clone();
         let routes = routes.clone();
-        servers.push(tokio::spawn(l.serve(routes, async move {
+        servers.push(tokio::spawn(l.serve(routes, tls, async move {
             let _ = rx.wait_for(|s| *s).await;
         })));
     }

@@ -27,6 +27,18 @@ struct Cli {
     /// Registry to talk to: tcp://HOST:PORT or unix:///PATH.
     #[arg(long, global = true, env = "NSM_REGISTRY", default_value = "tcp://127.0.0.1:5002")]
     registry: String,
+    /// CA (PEM) to verify the registry's certificate with: connect over TLS.
+    #[arg(long, global = true, env = "NSM_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (with --tls-key and --tls-ca).
+    #[arg(long, global = true, env = "NSM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "NSM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Name expected in the registry's certificate (default: the address dialed).
+    #[arg(long, global = true, env = "NSM_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
     /// Namespace of the resources (ignored for nodes).
     #[arg(short = 'n', long, global = true, env = "NSM_NAMESPACE", default_value = nsm_model::DEFAULT_NAMESPACE)]
     namespace: String,
@@ -392,7 +404,19 @@ impl std::fmt::Display for Reported {
 impl std::error::Error for Reported {}
 
 async fn connect(cli: &Cli) -> anyhow::Result<Ctx> {
-    let channel = nsm_transport::connect(&cli.registry, Duration::from_secs(5))
+    let tls = match &cli.tls_ca {
+        Some(ca) => {
+            let identity = cli.tls_cert.as_deref().zip(cli.tls_key.as_deref());
+            Some(nsm_transport::ClientTls::from_files(
+                ca,
+                identity,
+                cli.tls_server_name.clone(),
+            )?)
+        }
+        None if cli.tls_cert.is_some() => bail!("--tls-cert needs --tls-ca (the CA to verify the registry with)"),
+        None => None,
+    };
+    let channel = nsm_transport::connect_with(&cli.registry, Duration::from_secs(5), tls.as_ref())
         .await
         .map_err(|e| anyhow::anyhow!("{e} (set --registry or NSM_REGISTRY; is `nsm registry` running?)"))?;
     Ok(Ctx {

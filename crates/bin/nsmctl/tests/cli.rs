@@ -408,3 +408,60 @@ fn completions() {
         assert!(String::from_utf8_lossy(&o.stdout).contains("nsmctl"));
     }
 }
+
+/// The registry's TCP listener with mutual TLS: SPIFFE-shaped certificates from one CA get in;
+/// no certificate, another CA's certificate, plain text, or an untrusted server do not.
+#[test]
+fn mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = nsm_testing::TestPki::new().unwrap();
+    let (ca, certs) = pki.write(dir.path(), &["registry", "admin"]).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = nsm_testing::TestPki::new().unwrap();
+    let (other_ca, other_certs) = other.write(other_dir.path(), &["intruder"]).unwrap();
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (reg_cert, reg_key) = (p(&certs[0].0), p(&certs[0].1));
+    let r = NsmRegistry::start(
+        &sibling_binary(NSMCTL, "nsm").unwrap(),
+        &[
+            "--tls-cert",
+            &reg_cert,
+            "--tls-key",
+            &reg_key,
+            "--tls-client-ca",
+            &p(&ca),
+        ],
+    )
+    .unwrap();
+    assert!(r.log().contains("(mutual TLS)"), "{}", r.log());
+    let with = |ca: &str, cert: &str, key: &str, rest: &[&str]| {
+        let mut args = vec!["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key];
+        args.extend_from_slice(rest);
+        nsmctl(&r, &args)
+    };
+    let (admin_cert, admin_key) = (p(&certs[1].0), p(&certs[1].1));
+    ok(with(
+        &p(&ca),
+        &admin_cert,
+        &admin_key,
+        &["node", "create", "n1", "--address", "192.0.2.1"],
+    ));
+    assert!(ok(with(&p(&ca), &admin_cert, &admin_key, &["get", "nodes"])).contains("n1"));
+
+    let o = nsmctl(&r, &["--tls-ca", &p(&ca), "get", "nodes"]);
+    assert!(!o.ok, "no client certificate must be refused: {}", o.stdout);
+    let o = with(&p(&ca), &p(&other_certs[0].0), &p(&other_certs[0].1), &["get", "nodes"]);
+    assert!(!o.ok, "a certificate of another CA must be refused: {}", o.stdout);
+    let o = with(&p(&other_ca), &admin_cert, &admin_key, &["get", "nodes"]);
+    assert!(
+        !o.ok,
+        "a server the client does not trust must be refused: {}",
+        o.stdout
+    );
+    let o = nsmctl(&r, &["get", "nodes"]);
+    assert!(!o.ok, "plain text must be refused: {}", o.stdout);
+    fails(
+        nsmctl(&r, &["--tls-ca", "/nonexistent.pem", "get", "nodes"]),
+        "cannot read CA /nonexistent.pem",
+    );
+}
