@@ -51,6 +51,10 @@ struct RegistryArgs {
     /// The `nsm` binary (default: next to this one).
     #[arg(long)]
     nsm_bin: Option<PathBuf>,
+    /// Run the registry on these CPUs (`taskset -c LIST`), e.g. `1` while the benchmark itself runs
+    /// under `taskset -c 0`: on a small machine this keeps client and server off each other's core.
+    #[arg(long)]
+    registry_cpus: Option<String>,
 }
 
 struct RegistryProc {
@@ -59,9 +63,23 @@ struct RegistryProc {
 }
 
 impl RegistryProc {
-    fn spawn(bin: &PathBuf, port: u16, data_dir: &std::path::Path, store: &str) -> anyhow::Result<Self> {
+    fn spawn(
+        bin: &PathBuf,
+        cpus: Option<&str>,
+        port: u16,
+        data_dir: &std::path::Path,
+        store: &str,
+    ) -> anyhow::Result<Self> {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(bin)
+        let mut cmd = match cpus {
+            Some(list) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", list]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args([
                 "registry",
                 "--listen",
@@ -182,7 +200,7 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
         .as_ref()
         .map_or("embedded".to_string(), |e| format!("etcd://{}", e.endpoint()));
     let port = free_port()?;
-    let mut proc = RegistryProc::spawn(bin, port, dir.path(), &store_arg)?;
+    let mut proc = RegistryProc::spawn(bin, args.registry_cpus.as_deref(), port, dir.path(), &store_arg)?;
     let url = proc.url.clone();
     // Wait for the listener.
     let start = Instant::now();
@@ -254,7 +272,7 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
     drop(channels);
     drop(client);
     let t = Instant::now();
-    let proc2 = RegistryProc::spawn(bin, port, dir.path(), &store_arg)?;
+    let proc2 = RegistryProc::spawn(bin, args.registry_cpus.as_deref(), port, dir.path(), &store_arg)?;
     let ready = wait_serving(&proc2.url, &format!("nse-{}", n - 1), Duration::from_secs(60)).await?;
     let restart = t.elapsed().max(ready);
     // Every acknowledged registration survived.
