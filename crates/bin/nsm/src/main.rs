@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level)?)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let workers = cli.worker_threads.unwrap_or(cpus.saturating_sub(1)).max(1);
