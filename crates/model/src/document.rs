@@ -126,6 +126,9 @@ pub struct EndpointSpecDoc {
     /// Node it lives on.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// Network namespace file of the workload it lives in (on `node`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub netns: String,
     /// Registration expiry, RFC 3339 (set by upstream registrations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiration_time: Option<String>,
@@ -140,6 +143,100 @@ pub struct EndpointSpecDoc {
 pub struct NodeSpecDoc {
     /// Underlay address.
     pub address: String,
+}
+
+/// Spec of a client (a declarative vWire).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientSpecDoc {
+    /// The network service asked for.
+    pub network_service: String,
+    /// A pinned endpoint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub endpoint: String,
+    /// The workload's network namespace file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub netns: String,
+    /// Interface name in the workload.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub interface: String,
+    /// The node whose daemon reconciles it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+}
+
+/// Observed state of a client (printed; ignored when applied).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientStatusDoc {
+    /// Pending, Ready or Failed.
+    #[serde(default)]
+    pub phase: String,
+    /// Why it is not Ready.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Selected endpoint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub endpoint: String,
+    /// Mechanism.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mechanism: String,
+    /// Client addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub src_ip_addrs: Vec<String>,
+    /// Peer addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dst_ip_addrs: Vec<String>,
+    /// Connection id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub connection_id: String,
+    /// Path segment names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<String>,
+    /// MTU of the interface.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mtu: u32,
+    /// Counters.
+    #[serde(default)]
+    pub rx_bytes: u64,
+    /// Counters.
+    #[serde(default)]
+    pub tx_bytes: u64,
+    /// Counters.
+    #[serde(default)]
+    pub rx_packets: u64,
+    /// Counters.
+    #[serde(default)]
+    pub tx_packets: u64,
+    /// When observed, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<String>,
+}
+
+/// A client document: spec and, on output, status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientDoc {
+    /// `nsm.dev/v1`.
+    pub api_version: String,
+    /// `Client`.
+    pub kind: String,
+    /// Metadata.
+    pub metadata: MetadataDoc,
+    /// Spec.
+    pub spec: ClientSpecDoc,
+    /// Status (output only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ClientStatusDoc>,
+}
+
+/// The phase name of a client status.
+pub fn phase_name(phase: i32) -> &'static str {
+    match pb::client_status::Phase::try_from(phase) {
+        Ok(pb::client_status::Phase::Ready) => "Ready",
+        Ok(pb::client_status::Phase::Failed) => "Failed",
+        _ => "Pending",
+    }
 }
 
 /// A whole document of one of our kinds.
@@ -167,6 +264,8 @@ pub enum Document {
     Endpoint(Doc<EndpointSpecDoc>),
     /// A node.
     Node(Doc<NodeSpecDoc>),
+    /// A client.
+    Client(ClientDoc),
 }
 
 /// A protobuf timestamp in a document: RFC 3339, or upstream's `{seconds, nanos}`.
@@ -388,6 +487,7 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                     url: s.url,
                     address: s.address,
                     node: s.node,
+                    netns: s.netns,
                     expiration_time: s.expiration_time.as_ref().and_then(rfc3339),
                     initial_registration_time: s.initial_registration_time.as_ref().and_then(rfc3339),
                 },
@@ -401,6 +501,39 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                 kind,
                 metadata,
                 spec: NodeSpecDoc { address: s.address },
+            })
+        }
+        R::Client(c) => {
+            let (api_version, kind, metadata) = header(meta_doc(c.metadata.as_ref()));
+            let s = c.spec.clone().unwrap_or_default();
+            let status = c.status.as_ref().map(|st| ClientStatusDoc {
+                phase: phase_name(st.phase).to_owned(),
+                reason: st.reason.clone(),
+                endpoint: st.endpoint.clone(),
+                mechanism: st.mechanism.clone(),
+                src_ip_addrs: st.src_ip_addrs.clone(),
+                dst_ip_addrs: st.dst_ip_addrs.clone(),
+                connection_id: st.connection_id.clone(),
+                path: st.path.clone(),
+                mtu: st.mtu,
+                rx_bytes: st.rx_bytes,
+                tx_bytes: st.tx_bytes,
+                rx_packets: st.rx_packets,
+                tx_packets: st.tx_packets,
+                updated: st.updated.as_ref().and_then(rfc3339),
+            });
+            Document::Client(ClientDoc {
+                api_version,
+                kind,
+                metadata,
+                spec: ClientSpecDoc {
+                    network_service: s.network_service,
+                    endpoint: s.endpoint,
+                    netns: s.netns,
+                    interface: s.interface,
+                    node: s.node,
+                },
+                status,
             })
         }
     })
@@ -503,6 +636,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                         url: d.spec.url,
                         address: d.spec.address,
                         node: d.spec.node,
+                        netns: d.spec.netns,
                         expiration_time: time("spec.expirationTime", d.spec.expiration_time)?,
                         initial_registration_time: time(
                             "spec.initialRegistrationTime",
@@ -519,6 +653,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                     spec: Some(pb::NodeSpec {
                         address: d.spec.address,
                     }),
+                })
+            }
+            (API_VERSION, "Client") => {
+                let d: ClientDoc = parse(&doc, first_line)?;
+                pb::resource::Kind::Client(pb::Client {
+                    metadata: Some(meta_pb(d.metadata)),
+                    spec: Some(pb::ClientSpec {
+                        network_service: d.spec.network_service,
+                        endpoint: d.spec.endpoint,
+                        netns: d.spec.netns,
+                        interface: d.spec.interface,
+                        node: d.spec.node,
+                    }),
+                    // Status belongs to the node daemon; what a document says of it is ignored.
+                    status: None,
                 })
             }
             (UPSTREAM_API_VERSION, "NetworkService") => {

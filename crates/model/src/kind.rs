@@ -15,11 +15,13 @@ pub enum Kind {
     Endpoint,
     /// A host running (or reachable by) an nsm-node daemon. Cluster-scoped.
     Node,
+    /// A declarative vWire: a workload asking for a network service.
+    Client,
 }
 
 impl Kind {
     /// Every kind, in display order.
-    pub const ALL: [Kind; 3] = [Kind::NetworkService, Kind::Endpoint, Kind::Node];
+    pub const ALL: [Kind; 4] = [Kind::NetworkService, Kind::Endpoint, Kind::Node, Kind::Client];
 
     /// The document `kind:` of this resource.
     pub fn name(self) -> &'static str {
@@ -27,6 +29,7 @@ impl Kind {
             Kind::NetworkService => "NetworkService",
             Kind::Endpoint => "Endpoint",
             Kind::Node => "Node",
+            Kind::Client => "Client",
         }
     }
 
@@ -36,6 +39,7 @@ impl Kind {
             Kind::NetworkService => "networkservice",
             Kind::Endpoint => "endpoint",
             Kind::Node => "node",
+            Kind::Client => "client",
         }
     }
 
@@ -50,6 +54,7 @@ impl Kind {
             Kind::NetworkService => "/nsm/v1/networkservices/",
             Kind::Endpoint => "/nsm/v1/endpoints/",
             Kind::Node => "/nsm/v1/nodes/",
+            Kind::Client => "/nsm/v1/clients/",
         }
     }
 
@@ -68,6 +73,7 @@ impl Kind {
             Kind::NetworkService => pb::Kind::NetworkService,
             Kind::Endpoint => pb::Kind::Endpoint,
             Kind::Node => pb::Kind::Node,
+            Kind::Client => pb::Kind::Client,
         }
     }
 
@@ -77,6 +83,7 @@ impl Kind {
             Ok(pb::Kind::NetworkService) => Ok(Kind::NetworkService),
             Ok(pb::Kind::Endpoint) => Ok(Kind::Endpoint),
             Ok(pb::Kind::Node) => Ok(Kind::Node),
+            Ok(pb::Kind::Client) => Ok(Kind::Client),
             _ => Err(ValidationError::new(
                 "kind",
                 format!("unknown or unspecified kind {value}"),
@@ -90,6 +97,7 @@ impl Kind {
             pb::resource::Kind::NetworkService(_) => Some(Kind::NetworkService),
             pb::resource::Kind::Endpoint(_) => Some(Kind::Endpoint),
             pb::resource::Kind::Node(_) => Some(Kind::Node),
+            pb::resource::Kind::Client(_) => Some(Kind::Client),
         }
     }
 }
@@ -113,9 +121,10 @@ impl FromStr for Kind {
                 Ok(Kind::Endpoint)
             }
             "node" | "nodes" | "no" => Ok(Kind::Node),
+            "client" | "clients" | "vwire" | "vwires" => Ok(Kind::Client),
             other => Err(ValidationError::new(
                 "kind",
-                format!("unknown kind {other:?} (expected networkservice|ns, endpoint|nse, node)"),
+                format!("unknown kind {other:?} (expected networkservice|ns, endpoint|nse, node, client)"),
             )),
         }
     }
@@ -127,6 +136,7 @@ pub fn meta(resource: &pb::Resource) -> Option<&pb::ObjectMeta> {
         pb::resource::Kind::NetworkService(r) => r.metadata.as_ref(),
         pb::resource::Kind::Endpoint(r) => r.metadata.as_ref(),
         pb::resource::Kind::Node(r) => r.metadata.as_ref(),
+        pb::resource::Kind::Client(r) => r.metadata.as_ref(),
     }
 }
 
@@ -136,5 +146,6 @@ pub fn meta_mut(resource: &mut pb::Resource) -> Option<&mut pb::ObjectMeta> {
         pb::resource::Kind::NetworkService(r) => r.metadata.get_or_insert_with(Default::default),
         pb::resource::Kind::Endpoint(r) => r.metadata.get_or_insert_with(Default::default),
         pb::resource::Kind::Node(r) => r.metadata.get_or_insert_with(Default::default),
+        pb::resource::Kind::Client(r) => r.metadata.get_or_insert_with(Default::default),
     })
 }

@@ -248,6 +248,30 @@ fn check_meta(kind: Kind, meta: &mut pb::ObjectMeta) -> Result<()> {
     labels("metadata.labels", &meta.labels)
 }
 
+/// The interface a client gets when it names none (upstream's conventional name).
+pub const DEFAULT_INTERFACE: &str = "nsm-1";
+
+/// A Linux interface name: 1 to 15 bytes, no '/', ':' or white space.
+pub fn interface(field: &str, s: &str) -> Result<()> {
+    if s.is_empty() || s.len() > 15 {
+        return Err(ValidationError::new(
+            field,
+            format!("{s:?} must be 1 to 15 characters (a Linux interface name)"),
+        ));
+    }
+    if s == "."
+        || s == ".."
+        || s.chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(ValidationError::new(
+            field,
+            format!("{s:?} is not a valid interface name"),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates a resource and fills defaults (namespace, payload, service type) in place.
 pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
     use pb::resource::Kind as R;
@@ -299,6 +323,20 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             if !spec.node.is_empty() {
                 name("spec.node", &spec.node)?;
             }
+            if !spec.netns.is_empty() {
+                if !spec.netns.starts_with('/') {
+                    return Err(ValidationError::new(
+                        "spec.netns",
+                        format!("{:?} must be an absolute path to a network namespace file", spec.netns),
+                    ));
+                }
+                if spec.node.is_empty() {
+                    return Err(ValidationError::new(
+                        "spec.netns",
+                        "an endpoint in a namespace needs spec.node",
+                    ));
+                }
+            }
             if spec.address.is_empty()
                 && spec.url.is_empty()
                 && spec.node.is_empty()
@@ -308,6 +346,33 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
                     "spec",
                     "an endpoint needs at least one of address, url, node or networkServices",
                 ));
+            }
+        }
+        R::Client(c) => {
+            check_meta(kind, c.metadata.get_or_insert_with(Default::default))?;
+            let spec = c.spec.get_or_insert_with(Default::default);
+            if spec.network_service.is_empty() {
+                return Err(ValidationError::new(
+                    "spec.networkService",
+                    "a client must name a network service",
+                ));
+            }
+            service_ref("spec.networkService", &spec.network_service)?;
+            if !spec.endpoint.is_empty() {
+                service_ref("spec.endpoint", &spec.endpoint)?;
+            }
+            if !spec.netns.starts_with('/') {
+                return Err(ValidationError::new(
+                    "spec.netns",
+                    format!("{:?} must be an absolute path to a network namespace file", spec.netns),
+                ));
+            }
+            if spec.interface.is_empty() {
+                spec.interface = DEFAULT_INTERFACE.to_owned();
+            }
+            interface("spec.interface", &spec.interface)?;
+            if !spec.node.is_empty() {
+                name("spec.node", &spec.node)?;
             }
         }
         R::Node(node) => {

@@ -113,6 +113,9 @@ fn same_content(a: &pb::Resource, b: &pb::Resource) -> bool {
             m.resource_version = 0;
             m.creation_timestamp = None;
         }
+        if let Some(pb::resource::Kind::Client(c)) = &mut r.kind {
+            c.status = None;
+        }
         r
     };
     strip(a) == strip(b)
@@ -248,16 +251,59 @@ impl Registry {
         }
     }
 
+    /// Carries over what the registry and the node daemons own: identity and a client's status.
     fn keep_identity(r: &mut pb::Resource, existing: &pb::Resource) {
         if let (Some(old), Some(m)) = (kind::meta(existing).cloned(), kind::meta_mut(r)) {
             m.uid = old.uid;
             m.creation_timestamp = old.creation_timestamp;
         }
+        if let (Some(pb::resource::Kind::Client(new)), Some(pb::resource::Kind::Client(old))) =
+            (&mut r.kind, &existing.kind)
+        {
+            new.status = old.status.clone();
+        }
+    }
+
+    /// Clears what a user may not set: a client's status.
+    fn strip_status(r: &mut pb::Resource) {
+        if let Some(pb::resource::Kind::Client(c)) = &mut r.kind {
+            c.status = None;
+        }
+    }
+
+    /// Replaces a client's status (node daemons report what they observed); the spec stays.
+    pub async fn update_status(&self, namespace: &str, name: &str, status: pb::ClientStatus) -> Result<Item> {
+        let kind = Kind::Client;
+        let namespace = if namespace.is_empty() {
+            nsm_model::DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
+        let (_, stored) = self
+            .write(kind, namespace, name, |current| {
+                let Some(cur) = current else {
+                    return Err(RegistryError::NotFound {
+                        kind,
+                        name: display_name(kind, namespace, name),
+                    });
+                };
+                let mut next = cur.clone();
+                if let Some(pb::resource::Kind::Client(c)) = &mut next.kind {
+                    if c.status.as_ref() == Some(&status) {
+                        return Ok(None);
+                    }
+                    c.status = Some(status.clone());
+                }
+                Ok(Some(next))
+            })
+            .await?;
+        Ok(stored)
     }
 
     /// Creates a resource; fails with AlreadyExists if it exists.
     pub async fn create(&self, mut resource: pb::Resource) -> Result<Item> {
         let kind = validate::resource(&mut resource)?;
+        Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         Self::stamp_new(&mut resource);
         let (_, stored) = self
@@ -275,6 +321,7 @@ impl Registry {
     /// Creates or updates a resource. With `dry_run`, only validates and reports the outcome.
     pub async fn apply(&self, mut resource: pb::Resource, dry_run: bool) -> Result<(Applied, Item)> {
         let kind = validate::resource(&mut resource)?;
+        Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         if dry_run {
             return Ok(match self.get_item(kind, &namespace, &name) {

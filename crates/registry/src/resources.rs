@@ -86,6 +86,18 @@ impl ResourceService for ResourceApi {
         Ok(Response::new(owned(self.0.delete(kind, &namespace, &name).await?)))
     }
 
+    async fn update_status(&self, req: Request<v1::UpdateStatusRequest>) -> Result<Response<pb::Resource>, Status> {
+        let req = req.into_inner();
+        let (kind, namespace, name) = reference(req.r#ref)?;
+        if kind != Kind::Client {
+            return Err(Status::invalid_argument("ref.kind: only clients have a status"));
+        }
+        let status = req.status.ok_or_else(|| Status::invalid_argument("status: missing"))?;
+        Ok(Response::new(owned(
+            self.0.update_status(&namespace, &name, status).await?,
+        )))
+    }
+
     async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         use v1::watch_event::Type;
         let req = req.into_inner();

@@ -598,3 +598,100 @@ async fn health_and_path_metadata() {
     let resp = c.register(req).await.unwrap();
     assert_eq!(resp.metadata().get("path").unwrap().to_str().unwrap(), path);
 }
+
+#[tokio::test]
+async fn client_status_belongs_to_the_node() {
+    let h = start(Config::default()).await;
+    let mut res = ResourceServiceClient::new(channel(&h.tcp).await);
+    let client = |status: Option<v1::ClientStatus>| {
+        resource(v1::resource::Kind::Client(v1::Client {
+            metadata: meta("c1", ""),
+            spec: Some(v1::ClientSpec {
+                network_service: "orders".into(),
+                netns: "/var/run/netns/pod-1".into(),
+                node: "node-a".into(),
+                ..Default::default()
+            }),
+            status,
+        }))
+    };
+    let forged = v1::ClientStatus {
+        phase: v1::client_status::Phase::Ready as i32,
+        ..Default::default()
+    };
+    // What a user says of the status is ignored; the interface gets its default.
+    let created = res
+        .create(v1::CreateRequest {
+            resource: Some(client(Some(forged.clone()))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::resource::Kind::Client(c)) = created.kind else {
+        panic!()
+    };
+    assert!(c.status.is_none());
+    assert_eq!(c.spec.unwrap().interface, "nsm-1");
+
+    let cref = || {
+        Some(v1::ResourceRef {
+            kind: v1::Kind::Client as i32,
+            namespace: String::new(),
+            name: "c1".into(),
+        })
+    };
+    let observed = v1::ClientStatus {
+        phase: v1::client_status::Phase::Ready as i32,
+        src_ip_addrs: vec!["10.60.0.1/32".into()],
+        rx_bytes: 42,
+        ..Default::default()
+    };
+    res.update_status(v1::UpdateStatusRequest {
+        r#ref: cref(),
+        status: Some(observed.clone()),
+    })
+    .await
+    .unwrap();
+    // A user's apply of the same spec keeps the node's status.
+    let applied = res
+        .apply(v1::ApplyRequest {
+            resource: Some(client(None)),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.outcome, v1::ApplyOutcome::Unchanged as i32);
+    let got = res.get(v1::GetRequest { r#ref: cref() }).await.unwrap().into_inner();
+    let Some(v1::resource::Kind::Client(c)) = got.kind else {
+        panic!()
+    };
+    assert_eq!(c.status, Some(observed));
+
+    let missing = Some(v1::ResourceRef {
+        kind: v1::Kind::Client as i32,
+        namespace: String::new(),
+        name: "nope".into(),
+    });
+    let err = res
+        .update_status(v1::UpdateStatusRequest {
+            r#ref: missing,
+            status: Some(forged.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let node = Some(v1::ResourceRef {
+        kind: v1::Kind::Node as i32,
+        namespace: String::new(),
+        name: "n".into(),
+    });
+    let err = res
+        .update_status(v1::UpdateStatusRequest {
+            r#ref: node,
+            status: Some(forged),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

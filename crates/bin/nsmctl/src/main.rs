@@ -68,6 +68,12 @@ enum Command {
         #[command(subcommand)]
         verb: Verb<NodeCreate>,
     },
+    /// Clients: declarative vWires from a workload to a network service (alias: vwire).
+    #[command(alias = "vwire")]
+    Client {
+        #[command(subcommand)]
+        verb: Verb<ClientCreate>,
+    },
     /// List resources of a kind, or show one: `nsmctl get ns [NAME]`.
     Get(GetArgs),
     /// Show one resource in detail: `nsmctl describe endpoint NAME`.
@@ -193,6 +199,9 @@ struct EndpointCreate {
     /// Node it lives on.
     #[arg(long)]
     node: Option<String>,
+    /// Network namespace file of the workload it lives in (needs --node).
+    #[arg(long)]
+    netns: Option<String>,
     /// Labels: k=v,k2=v2 (they select it in network service matches).
     #[arg(long)]
     labels: Option<String>,
@@ -208,6 +217,53 @@ struct NodeCreate {
     /// Labels: k=v,k2=v2.
     #[arg(long)]
     labels: Option<String>,
+}
+
+#[derive(Args)]
+struct ClientCreate {
+    /// Name of the client (vWire).
+    name: String,
+    /// Network service to connect to (`name` in this namespace or `name.namespace`).
+    #[arg(long)]
+    service: String,
+    /// Pin an endpoint instead of selecting one by the service's matches.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// The workload's network namespace file (default: the namespace nsmctl runs in, found among
+    /// /var/run/netns).
+    #[arg(long)]
+    netns: Option<String>,
+    /// Interface name inside the workload.
+    #[arg(long, default_value = validate::DEFAULT_INTERFACE)]
+    interface: String,
+    /// Node whose daemon builds the vWire (the workload's host).
+    #[arg(long, env = "NSM_NODE_NAME")]
+    node: Option<String>,
+    /// Labels of the request (k=v,…): matched by the service's source selectors.
+    #[arg(long)]
+    labels: Option<String>,
+}
+
+/// The named network namespace (in /var/run/netns or /run/netns) that nsmctl itself runs in.
+fn own_netns() -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self/ns/net").context("cannot read /proc/self/ns/net")?;
+    let host = std::fs::metadata("/proc/1/ns/net").ok();
+    for dir in ["/var/run/netns", "/run/netns"] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for e in entries.flatten() {
+            if let Ok(m) = std::fs::metadata(e.path())
+                && m.dev() == me.dev()
+                && m.ino() == me.ino()
+            {
+                return Ok(e.path().display().to_string());
+            }
+        }
+    }
+    if host.is_some_and(|h| h.dev() == me.dev() && h.ino() == me.ino()) {
+        bail!("--netns: nsmctl runs in the host's network namespace; name the workload's namespace with --netns PATH");
+    }
+    bail!("--netns: the namespace nsmctl runs in has no name under /var/run/netns; give --netns PATH")
 }
 
 /// Connection to the registry.
@@ -324,6 +380,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     address: c.address.unwrap_or_default(),
                     url: c.url.unwrap_or_default(),
                     node: c.node.unwrap_or_default(),
+                    netns: c.netns.unwrap_or_default(),
                     ..Default::default()
                 };
                 let r = pb::resource::Kind::Endpoint(pb::Endpoint {
@@ -343,6 +400,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 create(&mut ctx, pb::Resource { kind: Some(r) }).await
             }
             other => verb_common(&mut ctx, Kind::Node, other).await,
+        },
+        Command::Client { verb } => match verb {
+            Verb::Create(c) => {
+                let netns = match c.netns {
+                    Some(n) => n,
+                    None => own_netns()?,
+                };
+                let r = pb::resource::Kind::Client(pb::Client {
+                    metadata: meta(&c.name, &namespace, labels(&c.labels)?),
+                    spec: Some(pb::ClientSpec {
+                        network_service: c.service,
+                        endpoint: c.endpoint.unwrap_or_default(),
+                        netns,
+                        interface: c.interface,
+                        node: c.node.unwrap_or_default(),
+                    }),
+                    status: None,
+                });
+                create(&mut ctx, pb::Resource { kind: Some(r) }).await
+            }
+            other => verb_common(&mut ctx, Kind::Client, other).await,
         },
         Command::Get(g) => output::get(&mut ctx, g.kind.parse()?, &g.opts).await,
         Command::Describe { kind, name } => output::describe(&mut ctx, kind.parse()?, &name).await,

@@ -72,6 +72,18 @@ fn expires(ts: Option<&prost_types::Timestamp>) -> String {
     }
 }
 
+/// `Ready`, `Pending: why`, `Failed: why`.
+fn status_text(st: &pb::ClientStatus) -> String {
+    let phase = document::phase_name(st.phase);
+    if st.reason.is_empty() {
+        phase.to_owned()
+    } else if st.phase == pb::client_status::Phase::Unspecified as i32 {
+        format!("Pending: {}", st.reason)
+    } else {
+        format!("{phase}: {}", st.reason)
+    }
+}
+
 fn table(items: &[pb::Resource], all_namespaces: bool) {
     let Some(kind) = items.first().and_then(Kind::of) else {
         return;
@@ -87,6 +99,7 @@ fn table(items: &[pb::Resource], all_namespaces: bool) {
         Kind::NetworkService => header.extend(["NAME", "TYPE", "PAYLOAD", "CIDR", "MATCHES", "AGE"]),
         Kind::Endpoint => header.extend(["NAME", "SERVICES", "ADDRESS", "URL", "NODE", "EXPIRES", "AGE"]),
         Kind::Node => header.extend(["NAME", "ADDRESS", "LABELS", "AGE"]),
+        Kind::Client => header.extend(["NAME", "SERVICE", "ENDPOINT", "NODE", "STATUS", "ADDRESS", "AGE"]),
     }
     t.set_header(header);
     for r in items {
@@ -122,6 +135,22 @@ fn table(items: &[pb::Resource], all_namespaces: bool) {
             }
             Some(pb::resource::Kind::Node(n)) => {
                 row.extend([n.spec.clone().unwrap_or_default().address, label_string(&m.labels)]);
+            }
+            Some(pb::resource::Kind::Client(c)) => {
+                let s = c.spec.clone().unwrap_or_default();
+                let st = c.status.clone().unwrap_or_default();
+                let endpoint = if st.endpoint.is_empty() {
+                    s.endpoint.clone()
+                } else {
+                    st.endpoint.clone()
+                };
+                row.extend([
+                    s.network_service,
+                    none_if_empty(&endpoint),
+                    none_if_empty(&s.node),
+                    status_text(&st),
+                    joined(&st.src_ip_addrs),
+                ]);
             }
             None => {}
         }
@@ -344,6 +373,7 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
             lines.push(("Address".into(), none_if_empty(&s.address)));
             lines.push(("URL".into(), none_if_empty(&s.url)));
             lines.push(("Node".into(), none_if_empty(&s.node)));
+            lines.push(("Netns".into(), none_if_empty(&s.netns)));
             lines.push(("Expires".into(), expires(s.expiration_time.as_ref())));
             let first = s
                 .initial_registration_time
@@ -352,6 +382,39 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
                 .map_or("-".into(), |t| humantime::format_rfc3339_seconds(t).to_string());
             lines.push(("First registered".into(), first));
             lines.push(("Upstream name".into(), upstream::name_of(&m.namespace, &m.name)));
+        }
+        Some(pb::resource::Kind::Client(c)) => {
+            let s = c.spec.clone().unwrap_or_default();
+            let st = c.status.clone().unwrap_or_default();
+            lines.push(("Network service".into(), s.network_service));
+            lines.push(("Pinned endpoint".into(), none_if_empty(&s.endpoint)));
+            lines.push(("Netns".into(), s.netns));
+            lines.push(("Interface".into(), s.interface));
+            lines.push(("Node".into(), none_if_empty(&s.node)));
+            let status = if c.status.is_none() && s.node.is_empty() {
+                "Pending: no node assigned (give --node, or create it through the workload's node daemon)".into()
+            } else if c.status.is_none() {
+                format!("Pending: waiting for node {}", s.node)
+            } else {
+                status_text(&st)
+            };
+            lines.push(("Status".into(), status));
+            lines.push(("Endpoint".into(), none_if_empty(&st.endpoint)));
+            lines.push(("Mechanism".into(), none_if_empty(&st.mechanism)));
+            lines.push(("Addresses".into(), joined(&st.src_ip_addrs)));
+            lines.push(("Peer addresses".into(), joined(&st.dst_ip_addrs)));
+            lines.push(("MTU".into(), if st.mtu == 0 { "-".into() } else { st.mtu.to_string() }));
+            lines.push(("Connection".into(), none_if_empty(&st.connection_id)));
+            lines.push((
+                "Path".into(),
+                if st.path.is_empty() {
+                    "<none>".into()
+                } else {
+                    st.path.join(" -> ")
+                },
+            ));
+            lines.push(("RX".into(), format!("{} bytes, {} packets", st.rx_bytes, st.rx_packets)));
+            lines.push(("TX".into(), format!("{} bytes, {} packets", st.tx_bytes, st.tx_packets)));
         }
         Some(pb::resource::Kind::Node(n)) => {
             lines.push(("Address".into(), n.spec.clone().unwrap_or_default().address));

@@ -465,3 +465,93 @@ fn mutual_tls() {
         "cannot read CA /nonexistent.pem",
     );
 }
+
+/// Clients (declarative vWires) are resources too: created, listed with their status, described,
+/// applied, deleted; a bad client is refused by field.
+#[test]
+fn clients_as_resources() {
+    let r = registry();
+    // The design document's third command, with the workload named explicitly (run from the host).
+    let out = ok(nsmctl(
+        &r,
+        &[
+            "client",
+            "create",
+            "orders-vwire",
+            "--service=orders",
+            "--endpoint=vm-endpoint",
+            "--netns",
+            "/var/run/netns/pod-1",
+            "--node",
+            "node-a",
+        ],
+    ));
+    assert_eq!(out.trim(), "client/orders-vwire created");
+    let t = ok(nsmctl(&r, &["get", "clients"]));
+    assert!(
+        t.contains("orders-vwire") && t.contains("vm-endpoint") && t.contains("node-a") && t.contains("Pending"),
+        "{t}"
+    );
+    let d = ok(nsmctl(&r, &["describe", "client", "orders-vwire"]));
+    assert!(
+        d.contains("Pending: waiting for node node-a") && d.contains("Interface:") && d.contains("nsm-1"),
+        "{d}"
+    );
+    let y = ok(nsmctl(&r, &["get", "client", "orders-vwire", "-o", "yaml"]));
+    assert!(
+        y.contains("kind: Client") && y.contains("networkService: orders"),
+        "{y}"
+    );
+    assert_eq!(
+        ok(nsmctl_stdin(&r, &["apply", "-f", "-"], &y)).trim(),
+        "client/orders-vwire unchanged"
+    );
+
+    fails(
+        nsmctl(
+            &r,
+            &[
+                "client",
+                "create",
+                "c2",
+                "--service",
+                "orders",
+                "--netns",
+                "relative/path",
+                "--node",
+                "a",
+            ],
+        ),
+        "spec.netns",
+    );
+    fails(
+        nsmctl(
+            &r,
+            &[
+                "client",
+                "create",
+                "c2",
+                "--service",
+                "orders",
+                "--netns",
+                "/x",
+                "--interface",
+                "way-too-long-ifname",
+            ],
+        ),
+        "spec.interface",
+    );
+    fails(
+        nsmctl(&r, &["client", "create", "c2", "--service", "Bad", "--netns", "/x"]),
+        "spec.networkService",
+    );
+    // From the host's namespace without --netns: there is no workload to speak of.
+    fails(
+        nsmctl(&r, &["client", "create", "c3", "--service", "orders"]),
+        "--netns",
+    );
+    assert_eq!(
+        ok(nsmctl(&r, &["delete", "vwire", "orders-vwire"])).trim(),
+        "client/orders-vwire deleted"
+    );
+}
