@@ -1,7 +1,9 @@
 //! `nsm`: the nsm daemons.
 //!
 //! - `nsm registry` — the registry of a domain (upstream registry API + nsm.v1 resources).
+//! - `nsm node` — the nsm-node daemon of a host.
 
+mod node;
 mod registry;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +28,9 @@ enum Command {
     /// Run the registry of a domain: upstream's NetworkService/NetworkServiceEndpoint registry
     /// services and the nsm.v1 resource API, on an embedded durable store or etcd.
     Registry(registry::Args),
+    /// Run the nsm-node daemon of this host: registers the node and builds the vWires (clients)
+    /// assigned to it in the kernel, reporting their status.
+    Node(node::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Registry(args) => registry::run(args).await,
+            Command::Node(args) => node::run(args).await,
         }
     })
 }

@@ -1,0 +1,70 @@
+//! `nsm node`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Flags of `nsm node`.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Node name (also its Node resource; clients name it in spec.node).
+    #[arg(long, env = "NSM_NAME")]
+    name: String,
+    /// Registry to follow: tcp://HOST:PORT or unix:///PATH.
+    #[arg(long, env = "NSM_REGISTRY_URL", default_value = "tcp://127.0.0.1:5002")]
+    registry: String,
+    /// The host's underlay address, where tunnels to it end.
+    #[arg(long, env = "NSM_TUNNEL_IP")]
+    underlay_address: IpAddr,
+    /// State directory (created if missing).
+    #[arg(long, env = "NSM_DATA_DIR", default_value = "/var/lib/nsm/node")]
+    data_dir: PathBuf,
+    /// How often counters are refreshed into client statuses and unready clients retried.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    resync: Duration,
+    /// CA (PEM) to verify the registry with: connect over TLS.
+    #[arg(long, env = "NSM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with the registry.
+    #[arg(long, env = "NSM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --tls-cert.
+    #[arg(long, env = "NSM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    nsm_model::validate::name("--name", &args.name)?;
+    if args.resync.is_zero() {
+        anyhow::bail!("--resync must be longer than zero");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(nsm_transport::ClientTls::from_files(
+            ca,
+            args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+            None,
+        )?),
+        None => None,
+    };
+    let config = nsm_node::Config {
+        name: args.name,
+        registry: args.registry,
+        underlay: args.underlay_address,
+        tls,
+        resync: args.resync,
+    };
+    println!("nsm node {} following {}", config.name, config.registry);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    nsm_node::run(config, shutdown).await?;
+    Ok(())
+}

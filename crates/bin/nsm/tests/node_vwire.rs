@@ -1,0 +1,357 @@
+//! `nsm node` end to end, as root: real registry and node processes, real namespaces from the test
+//! bed, real veth pairs, real pings. Same-node vWires: creation, counters, healing to another
+//! endpoint, a daemon `kill -9` + restart without disturbing the vWire, deletion, bad input.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use nsm_testing::{NsmRegistry, sibling_binary};
+
+const NSM: &str = env!("CARGO_BIN_EXE_nsm");
+
+struct NodeProc {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProc {
+    fn start(registry: &str, name: &str) -> NodeProc {
+        let dir = tempfile::tempdir().unwrap();
+        let args = vec![
+            "node".into(),
+            "--name".into(),
+            name.into(),
+            "--registry".into(),
+            registry.into(),
+            "--underlay-address".into(),
+            "192.0.2.1".into(),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+            "--resync".into(),
+            "300ms".into(),
+        ];
+        let log = dir.path().join("node.log");
+        let mut n = NodeProc {
+            child: None,
+            args,
+            log,
+            _dir: dir,
+        };
+        n.launch();
+        n
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(NSM)
+                .args(&self.args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn nsmctl(registry: &NsmRegistry, args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(sibling_binary(NSM, "nsmctl").unwrap())
+        .args(args)
+        .env("NSM_REGISTRY", registry.url())
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[track_caller]
+fn ok(r: (bool, String, String)) -> String {
+    assert!(r.0, "nsmctl failed: {}{}", r.1, r.2);
+    r.1
+}
+
+fn client_json(registry: &NsmRegistry, name: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(nsmctl(registry, &["get", "client", name, "-o", "json"]))).unwrap()
+}
+
+/// Polls the client until `pred` holds on its JSON (10 s at most).
+fn wait_client(
+    registry: &NsmRegistry,
+    node: &NodeProc,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let j = client_json(registry, name);
+        if pred(&j) {
+            return j;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            panic!(
+                "client {name}: {what} not reached; last: {j:#}\nnode log:\n{}",
+                node.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn phase(j: &serde_json::Value) -> &str {
+    j["status"]["phase"].as_str().unwrap_or("")
+}
+
+async fn link_index(bed: &Testbed, ns: &str, ifname: &str) -> Option<u32> {
+    let nl = nsm_dataplane::Netlink::connect(bed.ns(ns)).await.unwrap();
+    nl.link(ifname).await.unwrap().map(|l| l.index)
+}
+
+async fn link_names(bed: &Testbed, ns: &str) -> Vec<String> {
+    let nl = nsm_dataplane::Netlink::connect(bed.ns(ns)).await.unwrap();
+    nl.links().await.unwrap().into_iter().map(|l| l.name).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_node_vwire_lifecycle() {
+    let prefix = unique_prefix("vw");
+    let bed = Testbed::up(Topology {
+        prefix,
+        hosts: vec![HostSpec {
+            name: "h1".into(),
+            underlay_addr: "192.0.2.11".parse().unwrap(),
+        }],
+        workloads: ["pod", "epa", "epb"]
+            .iter()
+            .map(|n| WorkloadSpec {
+                name: n.to_string(),
+                host: "h1".into(),
+            })
+            .collect(),
+        address_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let mut node = NodeProc::start(&registry.url(), "node-a");
+
+    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.60.0.0/24"]));
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep-a",
+            "--service",
+            "orders",
+            "--netns",
+            &path("epa"),
+            "--node",
+            "node-a",
+        ],
+    ));
+
+    // Create → Ready, with the addresses in the workload and traffic flowing.
+    let t0 = Instant::now();
+    ok(nsmctl(
+        &registry,
+        &[
+            "client",
+            "create",
+            "c1",
+            "--service",
+            "orders",
+            "--netns",
+            &path("pod"),
+            "--node",
+            "node-a",
+        ],
+    ));
+    let j = wait_client(&registry, &node, "c1", "Ready", |j| phase(j) == "Ready");
+    let setup = t0.elapsed();
+    assert_eq!(j["status"]["endpoint"], "ep-a");
+    assert_eq!(j["status"]["mechanism"], "KERNEL");
+    assert_eq!(j["status"]["srcIpAddrs"][0], "10.60.0.1/32");
+    let dst = j["status"]["dstIpAddrs"][0]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_owned();
+    assert!(bed.ping("pod", dst.parse().unwrap(), 3), "ping over the vWire");
+    eprintln!("client create -> Ready in {setup:?}");
+
+    // Counters reach the status.
+    wait_client(&registry, &node, "c1", "counters", |j| {
+        j["status"]["txPackets"].as_u64().unwrap_or(0) >= 3
+    });
+    let d = ok(nsmctl(&registry, &["describe", "client", "c1"]));
+    assert!(
+        d.contains("Status:") && d.contains("Ready") && d.contains("KERNEL") && d.contains("10.60.0.1/32"),
+        "{d}"
+    );
+
+    // kill -9 the daemon and restart it: the vWire keeps forwarding and is adopted, not rebuilt.
+    let before = link_index(&bed, "pod", "nsm-1").await.expect("nsm-1 exists");
+    node.kill9();
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 1),
+        "forwarding survives the daemon's death"
+    );
+    node.launch();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        link_index(&bed, "pod", "nsm-1").await,
+        Some(before),
+        "re-adopted, not rebuilt"
+    );
+    assert_eq!(phase(&client_json(&registry, "c1")), "Ready");
+    assert!(bed.ping("pod", dst.parse().unwrap(), 1));
+
+    // Heal: the endpoint goes away, another one is selected and traffic flows again.
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep-b",
+            "--service",
+            "orders",
+            "--netns",
+            &path("epb"),
+            "--node",
+            "node-a",
+        ],
+    ));
+    let t1 = Instant::now();
+    ok(nsmctl(&registry, &["delete", "endpoint", "ep-a"]));
+    let j = wait_client(&registry, &node, "c1", "healed to ep-b", |j| {
+        phase(j) == "Ready" && j["status"]["endpoint"] == "ep-b"
+    });
+    let dst = j["status"]["dstIpAddrs"][0]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_owned();
+    assert!(bed.ping("pod", dst.parse().unwrap(), 2), "traffic flows via ep-b");
+    eprintln!("endpoint deleted -> healed in {:?}", t1.elapsed());
+    assert_eq!(link_names(&bed, "epa").await, ["lo"], "nothing left in ep-a");
+
+    // No live endpoint: Pending with the reason; back to Ready when one returns.
+    ok(nsmctl(&registry, &["delete", "endpoint", "ep-b"]));
+    let j = wait_client(&registry, &node, "c1", "Pending", |j| phase(j) == "Pending");
+    assert!(
+        j["status"]["reason"].as_str().unwrap().contains("no live endpoint"),
+        "{j:#}"
+    );
+    assert!(
+        link_index(&bed, "pod", "nsm-1").await.is_none(),
+        "no half-built interface while Pending"
+    );
+
+    // Bad input: a missing namespace fails clearly; an unknown service waits.
+    ok(nsmctl(
+        &registry,
+        &[
+            "client",
+            "create",
+            "c2",
+            "--service",
+            "orders",
+            "--netns",
+            "/var/run/netns/does-not-exist",
+            "--node",
+            "node-a",
+            "--interface",
+            "nsm-2",
+        ],
+    ));
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep-c",
+            "--service",
+            "orders",
+            "--netns",
+            &path("epb"),
+            "--node",
+            "node-a",
+        ],
+    ));
+    let j = wait_client(&registry, &node, "c2", "Failed", |j| phase(j) == "Failed");
+    assert!(
+        j["status"]["reason"].as_str().unwrap().contains("does-not-exist"),
+        "{j:#}"
+    );
+    ok(nsmctl(
+        &registry,
+        &[
+            "client",
+            "create",
+            "c3",
+            "--service",
+            "nope",
+            "--netns",
+            &path("pod"),
+            "--node",
+            "node-a",
+            "--interface",
+            "nsm-3",
+        ],
+    ));
+    let j = wait_client(&registry, &node, "c3", "Pending", |j| phase(j) == "Pending");
+    assert!(
+        j["status"]["reason"].as_str().unwrap().contains("\"nope\" not found"),
+        "{j:#}"
+    );
+
+    // Delete removes the interface (c1 is Ready again on ep-c first).
+    wait_client(&registry, &node, "c1", "Ready on ep-c", |j| {
+        phase(j) == "Ready" && j["status"]["endpoint"] == "ep-c"
+    });
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
+    let start = Instant::now();
+    while link_index(&bed, "pod", "nsm-1").await.is_some() && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        link_index(&bed, "pod", "nsm-1").await.is_none(),
+        "delete removes the vWire; node log:\n{}",
+        node.log()
+    );
+    assert_eq!(link_names(&bed, "epb").await, ["lo"]);
+
+    drop(node);
+    bed.down().await.unwrap();
+}

@@ -1,0 +1,18 @@
+//! Kernel data-plane primitives for the nsm node daemon: network namespaces, veth pairs, VXLAN
+//! links, addresses, routes and sysctls, spoken over rtnetlink (never by running `ip`).
+//!
+//! Namespaces are per-thread in Linux and a socket stays in the namespace it was created in, so
+//! everything that has to happen *inside* a namespace happens on a dedicated OS thread (see
+//! [`NetNs::run`]); a [`Netlink`] handle is a socket opened that way and then driven from any task.
+//!
+//! Everything here needs `CAP_NET_ADMIN` (and `CAP_SYS_ADMIN` to create or delete namespaces).
+
+mod error;
+mod netlink;
+mod netns;
+mod sysctl;
+
+pub use error::{DataplaneError, Result};
+pub use netlink::{LinkInfo, LinkStats, MAX_LINK_NAME, Netlink, RouteInfo};
+pub use netns::{NETNS_RUN_DIR, NetNs, named_path};
+pub use sysctl::set_ip_forwarding;
