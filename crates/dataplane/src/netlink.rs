@@ -204,6 +204,17 @@ impl Netlink {
             .await
     }
 
+    /// Renames link `name` to `new` (the link must be down). Lets a link be created under a name
+    /// unique in one namespace and given its final name in the namespace it is moved to.
+    pub async fn rename(&self, name: &str, new: &str) -> Result<()> {
+        const OP: &str = "rename link";
+        check_name(OP, new)?;
+        let index = self.index(OP, name).await?;
+        let object = format!("{name} to {new}");
+        self.set_link(OP, object, LinkUnspec::new_with_index(index).name(new).build())
+            .await
+    }
+
     /// Attaches link `name` to bridge `bridge` (`ip link set NAME master BRIDGE`).
     pub async fn set_controller(&self, name: &str, bridge: &str) -> Result<()> {
         const OP: &str = "attach link";

@@ -143,6 +143,9 @@ pub struct EndpointSpecDoc {
 pub struct NodeSpecDoc {
     /// Underlay address.
     pub address: String,
+    /// NetworkService API of its daemon.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
 }
 
 /// Spec of a client (a declarative vWire).
@@ -500,7 +503,10 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                 api_version,
                 kind,
                 metadata,
-                spec: NodeSpecDoc { address: s.address },
+                spec: NodeSpecDoc {
+                    address: s.address,
+                    url: s.url,
+                },
             })
         }
         R::Client(c) => {
@@ -652,6 +658,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                     metadata: Some(meta_pb(d.metadata)),
                     spec: Some(pb::NodeSpec {
                         address: d.spec.address,
+                        url: d.spec.url,
                     }),
                 })
             }

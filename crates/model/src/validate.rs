@@ -385,6 +385,7 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
                 ));
             }
             spec.address = ip("spec.address", &spec.address)?.to_string();
+            url("spec.url", &spec.url)?;
         }
     }
     Ok(kind)

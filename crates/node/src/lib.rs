@@ -6,14 +6,18 @@
 //! client's namespace into the endpoint's, so traffic crosses no bridge, no forwarder namespace and
 //! no userspace: the cost of a bare veth pair. Endpoint selection follows upstream's `matches`,
 //! addresses come from the service's pool, and a vWire whose endpoint disappears is re-wired to
-//! another eligible endpoint. Cross-node (VXLAN), address endpoints and the upstream
-//! `NetworkService` API on the node come next.
+//! another eligible endpoint. Cross-node vWires use the `VXLAN` mechanism: the client's node asks
+//! the endpoint's node over upstream's `NetworkService.Request` ([`remote`]), each builds its end
+//! of a kernel VXLAN tunnel whose UDP socket stays in the host namespace, and the workload sees an
+//! interface whose MTU leaves room for the encapsulation.
 
 pub mod ipam;
 mod reconcile;
+pub mod remote;
 pub mod select;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use reconcile::run;
@@ -31,6 +35,13 @@ pub struct Config {
     pub tls: Option<nsm_transport::ClientTls>,
     /// How often counters are refreshed into client statuses and failed clients are retried.
     pub resync: Duration,
+    /// The URL other nodes reach this daemon's NetworkService API at (tcp://HOST:PORT).
+    pub url: Option<String>,
+    /// The host's network namespace, where tunnels leave on the underlay (default: the daemon's
+    /// own). Lets several "hosts" share one machine, as the test bed does.
+    pub host_netns: Option<PathBuf>,
+    /// MTU of the underlay; tunnelled vWires get it less the encapsulation overhead.
+    pub underlay_mtu: u32,
 }
 
 /// Why the daemon stopped.
@@ -40,4 +51,10 @@ pub enum NodeError {
     /// The registry could not be reached or refused the node.
     #[error("registry: {0}")]
     Registry(String),
+    /// The host namespace could not be opened.
+    #[error("host namespace: {0}")]
+    HostNetns(String),
+    /// A listener failed.
+    #[error(transparent)]
+    Transport(#[from] nsm_transport::TransportError),
 }

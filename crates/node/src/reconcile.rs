@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::StreamExt;
@@ -13,8 +14,12 @@ use nsm_model::{Kind, pb, upstream};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::remote::{self, RemoteEnds, vxlan};
 use crate::select::{self, Candidate};
 use crate::{Config, NodeError, ipam};
+use nsm_api::connection::{Connection, Mechanism, Path as ConnPath, PathSegment};
+use nsm_api::connectioncontext::{ConnectionContext, IpContext};
+use nsm_api::networkservice::{NetworkServiceRequest, network_service_client::NetworkServiceClient};
 
 type Registry = ResourceServiceClient<Channel>;
 type Phase = v1::client_status::Phase;
@@ -30,6 +35,9 @@ struct Wired {
     endpoint: String,
     src: IpNet,
     dst: IpNet,
+    mtu: u32,
+    /// Cross-node: the endpoint node's URL and the connection it accepted (refreshed, closed).
+    remote: Option<(String, Connection)>,
 }
 
 /// Why a client is not Ready.
@@ -91,8 +99,19 @@ fn peer_name(uid: &str) -> String {
     format!("nsm-{:010x}", h & 0xff_ffff_ffff)
 }
 
-/// Runs the daemon until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+/// Runs the daemon until `shutdown` resolves, serving its NetworkService API on `listeners`.
+pub async fn run(
+    config: Config,
+    listeners: Vec<nsm_transport::Listener>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let host_netns = Arc::new(
+        match &config.host_netns {
+            Some(p) => NetNs::open(p),
+            None => NetNs::current(),
+        }
+        .map_err(|e| NodeError::HostNetns(e.to_string()))?,
+    );
     let channel = nsm_transport::connect_with(&config.registry, std::time::Duration::from_secs(5), config.tls.as_ref())
         .await
         .map_err(|e| NodeError::Registry(e.to_string()))?;
@@ -105,6 +124,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             }),
             spec: Some(pb::NodeSpec {
                 address: config.underlay.to_string(),
+                url: config.url.clone().unwrap_or_default(),
             }),
         })),
     };
@@ -116,6 +136,44 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .await
         .map_err(|s| status_err("register node", s))?;
     tracing::info!(node = %config.name, underlay = %config.underlay, "node registered");
+
+    let ends = RemoteEnds::new(
+        registry.clone(),
+        config.name.clone(),
+        config.underlay,
+        host_netns.clone(),
+        config.underlay_mtu,
+    );
+    let routes = {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("networkservice.NetworkService", tonic_health::ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let mut b = tonic::service::Routes::builder();
+        b.add_service(health).add_service(
+            nsm_api::networkservice::network_service_server::NetworkServiceServer::new(remote::NodeService(
+                ends.clone(),
+            )),
+        );
+        b.routes()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    for l in listeners {
+        let mut rx = stop_rx.clone();
+        let url = l.url().clone();
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = l.serve(routes, None, stopped).await {
+                tracing::error!(%url, error = %e, "node listener failed");
+            }
+        });
+    }
 
     let (tx, mut rx) = mpsc::channel(1024);
     spawn_watch(registry.clone(), Kind::Client, tx.clone());
@@ -135,21 +193,28 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let mut r = Reconciler {
         config,
         registry,
+        host_netns,
         clients: HashMap::new(),
         wired: HashMap::new(),
         rr: 0,
     };
     tokio::pin!(shutdown);
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break Ok(()),
             t = rx.recv() => match t {
                 Some(Trigger::Client(c, deleted)) => r.on_client(*c, deleted).await,
-                Some(Trigger::Endpoints) | Some(Trigger::Resync) => r.resync().await,
-                None => return Err(NodeError::Registry("watch tasks stopped".into())),
+                Some(Trigger::Endpoints) => r.resync().await,
+                Some(Trigger::Resync) => {
+                    ends.sweep().await;
+                    r.resync().await;
+                }
+                None => break Err(NodeError::Registry("watch tasks stopped".into())),
             },
         }
-    }
+    };
+    let _ = stop_tx.send(true);
+    result
 }
 
 /// Follows one kind in the registry, re-subscribing after a dropped stream.
@@ -186,6 +251,7 @@ fn spawn_watch(mut registry: Registry, kind: Kind, tx: mpsc::Sender<Trigger>) {
 struct Reconciler {
     config: Config,
     registry: Registry,
+    host_netns: Arc<NetNs>,
     /// Clients assigned to this node, as last seen.
     clients: HashMap<(String, String), pb::Client>,
     wired: HashMap<(String, String), Wired>,
@@ -395,16 +461,41 @@ impl Reconciler {
         };
         let endpoint_up = upstream::nse_to_upstream(&chosen).name;
         let ep_spec = chosen.spec.clone().unwrap_or_default();
-        if ep_spec.netns.is_empty() || ep_spec.node != self.config.name {
-            let where_ = if !ep_spec.address.is_empty() {
-                format!("is an address endpoint ({})", ep_spec.address)
+        if ep_spec.netns.is_empty() {
+            let what = if ep_spec.address.is_empty() {
+                "has no network namespace".to_owned()
             } else {
-                format!("is on node {:?}", ep_spec.node)
+                format!(
+                    "is an address endpoint ({}); gateway vWires are not built yet",
+                    ep_spec.address
+                )
             };
-            return Err(pending(format!(
-                "endpoint {endpoint_up:?} {where_}; this node wires same-node endpoints only so far"
-            )));
+            return Err(pending(format!("endpoint {endpoint_up:?} {what}")));
         }
+        // Cross-node: where the endpoint's node serves its NetworkService API.
+        let remote_node = if ep_spec.node == self.config.name {
+            None
+        } else {
+            let node = match self.get(Kind::Node, "", &ep_spec.node).await? {
+                Some(pb::Resource {
+                    kind: Some(pb::resource::Kind::Node(n)),
+                }) => n.spec.unwrap_or_default(),
+                _ => {
+                    return Err(pending(format!(
+                        "node {:?} of endpoint {endpoint_up:?} is not registered",
+                        ep_spec.node
+                    )));
+                }
+            };
+            if node.url.is_empty() {
+                return Err(pending(format!("node {:?} advertises no URL", ep_spec.node)));
+            }
+            let underlay: IpAddr = node
+                .address
+                .parse()
+                .map_err(|_| failed(format!("node {:?} has no underlay address", ep_spec.node)))?;
+            Some((node.url, underlay))
+        };
 
         // Re-wire if the endpoint or the workload changed.
         if let Some(w) = self.wired.get(key)
@@ -414,13 +505,30 @@ impl Reconciler {
         }
         let uid = client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
         let w = match self.wired.get(key).cloned() {
-            Some(w) if link_present(&w).await => w,
+            Some(mut w) if link_present(&w).await => {
+                if let Some((url, conn)) = &w.remote {
+                    // Refresh: the endpoint's node forgets connections that are not re-requested.
+                    match request_remote(url, conn.clone()).await {
+                        Ok(c) => w.remote = Some((url.clone(), c)),
+                        Err(e) => tracing::warn!(client = ?key, error = %e, "refreshing the remote end failed"),
+                    }
+                    self.wired.insert(key.clone(), w.clone());
+                }
+                w
+            }
             _ => {
                 // Adopt what an earlier run of this daemon built (it keeps forwarding across a
                 // restart), else build it.
                 let adopted = adopt(client, &spec, &endpoint_up).await;
                 let w = match adopted {
-                    Some(w) => w,
+                    Some(mut w) => {
+                        if let Some((url, _)) = &remote_node {
+                            let conn = self.connection(key, &uid, &service_up, &endpoint_up, &labels, w.src, w.dst);
+                            let accepted = request_remote(url, conn).await.map_err(pending)?;
+                            w.remote = Some((url.clone(), accepted));
+                        }
+                        w
+                    }
                     None => {
                         let pool: IpNet = service
                             .as_ref()
@@ -433,14 +541,25 @@ impl Reconciler {
                         let used = self.used_addresses(key).await?;
                         let (src, dst) = ipam::allocate_pair(pool, &used)
                             .ok_or_else(|| failed(format!("address pool {pool} of {service_up:?} is exhausted")))?;
-                        let w = Wired {
+                        let mut w = Wired {
                             netns: spec.netns.clone(),
                             interface: spec.interface.clone(),
                             endpoint: endpoint_up.clone(),
                             src,
                             dst,
+                            mtu: VETH_MTU,
+                            remote: None,
                         };
-                        wire(&w, &ep_spec.netns, &peer_name(&uid)).await.map_err(failed)?;
+                        match &remote_node {
+                            None => wire(&w, &ep_spec.netns, &peer_name(&uid)).await.map_err(failed)?,
+                            Some((url, underlay)) => {
+                                let conn = self.connection(key, &uid, &service_up, &endpoint_up, &labels, src, dst);
+                                let (accepted, mtu) =
+                                    self.wire_remote(&w, url, *underlay, conn).await.map_err(failed)?;
+                                w.mtu = mtu;
+                                w.remote = Some((url.clone(), accepted));
+                            }
+                        }
                         tracing::info!(client = ?key, endpoint = %endpoint_up, src = %src, dst = %dst, "vWire ready");
                         w
                     }
@@ -455,18 +574,127 @@ impl Reconciler {
             phase: Phase::Ready as i32,
             reason: String::new(),
             endpoint: endpoint_up.clone(),
-            mechanism: "KERNEL".into(),
+            mechanism: if w.remote.is_some() {
+                vxlan::TYPE.into()
+            } else {
+                "KERNEL".into()
+            },
             src_ip_addrs: vec![w.src.to_string()],
             dst_ip_addrs: vec![w.dst.to_string()],
             connection_id: uid,
-            path: vec![upstream::name_of(ns, name), self.config.name.clone(), endpoint_up],
+            path: match &w.remote {
+                None => vec![upstream::name_of(ns, name), self.config.name.clone(), endpoint_up],
+                Some(_) => vec![
+                    upstream::name_of(ns, name),
+                    self.config.name.clone(),
+                    spec_node(&ep_spec),
+                    endpoint_up,
+                ],
+            },
             rx_bytes: stats.rx_bytes,
             tx_bytes: stats.tx_bytes,
             rx_packets: stats.rx_packets,
             tx_packets: stats.tx_packets,
             updated: None,
-            mtu: VETH_MTU,
+            mtu: w.mtu,
         })
+    }
+
+    /// The upstream connection this node asks the endpoint's node for.
+    #[allow(clippy::too_many_arguments)]
+    fn connection(
+        &self,
+        key: &(String, String),
+        uid: &str,
+        service: &str,
+        endpoint: &str,
+        labels: &HashMap<String, String>,
+        src: IpNet,
+        dst: IpNet,
+    ) -> Connection {
+        let expires = Some(prost_types::Timestamp::from(
+            SystemTime::now() + remote::REMOTE_LIFETIME,
+        ));
+        let seg = |name: String| PathSegment {
+            name,
+            id: uid.to_owned(),
+            token: String::new(),
+            expires,
+            metrics: HashMap::new(),
+        };
+        let mut params = HashMap::new();
+        params.insert(vxlan::SRC_IP.to_owned(), self.config.underlay.to_string());
+        params.insert(vxlan::SRC_PORT.to_owned(), vxlan::PORT.to_string());
+        params.insert(vxlan::VNI.to_owned(), remote::vni_of(uid).to_string());
+        Connection {
+            id: uid.to_owned(),
+            network_service: service.to_owned(),
+            mechanism: Some(Mechanism {
+                cls: vxlan::CLS_REMOTE.into(),
+                r#type: vxlan::TYPE.into(),
+                parameters: params,
+            }),
+            context: Some(ConnectionContext {
+                ip_context: Some(IpContext {
+                    src_ip_addrs: vec![src.to_string()],
+                    dst_ip_addrs: vec![dst.to_string()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            labels: labels.clone(),
+            path: Some(ConnPath {
+                index: 1,
+                path_segments: vec![seg(upstream::name_of(&key.0, &key.1)), seg(self.config.name.clone())],
+            }),
+            network_service_endpoint_name: endpoint.to_owned(),
+            payload: "IP".into(),
+            state: 0,
+        }
+    }
+
+    /// Builds a cross-node vWire: the endpoint's node first (so a refusal leaves nothing here),
+    /// then this end. Returns the accepted connection and the interface MTU.
+    async fn wire_remote(
+        &self,
+        w: &Wired,
+        url: &str,
+        underlay: IpAddr,
+        conn: Connection,
+    ) -> Result<(Connection, u32), String> {
+        let accepted = request_remote(url, conn).await?;
+        let params = accepted
+            .mechanism
+            .as_ref()
+            .map(|m| m.parameters.clone())
+            .unwrap_or_default();
+        let remote_ip: IpAddr = params
+            .get(vxlan::DST_IP)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(underlay);
+        let overhead = if remote_ip.is_ipv6() {
+            vxlan::OVERHEAD_V6
+        } else {
+            vxlan::OVERHEAD_V4
+        };
+        let mtu = self.config.underlay_mtu - overhead;
+        let built = remote::build_end(
+            &self.host_netns,
+            Path::new(&w.netns),
+            &w.interface,
+            remote::vni_of(&accepted.id),
+            self.config.underlay,
+            remote_ip,
+            mtu,
+            w.dst,
+            w.src,
+        )
+        .await;
+        if let Err(e) = built {
+            close_remote(url, accepted).await;
+            return Err(e);
+        }
+        Ok((accepted, mtu))
     }
 
     /// Addresses in use by any client (this node's wiring and every status in the registry).
@@ -493,6 +721,43 @@ impl Reconciler {
             }
         }
         Ok(used)
+    }
+}
+
+fn spec_node(e: &pb::EndpointSpec) -> String {
+    e.node.clone()
+}
+
+async fn node_client(url: &str) -> Result<NetworkServiceClient<Channel>, String> {
+    let ch = nsm_transport::connect(url, std::time::Duration::from_secs(3))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(NetworkServiceClient::new(ch))
+}
+
+/// Requests (or refreshes) a connection at another node.
+async fn request_remote(url: &str, conn: Connection) -> Result<Connection, String> {
+    let mechanism_preferences = conn.mechanism.clone().into_iter().collect();
+    let req = NetworkServiceRequest {
+        connection: Some(conn),
+        mechanism_preferences,
+    };
+    node_client(url)
+        .await?
+        .request(req)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("node at {url}: {}", s.message()))
+}
+
+async fn close_remote(url: &str, conn: Connection) {
+    match node_client(url).await {
+        Ok(mut c) => {
+            if let Err(s) = c.close(conn).await {
+                tracing::warn!(%url, error = %s.message(), "closing the remote end failed");
+            }
+        }
+        Err(e) => tracing::warn!(%url, error = %e, "closing the remote end failed"),
     }
 }
 
@@ -540,6 +805,9 @@ async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String>
 
 /// Removes a vWire: deleting one end of a veth pair deletes both, with their addresses and routes.
 async fn unwire(w: &Wired) -> Result<(), String> {
+    if let Some((url, conn)) = &w.remote {
+        close_remote(url, conn.clone()).await;
+    }
     let (_ns, nl) = match netlink_in(&w.netns).await {
         Ok(x) => x,
         // The workload's namespace is gone, and the vWire with it.
@@ -586,6 +854,8 @@ async fn adopt(client: &pb::Client, spec: &pb::ClientSpec, endpoint: &str) -> Op
         endpoint: endpoint.to_owned(),
         src,
         dst,
+        mtu: if st.mtu == 0 { VETH_MTU } else { st.mtu },
+        remote: None,
     };
     let (_ns, nl) = netlink_in(&w.netns).await.ok()?;
     let link = nl.link(&w.interface).await.ok()??;

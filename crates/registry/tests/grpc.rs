@@ -544,6 +544,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         metadata: meta("n1", ""),
         spec: Some(v1::NodeSpec {
             address: "192.0.2.1".into(),
+            ..Default::default()
         }),
     });
     res.create(v1::CreateRequest {

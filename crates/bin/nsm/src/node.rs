@@ -18,6 +18,20 @@ pub(crate) struct Args {
     /// The host's underlay address, where tunnels to it end.
     #[arg(long, env = "NSM_TUNNEL_IP")]
     underlay_address: IpAddr,
+    /// Where to serve the NetworkService API (repeatable): tcp://HOST:PORT or unix:///PATH. Other
+    /// nodes reach this one over TCP for cross-node vWires (upstream's nsmgr port is 5001).
+    #[arg(long = "listen", env = "NSM_LISTEN_ON", value_delimiter = ',',
+          default_values_t = ["unix:///var/run/nsm/nsm.sock".to_string()])]
+    listen: Vec<String>,
+    /// URL other nodes reach this one at (default: the first tcp:// listener).
+    #[arg(long, env = "NSM_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// The host's network namespace, where tunnels leave on the underlay (default: the daemon's).
+    #[arg(long)]
+    host_netns: Option<PathBuf>,
+    /// MTU of the underlay; tunnelled vWires get it less the encapsulation overhead.
+    #[arg(long, default_value_t = 1500)]
+    underlay_mtu: u32,
     /// State directory (created if missing).
     #[arg(long, env = "NSM_DATA_DIR", default_value = "/var/lib/nsm/node")]
     data_dir: PathBuf,
@@ -50,13 +64,35 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let mut listeners = Vec::new();
+    for l in &args.listen {
+        let url: nsm_transport::Url = l.parse().context("--listen")?;
+        listeners.push(nsm_transport::Listener::bind(&url).await?);
+    }
+    let advertise = match args.advertise_url {
+        Some(u) => Some(u),
+        None => listeners
+            .iter()
+            .map(|l| l.url().clone())
+            .find(|u| matches!(u, nsm_transport::Url::Tcp(_)))
+            .map(|u| u.to_string()),
+    };
+    if args.underlay_mtu < 1280 {
+        anyhow::bail!("--underlay-mtu must be at least 1280");
+    }
     let config = nsm_node::Config {
         name: args.name,
         registry: args.registry,
         underlay: args.underlay_address,
         tls,
         resync: args.resync,
+        url: advertise,
+        host_netns: args.host_netns,
+        underlay_mtu: args.underlay_mtu,
     };
+    for l in &listeners {
+        println!("nsm node {} serving on {}", config.name, l.url());
+    }
     println!("nsm node {} following {}", config.name, config.registry);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
@@ -65,6 +101,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    nsm_node::run(config, shutdown).await?;
+    nsm_node::run(config, listeners, shutdown).await?;
     Ok(())
 }

@@ -20,20 +20,25 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(registry: &str, name: &str) -> NodeProc {
+        Self::start_with(registry, name, &["--underlay-address".into(), "192.0.2.1".into()])
+    }
+
+    fn start_with(registry: &str, name: &str, extra: &[String]) -> NodeProc {
         let dir = tempfile::tempdir().unwrap();
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "node".into(),
             "--name".into(),
             name.into(),
             "--registry".into(),
             registry.into(),
-            "--underlay-address".into(),
-            "192.0.2.1".into(),
             "--data-dir".into(),
             dir.path().join("data").display().to_string(),
             "--resync".into(),
             "300ms".into(),
+            "--listen".into(),
+            format!("unix://{}", dir.path().join("nsm.sock").display()),
         ];
+        args.extend(extra.iter().cloned());
         let log = dir.path().join("node.log");
         let mut n = NodeProc {
             child: None,
@@ -353,5 +358,132 @@ async fn same_node_vwire_lifecycle() {
     assert_eq!(link_names(&bed, "epb").await, ["lo"]);
 
     drop(node);
+    bed.down().await.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A pod on one host, a service endpoint on another: a VXLAN vWire over the test bed's underlay,
+/// built by two node daemons talking upstream's NetworkService API, with an MTU that lets
+/// full-size packets through without fragmentation, and removed from both hosts on delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_vxlan_vwire() {
+    let bed = Testbed::up(Topology {
+        prefix: unique_prefix("xn"),
+        hosts: vec![
+            HostSpec {
+                name: "h1".into(),
+                underlay_addr: "192.0.2.11".parse().unwrap(),
+            },
+            HostSpec {
+                name: "h2".into(),
+                underlay_addr: "192.0.2.12".parse().unwrap(),
+            },
+        ],
+        workloads: vec![
+            WorkloadSpec {
+                name: "pod".into(),
+                host: "h1".into(),
+            },
+            WorkloadSpec {
+                name: "svc".into(),
+                host: "h2".into(),
+            },
+        ],
+        address_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let node_args = |host: &str, addr: &str| {
+        vec![
+            "--host-netns".to_string(),
+            path(host),
+            "--underlay-address".into(),
+            addr.into(),
+            "--listen".into(),
+            format!("tcp://127.0.0.1:{}", free_port()),
+        ]
+    };
+    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args("h1", "192.0.2.11"));
+    let b = NodeProc::start_with(&registry.url(), "node-b", &node_args("h2", "192.0.2.12"));
+
+    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.70.0.0/24"]));
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep",
+            "--service",
+            "orders",
+            "--netns",
+            &path("svc"),
+            "--node",
+            "node-b",
+        ],
+    ));
+    let t0 = Instant::now();
+    ok(nsmctl(
+        &registry,
+        &[
+            "client",
+            "create",
+            "c1",
+            "--service",
+            "orders",
+            "--netns",
+            &path("pod"),
+            "--node",
+            "node-a",
+        ],
+    ));
+    let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
+    eprintln!("cross-node client create -> Ready in {:?}", t0.elapsed());
+    assert_eq!(j["status"]["mechanism"], "VXLAN", "{j:#}");
+    assert_eq!(
+        j["status"]["mtu"], 1450,
+        "underlay 1500 less 50 bytes of VXLAN over IPv4"
+    );
+    assert_eq!(j["status"]["path"], serde_json::json!(["c1", "node-a", "node-b", "ep"]));
+    let dst = j["status"]["dstIpAddrs"][0]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_owned();
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 3),
+        "ping across hosts; node-b log:\n{}",
+        b.log()
+    );
+    // Full-size packets with DF set: 1400 bytes of payload + 28 of headers fit the 1450 MTU.
+    let o = bed.exec("pod", &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1400", &dst]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let pod_links = link_names(&bed, "pod").await;
+    assert!(pod_links.contains(&"nsm-1".to_string()), "{pod_links:?}");
+    assert_eq!(link_names(&bed, "svc").await.len(), 2, "lo and the endpoint's end");
+
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
+    let start = Instant::now();
+    while (link_names(&bed, "pod").await.len() > 1 || link_names(&bed, "svc").await.len() > 1)
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(link_names(&bed, "pod").await, ["lo"], "client end removed");
+    assert_eq!(
+        link_names(&bed, "svc").await,
+        ["lo"],
+        "endpoint end removed by Close; node-b log:\n{}",
+        b.log()
+    );
+    drop((a, b));
     bed.down().await.unwrap();
 }

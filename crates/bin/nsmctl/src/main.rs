@@ -395,7 +395,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Verb::Create(c) => {
                 let r = pb::resource::Kind::Node(pb::Node {
                     metadata: meta(&c.name, "", labels(&c.labels)?),
-                    spec: Some(pb::NodeSpec { address: c.address }),
+                    spec: Some(pb::NodeSpec {
+                        address: c.address,
+                        url: String::new(),
+                    }),
                 });
                 create(&mut ctx, pb::Resource { kind: Some(r) }).await
             }

@@ -1,0 +1,335 @@
+//! The endpoint side of cross-node vWires, served as upstream's `networkservice.NetworkService`:
+//! the client's node sends a `Request` naming the endpoint, with a `VXLAN` mechanism carrying its
+//! underlay address and VNI, and the IP context it allocated; this node builds its end of the
+//! tunnel into the endpoint's namespace and answers with its own underlay address.
+//! Connections expire unless re-requested (refreshed) before their path segment's `expires`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use nsm_api::connection::{self, Connection, Mechanism, PathSegment};
+use nsm_api::networkservice::{NetworkServiceRequest, network_service_server::NetworkService};
+use nsm_api::nsm::v1::{self as v1, resource_service_client::ResourceServiceClient};
+use nsm_dataplane::{NetNs, Netlink};
+use nsm_model::{Kind, pb, upstream};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Upstream's mechanism type and parameter keys (api:pkg/api/networkservice/mechanisms/vxlan,
+/// common; see shared/reference/nsm-upstream.md §1.7).
+pub(crate) mod vxlan {
+    pub(crate) const TYPE: &str = "VXLAN";
+    pub(crate) const CLS_REMOTE: &str = "REMOTE";
+    pub(crate) const SRC_IP: &str = "src_ip";
+    pub(crate) const DST_IP: &str = "dst_ip";
+    pub(crate) const SRC_PORT: &str = "src_port";
+    pub(crate) const DST_PORT: &str = "dst_port";
+    pub(crate) const VNI: &str = "vni";
+    pub(crate) const MTU: &str = "MTU";
+    /// IANA VXLAN port, upstream's default.
+    pub(crate) const PORT: u16 = 4789;
+    /// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14) headers.
+    pub(crate) const OVERHEAD_V4: u32 = 50;
+    /// Outer IPv6 is 20 bytes longer.
+    pub(crate) const OVERHEAD_V6: u32 = 70;
+}
+
+/// Lifetime of a remote connection that is not refreshed.
+pub(crate) const REMOTE_LIFETIME: Duration = Duration::from_secs(30);
+
+/// One endpoint-side tunnel end this node built.
+#[derive(Clone, Debug)]
+struct End {
+    netns: PathBuf,
+    link: String,
+    expires: SystemTime,
+}
+
+/// The endpoint side's state, shared by the gRPC service and the expiry sweep.
+#[derive(Clone)]
+pub struct RemoteEnds {
+    inner: Arc<Mutex<HashMap<String, End>>>,
+    registry: ResourceServiceClient<Channel>,
+    node: String,
+    underlay: IpAddr,
+    host_netns: Arc<NetNs>,
+    underlay_mtu: u32,
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+/// The name of a tunnel end derived from the connection id (stable, ≤ 15 characters).
+pub(crate) fn link_name(prefix: &str, id: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{prefix}{:010x}", h & 0xff_ffff_ffff)
+}
+
+/// The VNI of a connection: 24 bits from its id.
+pub(crate) fn vni_of(id: &str) -> u32 {
+    let name = link_name("", id);
+    u32::from_str_radix(&name[..6], 16).unwrap_or(1).max(1) & 0x00ff_ffff
+}
+
+impl RemoteEnds {
+    /// State for node `node` whose tunnels leave from `underlay` in `host_netns`.
+    pub fn new(
+        registry: ResourceServiceClient<Channel>,
+        node: String,
+        underlay: IpAddr,
+        host_netns: Arc<NetNs>,
+        underlay_mtu: u32,
+    ) -> Self {
+        RemoteEnds {
+            inner: Arc::default(),
+            registry,
+            node,
+            underlay,
+            host_netns,
+            underlay_mtu,
+        }
+    }
+
+    /// Removes every end whose connection was not refreshed in time.
+    pub async fn sweep(&self) {
+        let now = SystemTime::now();
+        let expired: Vec<(String, End)> = {
+            let mut m = self.inner.lock().await;
+            let ids: Vec<String> = m
+                .iter()
+                .filter(|(_, e)| e.expires < now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| m.remove(&id).map(|e| (id, e)))
+                .collect()
+        };
+        for (id, end) in expired {
+            tracing::info!(connection = %id, "remote connection expired");
+            remove_end(&end).await;
+        }
+    }
+
+    async fn endpoint(&self, upstream_name: &str) -> Result<pb::EndpointSpec, Status> {
+        let (ns, name, _) = upstream::parse_name("connection.network_service_endpoint_name", upstream_name)
+            .map_err(|e| bad(e.to_string()))?;
+        let r = v1::ResourceRef {
+            kind: Kind::Endpoint.to_pb() as i32,
+            namespace: ns,
+            name,
+        };
+        let got = self
+            .registry
+            .clone()
+            .get(v1::GetRequest { r#ref: Some(r) })
+            .await?
+            .into_inner();
+        match got.kind {
+            Some(pb::resource::Kind::Endpoint(e)) => Ok(e.spec.unwrap_or_default()),
+            _ => Err(Status::not_found(format!("endpoint {upstream_name:?} not found"))),
+        }
+    }
+
+    async fn handle(&self, req: NetworkServiceRequest) -> Result<Connection, Status> {
+        let mut conn = req.connection.ok_or_else(|| bad("connection: missing"))?;
+        if conn.id.is_empty() {
+            return Err(bad("connection.id: must not be empty"));
+        }
+        let endpoint_name = conn.network_service_endpoint_name.clone();
+        if endpoint_name.is_empty() {
+            return Err(bad(
+                "connection.network_service_endpoint_name: this node serves requests for a named endpoint",
+            ));
+        }
+        let mech = conn
+            .mechanism
+            .clone()
+            .filter(|m| m.r#type == vxlan::TYPE)
+            .or_else(|| {
+                req.mechanism_preferences
+                    .iter()
+                    .find(|m| m.r#type == vxlan::TYPE)
+                    .cloned()
+            })
+            .ok_or_else(|| Status::failed_precondition("mechanism_preferences: no VXLAN mechanism offered"))?;
+        let src_ip: IpAddr = mech
+            .parameters
+            .get(vxlan::SRC_IP)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("mechanism.parameters.src_ip: missing or not an IP address"))?;
+        let vni: u32 = mech
+            .parameters
+            .get(vxlan::VNI)
+            .and_then(|s| s.parse().ok())
+            .filter(|v| *v > 0 && *v < (1 << 24))
+            .ok_or_else(|| bad("mechanism.parameters.vni: missing or not a 24-bit number"))?;
+        let ip = conn
+            .context
+            .as_ref()
+            .and_then(|c| c.ip_context.clone())
+            .unwrap_or_default();
+        let parse = |field: &str, v: &[String]| -> Result<IpNet, Status> {
+            v.first()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad(format!("connection.context.ip_context.{field}: expected one addr/len")))
+        };
+        let src = parse("src_ip_addrs", &ip.src_ip_addrs)?;
+        let dst = parse("dst_ip_addrs", &ip.dst_ip_addrs)?;
+        let ep = self.endpoint(&endpoint_name).await?;
+        if ep.node != self.node || ep.netns.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "endpoint {endpoint_name:?} does not live in a namespace on node {:?}",
+                self.node
+            )));
+        }
+        let overhead = if src_ip.is_ipv6() {
+            vxlan::OVERHEAD_V6
+        } else {
+            vxlan::OVERHEAD_V4
+        };
+        let mtu = self.underlay_mtu - overhead;
+        let link = link_name("nsm-", &conn.id);
+        let expires = SystemTime::now() + REMOTE_LIFETIME;
+        let mut ends = self.inner.lock().await;
+        let known = ends.contains_key(&conn.id);
+        let netns = PathBuf::from(&ep.netns);
+        if !known && !end_present(&netns, &link, dst).await {
+            build_end(
+                &self.host_netns,
+                &netns,
+                &link,
+                vni,
+                self.underlay,
+                src_ip,
+                mtu,
+                src,
+                dst,
+            )
+            .await
+            .map_err(|e| Status::internal(format!("building the endpoint side: {e}")))?;
+            tracing::info!(connection = %conn.id, endpoint = %endpoint_name, %vni, "remote vWire end ready");
+        }
+        ends.insert(conn.id.clone(), End { netns, link, expires });
+        drop(ends);
+
+        let mut params = mech.parameters.clone();
+        params.insert(vxlan::DST_IP.into(), self.underlay.to_string());
+        params.insert(vxlan::DST_PORT.into(), vxlan::PORT.to_string());
+        params.insert(vxlan::MTU.into(), mtu.to_string());
+        conn.mechanism = Some(Mechanism {
+            cls: vxlan::CLS_REMOTE.into(),
+            r#type: vxlan::TYPE.into(),
+            parameters: params,
+        });
+        let path = conn.path.get_or_insert_with(Default::default);
+        let segment = PathSegment {
+            name: self.node.clone(),
+            id: conn.id.clone(),
+            token: String::new(),
+            expires: Some(prost_types::Timestamp::from(expires)),
+            metrics: HashMap::new(),
+        };
+        match path.path_segments.iter_mut().find(|s| s.name == self.node) {
+            Some(s) => *s = segment,
+            None => path.path_segments.push(segment),
+        }
+        conn.state = connection::State::Up as i32;
+        if let Some(ctx) = conn.context.as_mut() {
+            ctx.mtu = mtu;
+        }
+        Ok(conn)
+    }
+
+    async fn close(&self, conn: Connection) -> Result<(), Status> {
+        let end = self.inner.lock().await.remove(&conn.id);
+        if let Some(end) = end {
+            remove_end(&end).await;
+            tracing::info!(connection = %conn.id, "remote vWire end closed");
+        }
+        Ok(())
+    }
+}
+
+async fn end_present(netns: &Path, link: &str, dst: IpNet) -> bool {
+    let Ok(ns) = NetNs::open(netns) else { return false };
+    let Ok(nl) = Netlink::connect(&ns).await else {
+        return false;
+    };
+    matches!(nl.addresses(link).await, Ok(a) if a.contains(&dst))
+}
+
+async fn remove_end(end: &End) {
+    if let Ok(ns) = NetNs::open(&end.netns)
+        && let Ok(nl) = Netlink::connect(&ns).await
+    {
+        let _ = nl.delete_link(&end.link).await;
+    }
+}
+
+/// Creates a VXLAN link in `host` (where its UDP socket stays, on the underlay), moves it into
+/// `target`, names it `name`, and gives it `local_addr` with a host route to `peer_addr`.
+/// All or nothing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn build_end(
+    host: &NetNs,
+    target: &Path,
+    name: &str,
+    vni: u32,
+    local: IpAddr,
+    remote: IpAddr,
+    mtu: u32,
+    peer_addr: IpNet,
+    local_addr: IpNet,
+) -> Result<(), String> {
+    let hnl = Netlink::connect(host).await.map_err(|e| e.to_string())?;
+    let tns = NetNs::open(target).map_err(|e| e.to_string())?;
+    let tnl = Netlink::connect(&tns).await.map_err(|e| e.to_string())?;
+    // A name unique in the host namespace while the link passes through it.
+    let transit = link_name("nsx-", &format!("{name}/{vni}"));
+    hnl.create_vxlan(&transit, vni, local, remote, vxlan::PORT, mtu)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = hnl.move_to(&transit, &tns).await {
+        let _ = hnl.delete_link(&transit).await;
+        return Err(e.to_string());
+    }
+    let configured = async {
+        tnl.rename(&transit, name).await?;
+        tnl.add_address(name, local_addr).await?;
+        tnl.set_up(name).await?;
+        tnl.add_route(peer_addr, None, name).await?;
+        Ok::<_, nsm_dataplane::DataplaneError>(())
+    }
+    .await;
+    if let Err(e) = configured {
+        let _ = tnl.delete_link(&transit).await;
+        let _ = tnl.delete_link(name).await;
+        return Err(e.to_string());
+    }
+    Ok(())
+}
+
+/// The gRPC face of [`RemoteEnds`].
+pub struct NodeService(pub RemoteEnds);
+
+#[tonic::async_trait]
+impl NetworkService for NodeService {
+    async fn request(&self, req: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
+        Ok(Response::new(self.0.handle(req.into_inner()).await?))
+    }
+
+    async fn close(&self, req: Request<Connection>) -> Result<Response<()>, Status> {
+        self.0.close(req.into_inner()).await?;
+        Ok(Response::new(()))
+    }
+}
