@@ -12,6 +12,7 @@
 //! interface whose MTU leaves room for the encapsulation.
 
 pub mod ipam;
+mod local;
 mod reconcile;
 pub mod remote;
 pub mod select;

@@ -146,18 +146,27 @@ pub async fn run(
     );
     let routes = {
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("networkservice.NetworkService", tonic_health::ServingStatus::Serving)
-            .await;
+        for svc in [nsm_api::service_names::NETWORK_SERVICE, nsm_api::service_names::NODE] {
+            reporter
+                .set_service_status(svc, tonic_health::ServingStatus::Serving)
+                .await;
+        }
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let mut b = tonic::service::Routes::builder();
-        b.add_service(health).add_service(
-            nsm_api::networkservice::network_service_server::NetworkServiceServer::new(remote::NodeService(
-                ends.clone(),
-            )),
-        );
+        b.add_service(health)
+            .add_service(
+                nsm_api::networkservice::network_service_server::NetworkServiceServer::new(remote::NodeService(
+                    ends.clone(),
+                )),
+            )
+            .add_service(nsm_api::nsm::v1::node_service_server::NodeServiceServer::new(
+                crate::local::LocalApi {
+                    registry: registry.clone(),
+                    node: config.name.clone(),
+                },
+            ));
         b.routes()
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

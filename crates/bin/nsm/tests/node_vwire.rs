@@ -12,6 +12,8 @@ use nsm_testing::{NsmRegistry, sibling_binary};
 const NSM: &str = env!("CARGO_BIN_EXE_nsm");
 
 struct NodeProc {
+    /// unix:// URL of its socket (what `nsmctl client create --node` dials).
+    socket: String,
     child: Option<Child>,
     args: Vec<String>,
     log: std::path::PathBuf,
@@ -40,7 +42,9 @@ impl NodeProc {
         ];
         args.extend(extra.iter().cloned());
         let log = dir.path().join("node.log");
+        let socket = format!("unix://{}", dir.path().join("nsm.sock").display());
         let mut n = NodeProc {
+            socket,
             child: None,
             args,
             log,
@@ -199,7 +203,7 @@ async fn same_node_vwire_lifecycle() {
             "--netns",
             &path("pod"),
             "--node",
-            "node-a",
+            &node.socket,
         ],
     ));
     let j = wait_client(&registry, &node, "c1", "Ready", |j| phase(j) == "Ready");
@@ -295,7 +299,7 @@ async fn same_node_vwire_lifecycle() {
             "--netns",
             "/var/run/netns/does-not-exist",
             "--node",
-            "node-a",
+            &node.socket,
             "--interface",
             "nsm-2",
         ],
@@ -330,7 +334,7 @@ async fn same_node_vwire_lifecycle() {
             "--netns",
             &path("pod"),
             "--node",
-            "node-a",
+            &node.socket,
             "--interface",
             "nsm-3",
         ],
@@ -431,21 +435,30 @@ async fn cross_node_vxlan_vwire() {
         ],
     ));
     let t0 = Instant::now();
-    ok(nsmctl(
-        &registry,
-        &[
+    // As the design document has it: run inside the pod's namespace, the client is the pod.
+    let o = Command::new("nsenter")
+        .arg(format!("--net={}", path("pod")))
+        .arg("--")
+        .arg(sibling_binary(NSM, "nsmctl").unwrap())
+        .args([
             "client",
             "create",
             "c1",
-            "--service",
-            "orders",
-            "--netns",
-            &path("pod"),
+            "--service=orders",
+            "--endpoint=ep",
             "--node",
-            "node-a",
-        ],
-    ));
+            &a.socket,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(
+        j["spec"]["netns"],
+        path("pod"),
+        "the node found the caller's namespace by name"
+    );
+    assert_eq!(j["spec"]["node"], "node-a");
     eprintln!("cross-node client create -> Ready in {:?}", t0.elapsed());
     assert_eq!(j["status"]["mechanism"], "VXLAN", "{j:#}");
     assert_eq!(

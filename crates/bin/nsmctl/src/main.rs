@@ -229,41 +229,19 @@ struct ClientCreate {
     /// Pin an endpoint instead of selecting one by the service's matches.
     #[arg(long)]
     endpoint: Option<String>,
-    /// The workload's network namespace file (default: the namespace nsmctl runs in, found among
-    /// /var/run/netns).
+    /// The workload's network namespace file (default: the namespace nsmctl runs in, as the node
+    /// daemon sees it through its unix socket).
     #[arg(long)]
     netns: Option<String>,
     /// Interface name inside the workload.
     #[arg(long, default_value = validate::DEFAULT_INTERFACE)]
     interface: String,
-    /// Node whose daemon builds the vWire (the workload's host).
-    #[arg(long, env = "NSM_NODE_NAME")]
-    node: Option<String>,
+    /// The node daemon of the workload's host, which creates and builds the vWire.
+    #[arg(long = "node", env = "NSM_NODE", default_value = "unix:///var/run/nsm/nsm.sock")]
+    node_url: String,
     /// Labels of the request (k=v,…): matched by the service's source selectors.
     #[arg(long)]
     labels: Option<String>,
-}
-
-/// The named network namespace (in /var/run/netns or /run/netns) that nsmctl itself runs in.
-fn own_netns() -> anyhow::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let me = std::fs::metadata("/proc/self/ns/net").context("cannot read /proc/self/ns/net")?;
-    let host = std::fs::metadata("/proc/1/ns/net").ok();
-    for dir in ["/var/run/netns", "/run/netns"] {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        for e in entries.flatten() {
-            if let Ok(m) = std::fs::metadata(e.path())
-                && m.dev() == me.dev()
-                && m.ino() == me.ino()
-            {
-                return Ok(e.path().display().to_string());
-            }
-        }
-    }
-    if host.is_some_and(|h| h.dev() == me.dev() && h.ino() == me.ino()) {
-        bail!("--netns: nsmctl runs in the host's network namespace; name the workload's namespace with --netns PATH");
-    }
-    bail!("--netns: the namespace nsmctl runs in has no name under /var/run/netns; give --netns PATH")
 }
 
 /// Connection to the registry.
@@ -342,6 +320,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let mut ctx = connect(&cli).await?;
         return apply::run(&mut ctx, args, docs).await;
     }
+    if let Command::Client { verb: Verb::Create(c) } = cli.command {
+        return create_client(c, &cli.namespace, cli.output).await;
+    }
     let mut ctx = connect(&cli).await?;
     let namespace = cli.namespace.clone();
     match cli.command {
@@ -405,24 +386,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             other => verb_common(&mut ctx, Kind::Node, other).await,
         },
         Command::Client { verb } => match verb {
-            Verb::Create(c) => {
-                let netns = match c.netns {
-                    Some(n) => n,
-                    None => own_netns()?,
-                };
-                let r = pb::resource::Kind::Client(pb::Client {
-                    metadata: meta(&c.name, &namespace, labels(&c.labels)?),
-                    spec: Some(pb::ClientSpec {
-                        network_service: c.service,
-                        endpoint: c.endpoint.unwrap_or_default(),
-                        netns,
-                        interface: c.interface,
-                        node: c.node.unwrap_or_default(),
-                    }),
-                    status: None,
-                });
-                create(&mut ctx, pb::Resource { kind: Some(r) }).await
-            }
+            Verb::Create(_) => unreachable!("handled before dialing the registry"),
             other => verb_common(&mut ctx, Kind::Client, other).await,
         },
         Command::Get(g) => output::get(&mut ctx, g.kind.parse()?, &g.opts).await,
@@ -439,6 +403,32 @@ async fn verb_common<C: Args>(ctx: &mut Ctx, kind: Kind, verb: Verb<C>) -> anyho
         Verb::Describe { name } => output::describe(ctx, kind, &name).await,
         Verb::Delete { names } => delete(ctx, kind, &names).await,
     }
+}
+
+/// `client create` goes to the node daemon of the workload's host, not to the registry: the node
+/// learns the caller's namespace from its unix socket and assigns the client to itself.
+async fn create_client(c: ClientCreate, namespace: &str, format: Format) -> anyhow::Result<()> {
+    let r = pb::resource::Kind::Client(pb::Client {
+        metadata: meta(&c.name, namespace, labels(&c.labels)?),
+        spec: Some(pb::ClientSpec {
+            network_service: c.service,
+            endpoint: c.endpoint.unwrap_or_default(),
+            netns: c.netns.unwrap_or_default(),
+            interface: c.interface,
+            node: String::new(),
+        }),
+        status: None,
+    });
+    let channel = nsm_transport::connect(&c.node_url, Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (set --node or NSM_NODE; is `nsm node` running on this host?)"))?;
+    let created = nsm_api::nsm::v1::node_service_client::NodeServiceClient::new(channel)
+        .create_client(v1::CreateRequest {
+            resource: Some(pb::Resource { kind: Some(r) }),
+        })
+        .await?
+        .into_inner();
+    output::print_changed(format, &created, "created")
 }
 
 pub(crate) fn reference(ctx: &Ctx, kind: Kind, name: &str) -> v1::ResourceRef {

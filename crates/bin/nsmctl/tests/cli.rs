@@ -471,28 +471,19 @@ fn mutual_tls() {
 #[test]
 fn clients_as_resources() {
     let r = registry();
-    // The design document's third command, with the workload named explicitly (run from the host).
-    let out = ok(nsmctl(
-        &r,
-        &[
-            "client",
-            "create",
-            "orders-vwire",
-            "--service=orders",
-            "--endpoint=vm-endpoint",
-            "--netns",
-            "/var/run/netns/pod-1",
-            "--node",
-            "node-a",
-        ],
-    ));
-    assert_eq!(out.trim(), "client/orders-vwire created");
+    // Declared directly in the registry (what a node daemon does on `nsmctl client create`).
+    let doc = "apiVersion: nsm.dev/v1\nkind: Client\nmetadata: {name: orders-vwire}\nspec:\n  networkService: orders\n  endpoint: vm-endpoint\n  netns: /var/run/netns/pod-1\n  node: node-a\n";
+    assert_eq!(
+        ok(nsmctl_stdin(&r, &["apply", "-f", "-"], doc)).trim(),
+        "client/orders-vwire created"
+    );
     let t = ok(nsmctl(&r, &["get", "clients"]));
     assert!(
         t.contains("orders-vwire") && t.contains("vm-endpoint") && t.contains("node-a") && t.contains("Pending"),
         "{t}"
     );
     let d = ok(nsmctl(&r, &["describe", "client", "orders-vwire"]));
+    assert!(d.contains("/var/run/netns/pod-1"), "{d}");
     assert!(
         d.contains("Pending: waiting for node node-a") && d.contains("Interface:") && d.contains("nsm-1"),
         "{d}"
@@ -507,48 +498,42 @@ fn clients_as_resources() {
         "client/orders-vwire unchanged"
     );
 
+    let bad = |spec: &str| format!("apiVersion: nsm.dev/v1\nkind: Client\nmetadata: {{name: c2}}\nspec: {spec}\n");
     fails(
-        nsmctl(
+        nsmctl_stdin(
             &r,
-            &[
-                "client",
-                "create",
-                "c2",
-                "--service",
-                "orders",
-                "--netns",
-                "relative/path",
-                "--node",
-                "a",
-            ],
+            &["apply", "-f", "-"],
+            &bad("{networkService: orders, netns: relative/path}"),
         ),
         "spec.netns",
     );
     fails(
+        nsmctl_stdin(
+            &r,
+            &["apply", "-f", "-"],
+            &bad("{networkService: orders, netns: /x, interface: way-too-long-ifname}"),
+        ),
+        "spec.interface",
+    );
+    fails(
+        nsmctl_stdin(&r, &["apply", "-f", "-"], &bad("{networkService: Bad, netns: /x}")),
+        "spec.networkService",
+    );
+    // `client create` goes to the node daemon: none here, and the error says so.
+    fails(
         nsmctl(
             &r,
             &[
                 "client",
                 "create",
-                "c2",
+                "c3",
                 "--service",
                 "orders",
-                "--netns",
-                "/x",
-                "--interface",
-                "way-too-long-ifname",
+                "--node",
+                "unix:///nonexistent/nsm.sock",
             ],
         ),
-        "spec.interface",
-    );
-    fails(
-        nsmctl(&r, &["client", "create", "c2", "--service", "Bad", "--netns", "/x"]),
-        "spec.networkService",
-    );
-    // From the host's namespace without --netns: there is no workload to speak of.
-    fails(
-        nsmctl(&r, &["client", "create", "c3", "--service", "orders"]),
-        "--netns",
+        "is `nsm node` running on this host?",
     );
     assert_eq!(
         ok(nsmctl(&r, &["delete", "vwire", "orders-vwire"])).trim(),
