@@ -98,3 +98,237 @@ impl NodeService for LocalApi {
         Ok(Response::new(created.into_inner()))
     }
 }
+
+/// Upstream clients asking this node for a vWire with the `KERNEL` mechanism (upstream's NSC
+/// shape): each connection becomes a Client resource reconciled like any other, so it shows in
+/// `nsmctl get clients`, heals and is counted the same way. A connection not refreshed within
+/// [`UPSTREAM_LIFETIME`] is closed, as upstream's timeout element does.
+pub(crate) mod upstream_kernel {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use nsm_api::connection::{self, Connection, Mechanism, PathSegment};
+    use nsm_api::connectioncontext::{ConnectionContext, IpContext, Route};
+    use nsm_api::networkservice::NetworkServiceRequest;
+    use nsm_api::nsm::v1::{self as v1, resource_service_client::ResourceServiceClient};
+    use nsm_model::{Kind, pb, upstream};
+    use tokio::sync::Mutex;
+    use tonic::Status;
+    use tonic::transport::Channel;
+
+    /// Upstream's KERNEL mechanism (api:pkg/api/networkservice/mechanisms/kernel; common keys).
+    pub(crate) const TYPE: &str = "KERNEL";
+    const INODE_URL: &str = "inodeURL";
+    const NAME: &str = "name";
+    /// Label marking clients made from upstream connections (value: the connection id).
+    pub(crate) const LABEL: &str = "nsm.dev/upstream-connection";
+    /// Lifetime of an upstream connection that is not refreshed.
+    pub(crate) const UPSTREAM_LIFETIME: Duration = Duration::from_secs(60);
+
+    /// Live upstream connections: id → (client namespace, name, expiry).
+    #[derive(Clone, Default)]
+    pub(crate) struct Connections(Arc<Mutex<HashMap<String, (String, String, SystemTime)>>>);
+
+    fn bad(msg: impl Into<String>) -> Status {
+        Status::invalid_argument(msg.into())
+    }
+
+    /// A resource name for a connection id (ids are uuids upstream, but any string is allowed).
+    fn client_name(id: &str) -> String {
+        let clean: String = id
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        let clean = clean.trim_matches('-');
+        if !clean.is_empty() && clean.len() <= 60 && nsm_model::validate::name("", clean).is_ok() {
+            format!("up-{clean}")
+        } else {
+            crate::remote::link_name("up-", id)
+        }
+    }
+
+    /// The namespace file an upstream `inodeURL` names (`file:///proc/…/ns/net` or a plain path).
+    fn netns_path(url: &str) -> Result<String, Status> {
+        if let Some(p) = url.strip_prefix("file://") {
+            return Ok(p.to_owned());
+        }
+        if url.starts_with('/') {
+            return Ok(url.to_owned());
+        }
+        if url.starts_with("inode://") {
+            return Err(Status::unimplemented(
+                "mechanism_preferences.parameters.inodeURL: inode:// URLs need file-descriptor passing, not supported yet; send file:///proc/PID/ns/net",
+            ));
+        }
+        Err(bad(format!(
+            "mechanism_preferences.parameters.inodeURL: {url:?} is not a file:// URL"
+        )))
+    }
+
+    impl Connections {
+        /// Handles Request (and refresh) of a KERNEL connection.
+        pub(crate) async fn request(
+            &self,
+            registry: &ResourceServiceClient<Channel>,
+            node: &str,
+            req: NetworkServiceRequest,
+            mech: Mechanism,
+        ) -> Result<Connection, Status> {
+            let mut conn = req.connection.ok_or_else(|| bad("connection: missing"))?;
+            if conn.id.is_empty() {
+                return Err(bad("connection.id: must not be empty"));
+            }
+            if conn.network_service.is_empty() {
+                return Err(bad("connection.network_service: must not be empty"));
+            }
+            let (svc_ns, svc_name, _) = upstream::parse_name("connection.network_service", &conn.network_service)
+                .map_err(|e| bad(e.to_string()))?;
+            let netns = netns_path(mech.parameters.get(INODE_URL).map(String::as_str).unwrap_or_default())?;
+            let interface = mech
+                .parameters
+                .get(NAME)
+                .cloned()
+                .unwrap_or_else(|| nsm_model::validate::DEFAULT_INTERFACE.into());
+            let name = client_name(&conn.id);
+            let mut labels = conn.labels.clone();
+            labels.insert(LABEL.into(), crate::remote::link_name("", &conn.id));
+            let client = pb::Client {
+                metadata: Some(pb::ObjectMeta {
+                    name: name.clone(),
+                    namespace: svc_ns.clone(),
+                    labels,
+                    ..Default::default()
+                }),
+                spec: Some(pb::ClientSpec {
+                    network_service: svc_name,
+                    endpoint: if conn.network_service_endpoint_name.is_empty() {
+                        String::new()
+                    } else {
+                        upstream::relative(
+                            "connection.network_service_endpoint_name",
+                            &conn.network_service_endpoint_name,
+                            &svc_ns,
+                        )
+                        .map_err(|e| bad(e.to_string()))?
+                    },
+                    netns,
+                    interface,
+                    node: node.to_owned(),
+                }),
+                status: None,
+            };
+            let mut reg = registry.clone();
+            let resource = pb::Resource {
+                kind: Some(pb::resource::Kind::Client(client)),
+            };
+            reg.apply(v1::ApplyRequest {
+                resource: Some(resource),
+                dry_run: false,
+            })
+            .await?;
+            let expires = SystemTime::now() + UPSTREAM_LIFETIME;
+            self.0
+                .lock()
+                .await
+                .insert(conn.id.clone(), (svc_ns.clone(), name.clone(), expires));
+
+            // Wait for the reconciler's verdict (upstream requests time out after 15 s).
+            let r = v1::ResourceRef {
+                kind: Kind::Client.to_pb() as i32,
+                namespace: svc_ns.clone(),
+                name: name.clone(),
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let status = loop {
+                let got = reg.get(v1::GetRequest { r#ref: Some(r.clone()) }).await?.into_inner();
+                let st = match got.kind {
+                    Some(pb::resource::Kind::Client(c)) => c.status,
+                    _ => None,
+                };
+                match st {
+                    Some(st) if st.phase == v1::client_status::Phase::Ready as i32 => break st,
+                    Some(st) if st.phase == v1::client_status::Phase::Failed as i32 => {
+                        self.close(registry, &conn.id).await;
+                        return Err(Status::failed_precondition(st.reason));
+                    }
+                    other if tokio::time::Instant::now() > deadline => {
+                        self.close(registry, &conn.id).await;
+                        let why = other.map(|s| s.reason).unwrap_or_else(|| "no status".into());
+                        return Err(Status::deadline_exceeded(format!("vWire not ready within 10 s: {why}")));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+
+            let dst_routes = status
+                .dst_ip_addrs
+                .iter()
+                .map(|p| Route {
+                    prefix: p.clone(),
+                    next_hop: String::new(),
+                })
+                .collect();
+            conn.context = Some(ConnectionContext {
+                ip_context: Some(IpContext {
+                    src_ip_addrs: status.src_ip_addrs.clone(),
+                    dst_ip_addrs: status.dst_ip_addrs.clone(),
+                    dst_routes,
+                    ..Default::default()
+                }),
+                mtu: status.mtu,
+                ..conn.context.unwrap_or_default()
+            });
+            conn.mechanism = Some(mech);
+            conn.network_service_endpoint_name = status.endpoint.clone();
+            conn.state = connection::State::Up as i32;
+            let path = conn.path.get_or_insert_with(Default::default);
+            let seg = |name: String| PathSegment {
+                name,
+                id: conn.id.clone(),
+                token: String::new(),
+                expires: Some(prost_types::Timestamp::from(expires)),
+                metrics: HashMap::new(),
+            };
+            if !path.path_segments.iter().any(|s| s.name == node) {
+                path.path_segments.push(seg(node.to_owned()));
+            }
+            if !status.endpoint.is_empty() && !path.path_segments.iter().any(|s| s.name == status.endpoint) {
+                path.path_segments.push(seg(status.endpoint.clone()));
+            }
+            Ok(conn)
+        }
+
+        /// Close: the client resource goes, and with it the interface.
+        pub(crate) async fn close(&self, registry: &ResourceServiceClient<Channel>, id: &str) -> bool {
+            let Some((ns, name, _)) = self.0.lock().await.remove(id) else {
+                return false;
+            };
+            let r = v1::ResourceRef {
+                kind: Kind::Client.to_pb() as i32,
+                namespace: ns,
+                name,
+            };
+            let _ = registry.clone().delete(v1::DeleteRequest { r#ref: Some(r) }).await;
+            true
+        }
+
+        /// Closes connections that were not refreshed in time.
+        pub(crate) async fn sweep(&self, registry: &ResourceServiceClient<Channel>) {
+            let now = SystemTime::now();
+            let expired: Vec<String> = self
+                .0
+                .lock()
+                .await
+                .iter()
+                .filter(|(_, v)| v.2 < now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in expired {
+                tracing::info!(connection = %id, "upstream connection expired");
+                self.close(registry, &id).await;
+            }
+        }
+    }
+}

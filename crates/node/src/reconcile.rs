@@ -144,6 +144,7 @@ pub async fn run(
         host_netns.clone(),
         config.underlay_mtu,
     );
+    let upstream_conns = crate::local::upstream_kernel::Connections::default();
     let routes = {
         let (reporter, health) = tonic_health::server::health_reporter();
         for svc in [nsm_api::service_names::NETWORK_SERVICE, nsm_api::service_names::NODE] {
@@ -157,9 +158,10 @@ pub async fn run(
         let mut b = tonic::service::Routes::builder();
         b.add_service(health)
             .add_service(
-                nsm_api::networkservice::network_service_server::NetworkServiceServer::new(remote::NodeService(
-                    ends.clone(),
-                )),
+                nsm_api::networkservice::network_service_server::NetworkServiceServer::new(remote::NodeService {
+                    ends: ends.clone(),
+                    local: upstream_conns.clone(),
+                }),
             )
             .add_service(nsm_api::nsm::v1::node_service_server::NodeServiceServer::new(
                 crate::local::LocalApi {
@@ -216,6 +218,7 @@ pub async fn run(
                 Some(Trigger::Endpoints) => r.resync().await,
                 Some(Trigger::Resync) => {
                     ends.sweep().await;
+                    upstream_conns.sweep(&ends.registry).await;
                     r.resync().await;
                 }
                 None => break Err(NodeError::Registry("watch tasks stopped".into())),

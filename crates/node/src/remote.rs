@@ -54,8 +54,8 @@ struct End {
 #[derive(Clone)]
 pub struct RemoteEnds {
     inner: Arc<Mutex<HashMap<String, End>>>,
-    registry: ResourceServiceClient<Channel>,
-    node: String,
+    pub(crate) registry: ResourceServiceClient<Channel>,
+    pub(crate) node: String,
     underlay: IpAddr,
     host_netns: Arc<NetNs>,
     underlay_mtu: u32,
@@ -319,17 +319,42 @@ pub(crate) async fn build_end(
     Ok(())
 }
 
-/// The gRPC face of [`RemoteEnds`].
-pub struct NodeService(pub RemoteEnds);
+/// The node's upstream `networkservice.NetworkService`: `KERNEL` requests from workloads on this
+/// host (upstream clients), and `VXLAN` requests from other nodes for endpoints on this host.
+pub struct NodeService {
+    pub(crate) ends: RemoteEnds,
+    pub(crate) local: crate::local::upstream_kernel::Connections,
+}
 
 #[tonic::async_trait]
 impl NetworkService for NodeService {
     async fn request(&self, req: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
-        Ok(Response::new(self.0.handle(req.into_inner()).await?))
+        let req = req.into_inner();
+        let refreshing = req.connection.as_ref().and_then(|c| c.mechanism.clone());
+        let kernel = refreshing
+            .filter(|m| m.r#type == crate::local::upstream_kernel::TYPE)
+            .or_else(|| {
+                req.mechanism_preferences
+                    .iter()
+                    .find(|m| m.r#type == crate::local::upstream_kernel::TYPE)
+                    .cloned()
+            });
+        let conn = match kernel {
+            Some(mech) => {
+                self.local
+                    .request(&self.ends.registry, &self.ends.node, req, mech)
+                    .await?
+            }
+            None => self.ends.handle(req).await?,
+        };
+        Ok(Response::new(conn))
     }
 
     async fn close(&self, req: Request<Connection>) -> Result<Response<()>, Status> {
-        self.0.close(req.into_inner()).await?;
+        let conn = req.into_inner();
+        if !self.local.close(&self.ends.registry, &conn.id).await {
+            self.ends.close(conn).await?;
+        }
         Ok(Response::new(()))
     }
 }

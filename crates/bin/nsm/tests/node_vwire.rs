@@ -500,3 +500,147 @@ async fn cross_node_vxlan_vwire() {
     drop((a, b));
     bed.down().await.unwrap();
 }
+
+/// An upstream-shaped client (what upstream's NSC sends: a KERNEL mechanism preference whose
+/// inodeURL is the namespace file, an interface name, labels) asks the node over its unix socket,
+/// gets a working interface and a Connection with its IP context and path; Close removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_client_requests_a_kernel_vwire() {
+    use nsm_api::connection::{Connection, Mechanism, Path as ConnPath, PathSegment};
+    use nsm_api::networkservice::{NetworkServiceRequest, network_service_client::NetworkServiceClient};
+
+    let bed = Testbed::up(Topology {
+        prefix: unique_prefix("up"),
+        hosts: vec![HostSpec {
+            name: "h1".into(),
+            underlay_addr: "192.0.2.11".parse().unwrap(),
+        }],
+        workloads: ["nsc", "nse"]
+            .iter()
+            .map(|n| WorkloadSpec {
+                name: n.to_string(),
+                host: "h1".into(),
+            })
+            .collect(),
+        address_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let node = NodeProc::start(&registry.url(), "node-a");
+    ok(nsmctl(
+        &registry,
+        &["ns", "create", "icmp-responder", "--cidr", "10.80.0.0/24"],
+    ));
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "nse-1",
+            "--service",
+            "icmp-responder",
+            "--netns",
+            &path("nse"),
+            "--node",
+            "node-a",
+        ],
+    ));
+
+    let start = Instant::now();
+    let ch = loop {
+        match nsm_transport::connect(&node.socket, Duration::from_millis(500)).await {
+            Ok(ch) => break ch,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("{e}\n{}", node.log()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let mut c = NetworkServiceClient::new(ch);
+    let id = "5f3c1b2a-0000-4000-8000-000000000001".to_string();
+    let request = NetworkServiceRequest {
+        connection: Some(Connection {
+            id: id.clone(),
+            network_service: "icmp-responder".into(),
+            labels: [("app".to_string(), "nsc".to_string())].into(),
+            path: Some(ConnPath {
+                index: 0,
+                path_segments: vec![PathSegment {
+                    name: "nsc-1".into(),
+                    id: id.clone(),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }),
+        mechanism_preferences: vec![Mechanism {
+            cls: "LOCAL".into(),
+            r#type: "KERNEL".into(),
+            parameters: [
+                ("inodeURL".to_string(), format!("file://{}", path("nsc"))),
+                ("name".to_string(), "nsm-up".to_string()),
+            ]
+            .into(),
+        }],
+    };
+    let conn = c.request(request.clone()).await.unwrap().into_inner();
+    assert_eq!(conn.state, nsm_api::connection::State::Up as i32);
+    assert_eq!(conn.mechanism.as_ref().unwrap().r#type, "KERNEL");
+    assert_eq!(conn.network_service_endpoint_name, "nse-1");
+    let ip = conn.context.as_ref().unwrap().ip_context.clone().unwrap();
+    assert_eq!(ip.src_ip_addrs, ["10.80.0.1/32"]);
+    let names: Vec<&str> = conn
+        .path
+        .as_ref()
+        .unwrap()
+        .path_segments
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["nsc-1", "node-a", "nse-1"]);
+    assert!(link_names(&bed, "nsc").await.contains(&"nsm-up".to_string()));
+    let dst = ip.dst_ip_addrs[0].trim_end_matches("/32").to_owned();
+    assert!(
+        bed.ping("nsc", dst.parse().unwrap(), 2),
+        "traffic over the upstream-requested vWire"
+    );
+    // It is a client like any other.
+    let t = ok(nsmctl(&registry, &["get", "clients", "-A"]));
+    assert!(t.contains("Ready") && t.contains("nse-1"), "{t}");
+    // Refresh is a re-Request of the same connection.
+    let again = c
+        .request(NetworkServiceRequest {
+            connection: Some(conn.clone()),
+            mechanism_preferences: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.context.unwrap().ip_context.unwrap().src_ip_addrs,
+        ["10.80.0.1/32"]
+    );
+    // Bad input: an inode:// URL (fd passing) is refused clearly; a missing service waits no more than it must.
+    let mut bad = request.clone();
+    bad.connection.as_mut().unwrap().id = "other".into();
+    bad.mechanism_preferences[0]
+        .parameters
+        .insert("inodeURL".into(), "inode://4/4026532338".into());
+    let err = c.request(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+
+    c.close(conn).await.unwrap();
+    let start = Instant::now();
+    while link_names(&bed, "nsc").await.len() > 1 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        link_names(&bed, "nsc").await,
+        ["lo"],
+        "Close removes the interface; log:\n{}",
+        node.log()
+    );
+    assert!(ok(nsmctl(&registry, &["get", "clients", "-A", "-o", "json"])).contains("\"items\": []"));
+    drop(node);
+    bed.down().await.unwrap();
+}
