@@ -126,9 +126,12 @@ pub(crate) mod upstream_kernel {
     /// Lifetime of an upstream connection that is not refreshed.
     pub(crate) const UPSTREAM_LIFETIME: Duration = Duration::from_secs(60);
 
-    /// Live upstream connections: id → (client namespace, name, expiry).
+    /// An upstream connection's client resource (namespace, name) and its expiry.
+    type Entry = (String, String, SystemTime);
+
+    /// Live upstream connections by id.
     #[derive(Clone, Default)]
-    pub(crate) struct Connections(Arc<Mutex<HashMap<String, (String, String, SystemTime)>>>);
+    pub(crate) struct Connections(Arc<Mutex<HashMap<String, Entry>>>);
 
     fn bad(msg: impl Into<String>) -> Status {
         Status::invalid_argument(msg.into())
