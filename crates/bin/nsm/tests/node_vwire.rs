@@ -237,7 +237,13 @@ async fn same_node_vwire_lifecycle() {
         "forwarding survives the daemon's death"
     );
     node.launch();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once the new daemon has registered, give it a few resyncs to adopt (or wrongly rebuild).
+    let start = Instant::now();
+    while node.log().matches("node registered").count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20), "daemon did not restart:\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         link_index(&bed, "pod", "nsm-1").await,
         Some(before),
