@@ -240,7 +240,11 @@ async fn same_node_vwire_lifecycle() {
     // Once the new daemon has registered, give it a few resyncs to adopt (or wrongly rebuild).
     let start = Instant::now();
     while node.log().matches("node registered").count() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(20), "daemon did not restart:\n{}", node.log());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon did not restart:\n{}",
+            node.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;

@@ -124,7 +124,10 @@ async fn two_registries_share_etcd_and_expire_through_leases() {
     // Each registry follows etcd on its own: the other one converges to the same state shortly.
     let start = std::time::Instant::now();
     while !all_names(&a.url()).await.is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(5), "registry a still lists the expired endpoint");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "registry a still lists the expired endpoint"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
