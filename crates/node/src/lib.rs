@@ -13,6 +13,7 @@
 
 pub mod ipam;
 mod local;
+pub mod monitor;
 mod reconcile;
 pub mod remote;
 pub mod select;

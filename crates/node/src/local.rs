@@ -196,7 +196,14 @@ pub(crate) mod upstream_kernel {
                 .unwrap_or_else(|| nsm_model::validate::DEFAULT_INTERFACE.into());
             let name = client_name(&conn.id);
             let mut labels = conn.labels.clone();
-            labels.insert(LABEL.into(), crate::remote::link_name("", &conn.id));
+            // The connection id itself when it fits a label value (upstream ids are uuids), so
+            // MonitorConnections reports the connection under the id its client knows.
+            let id_label = if nsm_model::validate::labels("", &[("k".to_string(), conn.id.clone())].into()).is_ok() {
+                conn.id.clone()
+            } else {
+                crate::remote::link_name("", &conn.id)
+            };
+            labels.insert(LABEL.into(), id_label);
             let client = pb::Client {
                 metadata: Some(pb::ObjectMeta {
                     name: name.clone(),

@@ -137,17 +137,23 @@ pub async fn run(
         .map_err(|s| status_err("register node", s))?;
     tracing::info!(node = %config.name, underlay = %config.underlay, "node registered");
 
+    let monitor = crate::monitor::Monitor::default();
     let ends = RemoteEnds::new(
         registry.clone(),
         config.name.clone(),
         config.underlay,
         host_netns.clone(),
         config.underlay_mtu,
+        monitor.clone(),
     );
     let upstream_conns = crate::local::upstream_kernel::Connections::default();
     let routes = {
         let (reporter, health) = tonic_health::server::health_reporter();
-        for svc in [nsm_api::service_names::NETWORK_SERVICE, nsm_api::service_names::NODE] {
+        for svc in [
+            nsm_api::service_names::NETWORK_SERVICE,
+            nsm_api::service_names::NODE,
+            "connection.MonitorConnection",
+        ] {
             reporter
                 .set_service_status(svc, tonic_health::ServingStatus::Serving)
                 .await;
@@ -168,7 +174,8 @@ pub async fn run(
                     registry: registry.clone(),
                     node: config.name.clone(),
                 },
-            ));
+            ))
+            .add_service(nsm_api::connection::monitor_connection_server::MonitorConnectionServer::new(monitor.clone()));
         b.routes()
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -205,6 +212,7 @@ pub async fn run(
         config,
         registry,
         host_netns,
+        monitor: monitor.clone(),
         clients: HashMap::new(),
         wired: HashMap::new(),
         rr: 0,
@@ -264,6 +272,7 @@ struct Reconciler {
     config: Config,
     registry: Registry,
     host_netns: Arc<NetNs>,
+    monitor: crate::monitor::Monitor,
     /// Clients assigned to this node, as last seen.
     clients: HashMap<(String, String), pb::Client>,
     wired: HashMap<(String, String), Wired>,
@@ -277,6 +286,7 @@ impl Reconciler {
         if deleted || !ours {
             self.clients.remove(&key);
             self.teardown(&key).await;
+            self.monitor.delete(&monitor_id(&c));
             return;
         }
         // Our own status writes come back through the watch: only a spec change needs work.
@@ -307,8 +317,12 @@ impl Reconciler {
             return;
         };
         let outcome = self.try_reconcile(key, &client).await;
+        let uid = monitor_id(&client);
         let status = match outcome {
-            Ok(status) => status,
+            Ok(status) => {
+                self.monitor.update(self.upstream_connection(key, &client, &status));
+                status
+            }
             Err(nr) => {
                 if nr.phase == Phase::Failed {
                     tracing::warn!(client = ?key, reason = %nr.reason, "vWire failed");
@@ -319,6 +333,7 @@ impl Reconciler {
                 // The desired vWire cannot be built now: what stands (to an endpoint that is gone
                 // or no longer eligible) must not keep carrying traffic.
                 self.teardown(key).await;
+                self.monitor.delete(&uid);
                 let prev = client.status.clone().unwrap_or_default();
                 v1::ClientStatus {
                     phase: nr.phase as i32,
@@ -612,6 +627,51 @@ impl Reconciler {
         })
     }
 
+    /// A Ready client as upstream's `Connection`, for MonitorConnections.
+    fn upstream_connection(&self, key: &(String, String), client: &pb::Client, st: &v1::ClientStatus) -> Connection {
+        let spec = client.spec.clone().unwrap_or_default();
+        let mut params = HashMap::new();
+        params.insert("name".to_owned(), spec.interface.clone());
+        params.insert("inodeURL".to_owned(), format!("file://{}", spec.netns));
+        let labels = client.metadata.as_ref().map(|m| m.labels.clone()).unwrap_or_default();
+        let id = monitor_id(client);
+        let segments = st
+            .path
+            .iter()
+            .map(|name| PathSegment {
+                name: name.clone(),
+                id: id.clone(),
+                ..Default::default()
+            })
+            .collect();
+        Connection {
+            id: id.clone(),
+            network_service: upstream::qualify(&spec.network_service, &key.0),
+            mechanism: Some(Mechanism {
+                cls: "LOCAL".into(),
+                r#type: st.mechanism.clone(),
+                parameters: params,
+            }),
+            context: Some(ConnectionContext {
+                ip_context: Some(IpContext {
+                    src_ip_addrs: st.src_ip_addrs.clone(),
+                    dst_ip_addrs: st.dst_ip_addrs.clone(),
+                    ..Default::default()
+                }),
+                mtu: st.mtu,
+                ..Default::default()
+            }),
+            labels,
+            path: Some(ConnPath {
+                index: 0,
+                path_segments: segments,
+            }),
+            network_service_endpoint_name: st.endpoint.clone(),
+            payload: "IP".into(),
+            state: nsm_api::connection::State::Up as i32,
+        }
+    }
+
     /// The upstream connection this node asks the endpoint's node for.
     #[allow(clippy::too_many_arguments)]
     fn connection(
@@ -734,6 +794,16 @@ impl Reconciler {
         }
         Ok(used)
     }
+}
+
+/// The id a client's connection has in MonitorConnections: the upstream connection id for clients
+/// made from upstream requests, else the client's uid.
+fn monitor_id(client: &pb::Client) -> String {
+    let m = client.metadata.clone().unwrap_or_default();
+    m.labels
+        .get(crate::local::upstream_kernel::LABEL)
+        .cloned()
+        .unwrap_or(m.uid)
 }
 
 fn spec_node(e: &pb::EndpointSpec) -> String {

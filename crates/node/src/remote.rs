@@ -59,6 +59,7 @@ pub struct RemoteEnds {
     underlay: IpAddr,
     host_netns: Arc<NetNs>,
     underlay_mtu: u32,
+    monitor: crate::monitor::Monitor,
 }
 
 fn bad(msg: impl Into<String>) -> Status {
@@ -89,6 +90,7 @@ impl RemoteEnds {
         underlay: IpAddr,
         host_netns: Arc<NetNs>,
         underlay_mtu: u32,
+        monitor: crate::monitor::Monitor,
     ) -> Self {
         RemoteEnds {
             inner: Arc::default(),
@@ -97,6 +99,7 @@ impl RemoteEnds {
             underlay,
             host_netns,
             underlay_mtu,
+            monitor,
         }
     }
 
@@ -117,6 +120,7 @@ impl RemoteEnds {
         for (id, end) in expired {
             tracing::info!(connection = %id, "remote connection expired");
             remove_end(&end).await;
+            self.monitor.delete(&id);
         }
     }
 
@@ -247,6 +251,7 @@ impl RemoteEnds {
         if let Some(ctx) = conn.context.as_mut() {
             ctx.mtu = mtu;
         }
+        self.monitor.update(conn.clone());
         Ok(conn)
     }
 
@@ -254,6 +259,7 @@ impl RemoteEnds {
         let end = self.inner.lock().await.remove(&conn.id);
         if let Some(end) = end {
             remove_end(&end).await;
+            self.monitor.delete(&conn.id);
             tracing::info!(connection = %conn.id, "remote vWire end closed");
         }
         Ok(())

@@ -566,7 +566,22 @@ async fn upstream_client_requests_a_kernel_vwire() {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let mut c = NetworkServiceClient::new(ch);
+    let mut c = NetworkServiceClient::new(ch.clone());
+    // Monitor first, as upstream's NSC does: an initial state transfer (empty), then its events.
+    let mut monitor = nsm_api::connection::monitor_connection_client::MonitorConnectionClient::new(ch)
+        .monitor_connections(nsm_api::connection::MonitorScopeSelector {
+            network_services: vec!["icmp-responder".into()],
+            path_segments: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = monitor.message().await.unwrap().unwrap();
+    assert_eq!(
+        first.r#type,
+        nsm_api::connection::ConnectionEventType::InitialStateTransfer as i32
+    );
+    assert!(first.connections.is_empty());
     let id = "5f3c1b2a-0000-4000-8000-000000000001".to_string();
     let request = NetworkServiceRequest {
         connection: Some(Connection {
@@ -609,6 +624,18 @@ async fn upstream_client_requests_a_kernel_vwire() {
         .collect();
     assert_eq!(names, ["nsc-1", "node-a", "nse-1"]);
     assert!(link_names(&bed, "nsc").await.contains(&"nsm-up".to_string()));
+    let ev = tokio::time::timeout(Duration::from_secs(5), monitor.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.r#type, nsm_api::connection::ConnectionEventType::Update as i32);
+    let seen = &ev.connections[&id];
+    assert_eq!(seen.network_service_endpoint_name, "nse-1");
+    assert_eq!(
+        seen.context.as_ref().unwrap().ip_context.as_ref().unwrap().src_ip_addrs,
+        ["10.80.0.1/32"]
+    );
     let dst = ip.dst_ip_addrs[0].trim_end_matches("/32").to_owned();
     assert!(
         bed.ping("nsc", dst.parse().unwrap(), 2),
@@ -640,6 +667,17 @@ async fn upstream_client_requests_a_kernel_vwire() {
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
 
     c.close(conn).await.unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), monitor.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if ev.r#type == nsm_api::connection::ConnectionEventType::Delete as i32 {
+            assert!(ev.connections.contains_key(&id));
+            break;
+        }
+    }
     let start = Instant::now();
     while link_names(&bed, "nsc").await.len() > 1 && start.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(50)).await;
