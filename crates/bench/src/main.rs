@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nsm_api::registry::{self as reg, network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient};
 use tonic::transport::Channel;
 
+mod vwire;
+
 #[derive(Parser)]
 #[command(name = "nsm-bench", about = "nsm benchmarks (see docs/BENCHMARKS.md)")]
 struct Cli {
@@ -26,6 +28,9 @@ struct Cli {
 enum Cmd {
     /// Registry: Register throughput, Find-by-name latency, RSS, restart-to-serving time.
     Registry(RegistryArgs),
+    /// Same-node vWires (root): throughput and RTT against a bare veth pair, set-up latency against
+    /// direct netlink wiring.
+    Vwire(vwire::Args),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -360,6 +365,13 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Cmd::Registry(a) => registry(a).await,
+            Cmd::Vwire(a) => {
+                let bin = match &a.nsm_bin {
+                    Some(b) => b.clone(),
+                    None => default_bin()?,
+                };
+                vwire::run(a, bin).await
+            }
         }
     })
 }
