@@ -331,9 +331,16 @@ async fn measure(args: &Args, bin: &Path, bed: &Testbed) -> anyhow::Result<()> {
     let t_all = Instant::now();
     for i in 0..n {
         let t = Instant::now();
+        if std::env::var_os("NSM_BENCH_DEBUG").is_some() {
+            eprintln!("c{i}: create at {:?}", std::time::SystemTime::now());
+        }
         node.create_client(client(&format!("c{i}"), &format!("p{i}"), "ep-e", "nsm-1"))
             .await?;
         let (_, d) = wait_ready(&mut res, &format!("c{i}")).await?;
+        let ready = t.elapsed();
+        if std::env::var_os("NSM_BENCH_DEBUG").is_some() {
+            eprintln!("c{i}: ready after {ready:?}");
+        }
         if !probe(bed.ns(&format!("p{i}")), d, Duration::from_secs(5))? {
             bail!("client c{i}: no answer");
         }

@@ -112,9 +112,25 @@ pub async fn run(
         }
         .map_err(|e| NodeError::HostNetns(e.to_string()))?,
     );
-    let channel = nsm_transport::connect_with(&config.registry, std::time::Duration::from_secs(5), config.tls.as_ref())
-        .await
-        .map_err(|e| NodeError::Registry(e.to_string()))?;
+    // The registry's channel reconnects by itself; the first registration is retried until the
+    // registry answers, so the daemon may start before it (as on a booting host).
+    let endpoint_check = nsm_transport::connect_with(
+        &config.registry,
+        std::time::Duration::from_millis(100),
+        config.tls.as_ref(),
+    )
+    .await;
+    if let Err(nsm_transport::TransportError::InvalidUrl { .. } | nsm_transport::TransportError::Tls(_)) =
+        &endpoint_check
+    {
+        return Err(NodeError::Registry(
+            endpoint_check.err().map(|e| e.to_string()).unwrap_or_default(),
+        ));
+    }
+    let channel = match endpoint_check {
+        Ok(ch) => ch,
+        Err(_) => nsm_transport::connect_lazy_with(&config.registry, config.tls.as_ref())?,
+    };
     let mut registry = Registry::new(channel);
     let node = pb::Resource {
         kind: Some(pb::resource::Kind::Node(pb::Node {
@@ -128,13 +144,24 @@ pub async fn run(
             }),
         })),
     };
-    registry
-        .apply(v1::ApplyRequest {
-            resource: Some(node),
-            dry_run: false,
-        })
-        .await
-        .map_err(|s| status_err("register node", s))?;
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match registry
+            .apply(v1::ApplyRequest {
+                resource: Some(node.clone()),
+                dry_run: false,
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(status_err("register node", s)),
+            Err(s) => {
+                tracing::warn!(registry = %config.registry, error = %s.message(), "registry not answering; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
     tracing::info!(node = %config.name, underlay = %config.underlay, "node registered");
 
     let monitor = crate::monitor::Monitor::default();
@@ -225,6 +252,7 @@ pub async fn run(
                 Some(Trigger::Client(c, deleted)) => r.on_client(*c, deleted).await,
                 Some(Trigger::Endpoints) => r.resync().await,
                 Some(Trigger::Resync) => {
+                    prune_netlink_cache();
                     ends.sweep().await;
                     upstream_conns.sweep(&ends.registry).await;
                     r.resync().await;
@@ -852,10 +880,42 @@ fn live(e: &pb::Endpoint) -> bool {
         .is_none_or(|t| t > SystemTime::now())
 }
 
-async fn netlink_in(path: &str) -> Result<(NetNs, Netlink), String> {
-    let ns = NetNs::open(Path::new(path)).map_err(|e| e.to_string())?;
+/// Netlink handles by namespace path, so reconciling does not open a namespace and spawn a thread
+/// for a new socket on every look. An entry is used only while the path still names the same
+/// namespace (same inode), and dropped when it does not.
+type NlCache = std::sync::Mutex<HashMap<String, ((u64, u64), Arc<NetNs>, Netlink)>>;
+
+static NL_CACHE: std::sync::LazyLock<NlCache> = std::sync::LazyLock::new(Default::default);
+
+fn ns_identity(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+async fn netlink_in(path: &str) -> Result<(Arc<NetNs>, Netlink), String> {
+    let id = ns_identity(path);
+    if let Some(id) = id
+        && let Some((cached_id, ns, nl)) = NL_CACHE.lock().expect("not poisoned").get(path).cloned()
+        && cached_id == id
+    {
+        return Ok((ns, nl));
+    }
+    let ns = Arc::new(NetNs::open(Path::new(path)).map_err(|e| e.to_string())?);
     let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
+    let id = ns.inode().map_err(|e| e.to_string())?;
+    NL_CACHE
+        .lock()
+        .expect("not poisoned")
+        .insert(path.to_owned(), (id, ns.clone(), nl.clone()));
     Ok((ns, nl))
+}
+
+/// Forgets handles of namespaces that are gone or replaced (their fds would keep them alive).
+fn prune_netlink_cache() {
+    NL_CACHE
+        .lock()
+        .expect("not poisoned")
+        .retain(|path, (id, _, _)| ns_identity(path) == Some(*id));
 }
 
 /// Builds a same-node vWire: a veth pair from the client's namespace into the endpoint's, with

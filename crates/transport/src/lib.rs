@@ -225,11 +225,12 @@ pub async fn connect_with(url: &str, timeout: Duration, tls: Option<&ClientTls>)
 
 /// A lazily connecting channel to `url` (reconnects by itself).
 pub fn connect_lazy(url: &str) -> Result<Channel, TransportError> {
-    Ok(endpoint(url)?.connect_lazy())
+    connect_lazy_with(url, None)
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, TransportError> {
-    endpoint_with(url, None)
+/// Like [`connect_lazy`], over TLS for `tcp://` URLs when `tls` is given.
+pub fn connect_lazy_with(url: &str, tls: Option<&ClientTls>) -> Result<Channel, TransportError> {
+    Ok(endpoint_with(url, tls)?.connect_lazy())
 }
 
 fn endpoint_with(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, TransportError> {
