@@ -5,12 +5,14 @@
 #   etcd-server        a real etcd for the etcd store tests and benchmarks
 #   iputils-ping       ping inside test namespaces (end-to-end data-plane tests)
 #   util-linux         nsenter, to run test commands inside a namespace
+#   iperf3             throughput benchmarks (nsm-bench vwire)
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing packages: ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
