@@ -165,7 +165,7 @@ async fn wait_ready(res: &mut ResourceServiceClient<Channel>, name: &str) -> any
         if start.elapsed() > Duration::from_secs(20) {
             bail!("client {name} not ready within 20 s");
         }
-        tokio::time::sleep(Duration::from_micros(500)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -222,9 +222,16 @@ async fn measure(args: &Args, bin: &Path, bed: &Testbed) -> anyhow::Result<()> {
     let reg_url = format!("tcp://127.0.0.1:{port}");
     let sock = format!("unix://{}", dir.path().join("nsm.sock").display());
     let quiet = |c: &mut Command| {
-        c.env("NSM_LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        c.env(
+            "NSM_LOG_LEVEL",
+            if std::env::var_os("NSM_BENCH_DEBUG").is_some() {
+                "info"
+            } else {
+                "warn"
+            },
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
     };
     let mut c = Command::new(bin);
     c.args(["registry", "--listen", &reg_url])
