@@ -225,7 +225,7 @@ async fn measure(args: &Args, bin: &Path, bed: &Testbed) -> anyhow::Result<()> {
         c.env(
             "NSM_LOG_LEVEL",
             if std::env::var_os("NSM_BENCH_DEBUG").is_some() {
-                "info"
+                "info,nsm_node=debug"
             } else {
                 "warn"
             },

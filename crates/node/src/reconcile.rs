@@ -433,6 +433,10 @@ impl Reconciler {
         key: &(String, String),
         client: &pb::Client,
     ) -> Result<v1::ClientStatus, NotReady> {
+        let started = std::time::Instant::now();
+        let step = |what: &str| {
+            tracing::debug!(client = ?key, step = what, elapsed_us = started.elapsed().as_micros() as u64, "reconcile")
+        };
         let spec = client.spec.clone().unwrap_or_default();
         let namespace = key.0.clone();
         let labels = client.metadata.as_ref().map(|m| m.labels.clone()).unwrap_or_default();
@@ -515,6 +519,7 @@ impl Reconciler {
             }
         };
         let endpoint_up = upstream::nse_to_upstream(&chosen).name;
+        step("selected");
         let ep_spec = chosen.spec.clone().unwrap_or_default();
         if ep_spec.netns.is_empty() {
             let what = if ep_spec.address.is_empty() {
@@ -594,6 +599,7 @@ impl Reconciler {
                             .parse()
                             .map_err(|_| failed("the service's CIDR does not parse"))?;
                         let used = self.used_addresses(key).await?;
+                        step("allocated");
                         let (src, dst) = ipam::allocate_pair(pool, &used)
                             .ok_or_else(|| failed(format!("address pool {pool} of {service_up:?} is exhausted")))?;
                         let mut w = Wired {
@@ -623,6 +629,7 @@ impl Reconciler {
                 w
             }
         };
+        step("wired");
         let stats = link_stats(&w).await;
         let (ns, name) = key;
         Ok(v1::ClientStatus {
