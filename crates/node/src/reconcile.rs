@@ -434,9 +434,7 @@ impl Reconciler {
         client: &pb::Client,
     ) -> Result<v1::ClientStatus, NotReady> {
         let started = std::time::Instant::now();
-        let step = |what: &str| {
-            tracing::debug!(client = ?key, step = what, elapsed_us = started.elapsed().as_micros() as u64, "reconcile")
-        };
+        let step = |what: &str| tracing::debug!(client = ?key, step = what, elapsed_us = started.elapsed().as_micros() as u64, "reconcile");
         let spec = client.spec.clone().unwrap_or_default();
         let namespace = key.0.clone();
         let labels = client.metadata.as_ref().map(|m| m.labels.clone()).unwrap_or_default();

@@ -187,7 +187,10 @@ impl Listener {
                         Ok(c)
                     })
                 });
-                builder.add_routes(routes).serve_with_incoming_shutdown(incoming, shutdown).await
+                builder
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
             }
             Listener::Unix(l, _) => {
                 let r = builder
