@@ -90,13 +90,7 @@ fn status_err(what: &str, s: tonic::Status) -> NodeError {
 
 /// The veth end inside the endpoint's namespace: a stable name derived from the client's uid.
 fn peer_name(uid: &str) -> String {
-    // FNV-1a: stable across restarts and versions, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in uid.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("nsm-{:010x}", h & 0xff_ffff_ffff)
+    remote::link_name("nsm-", uid)
 }
 
 /// Runs the daemon until `shutdown` resolves, serving its NetworkService API on `listeners`.

@@ -66,7 +66,9 @@ fn bad(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
 
-/// The name of a tunnel end derived from the connection id (stable, ≤ 15 characters).
+/// A link name derived from an id: `prefix` + 10 hex digits of its FNV-1a hash, which (unlike
+/// std's hasher) is stable across restarts and versions, so a restarted daemon finds what it built.
+/// With a 4-character prefix it fits the kernel's 15-character limit.
 pub(crate) fn link_name(prefix: &str, id: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.bytes() {
