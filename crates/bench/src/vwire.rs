@@ -21,6 +21,8 @@ use nsm_dataplane::{NetNs, Netlink};
 use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 use tonic::transport::Channel;
 
+use crate::percentile;
+
 /// Flags of `nsm-bench vwire`.
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -61,11 +63,6 @@ fn probe(ns: &NetNs, dst: IpAddr, timeout: Duration) -> anyhow::Result<bool> {
         }
         Ok(false)
     })??)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// iperf3 from `client` to `server_ip` (server in `server`), in Gbit/s.

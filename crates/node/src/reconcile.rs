@@ -556,8 +556,13 @@ impl Reconciler {
             self.teardown(key).await;
         }
         let uid = client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
-        let w = match self.wired.get(key).cloned() {
-            Some(mut w) if link_present(&w).await => {
+        // One link lookup tells both that a built vWire still stands and its counters.
+        let standing = match self.wired.get(key).cloned() {
+            Some(w) => live_stats(&w).await.map(|stats| (w, stats)),
+            None => None,
+        };
+        let (w, stats) = match standing {
+            Some((mut w, stats)) => {
                 if let Some((url, conn)) = &w.remote {
                     // Refresh: the endpoint's node forgets connections that are not re-requested.
                     match request_remote(url, conn.clone()).await {
@@ -566,9 +571,9 @@ impl Reconciler {
                     }
                     self.wired.insert(key.clone(), w.clone());
                 }
-                w
+                (w, stats)
             }
-            _ => {
+            None => {
                 // Adopt what an earlier run of this daemon built (it keeps forwarding across a
                 // restart), else build it.
                 let adopted = adopt(client, &spec, &endpoint_up).await;
@@ -618,11 +623,11 @@ impl Reconciler {
                     }
                 };
                 self.wired.insert(key.clone(), w.clone());
-                w
+                let stats = live_stats(&w).await.unwrap_or_default();
+                (w, stats)
             }
         };
         step("wired");
-        let stats = link_stats(&w).await;
         let (ns, name) = key;
         Ok(v1::ClientStatus {
             phase: Phase::Ready as i32,
@@ -641,7 +646,7 @@ impl Reconciler {
                 Some(_) => vec![
                     upstream::name_of(ns, name),
                     self.config.name.clone(),
-                    spec_node(&ep_spec),
+                    ep_spec.node.clone(),
                     endpoint_up,
                 ],
             },
@@ -833,10 +838,6 @@ fn monitor_id(client: &pb::Client) -> String {
         .unwrap_or(m.uid)
 }
 
-fn spec_node(e: &pb::EndpointSpec) -> String {
-    e.node.clone()
-}
-
 async fn node_client(url: &str) -> Result<NetworkServiceClient<Channel>, String> {
     let ch = nsm_transport::connect(url, std::time::Duration::from_secs(3))
         .await
@@ -960,24 +961,15 @@ async fn unwire(w: &Wired) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-async fn link_present(w: &Wired) -> bool {
-    match netlink_in(&w.netns).await {
-        Ok((_ns, nl)) => matches!(nl.link(&w.interface).await, Ok(Some(l)) if l.lower_up),
-        Err(_) => false,
-    }
-}
-
-async fn link_stats(w: &Wired) -> nsm_dataplane::LinkStats {
-    match netlink_in(&w.netns).await {
-        Ok((_ns, nl)) => nl
-            .link(&w.interface)
-            .await
-            .ok()
-            .flatten()
-            .map(|l| l.stats)
-            .unwrap_or_default(),
-        Err(_) => Default::default(),
-    }
+/// The counters of a vWire's interface if it stands with carrier (both ends up), else None.
+async fn live_stats(w: &Wired) -> Option<nsm_dataplane::LinkStats> {
+    let (_ns, nl) = netlink_in(&w.netns).await.ok()?;
+    nl.link(&w.interface)
+        .await
+        .ok()
+        .flatten()
+        .filter(|l| l.lower_up)
+        .map(|l| l.stats)
 }
 
 /// Takes over a vWire that a previous run built, if the kernel still has exactly what the
