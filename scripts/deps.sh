@@ -6,6 +6,7 @@
 #   iputils-ping       ping inside test namespaces (end-to-end data-plane tests)
 #   util-linux         nsenter, to run test commands inside a namespace
 #   iperf3             throughput benchmarks (nsm-bench vwire)
+#   nftables           `nft`: the node's source NAT for gateway vWires to address endpoints
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
@@ -13,6 +14,7 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v nft >/dev/null 2>&1 || [[ -x /usr/sbin/nft ]] || need+=(nftables)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing packages: ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2

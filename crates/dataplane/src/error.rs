@@ -53,6 +53,18 @@ pub enum DataplaneError {
         /// The namespace that was searched.
         ns: PathBuf,
     },
+    /// An `nft` run failed (or `nft` is not installed).
+    #[error("{op} in {ns}: {detail}", ns = .ns.display())]
+    Nft {
+        /// The operation.
+        op: &'static str,
+        /// The namespace it ran in.
+        ns: PathBuf,
+        /// The object to change did not exist.
+        not_found: bool,
+        /// `nft`'s own message.
+        detail: String,
+    },
     /// An argument was rejected before anything was sent to the kernel.
     #[error("{op}: {reason}")]
     InvalidArgument {
@@ -70,7 +82,7 @@ impl DataplaneError {
         match self {
             Self::Namespace { source, .. } | Self::Netlink { source, .. } => source.raw_os_error(),
             Self::LinkNotFound { .. } => Some(nix::libc::ENODEV),
-            Self::NotANetns { .. } | Self::InvalidArgument { .. } => None,
+            Self::NotANetns { .. } | Self::InvalidArgument { .. } | Self::Nft { .. } => None,
         }
     }
 
@@ -81,6 +93,7 @@ impl DataplaneError {
             Self::Namespace { source, .. } | Self::Netlink { source, .. } => {
                 source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(nix::libc::ENODEV)
             }
+            Self::Nft { not_found, .. } => *not_found,
             _ => false,
         }
     }

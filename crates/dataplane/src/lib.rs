@@ -1,5 +1,6 @@
 //! Kernel data-plane primitives for the nsm node daemon: network namespaces, veth pairs, VXLAN
-//! links, addresses, routes and sysctls, spoken over rtnetlink (never by running `ip`).
+//! links, addresses, routes and sysctls, spoken over rtnetlink (never by running `ip`), and the
+//! source NAT of gateway vWires (nftables).
 //!
 //! Namespaces are per-thread in Linux and a socket stays in the namespace it was created in, so
 //! everything that has to happen *inside* a namespace happens on a dedicated OS thread (see
@@ -8,11 +9,13 @@
 //! Everything here needs `CAP_NET_ADMIN` (and `CAP_SYS_ADMIN` to create or delete namespaces).
 
 mod error;
+mod nat;
 mod netlink;
 mod netns;
 mod sysctl;
 
 pub use error::{DataplaneError, Result};
+pub use nat::{NAT_TABLE, add_masquerade, ensure_masquerade, remove_masquerade};
 pub use netlink::{LinkInfo, LinkStats, MAX_LINK_NAME, Netlink, RouteInfo};
 pub use netns::{NETNS_RUN_DIR, NetNs, named_path};
-pub use sysctl::set_ip_forwarding;
+pub use sysctl::{enable_ip_forwarding, set_ip_forwarding};

@@ -24,3 +24,20 @@ pub fn set_ip_forwarding(ns: &NetNs, v4: bool, v6: bool) -> Result<()> {
         Ok(())
     })?
 }
+
+/// Turns forwarding on for one IP family in `ns`, leaving the other as it is (a gateway must not
+/// switch off what the host's administrator switched on).
+pub fn enable_ip_forwarding(ns: &NetNs, v6: bool) -> Result<()> {
+    let file = if v6 {
+        "/proc/sys/net/ipv6/conf/all/forwarding"
+    } else {
+        "/proc/sys/net/ipv4/ip_forward"
+    };
+    ns.run(move || {
+        std::fs::write(file, "1\n").map_err(|source| DataplaneError::Namespace {
+            op: "write sysctl",
+            path: Path::new(file).to_path_buf(),
+            source,
+        })
+    })?
+}

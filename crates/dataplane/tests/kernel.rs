@@ -466,3 +466,75 @@ fn run_resumes_a_panic_of_the_closure() {
     let r = std::panic::catch_unwind(|| ns.run(|| panic!("inner")).ok());
     assert!(r.is_err());
 }
+
+/// A gateway namespace masquerades one (source, destination) pair: the destination sees the
+/// gateway's address, answers it, and the answer reaches the source; the pair comes and goes
+/// without disturbing the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masquerade_pair_through_a_gateway() {
+    let mut c = Cleanup::new();
+    let (_, client) = c.netns();
+    let (_, gw) = c.netns();
+    let (_, server) = c.netns();
+    let cnl = Netlink::connect(&client).await.unwrap();
+    let gnl = Netlink::connect(&gw).await.unwrap();
+    let snl = Netlink::connect(&server).await.unwrap();
+    cnl.create_veth("c0", "g0", &gw, 1500).await.unwrap();
+    snl.create_veth("s0", "g1", &gw, 1500).await.unwrap();
+    cnl.add_address("c0", net("10.9.0.1/24")).await.unwrap();
+    gnl.add_address("g0", net("10.9.0.2/24")).await.unwrap();
+    gnl.add_address("g1", net("192.0.2.1/24")).await.unwrap();
+    snl.add_address("s0", net("192.0.2.5/24")).await.unwrap();
+    for (nl, l) in [(&cnl, "c0"), (&gnl, "g0"), (&gnl, "g1"), (&snl, "s0")] {
+        nl.set_up(l).await.unwrap();
+    }
+    cnl.add_route(net("192.0.2.5/32"), Some(ip("10.9.0.2")), "c0")
+        .await
+        .unwrap();
+    set_ip_forwarding(&gw, true, false).unwrap();
+
+    nsm_dataplane::ensure_masquerade(&gw).await.unwrap();
+    nsm_dataplane::add_masquerade(&gw, ip("10.9.0.1"), ip("192.0.2.5"))
+        .await
+        .unwrap();
+    // Idempotent: a restarted daemon re-asserts both.
+    nsm_dataplane::ensure_masquerade(&gw).await.unwrap();
+    nsm_dataplane::add_masquerade(&gw, ip("10.9.0.1"), ip("192.0.2.5"))
+        .await
+        .unwrap();
+
+    // The server sees the gateway's address, not the client's.
+    let rx = server.run(|| UdpSocket::bind("192.0.2.5:9400")).unwrap().unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tx = client.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    let mut buf = [0u8; 16];
+    let mut from = None;
+    for _ in 0..5 {
+        tx.send_to(b"hi", "192.0.2.5:9400").unwrap();
+        if let Ok((_, f)) = rx.recv_from(&mut buf) {
+            from = Some(f.ip());
+            break;
+        }
+    }
+    assert_eq!(from, Some(ip("192.0.2.1")), "masqueraded source");
+    // And it can answer: a TCP exchange completes through the NAT.
+    tcp_echo(&client, &server, ip("192.0.2.5"), 9401);
+
+    assert!(
+        nsm_dataplane::remove_masquerade(&gw, ip("10.9.0.1"), ip("192.0.2.5"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !nsm_dataplane::remove_masquerade(&gw, ip("10.9.0.1"), ip("192.0.2.5"))
+            .await
+            .unwrap()
+    );
+    let mixed = nsm_dataplane::add_masquerade(&gw, ip("10.9.0.1"), ip("2001:db8::1")).await;
+    assert!(
+        matches!(mixed, Err(DataplaneError::InvalidArgument { .. })),
+        "{mixed:?}"
+    );
+    drop((cnl, gnl, snl));
+    c.finish();
+}

@@ -196,6 +196,9 @@ pub struct ClientStatusDoc {
     /// Path segment names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path: Vec<String>,
+    /// Destinations routed through the vWire beyond the peer (an address endpoint's host).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
     /// MTU of the interface.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub mtu: u32,
@@ -267,8 +270,8 @@ pub enum Document {
     Endpoint(Doc<EndpointSpecDoc>),
     /// A node.
     Node(Doc<NodeSpecDoc>),
-    /// A client.
-    Client(ClientDoc),
+    /// A client (boxed: its status makes it much larger than the others).
+    Client(Box<ClientDoc>),
 }
 
 /// A protobuf timestamp in a document: RFC 3339, or upstream's `{seconds, nanos}`.
@@ -521,6 +524,7 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                 dst_ip_addrs: st.dst_ip_addrs.clone(),
                 connection_id: st.connection_id.clone(),
                 path: st.path.clone(),
+                routes: st.routes.clone(),
                 mtu: st.mtu,
                 rx_bytes: st.rx_bytes,
                 tx_bytes: st.tx_bytes,
@@ -528,7 +532,7 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                 tx_packets: st.tx_packets,
                 updated: st.updated.as_ref().and_then(rfc3339),
             });
-            Document::Client(ClientDoc {
+            Document::Client(Box::new(ClientDoc {
                 api_version,
                 kind,
                 metadata,
@@ -540,7 +544,7 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                     node: s.node,
                 },
                 status,
-            })
+            }))
         }
     })
 }

@@ -9,7 +9,9 @@
 //! another eligible endpoint. Cross-node vWires use the `VXLAN` mechanism: the client's node asks
 //! the endpoint's node over upstream's `NetworkService.Request` ([`remote`]), each builds its end
 //! of a kernel VXLAN tunnel whose UDP socket stays in the host namespace, and the workload sees an
-//! interface whose MTU leaves room for the encapsulation.
+//! interface whose MTU leaves room for the encapsulation. An endpoint that is a host address (a
+//! VM) ends in that host's namespace through a tunnel when an nsm node runs there, else the
+//! client's node gateways it with source NAT.
 
 pub mod ipam;
 mod local;

@@ -38,6 +38,42 @@ struct Wired {
     mtu: u32,
     /// Cross-node: the endpoint node's URL and the connection it accepted (refreshed, closed).
     remote: Option<(String, Connection)>,
+    /// An address endpoint's host, routed through the vWire via `dst`.
+    route: Option<IpNet>,
+    /// Gateway vWire: this node masquerades `src` → the route's address on the underlay.
+    nat: bool,
+}
+
+/// Where the far end of a vWire is built.
+enum Far {
+    /// An endpoint namespace on this node: a veth pair straight into it.
+    Local { netns: String },
+    /// This node's own namespace, as the gateway to an address endpoint; `nat` when the address
+    /// is another machine's (it does not know the pool, so it sees the node's address instead).
+    Gateway { target: IpAddr, nat: bool },
+    /// Another node: a VXLAN tunnel into an endpoint namespace there, or into its host namespace
+    /// when the endpoint is that host's own address (`target`).
+    Remote {
+        node: String,
+        url: String,
+        underlay: IpAddr,
+        target: Option<IpAddr>,
+    },
+}
+
+impl Far {
+    fn target(&self) -> Option<IpAddr> {
+        match self {
+            Far::Local { .. } => None,
+            Far::Gateway { target, .. } => Some(*target),
+            Far::Remote { target, .. } => *target,
+        }
+    }
+}
+
+/// A host route (/32 or /128) to `a`.
+fn host_net(a: IpAddr) -> IpNet {
+    IpNet::from(a)
 }
 
 /// Why a client is not Ready.
@@ -99,13 +135,12 @@ pub async fn run(
     listeners: Vec<nsm_transport::Listener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let host_netns = Arc::new(
-        match &config.host_netns {
-            Some(p) => NetNs::open(p),
-            None => NetNs::current(),
-        }
-        .map_err(|e| NodeError::HostNetns(e.to_string()))?,
-    );
+    // Opened by a path that stays valid (not a thread's), so it can be re-opened and cached by path.
+    let host_path = config
+        .host_netns
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("/proc/self/ns/net"));
+    let host_netns = Arc::new(NetNs::open(&host_path).map_err(|e| NodeError::HostNetns(e.to_string()))?);
     // The registry's channel reconnects by itself; the first registration is retried until the
     // registry answers, so the daemon may start before it (as on a booting host).
     let endpoint_check = nsm_transport::connect_with(
@@ -237,6 +272,7 @@ pub async fn run(
         clients: HashMap::new(),
         wired: HashMap::new(),
         rr: 0,
+        gateway_ready: [false; 2],
     };
     tokio::pin!(shutdown);
     let result = loop {
@@ -299,6 +335,9 @@ struct Reconciler {
     clients: HashMap<(String, String), pb::Client>,
     wired: HashMap<(String, String), Wired>,
     rr: usize,
+    /// Families for which forwarding and the NAT table are set up in the host namespace (on the
+    /// first gateway vWire of that family, so a node that never gateways leaves the host alone).
+    gateway_ready: [bool; 2],
 }
 
 impl Reconciler {
@@ -328,7 +367,7 @@ impl Reconciler {
 
     async fn teardown(&mut self, key: &(String, String)) {
         let Some(w) = self.wired.remove(key) else { return };
-        match unwire(&w).await {
+        match unwire(&w, &self.host_netns).await {
             Ok(()) => tracing::info!(client = ?key, interface = %w.interface, "vWire removed"),
             Err(e) => tracing::warn!(client = ?key, error = %e, "removing vWire"),
         }
@@ -510,48 +549,31 @@ impl Reconciler {
                 None => return Err(pending(format!("endpoint {pinned_up:?} not found"))),
             }
         };
-        let endpoint_up = upstream::nse_to_upstream(&chosen).name;
+        let chosen_up = upstream::nse_to_upstream(&chosen);
+        let endpoint_up = chosen_up.name;
+        // A pinned endpoint that lists services must offer this one; one that lists none (an
+        // address endpoint made with only `--address`) serves whatever service a client pins it for.
+        if !spec.endpoint.is_empty()
+            && !chosen_up.network_service_names.is_empty()
+            && !chosen_up.network_service_names.contains(&service_up)
+        {
+            return Err(failed(format!(
+                "endpoint {endpoint_up:?} does not offer network service {service_up:?} (it offers {})",
+                chosen_up.network_service_names.join(", ")
+            )));
+        }
         step("selected");
         let ep_spec = chosen.spec.clone().unwrap_or_default();
-        if ep_spec.netns.is_empty() {
-            let what = if ep_spec.address.is_empty() {
-                "has no network namespace".to_owned()
-            } else {
-                format!(
-                    "is an address endpoint ({}); gateway vWires are not built yet",
-                    ep_spec.address
-                )
-            };
-            return Err(pending(format!("endpoint {endpoint_up:?} {what}")));
-        }
-        // Cross-node: where the endpoint's node serves its NetworkService API.
-        let remote_node = if ep_spec.node == self.config.name {
-            None
-        } else {
-            let node = match self.get(Kind::Node, "", &ep_spec.node).await? {
-                Some(pb::Resource {
-                    kind: Some(pb::resource::Kind::Node(n)),
-                }) => n.spec.unwrap_or_default(),
-                _ => {
-                    return Err(pending(format!(
-                        "node {:?} of endpoint {endpoint_up:?} is not registered",
-                        ep_spec.node
-                    )));
-                }
-            };
-            if node.url.is_empty() {
-                return Err(pending(format!("node {:?} advertises no URL", ep_spec.node)));
-            }
-            let underlay: IpAddr = node
-                .address
-                .parse()
-                .map_err(|_| failed(format!("node {:?} has no underlay address", ep_spec.node)))?;
-            Some((node.url, underlay))
-        };
+        let far = self.far_end(&endpoint_up, &ep_spec).await?;
 
-        // Re-wire if the endpoint or the workload changed.
+        // Re-wire if the endpoint, the workload or the way to the endpoint changed.
         if let Some(w) = self.wired.get(key)
-            && (w.endpoint != endpoint_up || w.netns != spec.netns || w.interface != spec.interface)
+            && (w.endpoint != endpoint_up
+                || w.netns != spec.netns
+                || w.interface != spec.interface
+                || w.remote.is_some() != matches!(far, Far::Remote { .. })
+                || w.route != far.target().map(host_net)
+                || w.nat != matches!(far, Far::Gateway { nat: true, .. }))
         {
             self.teardown(key).await;
         }
@@ -576,13 +598,17 @@ impl Reconciler {
             None => {
                 // Adopt what an earlier run of this daemon built (it keeps forwarding across a
                 // restart), else build it.
-                let adopted = adopt(client, &spec, &endpoint_up).await;
+                let adopted = adopt(client, &spec, &endpoint_up, &far).await;
                 let w = match adopted {
                     Some(mut w) => {
-                        if let Some((url, _)) = &remote_node {
+                        if let Far::Remote { url, .. } = &far {
                             let conn = self.connection(key, &uid, &service_up, &endpoint_up, &labels, w.src, w.dst);
                             let accepted = request_remote(url, conn).await.map_err(pending)?;
                             w.remote = Some((url.clone(), accepted));
+                        }
+                        if let Some(route) = w.route.filter(|_| w.nat) {
+                            self.ensure_gateway(route.addr()).await.map_err(failed)?;
+                            self.masquerade(&w).await.map_err(failed)?;
                         }
                         w
                     }
@@ -595,11 +621,18 @@ impl Reconciler {
                             .unwrap_or_else(|| ipam::DEFAULT_POOL.to_owned())
                             .parse()
                             .map_err(|_| failed("the service's CIDR does not parse"))?;
+                        if let Some(t) = far.target()
+                            && t.is_ipv4() != pool.addr().is_ipv4()
+                        {
+                            return Err(failed(format!(
+                                "endpoint {endpoint_up:?} has address {t} but the pool {pool} of {service_up:?} is of the other IP family"
+                            )));
+                        }
                         let used = self.used_addresses(key).await?;
                         step("allocated");
                         let (src, dst) = ipam::allocate_pair(pool, &used)
                             .ok_or_else(|| failed(format!("address pool {pool} of {service_up:?} is exhausted")))?;
-                        let mut w = Wired {
+                        let w = Wired {
                             netns: spec.netns.clone(),
                             interface: spec.interface.clone(),
                             endpoint: endpoint_up.clone(),
@@ -607,17 +640,13 @@ impl Reconciler {
                             dst,
                             mtu: VETH_MTU,
                             remote: None,
+                            route: far.target().map(host_net),
+                            nat: matches!(far, Far::Gateway { nat: true, .. }),
                         };
-                        match &remote_node {
-                            None => wire(&w, &ep_spec.netns, &peer_name(&uid)).await.map_err(failed)?,
-                            Some((url, underlay)) => {
-                                let conn = self.connection(key, &uid, &service_up, &endpoint_up, &labels, src, dst);
-                                let (accepted, mtu) =
-                                    self.wire_remote(&w, url, *underlay, conn).await.map_err(failed)?;
-                                w.mtu = mtu;
-                                w.remote = Some((url.clone(), accepted));
-                            }
-                        }
+                        let w = self
+                            .build(key, w, &far, &peer_name(&uid), &uid, &service_up, &labels)
+                            .await
+                            .map_err(failed)?;
                         tracing::info!(client = ?key, endpoint = %endpoint_up, src = %src, dst = %dst, "vWire ready");
                         w
                     }
@@ -629,6 +658,11 @@ impl Reconciler {
         };
         step("wired");
         let (ns, name) = key;
+        let mut path = vec![upstream::name_of(ns, name), self.config.name.clone()];
+        if let Far::Remote { node, .. } = &far {
+            path.push(node.clone());
+        }
+        path.push(endpoint_up.clone());
         Ok(v1::ClientStatus {
             phase: Phase::Ready as i32,
             reason: String::new(),
@@ -641,22 +675,154 @@ impl Reconciler {
             src_ip_addrs: vec![w.src.to_string()],
             dst_ip_addrs: vec![w.dst.to_string()],
             connection_id: uid,
-            path: match &w.remote {
-                None => vec![upstream::name_of(ns, name), self.config.name.clone(), endpoint_up],
-                Some(_) => vec![
-                    upstream::name_of(ns, name),
-                    self.config.name.clone(),
-                    ep_spec.node.clone(),
-                    endpoint_up,
-                ],
-            },
+            path,
             rx_bytes: stats.rx_bytes,
             tx_bytes: stats.tx_bytes,
             rx_packets: stats.rx_packets,
             tx_packets: stats.tx_packets,
             updated: None,
             mtu: w.mtu,
+            routes: w.route.iter().map(ToString::to_string).collect(),
         })
+    }
+
+    /// Decides where the far end of a vWire to `ep` is built.
+    async fn far_end(&mut self, endpoint_up: &str, ep: &pb::EndpointSpec) -> Result<Far, NotReady> {
+        if !ep.netns.is_empty() {
+            if ep.node == self.config.name {
+                return Ok(Far::Local {
+                    netns: ep.netns.clone(),
+                });
+            }
+            let node = match self.get(Kind::Node, "", &ep.node).await? {
+                Some(pb::Resource {
+                    kind: Some(pb::resource::Kind::Node(n)),
+                }) => n.spec.unwrap_or_default(),
+                _ => {
+                    return Err(pending(format!(
+                        "node {:?} of endpoint {endpoint_up:?} is not registered",
+                        ep.node
+                    )));
+                }
+            };
+            return self.remote_far(&ep.node, node, None);
+        }
+        if ep.address.is_empty() {
+            return Err(failed(format!(
+                "endpoint {endpoint_up:?} has neither a network namespace nor an address"
+            )));
+        }
+        let target: IpAddr = ep.address.parse().map_err(|_| {
+            failed(format!(
+                "endpoint {endpoint_up:?}: address {:?} is not an IP address",
+                ep.address
+            ))
+        })?;
+        if target == self.config.underlay {
+            return Ok(Far::Gateway { target, nat: false });
+        }
+        // An nsm node on that host ends the vWire there; otherwise this node is the gateway.
+        let host_node = self.list(Kind::Node).await?.into_iter().find_map(|r| match r.kind {
+            Some(pb::resource::Kind::Node(n))
+                if n.spec.as_ref().and_then(|s| s.address.parse::<IpAddr>().ok()) == Some(target) =>
+            {
+                Some(n)
+            }
+            _ => None,
+        });
+        match host_node {
+            Some(n) => {
+                let name = n.metadata.map(|m| m.name).unwrap_or_default();
+                self.remote_far(&name, n.spec.unwrap_or_default(), Some(target))
+            }
+            None => Ok(Far::Gateway { target, nat: true }),
+        }
+    }
+
+    fn remote_far(&self, name: &str, node: pb::NodeSpec, target: Option<IpAddr>) -> Result<Far, NotReady> {
+        if node.url.is_empty() {
+            return Err(pending(format!("node {name:?} advertises no URL")));
+        }
+        let underlay: IpAddr = node
+            .address
+            .parse()
+            .map_err(|_| failed(format!("node {name:?} has no underlay address")))?;
+        Ok(Far::Remote {
+            node: name.to_owned(),
+            url: node.url,
+            underlay,
+            target,
+        })
+    }
+
+    /// Builds a vWire towards `far`: all or nothing.
+    #[allow(clippy::too_many_arguments)]
+    async fn build(
+        &mut self,
+        key: &(String, String),
+        mut w: Wired,
+        far: &Far,
+        peer: &str,
+        uid: &str,
+        service_up: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<Wired, String> {
+        match far {
+            Far::Local { netns } => wire(&w, netns, peer).await?,
+            Far::Gateway { nat, target } => {
+                if *nat {
+                    self.ensure_gateway(*target).await?;
+                }
+                let host = self.host_netns.path().display().to_string();
+                wire(&w, &host, peer).await?;
+            }
+            Far::Remote { url, underlay, .. } => {
+                let conn = self.connection(key, uid, service_up, &w.endpoint, labels, w.src, w.dst);
+                let (accepted, mtu) = self.wire_remote(&w, url, *underlay, conn).await?;
+                w.mtu = mtu;
+                w.remote = Some((url.clone(), accepted));
+            }
+        }
+        let extras = async {
+            if let Some(route) = w.route {
+                let (_ns, nl) = netlink_in(&w.netns).await?;
+                nl.add_route(route, Some(w.dst.addr()), &w.interface)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if w.nat {
+                self.masquerade(&w).await?;
+            }
+            Ok::<_, String>(())
+        }
+        .await;
+        if let Err(e) = extras {
+            let _ = unwire(&w, &self.host_netns).await;
+            return Err(e);
+        }
+        Ok(w)
+    }
+
+    /// Turns on forwarding for `target`'s family and creates the NAT table in the host namespace,
+    /// once per family.
+    async fn ensure_gateway(&mut self, target: IpAddr) -> Result<(), String> {
+        let family = usize::from(target.is_ipv6());
+        if self.gateway_ready[family] {
+            return Ok(());
+        }
+        nsm_dataplane::enable_ip_forwarding(&self.host_netns, target.is_ipv6()).map_err(|e| e.to_string())?;
+        nsm_dataplane::ensure_masquerade(&self.host_netns)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.gateway_ready[family] = true;
+        Ok(())
+    }
+
+    async fn masquerade(&self, w: &Wired) -> Result<(), String> {
+        let Some(route) = w.route else { return Ok(()) };
+        nsm_dataplane::add_masquerade(&self.host_netns, w.src.addr(), route.addr())
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// A Ready client as upstream's `Connection`, for MonitorConnections.
@@ -688,6 +854,14 @@ impl Reconciler {
                 ip_context: Some(IpContext {
                     src_ip_addrs: st.src_ip_addrs.clone(),
                     dst_ip_addrs: st.dst_ip_addrs.clone(),
+                    dst_routes: st
+                        .routes
+                        .iter()
+                        .map(|r| nsm_api::connectioncontext::Route {
+                            prefix: r.clone(),
+                            next_hop: String::new(),
+                        })
+                        .collect(),
                     ..Default::default()
                 }),
                 mtu: st.mtu,
@@ -945,10 +1119,16 @@ async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String>
     Ok(())
 }
 
-/// Removes a vWire: deleting one end of a veth pair deletes both, with their addresses and routes.
-async fn unwire(w: &Wired) -> Result<(), String> {
+/// Removes a vWire: deleting one end of a veth pair deletes both, with their addresses and routes;
+/// a gateway vWire also takes its NAT pair out of the host namespace.
+async fn unwire(w: &Wired, host: &NetNs) -> Result<(), String> {
     if let Some((url, conn)) = &w.remote {
         close_remote(url, conn.clone()).await;
+    }
+    if let Some(route) = w.route.filter(|_| w.nat)
+        && let Err(e) = nsm_dataplane::remove_masquerade(host, w.src.addr(), route.addr()).await
+    {
+        tracing::warn!(interface = %w.interface, error = %e, "removing the NAT pair");
     }
     let (_ns, nl) = match netlink_in(&w.netns).await {
         Ok(x) => x,
@@ -974,7 +1154,7 @@ async fn live_stats(w: &Wired) -> Option<nsm_dataplane::LinkStats> {
 
 /// Takes over a vWire that a previous run built, if the kernel still has exactly what the
 /// client's last status says.
-async fn adopt(client: &pb::Client, spec: &pb::ClientSpec, endpoint: &str) -> Option<Wired> {
+async fn adopt(client: &pb::Client, spec: &pb::ClientSpec, endpoint: &str, far: &Far) -> Option<Wired> {
     let st = client.status.as_ref()?;
     if st.phase != Phase::Ready as i32 || st.endpoint != endpoint {
         return None;
@@ -989,6 +1169,8 @@ async fn adopt(client: &pb::Client, spec: &pb::ClientSpec, endpoint: &str) -> Op
         dst,
         mtu: if st.mtu == 0 { VETH_MTU } else { st.mtu },
         remote: None,
+        route: far.target().map(host_net),
+        nat: matches!(far, Far::Gateway { nat: true, .. }),
     };
     let (_ns, nl) = netlink_in(&w.netns).await.ok()?;
     let link = nl.link(&w.interface).await.ok()??;

@@ -192,12 +192,18 @@ impl RemoteEnds {
         let src = parse("src_ip_addrs", &ip.src_ip_addrs)?;
         let dst = parse("dst_ip_addrs", &ip.dst_ip_addrs)?;
         let ep = self.endpoint(&endpoint_name).await?;
-        if ep.node != self.node || ep.netns.is_empty() {
+        // The end goes into the endpoint's namespace here, or into this host's own namespace when
+        // the endpoint is this host's address (a server running nsm).
+        let netns = if !ep.netns.is_empty() && ep.node == self.node {
+            PathBuf::from(&ep.netns)
+        } else if ep.netns.is_empty() && ep.address.parse::<IpAddr>().ok() == Some(self.underlay) {
+            self.host_netns.path().to_path_buf()
+        } else {
             return Err(Status::failed_precondition(format!(
-                "endpoint {endpoint_name:?} does not live in a namespace on node {:?}",
-                self.node
+                "endpoint {endpoint_name:?} lives neither in a namespace on node {:?} nor at its address {}",
+                self.node, self.underlay
             )));
-        }
+        };
         let overhead = if src_ip.is_ipv6() {
             vxlan::OVERHEAD_V6
         } else {
@@ -208,7 +214,6 @@ impl RemoteEnds {
         let expires = SystemTime::now() + REMOTE_LIFETIME;
         let mut ends = self.inner.lock().await;
         let known = ends.contains_key(&conn.id);
-        let netns = PathBuf::from(&ep.netns);
         if !known && !end_present(&netns, &link, dst).await {
             build_end(
                 &self.host_netns,

@@ -3,152 +3,14 @@
 //! endpoint, a daemon `kill -9` + restart without disturbing the vWire, deletion, bad input.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::*;
 use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 use nsm_testing::{NsmRegistry, sibling_binary};
-
-const NSM: &str = env!("CARGO_BIN_EXE_nsm");
-
-struct NodeProc {
-    /// unix:// URL of its socket (what `nsmctl client create --node` dials).
-    socket: String,
-    child: Option<Child>,
-    args: Vec<String>,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl NodeProc {
-    fn start(registry: &str, name: &str) -> NodeProc {
-        Self::start_with(registry, name, &["--underlay-address".into(), "192.0.2.1".into()])
-    }
-
-    fn start_with(registry: &str, name: &str, extra: &[String]) -> NodeProc {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args: Vec<String> = vec![
-            "node".into(),
-            "--name".into(),
-            name.into(),
-            "--registry".into(),
-            registry.into(),
-            "--data-dir".into(),
-            dir.path().join("data").display().to_string(),
-            "--resync".into(),
-            "300ms".into(),
-            "--listen".into(),
-            format!("unix://{}", dir.path().join("nsm.sock").display()),
-        ];
-        args.extend(extra.iter().cloned());
-        let log = dir.path().join("node.log");
-        let socket = format!("unix://{}", dir.path().join("nsm.sock").display());
-        let mut n = NodeProc {
-            socket,
-            child: None,
-            args,
-            log,
-            _dir: dir,
-        };
-        n.launch();
-        n
-    }
-
-    fn launch(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        self.child = Some(
-            Command::new(NSM)
-                .args(&self.args)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn nsmctl(registry: &NsmRegistry, args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(sibling_binary(NSM, "nsmctl").unwrap())
-        .args(args)
-        .env("NSM_REGISTRY", registry.url())
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-#[track_caller]
-fn ok(r: (bool, String, String)) -> String {
-    assert!(r.0, "nsmctl failed: {}{}", r.1, r.2);
-    r.1
-}
-
-fn client_json(registry: &NsmRegistry, name: &str) -> serde_json::Value {
-    serde_json::from_str(&ok(nsmctl(registry, &["get", "client", name, "-o", "json"]))).unwrap()
-}
-
-/// Polls the client until `pred` holds on its JSON (10 s at most).
-fn wait_client(
-    registry: &NsmRegistry,
-    node: &NodeProc,
-    name: &str,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let j = client_json(registry, name);
-        if pred(&j) {
-            return j;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            panic!(
-                "client {name}: {what} not reached; last: {j:#}\nnode log:\n{}",
-                node.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn phase(j: &serde_json::Value) -> &str {
-    j["status"]["phase"].as_str().unwrap_or("")
-}
-
-async fn link_index(bed: &Testbed, ns: &str, ifname: &str) -> Option<u32> {
-    let nl = nsm_dataplane::Netlink::connect(bed.ns(ns)).await.unwrap();
-    nl.link(ifname).await.unwrap().map(|l| l.index)
-}
-
-async fn link_names(bed: &Testbed, ns: &str) -> Vec<String> {
-    let nl = nsm_dataplane::Netlink::connect(bed.ns(ns)).await.unwrap();
-    nl.links().await.unwrap().into_iter().map(|l| l.name).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_node_vwire_lifecycle() {
@@ -373,14 +235,6 @@ async fn same_node_vwire_lifecycle() {
 
     drop(node);
     bed.down().await.unwrap();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A pod on one host, a service endpoint on another: a VXLAN vWire over the test bed's underlay,

@@ -403,6 +403,7 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
             lines.push(("Mechanism".into(), none_if_empty(&st.mechanism)));
             lines.push(("Addresses".into(), joined(&st.src_ip_addrs)));
             lines.push(("Peer addresses".into(), joined(&st.dst_ip_addrs)));
+            lines.push(("Routes".into(), joined(&st.routes)));
             lines.push(("MTU".into(), if st.mtu == 0 { "-".into() } else { st.mtu.to_string() }));
             lines.push(("Connection".into(), none_if_empty(&st.connection_id)));
             lines.push((

@@ -1,0 +1,214 @@
+//! Shared by the end-to-end tests: node daemon processes, `nsmctl` runs, polling a client's status,
+//! looking at links in test-bed namespaces.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nsm_testbed::Testbed;
+use nsm_testing::{NsmRegistry, sibling_binary};
+
+pub const NSM: &str = env!("CARGO_BIN_EXE_nsm");
+
+pub struct NodeProc {
+    /// unix:// URL of its socket (what `nsmctl client create --node` dials).
+    pub socket: String,
+    child: Option<Child>,
+    args: Vec<String>,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProc {
+    pub fn start(registry: &str, name: &str) -> NodeProc {
+        Self::start_with(registry, name, &["--underlay-address".into(), "192.0.2.1".into()])
+    }
+
+    pub fn start_with(registry: &str, name: &str, extra: &[String]) -> NodeProc {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--name".into(),
+            name.into(),
+            "--registry".into(),
+            registry.into(),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+            "--resync".into(),
+            "300ms".into(),
+            "--listen".into(),
+            format!("unix://{}", dir.path().join("nsm.sock").display()),
+        ];
+        args.extend(extra.iter().cloned());
+        let log = dir.path().join("node.log");
+        let socket = format!("unix://{}", dir.path().join("nsm.sock").display());
+        let mut n = NodeProc {
+            socket,
+            child: None,
+            args,
+            log,
+            _dir: dir,
+        };
+        n.launch();
+        n
+    }
+
+    pub fn launch(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(NSM)
+                .args(&self.args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn nsmctl(registry: &NsmRegistry, args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(sibling_binary(NSM, "nsmctl").unwrap())
+        .args(args)
+        .env("NSM_REGISTRY", registry.url())
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[track_caller]
+pub fn ok(r: (bool, String, String)) -> String {
+    assert!(r.0, "nsmctl failed: {}{}", r.1, r.2);
+    r.1
+}
+
+pub fn client_json(registry: &NsmRegistry, name: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(nsmctl(registry, &["get", "client", name, "-o", "json"]))).unwrap()
+}
+
+/// Polls the client until `pred` holds on its JSON (10 s at most).
+pub fn wait_client(
+    registry: &NsmRegistry,
+    node: &NodeProc,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let j = client_json(registry, name);
+        if pred(&j) {
+            return j;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            panic!(
+                "client {name}: {what} not reached; last: {j:#}\nnode log:\n{}",
+                node.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn phase(j: &serde_json::Value) -> &str {
+    j["status"]["phase"].as_str().unwrap_or("")
+}
+
+pub async fn link_index(bed: &Testbed, ns: &str, ifname: &str) -> Option<u32> {
+    let nl = nsm_dataplane::Netlink::connect(bed.ns(ns)).await.unwrap();
+    nl.link(ifname).await.unwrap().map(|l| l.index)
+}
+
+pub async fn link_names(bed: &Testbed, ns: &str) -> Vec<String> {
+    let nl = nsm_dataplane::Netlink::connect(bed.ns(ns)).await.unwrap();
+    nl.links().await.unwrap().into_iter().map(|l| l.name).collect()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `nsmctl` inside namespace `netns` (a path), as a workload would, talking to `node`'s socket.
+pub fn nsmctl_in(registry: &NsmRegistry, netns: &str, node: &NodeProc, args: &[&str]) -> (bool, String, String) {
+    let o = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .arg("--")
+        .arg(sibling_binary(NSM, "nsmctl").unwrap())
+        .args(args)
+        .args(["--node", &node.socket])
+        .env("NSM_REGISTRY", registry.url())
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Polls `cond` every 50 ms for up to `secs` seconds; true once it holds.
+pub async fn eventually<F: std::future::Future<Output = bool>>(secs: u64, mut cond: impl FnMut() -> F) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return true;
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The source address a UDP datagram sent from `from` to `to_addr` arrives with in `to`.
+pub fn udp_source(
+    bed: &Testbed,
+    from: &str,
+    to: &str,
+    to_addr: std::net::IpAddr,
+    port: u16,
+) -> Option<std::net::IpAddr> {
+    use std::net::{SocketAddr, UdpSocket};
+    let addr = SocketAddr::new(to_addr, port);
+    let rx = bed.ns(to).run(move || UdpSocket::bind(addr)).unwrap().unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let tx = bed.ns(from).run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..5 {
+        tx.send_to(b"nsm", addr).unwrap();
+        if let Ok((_, f)) = rx.recv_from(&mut buf) {
+            return Some(f.ip());
+        }
+    }
+    None
+}
