@@ -88,6 +88,16 @@ impl NodeService for LocalApi {
                 .display()
                 .to_string();
         }
+        let name = client.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let taken = self.interfaces_in(&spec.netns, &name).await?;
+        if spec.interface.is_empty() {
+            spec.interface = free_interface(&taken);
+        } else if let Some((_, owner)) = taken.iter().find(|(i, _)| *i == spec.interface) {
+            return Err(Status::already_exists(format!(
+                "spec.interface: {:?} in {} already belongs to client {owner}",
+                spec.interface, spec.netns
+            )));
+        }
         let created = self
             .registry
             .clone()
@@ -97,6 +107,47 @@ impl NodeService for LocalApi {
             .await?;
         Ok(Response::new(created.into_inner()))
     }
+}
+
+impl LocalApi {
+    /// Interfaces that this node's other clients have in the namespace `netns` names (compared by
+    /// namespace identity: two paths may name one namespace), with their owners.
+    async fn interfaces_in(&self, netns: &str, except: &str) -> Result<Vec<(String, String)>, Status> {
+        let id = netns_id(Path::new(netns));
+        let items = self
+            .registry
+            .clone()
+            .list(v1::ListRequest {
+                kind: nsm_model::Kind::Client.to_pb() as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .items;
+        Ok(items
+            .into_iter()
+            .filter_map(|r| match r.kind {
+                Some(pb::resource::Kind::Client(c)) => Some(c),
+                _ => None,
+            })
+            .filter_map(|c| {
+                let m = c.metadata.unwrap_or_default();
+                let s = c.spec.unwrap_or_default();
+                let same =
+                    s.node == self.node && (s.netns == netns || (id.is_some() && netns_id(Path::new(&s.netns)) == id));
+                (same && m.name != except).then(|| (s.interface, nsm_model::upstream::name_of(&m.namespace, &m.name)))
+            })
+            .collect())
+    }
+}
+
+/// The first of `nsm-1`, `nsm-2`, … that no other client holds, so a workload that asks for
+/// several vWires without naming interfaces gets one interface each.
+fn free_interface(taken: &[(String, String)]) -> String {
+    (1..)
+        .map(|n| format!("nsm-{n}"))
+        .find(|i| taken.iter().all(|(t, _)| t != i))
+        .expect("some name is free")
 }
 
 /// Upstream clients asking this node for a vWire with the `KERNEL` mechanism (upstream's NSC

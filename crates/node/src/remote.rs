@@ -316,8 +316,12 @@ pub(crate) async fn build_end(
         let _ = hnl.delete_link(&transit).await;
         return Err(e.to_string());
     }
+    if let Err(e) = tnl.rename(&transit, name).await {
+        // `name` may be another vWire's interface: only the transit link is ours to delete.
+        let _ = tnl.delete_link(&transit).await;
+        return Err(e.to_string());
+    }
     let configured = async {
-        tnl.rename(&transit, name).await?;
         tnl.add_address(name, local_addr).await?;
         tnl.set_up(name).await?;
         tnl.add_route(peer_addr, None, name).await?;
@@ -325,7 +329,6 @@ pub(crate) async fn build_end(
     }
     .await;
     if let Err(e) = configured {
-        let _ = tnl.delete_link(&transit).await;
         let _ = tnl.delete_link(name).await;
         return Err(e.to_string());
     }

@@ -49,6 +49,19 @@ pub struct Topology {
     pub address_hosts: Vec<AddressHostSpec>,
 }
 
+impl Topology {
+    /// The namespace names (under `/run/netns`) that [`Testbed::up`] creates for this topology,
+    /// so a process that may be killed half-way can record them first and clean up later.
+    pub fn netns_names(&self) -> Vec<String> {
+        std::iter::once(UNDERLAY)
+            .chain(self.hosts.iter().map(|h| h.name.as_str()))
+            .chain(self.address_hosts.iter().map(|a| a.name.as_str()))
+            .chain(self.workloads.iter().map(|w| w.name.as_str()))
+            .map(|n| format!("{}-{n}", self.prefix))
+            .collect()
+    }
+}
+
 /// A host: a namespace on the shared underlay, with IP forwarding on.
 #[derive(Debug, Clone)]
 pub struct HostSpec {

@@ -2,7 +2,9 @@
 //!
 //! - `nsm registry` — the registry of a domain (upstream registry API + nsm.v1 resources).
 //! - `nsm node` — the nsm-node daemon of a host.
+//! - `nsm demo` — the hybrid-cloud vWire scenario on a test bed (root).
 
+mod demo;
 mod node;
 mod registry;
 
@@ -31,6 +33,11 @@ enum Command {
     /// Run the nsm-node daemon of this host: registers the node and builds the vWires (clients)
     /// assigned to it in the kernel, reporting their status.
     Node(node::Args),
+    /// Show the mesh working, on this machine (root): a test bed of namespaces with two hosts and a
+    /// VM, a registry and two node daemons, the design document's nsmctl commands, and proof that
+    /// traffic flows (ping, TCP, counters). Keeps it up until Ctrl-C, then removes all of it;
+    /// `--down` removes what a killed demo left.
+    Demo(demo::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Registry(args) => registry::run(args).await,
             Command::Node(args) => node::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
         }
     })
 }

@@ -107,6 +107,28 @@ async fn seed_commands_give_a_pod_a_vwire_to_a_vm() {
         "{}",
         nat_set(&bed, "h1")
     );
+    // A second vWire of the same pod cannot take the first one's interface.
+    let dup = nsmctl_in(
+        &registry,
+        &pod,
+        &a,
+        &[
+            "client",
+            "create",
+            "dup",
+            "--service=orders",
+            "--endpoint=vm-endpoint",
+            "--interface=nsm-1",
+        ],
+    );
+    assert!(
+        !dup.0 && dup.2.contains("already belongs to client orders-vwire"),
+        "{dup:?}"
+    );
+    assert!(
+        !ok(nsmctl(&registry, &["get", "clients"])).contains("dup"),
+        "nothing created"
+    );
     let described = ok(nsmctl(&registry, &["describe", "client", "orders-vwire"]));
     assert!(described.contains("10.0.0.5/32"), "{described}");
 

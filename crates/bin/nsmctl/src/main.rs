@@ -233,9 +233,10 @@ struct ClientCreate {
     /// daemon sees it through its unix socket).
     #[arg(long)]
     netns: Option<String>,
-    /// Interface name inside the workload.
-    #[arg(long, default_value = validate::DEFAULT_INTERFACE)]
-    interface: String,
+    /// Interface name inside the workload (default: the first of nsm-1, nsm-2, … that no other
+    /// client of the workload holds).
+    #[arg(long)]
+    interface: Option<String>,
     /// The node daemon of the workload's host, which creates and builds the vWire.
     #[arg(long = "node", env = "NSM_NODE", default_value = "unix:///var/run/nsm/nsm.sock")]
     node_url: String,
@@ -414,7 +415,7 @@ async fn create_client(c: ClientCreate, namespace: &str, format: Format) -> anyh
             network_service: c.service,
             endpoint: c.endpoint.unwrap_or_default(),
             netns: c.netns.unwrap_or_default(),
-            interface: c.interface,
+            interface: c.interface.unwrap_or_default(),
             node: String::new(),
         }),
         status: None,
@@ -508,6 +509,8 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`nsmctl get … | head`): not an error of ours.
+        Err(e) if e.downcast_ref::<output::StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             if e.downcast_ref::<Reported>().is_none() {
                 match e.downcast_ref::<tonic::Status>() {

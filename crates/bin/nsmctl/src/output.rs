@@ -9,6 +9,41 @@ use nsm_model::{Kind, kind, pb, upstream, validate};
 
 use crate::{Ctx, GetOpts, reference};
 
+/// Standard output was closed by its reader (`nsmctl get … | head`): `main` exits quietly.
+#[derive(Debug)]
+pub(crate) struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
+/// `println!` that returns the write error instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        std::io::Write::write_fmt(&mut std::io::stdout().lock(), format_args!("{}\n", format_args!($($t)*)))
+            .map_err(stdout_error)?
+    };
+}
+
+/// `print!` counterpart of [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => {
+        std::io::Write::write_fmt(&mut std::io::stdout().lock(), format_args!($($t)*)).map_err(stdout_error)?
+    };
+}
+
 /// Output format.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Format {
@@ -33,7 +68,7 @@ fn qualified(r: &pb::Resource) -> String {
 /// Prints the result of a create/delete/apply: `kind/name verb`, or the object with -o.
 pub(crate) fn print_changed(format: Format, r: &pb::Resource, verb: &str) -> anyhow::Result<()> {
     match format {
-        Format::Table => println!("{} {verb}", qualified(r)),
+        Format::Table => outln!("{} {verb}", qualified(r)),
         _ => print_one(format, r)?,
     }
     Ok(())
@@ -41,9 +76,9 @@ pub(crate) fn print_changed(format: Format, r: &pb::Resource, verb: &str) -> any
 
 fn print_one(format: Format, r: &pb::Resource) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&doc(r)?)?),
-        Format::Yaml => print!("{}", serde_norway::to_string(&doc(r)?)?),
-        Format::Table => table(std::slice::from_ref(r), false),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&doc(r)?)?),
+        Format::Yaml => out!("{}", serde_norway::to_string(&doc(r)?)?),
+        Format::Table => table(std::slice::from_ref(r), false)?,
     }
     Ok(())
 }
@@ -84,9 +119,9 @@ fn status_text(st: &pb::ClientStatus) -> String {
     }
 }
 
-fn table(items: &[pb::Resource], all_namespaces: bool) {
+fn table(items: &[pb::Resource], all_namespaces: bool) -> anyhow::Result<()> {
     let Some(kind) = items.first().and_then(Kind::of) else {
-        return;
+        return Ok(());
     };
     let mut t = Table::new();
     t.load_style(presets::NOTHING);
@@ -163,7 +198,8 @@ fn table(items: &[pb::Resource], all_namespaces: bool) {
         .lines()
         .map(|l| l.strip_prefix(' ').unwrap_or(l).trim_end())
         .collect();
-    println!("{}", lines.join("\n"));
+    outln!("{}", lines.join("\n"));
+    Ok(())
 }
 
 /// `get`: one resource, or a list (optionally followed by a watch).
@@ -207,10 +243,10 @@ pub(crate) async fn get(ctx: &mut Ctx, kind: Kind, opts: &GetOpts) -> anyhow::Re
                 eprintln!("No {kind} resources found.");
             }
         }
-        Format::Table => table(&list.items, opts.all_namespaces),
+        Format::Table => table(&list.items, opts.all_namespaces)?,
         Format::Json => {
             let docs: Vec<Document> = list.items.iter().map(doc).collect::<anyhow::Result<_>>()?;
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({ "items": docs }))?
             );
@@ -218,9 +254,9 @@ pub(crate) async fn get(ctx: &mut Ctx, kind: Kind, opts: &GetOpts) -> anyhow::Re
         Format::Yaml => {
             for (i, r) in list.items.iter().enumerate() {
                 if i > 0 {
-                    println!("---");
+                    outln!("---");
                 }
-                print!("{}", serde_norway::to_string(&doc(r)?)?);
+                out!("{}", serde_norway::to_string(&doc(r)?)?);
             }
         }
     }
@@ -261,15 +297,15 @@ async fn watch(
                 } else {
                     m.name
                 };
-                println!("{what}{kind}/{name} (revision {})", ev.revision);
+                outln!("{what}{kind}/{name} (revision {})", ev.revision);
             }
-            Format::Json => println!(
+            Format::Json => outln!(
                 "{}",
                 serde_json::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?
             ),
             Format::Yaml => {
-                println!("---");
-                print!(
+                outln!("---");
+                out!(
                     "{}",
                     serde_norway::to_string(&serde_json::json!({"type": what.trim(), "object": doc(&r)?}))?
                 );
@@ -435,7 +471,7 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
     }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
     for (k, v) in lines {
-        println!("{:width$}{v}", format!("{k}:"));
+        outln!("{:width$}{v}", format!("{k}:"));
     }
     Ok(())
 }

@@ -540,3 +540,21 @@ fn clients_as_resources() {
         "client/orders-vwire deleted"
     );
 }
+
+/// `nsmctl get … | head`: a reader that goes away ends nsmctl quietly, with success.
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let r = registry();
+    ok(nsmctl(&r, &["ns", "create", "a"]));
+    let mut child = Command::new(NSMCTL)
+        .args(["--registry", &r.url(), "get", "ns", "-o", "yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
