@@ -237,6 +237,93 @@ async fn same_node_vwire_lifecycle() {
     bed.down().await.unwrap();
 }
 
+/// Bad input the node reports on the client (unknown pinned endpoint, an exhausted pool) or the CLI
+/// refuses (a duplicate name), never leaving half-built interfaces; a Failed client recovers when
+/// its cause goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_reported_and_builds_nothing() {
+    let bed = Testbed::up(Topology {
+        prefix: unique_prefix("bad"),
+        hosts: vec![HostSpec {
+            name: "h1".into(),
+            underlay_addr: "192.0.2.11".parse().unwrap(),
+        }],
+        workloads: ["pod", "ep"]
+            .iter()
+            .map(|n| WorkloadSpec {
+                name: n.to_string(),
+                host: "h1".into(),
+            })
+            .collect(),
+        address_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let node = NodeProc::start(&registry.url(), "node-a");
+    let pod = path("pod");
+    // A /30 holds one pair of host addresses: room for one vWire.
+    ok(nsmctl(&registry, &["ns", "create", "tiny", "--cidr", "10.61.0.0/30"]));
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep",
+            "--service",
+            "tiny",
+            "--netns",
+            &path("ep"),
+            "--node",
+            "node-a",
+        ],
+    ));
+    let create = |name: &str, extra: &[&str]| {
+        let mut args = vec!["client", "create", name, "--netns", &pod, "--node", &node.socket];
+        args.extend_from_slice(extra);
+        nsmctl(&registry, &args)
+    };
+
+    // A pinned endpoint that does not exist: Pending with the reason, nothing built.
+    ok(create("ghost", &["--service", "tiny", "--endpoint", "nobody"]));
+    let j = wait_client(&registry, &node, "ghost", "Pending", |j| phase(j) == "Pending");
+    let reason = j["status"]["reason"].as_str().unwrap();
+    assert!(reason.contains("endpoint \"nobody\" not found"), "{reason}");
+    assert_eq!(link_names(&bed, "pod").await, ["lo"]);
+    ok(nsmctl(&registry, &["delete", "client", "ghost"]));
+
+    // The pool has room for one vWire: the second fails with the reason, and is built once the
+    // first goes.
+    ok(create("first", &["--service", "tiny"]));
+    wait_client(&registry, &node, "first", "Ready", |j| phase(j) == "Ready");
+    ok(create("second", &["--service", "tiny"]));
+    let j = wait_client(&registry, &node, "second", "Failed", |j| phase(j) == "Failed");
+    let reason = j["status"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("address pool 10.61.0.0/30") && reason.contains("exhausted"),
+        "{reason}"
+    );
+    assert_eq!(
+        link_names(&bed, "pod").await,
+        ["lo", "nsm-1"],
+        "nothing built for the second"
+    );
+
+    // A duplicate name is refused by the CLI and changes nothing.
+    let dup = create("first", &["--service", "tiny"]);
+    assert!(!dup.0 && dup.2.contains("already exists"), "{dup:?}");
+
+    ok(nsmctl(&registry, &["delete", "client", "first"]));
+    let j = wait_client(&registry, &node, "second", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(j["status"]["srcIpAddrs"][0], "10.61.0.1/32", "the freed pair is reused");
+    assert!(bed.ping("pod", "10.61.0.2".parse().unwrap(), 2));
+    ok(nsmctl(&registry, &["delete", "client", "second"]));
+    assert!(eventually(5, || async { link_names(&bed, "pod").await == ["lo"] }).await);
+    drop(node);
+    bed.down().await.unwrap();
+}
+
 /// A pod on one host, a service endpoint on another: a VXLAN vWire over the test bed's underlay,
 /// built by two node daemons talking upstream's NetworkService API, with an MTU that lets
 /// full-size packets through without fragmentation, and removed from both hosts on delete.
@@ -281,7 +368,7 @@ async fn cross_node_vxlan_vwire() {
         ]
     };
     let a = NodeProc::start_with(&registry.url(), "node-a", &node_args("h1", "192.0.2.11"));
-    let b = NodeProc::start_with(&registry.url(), "node-b", &node_args("h2", "192.0.2.12"));
+    let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args("h2", "192.0.2.12"));
 
     ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.70.0.0/24"]));
     ok(nsmctl(
@@ -346,6 +433,28 @@ async fn cross_node_vxlan_vwire() {
     let pod_links = link_names(&bed, "pod").await;
     assert!(pod_links.contains(&"nsm-1".to_string()), "{pod_links:?}");
     assert_eq!(link_names(&bed, "svc").await.len(), 2, "lo and the endpoint's end");
+
+    // The endpoint's node dies and comes back: the tunnel keeps forwarding, and the restarted
+    // daemon adopts its end on the next refresh instead of rebuilding it (so Close still finds it).
+    let svc_end = link_names(&bed, "svc").await.into_iter().find(|l| l != "lo").unwrap();
+    let svc_index = link_index(&bed, "svc", &svc_end).await;
+    b.kill9();
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 2),
+        "forwarding while node-b is down"
+    );
+    b.launch();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 2),
+        "forwarding after node-b restarted"
+    );
+    assert_eq!(
+        link_index(&bed, "svc", &svc_end).await,
+        svc_index,
+        "adopted, not rebuilt"
+    );
+    assert_eq!(phase(&client_json(&registry, "c1")), "Ready");
 
     ok(nsmctl(&registry, &["delete", "client", "c1"]));
     let start = Instant::now();
