@@ -50,4 +50,15 @@ pub mod service_names {
     pub const NODE: &str = "nsm.v1.NodeService";
     /// `networkservice.NetworkService`.
     pub const NETWORK_SERVICE: &str = "networkservice.NetworkService";
+    /// Upstream vL3 prefix server.
+    pub const IPAM: &str = "ipam.IPAM";
+    /// gRPC metadata keys with which a `ManagePrefixes` stream says which vL3 it leases from,
+    /// which node's router holds the prefixes (they then outlive the stream) and for which
+    /// service's members. Upstream clients send none: one vL3 must then exist, and their prefixes
+    /// go back to the pool when the stream ends, as upstream's prefix server does.
+    pub const IPAM_VL3_HEADER: &str = "nsm-network-service";
+    /// See [`IPAM_VL3_HEADER`].
+    pub const IPAM_NODE_HEADER: &str = "nsm-node";
+    /// See [`IPAM_VL3_HEADER`].
+    pub const IPAM_MEMBER_HEADER: &str = "nsm-member-service";
 }

@@ -105,6 +105,18 @@ pub struct NetworkServiceSpecDoc {
     /// Endpoint selection rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<MatchDoc>,
+    /// vL3: length of each router's prefix.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prefix_len: u32,
+    /// The vL3 this service's members join.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vl3: String,
+    /// Services this one's members may reach on the vL3 ("*" = all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reach: Vec<String>,
+    /// vL3: member DNS name template.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dns_template: String,
 }
 
 /// Spec of an endpoint.
@@ -146,6 +158,21 @@ pub struct NodeSpecDoc {
     /// NetworkService API of its daemon.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+}
+
+/// Spec of a prefix lease (written by the registry's prefix server).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrefixSpecDoc {
+    /// The vL3.
+    pub network_service: String,
+    /// The prefix.
+    pub prefix: String,
+    /// The node whose router holds it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    /// The service whose members are addressed from it.
+    pub member_service: String,
 }
 
 /// Spec of a client (a declarative vWire).
@@ -199,6 +226,15 @@ pub struct ClientStatusDoc {
     /// Destinations routed through the vWire beyond the peer (an address endpoint's host).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<String>,
+    /// vL3: the member's DNS name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dns_name: String,
+    /// vL3: DNS servers pushed with the connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<String>,
+    /// vL3: search domains pushed with the connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search_domains: Vec<String>,
     /// MTU of the interface.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub mtu: u32,
@@ -272,6 +308,8 @@ pub enum Document {
     Node(Doc<NodeSpecDoc>),
     /// A client (boxed: its status makes it much larger than the others).
     Client(Box<ClientDoc>),
+    /// A prefix lease.
+    Prefix(Doc<PrefixSpecDoc>),
 }
 
 /// A protobuf timestamp in a document: RFC 3339, or upstream's `{seconds, nanos}`.
@@ -473,6 +511,25 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                     service_type: service_type_name(s.r#type).to_owned(),
                     cidr: s.cidr,
                     matches: s.matches.iter().map(match_doc).collect(),
+                    prefix_len: s.prefix_len,
+                    vl3: s.vl3,
+                    reach: s.reach,
+                    dns_template: s.dns_template,
+                },
+            })
+        }
+        R::Prefix(p) => {
+            let (api_version, kind, metadata) = header(meta_doc(p.metadata.as_ref()));
+            let s = p.spec.clone().unwrap_or_default();
+            Document::Prefix(Doc {
+                api_version,
+                kind,
+                metadata,
+                spec: PrefixSpecDoc {
+                    network_service: s.network_service,
+                    prefix: s.prefix,
+                    node: s.node,
+                    member_service: s.member_service,
                 },
             })
         }
@@ -525,6 +582,9 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                 connection_id: st.connection_id.clone(),
                 path: st.path.clone(),
                 routes: st.routes.clone(),
+                dns_name: st.dns_name.clone(),
+                dns_servers: st.dns_servers.clone(),
+                search_domains: st.search_domains.clone(),
                 mtu: st.mtu,
                 rx_bytes: st.rx_bytes,
                 tx_bytes: st.tx_bytes,
@@ -623,6 +683,10 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                         cidr: d.spec.cidr,
                         matches: d.spec.matches.into_iter().map(match_pb).collect(),
                         path_ids: Vec::new(),
+                        prefix_len: d.spec.prefix_len,
+                        vl3: d.spec.vl3,
+                        reach: d.spec.reach,
+                        dns_template: d.spec.dns_template,
                     }),
                 })
             }

@@ -17,11 +17,19 @@ pub enum Kind {
     Node,
     /// A declarative vWire: a workload asking for a network service.
     Client,
+    /// A prefix of a vL3 pool leased to a node's router (written by the registry's prefix server).
+    Prefix,
 }
 
 impl Kind {
     /// Every kind, in display order.
-    pub const ALL: [Kind; 4] = [Kind::NetworkService, Kind::Endpoint, Kind::Node, Kind::Client];
+    pub const ALL: [Kind; 5] = [
+        Kind::NetworkService,
+        Kind::Endpoint,
+        Kind::Node,
+        Kind::Client,
+        Kind::Prefix,
+    ];
 
     /// The document `kind:` of this resource.
     pub fn name(self) -> &'static str {
@@ -30,6 +38,7 @@ impl Kind {
             Kind::Endpoint => "Endpoint",
             Kind::Node => "Node",
             Kind::Client => "Client",
+            Kind::Prefix => "Prefix",
         }
     }
 
@@ -40,6 +49,7 @@ impl Kind {
             Kind::Endpoint => "endpoint",
             Kind::Node => "node",
             Kind::Client => "client",
+            Kind::Prefix => "prefix",
         }
     }
 
@@ -55,6 +65,7 @@ impl Kind {
             Kind::Endpoint => "/nsm/v1/endpoints/",
             Kind::Node => "/nsm/v1/nodes/",
             Kind::Client => "/nsm/v1/clients/",
+            Kind::Prefix => "/nsm/v1/prefixes/",
         }
     }
 
@@ -74,6 +85,7 @@ impl Kind {
             Kind::Endpoint => pb::Kind::Endpoint,
             Kind::Node => pb::Kind::Node,
             Kind::Client => pb::Kind::Client,
+            Kind::Prefix => pb::Kind::Prefix,
         }
     }
 
@@ -84,6 +96,7 @@ impl Kind {
             Ok(pb::Kind::Endpoint) => Ok(Kind::Endpoint),
             Ok(pb::Kind::Node) => Ok(Kind::Node),
             Ok(pb::Kind::Client) => Ok(Kind::Client),
+            Ok(pb::Kind::Prefix) => Ok(Kind::Prefix),
             _ => Err(ValidationError::new(
                 "kind",
                 format!("unknown or unspecified kind {value}"),
@@ -98,6 +111,7 @@ impl Kind {
             pb::resource::Kind::Endpoint(_) => Some(Kind::Endpoint),
             pb::resource::Kind::Node(_) => Some(Kind::Node),
             pb::resource::Kind::Client(_) => Some(Kind::Client),
+            pb::resource::Kind::Prefix(_) => Some(Kind::Prefix),
         }
     }
 }
@@ -122,9 +136,10 @@ impl FromStr for Kind {
             }
             "node" | "nodes" | "no" => Ok(Kind::Node),
             "client" | "clients" | "vwire" | "vwires" => Ok(Kind::Client),
+            "prefix" | "prefixes" => Ok(Kind::Prefix),
             other => Err(ValidationError::new(
                 "kind",
-                format!("unknown kind {other:?} (expected networkservice|ns, endpoint|nse, node, client)"),
+                format!("unknown kind {other:?} (expected networkservice|ns, endpoint|nse, node, client, prefix)"),
             )),
         }
     }
@@ -137,6 +152,7 @@ pub fn meta(resource: &pb::Resource) -> Option<&pb::ObjectMeta> {
         pb::resource::Kind::Endpoint(r) => r.metadata.as_ref(),
         pb::resource::Kind::Node(r) => r.metadata.as_ref(),
         pb::resource::Kind::Client(r) => r.metadata.as_ref(),
+        pb::resource::Kind::Prefix(r) => r.metadata.as_ref(),
     }
 }
 
@@ -147,5 +163,6 @@ pub fn meta_mut(resource: &mut pb::Resource) -> Option<&mut pb::ObjectMeta> {
         pb::resource::Kind::Endpoint(r) => r.metadata.get_or_insert_with(Default::default),
         pb::resource::Kind::Node(r) => r.metadata.get_or_insert_with(Default::default),
         pb::resource::Kind::Client(r) => r.metadata.get_or_insert_with(Default::default),
+        pb::resource::Kind::Prefix(r) => r.metadata.get_or_insert_with(Default::default),
     })
 }

@@ -289,6 +289,7 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             if !spec.cidr.is_empty() {
                 spec.cidr = cidr("spec.cidr", &spec.cidr)?.to_string();
             }
+            vl3_fields(spec)?;
             for (i, m) in spec.matches.iter().enumerate() {
                 selector(&format!("spec.matches[{i}].sourceSelector"), &m.source_selector)?;
                 for (j, r) in m.routes.iter().enumerate() {
@@ -375,6 +376,16 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
                 name("spec.node", &spec.node)?;
             }
         }
+        R::Prefix(p) => {
+            check_meta(kind, p.metadata.get_or_insert_with(Default::default))?;
+            let spec = p.spec.get_or_insert_with(Default::default);
+            service_ref("spec.networkService", &spec.network_service)?;
+            spec.prefix = cidr("spec.prefix", &spec.prefix)?.to_string();
+            if !spec.node.is_empty() {
+                name("spec.node", &spec.node)?;
+            }
+            service_ref("spec.memberService", &spec.member_service)?;
+        }
         R::Node(node) => {
             check_meta(kind, node.metadata.get_or_insert_with(Default::default))?;
             let spec = node.spec.get_or_insert_with(Default::default);
@@ -389,6 +400,88 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
         }
     }
     Ok(kind)
+}
+
+/// The default DNS name of a vL3 member.
+pub const DEFAULT_DNS_TEMPLATE: &str = "{client}.{service}.";
+
+/// The prefix length routers lease from a vL3 pool when the service says none: upstream's /24
+/// (NSM_CLIENT_PREFIX_LEN) for IPv4; /112 (65,536 addresses) for IPv6.
+pub fn default_prefix_len(pool: &ipnet::IpNet) -> u32 {
+    if pool.addr().is_ipv4() { 24 } else { 112 }
+}
+
+/// The vL3 fields of a network service: a vL3 needs a pool whose prefixes leave room for a router
+/// and a member; a service on a vL3 takes that vL3's pool and carries none of its own.
+fn vl3_fields(spec: &mut pb::NetworkServiceSpec) -> Result<()> {
+    let is_vl3 = spec.r#type == pb::ServiceType::Vl3 as i32;
+    if !spec.vl3.is_empty() {
+        service_ref("spec.vl3", &spec.vl3)?;
+        if !spec.cidr.is_empty() {
+            return Err(ValidationError::new(
+                "spec.cidr",
+                "a service on a vL3 takes its addresses from the vL3's pool; give no cidr",
+            ));
+        }
+        if spec.prefix_len != 0 || !spec.dns_template.is_empty() {
+            return Err(ValidationError::new(
+                "spec.vl3",
+                "prefixLen and dnsTemplate belong to the vL3 itself, not to a service on it",
+            ));
+        }
+        spec.r#type = pb::ServiceType::Vl3 as i32;
+    } else if is_vl3 {
+        let pool = if spec.cidr.is_empty() {
+            return Err(ValidationError::new(
+                "spec.cidr",
+                "a vL3 needs an address pool (e.g. 172.16.0.0/16)",
+            ));
+        } else {
+            cidr("spec.cidr", &spec.cidr)?
+        };
+        if spec.prefix_len == 0 {
+            spec.prefix_len = default_prefix_len(&pool);
+        }
+        let max = u32::from(pool.max_prefix_len()) - 2;
+        if spec.prefix_len < u32::from(pool.prefix_len()) || spec.prefix_len > max {
+            return Err(ValidationError::new(
+                "spec.prefixLen",
+                format!(
+                    "/{} must lie between the pool's /{} and /{max} (a prefix holds the router and at least one member)",
+                    spec.prefix_len,
+                    pool.prefix_len()
+                ),
+            ));
+        }
+        if spec.dns_template.is_empty() {
+            spec.dns_template = DEFAULT_DNS_TEMPLATE.to_owned();
+        }
+        let rest = spec
+            .dns_template
+            .replace("{client}", "a")
+            .replace("{service}", "b")
+            .replace("{namespace}", "c");
+        if rest.contains(['{', '}']) || rest.split('.').any(|l| l.len() > 63) || rest.starts_with('.') {
+            return Err(ValidationError::new(
+                "spec.dnsTemplate",
+                format!(
+                    "{:?}: use {{client}}, {{service}} and {{namespace}} in dot-separated labels",
+                    spec.dns_template
+                ),
+            ));
+        }
+    } else if spec.prefix_len != 0 || !spec.dns_template.is_empty() || !spec.reach.is_empty() {
+        return Err(ValidationError::new(
+            "spec.type",
+            "prefixLen, dnsTemplate and reach apply to vL3 services only",
+        ));
+    }
+    for (i, r) in spec.reach.iter().enumerate() {
+        if r != "*" {
+            service_ref(&format!("spec.reach[{i}]"), r)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -683,6 +683,7 @@ impl Reconciler {
             updated: None,
             mtu: w.mtu,
             routes: w.route.iter().map(ToString::to_string).collect(),
+            ..Default::default()
         })
     }
 

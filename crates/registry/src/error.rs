@@ -38,6 +38,10 @@ pub enum RegistryError {
     /// A name in another registry domain; interdomain registration is not served here.
     #[error("{0}")]
     Interdomain(String),
+    /// The request is well formed but the state does not allow it (e.g. changing a vL3's pool
+    /// while prefixes are leased from it, an exhausted pool).
+    #[error("{0}")]
+    Precondition(String),
     /// A watcher fell too far behind the change stream.
     #[error("watch fell behind the registry's change stream; start a new one")]
     WatchLagged,
@@ -55,6 +59,7 @@ impl From<RegistryError> for Status {
             RegistryError::AlreadyExists { .. } => Status::already_exists(msg),
             RegistryError::Conflict { .. } | RegistryError::WatchLagged => Status::aborted(msg),
             RegistryError::Interdomain(_) => Status::unimplemented(msg),
+            RegistryError::Precondition(_) => Status::failed_precondition(msg),
             RegistryError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
             RegistryError::Store(_) => Status::internal(msg),
         }

@@ -8,6 +8,7 @@
 
 mod cache;
 mod error;
+mod ipam;
 mod resources;
 mod upstream_api;
 
@@ -121,6 +122,16 @@ fn same_content(a: &pb::Resource, b: &pb::Resource) -> bool {
     strip(a) == strip(b)
 }
 
+/// Prefix leases are made by the prefix server only: a hand-made one could overlap a router's.
+fn refuse_prefix(r: &pb::Resource) -> Result<()> {
+    if matches!(r.kind, Some(pb::resource::Kind::Prefix(_))) {
+        return Err(RegistryError::Precondition(
+            "prefixes are leased through ipam.IPAM/ManagePrefixes (nsm node does it for its vL3 routers); they can be listed and deleted, not created".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Registry {
     /// Loads the store's state and starts following it.
     pub async fn start(store: Arc<dyn Store>, config: Config) -> std::result::Result<Registry, StoreError> {
@@ -137,6 +148,7 @@ impl Registry {
             nsm_api::service_names::NS_REGISTRY,
             nsm_api::service_names::NSE_REGISTRY,
             nsm_api::service_names::RESOURCES,
+            nsm_api::service_names::IPAM,
             "",
         ] {
             reporter
@@ -157,7 +169,10 @@ impl Registry {
             )
             .add_service(nsm_api::nsm::v1::resource_service_server::ResourceServiceServer::new(
                 resources::ResourceApi(self.clone()),
-            ));
+            ))
+            .add_service(nsm_api::ipam::ipam_server::IpamServer::new(ipam::PrefixServer(
+                self.clone(),
+            )));
         b.routes()
     }
 
@@ -301,8 +316,26 @@ impl Registry {
     }
 
     /// Creates a resource; fails with AlreadyExists if it exists.
-    pub async fn create(&self, mut resource: pb::Resource) -> Result<Item> {
+    pub async fn create(&self, resource: pb::Resource) -> Result<Item> {
+        refuse_prefix(&resource)?;
+        self.insert(resource).await
+    }
+
+    /// The upstream name of the vL3 that the service `upstream_name` is on, if it is on one.
+    pub(crate) fn member_service_vl3(&self, upstream_name: &str) -> Option<String> {
+        let (ns, name, _) = upstream::parse_name("service", upstream_name).ok()?;
+        let item = self.get_item(Kind::NetworkService, &ns, &name)?;
+        let Some(pb::resource::Kind::NetworkService(s)) = &item.kind else {
+            return None;
+        };
+        let vl3 = &s.spec.as_ref()?.vl3;
+        (!vl3.is_empty()).then(|| upstream::qualify(vl3, &ns))
+    }
+
+    /// Creates a resource of any kind (prefix leases included); AlreadyExists if it exists.
+    async fn insert(&self, mut resource: pb::Resource) -> Result<Item> {
         let kind = validate::resource(&mut resource)?;
+        self.check_vl3(&resource)?;
         Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         Self::stamp_new(&mut resource);
@@ -320,7 +353,9 @@ impl Registry {
 
     /// Creates or updates a resource. With `dry_run`, only validates and reports the outcome.
     pub async fn apply(&self, mut resource: pb::Resource, dry_run: bool) -> Result<(Applied, Item)> {
+        refuse_prefix(&resource)?;
         let kind = validate::resource(&mut resource)?;
+        self.check_vl3(&resource)?;
         Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         if dry_run {
@@ -349,8 +384,22 @@ impl Registry {
         Ok((outcome, stored))
     }
 
-    /// Deletes a resource, returning its last state.
+    /// Deletes a resource, returning its last state. A node takes its routers' prefix leases with
+    /// it, and a vL3 every lease of its pool.
     pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
+        let gone = self.delete_one(kind, namespace, name).await?;
+        match &gone.kind {
+            Some(pb::resource::Kind::Node(_)) => self.release_where(|p| p.node == name).await,
+            Some(pb::resource::Kind::NetworkService(ns)) if ns.spec.as_ref().is_some_and(|s| s.vl3.is_empty()) => {
+                let up = kind::meta(&gone).map(|m| upstream::name_of(&m.namespace, &m.name));
+                self.release_where(|p| Some(&p.network_service) == up.as_ref()).await;
+            }
+            _ => {}
+        }
+        Ok(gone)
+    }
+
+    pub(crate) async fn delete_one(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
         let namespace = if kind.namespaced() && namespace.is_empty() {
             nsm_model::DEFAULT_NAMESPACE
         } else {

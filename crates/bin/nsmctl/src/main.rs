@@ -176,6 +176,23 @@ struct NsCreate {
     /// on the client's request; DST labels select endpoints.
     #[arg(long = "match", value_name = "RULE", allow_hyphen_values = true)]
     matches: Vec<String>,
+    /// vl3: length of the prefix each node's router leases from the pool (default /24 for IPv4,
+    /// /112 for IPv6).
+    #[arg(long)]
+    prefix_len: Option<u32>,
+    /// Put this service on an existing vL3 (`name` in this namespace or `name.namespace`): its
+    /// clients become members of that vL3, sharing its address space and routers.
+    #[arg(long, value_name = "VL3")]
+    vl3: Option<String>,
+    /// On a vL3: another service whose members this service's members may reach (repeatable or
+    /// comma-separated; `*` = every member). By default a service reaches only its own members
+    /// and the vL3's shared members.
+    #[arg(long, value_delimiter = ',')]
+    reach: Vec<String>,
+    /// vl3: DNS name of each member, from {client}, {service} and {namespace}
+    /// (default `{client}.{service}.`).
+    #[arg(long)]
+    dns_template: Option<String>,
     /// Labels: k=v,k2=v2.
     #[arg(long)]
     labels: Option<String>,
@@ -346,6 +363,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     cidr: c.cidr.unwrap_or_default(),
                     matches,
                     path_ids: vec![],
+                    prefix_len: c.prefix_len.unwrap_or_default(),
+                    vl3: c.vl3.unwrap_or_default(),
+                    reach: c.reach,
+                    dns_template: c.dns_template.unwrap_or_default(),
                 };
                 let r = pb::resource::Kind::NetworkService(pb::NetworkService {
                     metadata: meta(&c.name, &namespace, labels(&c.labels)?),

@@ -135,6 +135,7 @@ fn table(items: &[pb::Resource], all_namespaces: bool) -> anyhow::Result<()> {
         Kind::Endpoint => header.extend(["NAME", "SERVICES", "ADDRESS", "URL", "NODE", "EXPIRES", "AGE"]),
         Kind::Node => header.extend(["NAME", "ADDRESS", "LABELS", "AGE"]),
         Kind::Client => header.extend(["NAME", "SERVICE", "ENDPOINT", "NODE", "STATUS", "ADDRESS", "AGE"]),
+        Kind::Prefix => header.extend(["NAME", "VL3", "PREFIX", "NODE", "MEMBERS OF", "AGE"]),
     }
     t.set_header(header);
     for r in items {
@@ -150,7 +151,11 @@ fn table(items: &[pb::Resource], all_namespaces: bool) -> anyhow::Result<()> {
                 row.extend([
                     document::service_type_name(s.r#type).to_owned(),
                     s.payload,
-                    none_if_empty(&s.cidr),
+                    if s.vl3.is_empty() {
+                        none_if_empty(&s.cidr)
+                    } else {
+                        format!("<vl3 {}>", s.vl3)
+                    },
                     s.matches.len().to_string(),
                 ]);
             }
@@ -186,6 +191,10 @@ fn table(items: &[pb::Resource], all_namespaces: bool) -> anyhow::Result<()> {
                     status_text(&st),
                     joined(&st.src_ip_addrs),
                 ]);
+            }
+            Some(pb::resource::Kind::Prefix(p)) => {
+                let s = p.spec.clone().unwrap_or_default();
+                row.extend([s.network_service, s.prefix, none_if_empty(&s.node), s.member_service]);
             }
             None => {}
         }
@@ -359,6 +368,23 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
             lines.push(("Type".into(), document::service_type_name(s.r#type).into()));
             lines.push(("Payload".into(), s.payload.clone()));
             lines.push(("CIDR".into(), none_if_empty(&s.cidr)));
+            if s.r#type == pb::ServiceType::Vl3 as i32 && s.vl3.is_empty() {
+                lines.push(("Prefix length".into(), format!("/{}", s.prefix_len)));
+                lines.push(("DNS names".into(), s.dns_template.clone()));
+            }
+            if !s.vl3.is_empty() {
+                lines.push(("On vL3".into(), s.vl3.clone()));
+            }
+            if s.r#type == pb::ServiceType::Vl3 as i32 {
+                lines.push((
+                    "Reaches".into(),
+                    if s.reach.is_empty() {
+                        "its own members and the vL3's shared members".into()
+                    } else {
+                        format!("its own and the vL3's shared members, and {}", s.reach.join(", "))
+                    },
+                ));
+            }
             let up = upstream::name_of(&m.namespace, &m.name);
             lines.push(("Upstream name".into(), up.clone()));
             if s.matches.is_empty() {
@@ -440,6 +466,11 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
             lines.push(("Addresses".into(), joined(&st.src_ip_addrs)));
             lines.push(("Peer addresses".into(), joined(&st.dst_ip_addrs)));
             lines.push(("Routes".into(), joined(&st.routes)));
+            if !st.dns_name.is_empty() {
+                lines.push(("DNS name".into(), st.dns_name.clone()));
+                lines.push(("DNS servers".into(), joined(&st.dns_servers)));
+                lines.push(("Search domains".into(), joined(&st.search_domains)));
+            }
             lines.push(("MTU".into(), if st.mtu == 0 { "-".into() } else { st.mtu.to_string() }));
             lines.push(("Connection".into(), none_if_empty(&st.connection_id)));
             lines.push((
@@ -466,6 +497,20 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
                 })
                 .collect();
             lines.push(("Endpoints".into(), joined(&on)));
+        }
+        Some(pb::resource::Kind::Prefix(p)) => {
+            let s = p.spec.clone().unwrap_or_default();
+            lines.push(("vL3".into(), s.network_service));
+            lines.push(("Prefix".into(), s.prefix));
+            lines.push((
+                "Node".into(),
+                if s.node.is_empty() {
+                    "<none> (an upstream prefix client: released when its stream ends)".into()
+                } else {
+                    s.node
+                },
+            ));
+            lines.push(("Members of".into(), s.member_service));
         }
         None => {}
     }
