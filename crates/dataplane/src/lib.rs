@@ -15,7 +15,7 @@ mod netns;
 mod sysctl;
 
 pub use error::{DataplaneError, Result};
-pub use nat::{NAT_TABLE, add_masquerade, ensure_masquerade, remove_masquerade};
+pub use nat::{NAT_TABLE, add_masquerade, ensure_masquerade, nft_script, remove_masquerade};
 pub use netlink::{LinkInfo, LinkStats, MAX_LINK_NAME, Netlink, RouteInfo};
 pub use netns::{NETNS_RUN_DIR, NetNs, named_path};
 pub use sysctl::{enable_ip_forwarding, set_ip_forwarding};

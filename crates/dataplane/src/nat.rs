@@ -70,7 +70,12 @@ fn set_of(src: IpAddr, dst: IpAddr) -> Result<&'static str> {
     }
 }
 
-/// Runs `nft -f -` with `script` in `ns` (a child forked from a thread inside `ns` lives there).
+/// Runs `nft -f -` with `script` in `ns` (a child forked from a thread inside `ns` lives there):
+/// one transaction, applied whole or not at all.
+pub async fn nft_script(ns: &NetNs, op: &'static str, script: String) -> Result<()> {
+    nft(ns, op, script).await
+}
+
 async fn nft(ns: &NetNs, op: &'static str, script: String) -> Result<()> {
     let out = ns
         .run_async(move || {

@@ -13,6 +13,7 @@ use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeade
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
@@ -37,6 +38,8 @@ pub struct LinkInfo {
     pub up: bool,
     /// Carrier present (`IFF_LOWER_UP`): for a veth, both ends are up.
     pub lower_up: bool,
+    /// Link-layer address (`IFLA_ADDRESS`; a MAC for veth and VXLAN), empty if it has none.
+    pub mac: Vec<u8>,
     /// Traffic counters (`IFLA_STATS64`).
     pub stats: LinkStats,
 }
@@ -144,6 +147,38 @@ impl Netlink {
         port: u16,
         mtu: u32,
     ) -> Result<()> {
+        self.vxlan(name, vni, local, remote, port, mtu, None).await
+    }
+
+    /// Like [`Netlink::create_vxlan`], but the link is created directly inside `target` (the
+    /// request carries `IFLA_NET_NS_FD`) while its UDP socket still opens in *this* namespace: the
+    /// same kernel state as creating it here and moving it, without the move, which waits for RCU
+    /// grace periods (tens of milliseconds). `name` only has to be free in `target`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_vxlan_in(
+        &self,
+        target: &NetNs,
+        name: &str,
+        vni: u32,
+        local: IpAddr,
+        remote: IpAddr,
+        port: u16,
+        mtu: u32,
+    ) -> Result<()> {
+        self.vxlan(name, vni, local, remote, port, mtu, Some(target)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        local: IpAddr,
+        remote: IpAddr,
+        port: u16,
+        mtu: u32,
+        target: Option<&NetNs>,
+    ) -> Result<()> {
         const OP: &str = "create vxlan";
         check_name(OP, name)?;
         if vni >= 1 << 24 {
@@ -160,7 +195,16 @@ impl Netlink {
                 ));
             }
         };
-        let object = format!("{name} (vni {vni}, {local} -> {remote}:{port})");
+        let (builder, object) = match target {
+            Some(ns) => (
+                builder.setns_by_fd(ns.as_raw_fd()),
+                format!(
+                    "{name} (vni {vni}, {local} -> {remote}:{port}, in {})",
+                    ns.path().display()
+                ),
+            ),
+            None => (builder, format!("{name} (vni {vni}, {local} -> {remote}:{port})")),
+        };
         self.handle
             .link()
             .add(builder.build())
@@ -331,6 +375,25 @@ impl Netlink {
         }
     }
 
+    /// Adds (or replaces) a permanent neighbour entry: `ip` on link `name` is at link-layer address
+    /// `mac`, so no ARP/ND is needed to reach it. Permanent entries do not count towards the
+    /// kernel's neighbour-table garbage-collection thresholds (`gc_thresh3`, shared by every
+    /// namespace), which dynamic entries of many point-to-point links would exhaust. It goes with
+    /// the link.
+    pub async fn add_neighbour(&self, name: &str, ip: IpAddr, mac: &[u8]) -> Result<()> {
+        const OP: &str = "add neighbour";
+        let index = self.index(OP, name).await?;
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.nl_err(OP, format!("{ip} on {name}"), e))
+    }
+
     /// Deletes link `name` (for a veth, both ends go); `false` if it did not exist.
     pub async fn delete_link(&self, name: &str) -> Result<bool> {
         const OP: &str = "delete link";
@@ -498,12 +561,14 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
         lower_up: msg.header.flags.contains(LinkFlags::LowerUp),
+        mac: Vec::new(),
         stats: LinkStats::default(),
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => info.name.clone_from(n),
             LinkAttribute::Mtu(m) => info.mtu = *m,
+            LinkAttribute::Address(a) => info.mac.clone_from(a),
             LinkAttribute::Stats64(s) => {
                 info.stats = LinkStats {
                     rx_bytes: s.rx_bytes,

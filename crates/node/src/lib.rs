@@ -19,6 +19,7 @@ pub mod monitor;
 mod reconcile;
 pub mod remote;
 pub mod select;
+mod vl3;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub struct Config {
     pub host_netns: Option<PathBuf>,
     /// MTU of the underlay; tunnelled vWires get it less the encapsulation overhead.
     pub underlay_mtu: u32,
+    /// Where vL3 routers' DNS servers send names they do not know (default: the host's
+    /// resolvers from /etc/resolv.conf).
+    pub dns_forward: Vec<std::net::SocketAddr>,
 }
 
 /// Why the daemon stopped.

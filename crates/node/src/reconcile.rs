@@ -1,5 +1,7 @@
 //! The reconcile loop.
 
+mod member;
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
@@ -111,6 +113,8 @@ fn unreachable_registry(s: &tonic::Status) -> NotReady {
 enum Trigger {
     Client(Box<pb::Client>, bool /* deleted */),
     Endpoints,
+    /// Prefix leases or network services changed: vL3 routers re-converge.
+    Vl3,
     Resync,
 }
 
@@ -160,7 +164,7 @@ pub async fn run(
         Ok(ch) => ch,
         Err(_) => nsm_transport::connect_lazy_with(&config.registry, config.tls.as_ref())?,
     };
-    let mut registry = Registry::new(channel);
+    let mut registry = Registry::new(channel.clone());
     let node = pb::Resource {
         kind: Some(pb::resource::Kind::Node(pb::Node {
             metadata: Some(pb::ObjectMeta {
@@ -252,6 +256,9 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel(1024);
     spawn_watch(registry.clone(), Kind::Client, tx.clone());
     spawn_watch(registry.clone(), Kind::Endpoint, tx.clone());
+    spawn_watch(registry.clone(), Kind::Prefix, tx.clone());
+    spawn_watch(registry.clone(), Kind::NetworkService, tx.clone());
+    spawn_watch(registry.clone(), Kind::Node, tx.clone());
     let ticker = tx.clone();
     let every = config.resync;
     tokio::spawn(async move {
@@ -264,16 +271,41 @@ pub async fn run(
         }
     });
 
+    let vl3 = crate::vl3::Vl3Plane::new(
+        config.name.clone(),
+        config.underlay,
+        config.underlay_mtu,
+        host_netns.clone(),
+        registry.clone(),
+        channel,
+        config.dns_forward.clone(),
+    );
     let mut r = Reconciler {
+        vl3,
+        members: HashMap::new(),
         config,
         registry,
         host_netns,
         monitor: monitor.clone(),
         clients: HashMap::new(),
         wired: HashMap::new(),
+        status_addrs: HashMap::new(),
+        snapshot: None,
         rr: 0,
         gateway_ready: [false; 2],
     };
+    // Addresses already held, before the first allocation (the watch's initial events may still
+    // be queued behind a client that needs one).
+    match r.list(Kind::Client).await {
+        Ok(items) => {
+            for res in items.iter() {
+                if let Some(pb::resource::Kind::Client(c)) = &res.kind {
+                    r.note_status(&key_of(c), c.status.as_ref());
+                }
+            }
+        }
+        Err(nr) => tracing::warn!(reason = %nr.reason, "cannot list clients; learning addresses from the watch"),
+    }
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -281,10 +313,12 @@ pub async fn run(
             t = rx.recv() => match t {
                 Some(Trigger::Client(c, deleted)) => r.on_client(*c, deleted).await,
                 Some(Trigger::Endpoints) => r.resync().await,
+                Some(Trigger::Vl3) => r.converge_vl3s().await,
                 Some(Trigger::Resync) => {
                     prune_netlink_cache();
                     ends.sweep().await;
                     upstream_conns.sweep(&ends.registry).await;
+                    r.converge_vl3s().await;
                     r.resync().await;
                 }
                 None => break Err(NodeError::Registry("watch tasks stopped".into())),
@@ -311,6 +345,11 @@ fn spawn_watch(mut registry: Registry, kind: Kind, tx: mpsc::Sender<Trigger>) {
                         let trigger = match ev.resource.and_then(|r| r.kind) {
                             Some(pb::resource::Kind::Client(c)) => Trigger::Client(Box::new(c), deleted),
                             Some(pb::resource::Kind::Endpoint(_)) => Trigger::Endpoints,
+                            Some(
+                                pb::resource::Kind::Prefix(_)
+                                | pb::resource::Kind::NetworkService(_)
+                                | pb::resource::Kind::Node(_),
+                            ) => Trigger::Vl3,
                             _ => continue,
                         };
                         if tx.send(trigger).await.is_err() {
@@ -327,6 +366,10 @@ fn spawn_watch(mut registry: Registry, kind: Kind, tx: mpsc::Sender<Trigger>) {
 }
 
 struct Reconciler {
+    /// This node's vL3 routers.
+    vl3: crate::vl3::Vl3Plane,
+    /// Every vL3 member in the mesh (from all clients' statuses), for the routers' DNS names.
+    members: HashMap<(String, String), member::Member>,
     config: Config,
     registry: Registry,
     host_netns: Arc<NetNs>,
@@ -334,6 +377,11 @@ struct Reconciler {
     /// Clients assigned to this node, as last seen.
     clients: HashMap<(String, String), pb::Client>,
     wired: HashMap<(String, String), Wired>,
+    /// The addresses in every client's status (all nodes' clients), kept from the client watch:
+    /// what allocation must avoid, without listing every client per allocation.
+    status_addrs: HashMap<(String, String), Vec<IpAddr>>,
+    /// During a resync pass: the services, endpoints and nodes read once for every client.
+    snapshot: Option<HashMap<Kind, Arc<Vec<pb::Resource>>>>,
     rr: usize,
     /// Families for which forwarding and the NAT table are set up in the host namespace (on the
     /// first gateway vWire of that family, so a node that never gateways leaves the host alone).
@@ -343,6 +391,12 @@ struct Reconciler {
 impl Reconciler {
     async fn on_client(&mut self, c: pb::Client, deleted: bool) {
         let key = key_of(&c);
+        if deleted {
+            self.status_addrs.remove(&key);
+        } else {
+            self.note_status(&key, c.status.as_ref());
+        }
+        self.note_member(&key, (!deleted).then_some(&c));
         let ours = c.spec.as_ref().is_some_and(|s| s.node == self.config.name);
         if deleted || !ours {
             self.clients.remove(&key);
@@ -358,10 +412,39 @@ impl Reconciler {
         }
     }
 
+    /// Reconciles every client. What each one looks up (services, endpoints, nodes) is read once
+    /// for the whole pass: three List calls instead of two or three calls per client. A kind that
+    /// cannot be listed is asked per client, as outside a pass.
     async fn resync(&mut self) {
         let keys: Vec<_> = self.clients.keys().cloned().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let mut snapshot = HashMap::new();
+        for kind in [Kind::NetworkService, Kind::Endpoint, Kind::Node] {
+            if let Ok(items) = self.list(kind).await {
+                snapshot.insert(kind, items);
+            }
+        }
+        self.snapshot = Some(snapshot);
         for key in keys {
             self.reconcile(&key).await;
+        }
+        self.snapshot = None;
+    }
+
+    /// Records the addresses a client's status holds.
+    fn note_status(&mut self, key: &(String, String), status: Option<&v1::ClientStatus>) {
+        let addrs: Vec<IpAddr> = status
+            .iter()
+            .flat_map(|st| st.src_ip_addrs.iter().chain(&st.dst_ip_addrs))
+            .filter_map(|a| a.parse::<IpNet>().ok())
+            .map(|n| n.addr())
+            .collect();
+        if addrs.is_empty() {
+            self.status_addrs.remove(key);
+        } else {
+            self.status_addrs.insert(key.clone(), addrs);
         }
     }
 
@@ -430,6 +513,7 @@ impl Reconciler {
         {
             Ok(resp) => {
                 if let Some(pb::resource::Kind::Client(c)) = resp.into_inner().kind {
+                    self.note_status(key, c.status.as_ref());
                     self.clients.insert(key.clone(), c);
                 }
             }
@@ -438,6 +522,15 @@ impl Reconciler {
     }
 
     async fn get(&mut self, kind: Kind, namespace: &str, name: &str) -> Result<Option<pb::Resource>, NotReady> {
+        if let Some(items) = self.snapshot.as_ref().and_then(|s| s.get(&kind)) {
+            return Ok(items
+                .iter()
+                .find(|r| {
+                    nsm_model::kind::meta(r)
+                        .is_some_and(|m| m.name == name && (!kind.namespaced() || m.namespace == namespace))
+                })
+                .cloned());
+        }
         let r = v1::ResourceRef {
             kind: kind.to_pb() as i32,
             namespace: namespace.into(),
@@ -450,13 +543,16 @@ impl Reconciler {
         }
     }
 
-    async fn list(&mut self, kind: Kind) -> Result<Vec<pb::Resource>, NotReady> {
+    async fn list(&mut self, kind: Kind) -> Result<Arc<Vec<pb::Resource>>, NotReady> {
+        if let Some(items) = self.snapshot.as_ref().and_then(|s| s.get(&kind)) {
+            return Ok(items.clone());
+        }
         let req = v1::ListRequest {
             kind: kind.to_pb() as i32,
             ..Default::default()
         };
         match self.registry.list(req).await {
-            Ok(r) => Ok(r.into_inner().items),
+            Ok(r) => Ok(Arc::new(r.into_inner().items)),
             Err(s) => Err(unreachable_registry(&s)),
         }
     }
@@ -483,17 +579,21 @@ impl Reconciler {
             }) => Some(s),
             _ => None,
         };
+        if let Some(svc) = &service
+            && let Some(vl3) = crate::vl3::vl3_of(svc)
+        {
+            return self.reconcile_member(key, client, svc, &vl3).await;
+        }
 
         // Select the endpoint.
-        let endpoints: Vec<pb::Endpoint> = self
-            .list(Kind::Endpoint)
-            .await?
-            .into_iter()
-            .filter_map(|r| match r.kind {
+        let listed = self.list(Kind::Endpoint).await?;
+        let endpoints: Vec<&pb::Endpoint> = listed
+            .iter()
+            .filter_map(|r| match &r.kind {
                 Some(pb::resource::Kind::Endpoint(e)) => Some(e),
                 _ => None,
             })
-            .filter(live)
+            .filter(|e| live(e))
             .collect();
         let chosen = if spec.endpoint.is_empty() {
             let Some(service) = &service else {
@@ -501,6 +601,7 @@ impl Reconciler {
             };
             let offering: Vec<(Candidate, &pb::Endpoint)> = endpoints
                 .iter()
+                .copied()
                 .filter_map(|e| {
                     let up = upstream::nse_to_upstream(e);
                     up.network_service_names.contains(&service_up).then(|| {
@@ -545,7 +646,7 @@ impl Reconciler {
                 .iter()
                 .find(|e| upstream::nse_to_upstream(e).name == pinned_up)
             {
-                Some(e) => e.clone(),
+                Some(e) => (*e).clone(),
                 None => return Err(pending(format!("endpoint {pinned_up:?} not found"))),
             }
         };
@@ -628,7 +729,7 @@ impl Reconciler {
                                 "endpoint {endpoint_up:?} has address {t} but the pool {pool} of {service_up:?} is of the other IP family"
                             )));
                         }
-                        let used = self.used_addresses(key).await?;
+                        let used = self.used_addresses(key);
                         step("allocated");
                         let (src, dst) = ipam::allocate_pair(pool, &used)
                             .ok_or_else(|| failed(format!("address pool {pool} of {service_up:?} is exhausted")))?;
@@ -723,11 +824,11 @@ impl Reconciler {
             return Ok(Far::Gateway { target, nat: false });
         }
         // An nsm node on that host ends the vWire there; otherwise this node is the gateway.
-        let host_node = self.list(Kind::Node).await?.into_iter().find_map(|r| match r.kind {
+        let host_node = self.list(Kind::Node).await?.iter().find_map(|r| match &r.kind {
             Some(pb::resource::Kind::Node(n))
                 if n.spec.as_ref().and_then(|s| s.address.parse::<IpAddr>().ok()) == Some(target) =>
             {
-                Some(n)
+                Some(n.clone())
             }
             _ => None,
         });
@@ -976,30 +1077,19 @@ impl Reconciler {
         Ok((accepted, mtu))
     }
 
-    /// Addresses in use by any client (this node's wiring and every status in the registry).
-    async fn used_addresses(&mut self, except: &(String, String)) -> Result<HashSet<IpAddr>, NotReady> {
-        let mut used: HashSet<IpAddr> = HashSet::new();
-        for (k, w) in &self.wired {
-            if k != except {
-                used.extend([w.src.addr(), w.dst.addr()]);
-            }
-        }
-        for r in self.list(Kind::Client).await? {
-            let Some(pb::resource::Kind::Client(c)) = &r.kind else {
-                continue;
-            };
-            if key_of(c) == *except {
-                continue;
-            }
-            if let Some(st) = &c.status {
-                for a in st.src_ip_addrs.iter().chain(&st.dst_ip_addrs) {
-                    if let Ok(n) = a.parse::<IpNet>() {
-                        used.insert(n.addr());
-                    }
-                }
-            }
-        }
-        Ok(used)
+    /// Addresses in use by any client: this node's wiring and every status seen from the registry.
+    fn used_addresses(&self, except: &(String, String)) -> HashSet<IpAddr> {
+        let wired = self
+            .wired
+            .iter()
+            .filter(|(k, _)| *k != except)
+            .flat_map(|(_, w)| [w.src.addr(), w.dst.addr()]);
+        let statuses = self
+            .status_addrs
+            .iter()
+            .filter(|(k, _)| *k != except)
+            .flat_map(|(_, a)| a.iter().copied());
+        wired.chain(statuses).collect()
     }
 }
 
@@ -1110,6 +1200,12 @@ async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String>
         enl.set_up(peer).await?;
         cnl.add_route(w.dst, None, &w.interface).await?;
         enl.add_route(w.src, None, peer).await?;
+        // Each end knows the other's MAC: no ARP/ND, and no dynamic neighbour entries, which on a
+        // node with many vWires would overflow the kernel's table (shared by every namespace,
+        // 1024 entries by default) and drop traffic.
+        let (cmac, emac) = (link_mac(&cnl, &w.interface).await?, link_mac(&enl, peer).await?);
+        cnl.add_neighbour(&w.interface, w.dst.addr(), &emac).await?;
+        enl.add_neighbour(peer, w.src.addr(), &cmac).await?;
         Ok::<_, nsm_dataplane::DataplaneError>(())
     }
     .await;
@@ -1118,6 +1214,11 @@ async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String>
         return Err(e.to_string());
     }
     Ok(())
+}
+
+/// The MAC of link `name` (empty if it has none).
+async fn link_mac(nl: &Netlink, name: &str) -> Result<Vec<u8>, nsm_dataplane::DataplaneError> {
+    Ok(nl.link(name).await?.map(|l| l.mac).unwrap_or_default())
 }
 
 /// Removes a vWire: deleting one end of a veth pair deletes both, with their addresses and routes;

@@ -289,9 +289,9 @@ async fn remove_end(end: &End) {
     }
 }
 
-/// Creates a VXLAN link in `host` (where its UDP socket stays, on the underlay), moves it into
-/// `target`, names it `name`, and gives it `local_addr` with a host route to `peer_addr`.
-/// All or nothing.
+/// Creates a VXLAN link named `name` directly inside `target`, its UDP socket in `host` (on the
+/// underlay), and gives it `local_addr` with a host route to `peer_addr`. All or nothing: a
+/// `name` already taken in `target` (another vWire's interface) is refused and left alone.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn build_end(
     host: &NetNs,
@@ -307,20 +307,9 @@ pub(crate) async fn build_end(
     let hnl = Netlink::connect(host).await.map_err(|e| e.to_string())?;
     let tns = NetNs::open(target).map_err(|e| e.to_string())?;
     let tnl = Netlink::connect(&tns).await.map_err(|e| e.to_string())?;
-    // A name unique in the host namespace while the link passes through it.
-    let transit = link_name("nsx-", &format!("{name}/{vni}"));
-    hnl.create_vxlan(&transit, vni, local, remote, vxlan::PORT, mtu)
+    hnl.create_vxlan_in(&tns, name, vni, local, remote, vxlan::PORT, mtu)
         .await
         .map_err(|e| e.to_string())?;
-    if let Err(e) = hnl.move_to(&transit, &tns).await {
-        let _ = hnl.delete_link(&transit).await;
-        return Err(e.to_string());
-    }
-    if let Err(e) = tnl.rename(&transit, name).await {
-        // `name` may be another vWire's interface: only the transit link is ours to delete.
-        let _ = tnl.delete_link(&transit).await;
-        return Err(e.to_string());
-    }
     let configured = async {
         tnl.add_address(name, local_addr).await?;
         tnl.set_up(name).await?;

@@ -38,6 +38,10 @@ pub(crate) struct Args {
     /// How often counters are refreshed into client statuses and unready clients retried.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     resync: Duration,
+    /// DNS servers (IP or IP:PORT, repeatable) to which vL3 routers forward names they do not
+    /// know. Default: the nameservers of /etc/resolv.conf.
+    #[arg(long, value_delimiter = ',')]
+    dns_forward: Vec<String>,
     /// CA (PEM) to verify the registry with: connect over TLS.
     #[arg(long, env = "NSM_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -80,7 +84,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if args.underlay_mtu < 1280 {
         anyhow::bail!("--underlay-mtu must be at least 1280");
     }
+    let dns_forward = if args.dns_forward.is_empty() {
+        nsm_dns::resolv_conf_nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+    } else {
+        args.dns_forward
+            .iter()
+            .map(|s| {
+                s.parse::<std::net::SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                    .with_context(|| format!("--dns-forward {s:?}: expected IP or IP:PORT"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let config = nsm_node::Config {
+        dns_forward,
         name: args.name,
         registry: args.registry,
         underlay: args.underlay_address,

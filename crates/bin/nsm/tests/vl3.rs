@@ -1,0 +1,334 @@
+//! vL3 end to end, as root: three hosts with an `nsm node` each, members in workload namespaces,
+//! real routers, real VXLAN between them, real pings and DNS queries from inside the members.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::*;
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
+use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use nsm_testing::NsmRegistry;
+
+const FAKE_ANSWER: &str = "198.51.100.53";
+
+/// A DNS server in the test's own namespace that answers every A query with FAKE_ANSWER: the
+/// "upstream" resolver the routers forward unknown names to.
+fn fake_upstream() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let mut r = Message::response(q.metadata.id, hickory_proto::op::OpCode::Query);
+            r.add_queries(q.queries.clone());
+            if let Some(query) = q.queries.first() {
+                r.add_answer(hickory_proto::rr::Record::from_rdata(
+                    query.name().clone(),
+                    60,
+                    RData::A(hickory_proto::rr::rdata::A(FAKE_ANSWER.parse().unwrap())),
+                ));
+            }
+            let _ = s.send_to(&r.to_vec().unwrap(), from);
+        }
+    });
+    addr
+}
+
+/// Resolves `name` (A or AAAA) by asking `server` from inside member `from`.
+fn resolve(bed: &Testbed, from: &str, server: IpAddr, name: &str, qtype: RecordType) -> Vec<IpAddr> {
+    let mut q = Message::query();
+    q.metadata.id = 7;
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    let bytes = q.to_vec().unwrap();
+    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let sock = bed.ns(from).run(move || UdpSocket::bind(any)).unwrap().unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut buf = [0u8; 1500];
+    for _ in 0..5 {
+        sock.send_to(&bytes, SocketAddr::new(server, 53)).unwrap();
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            return m
+                .answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                })
+                .collect();
+        }
+    }
+    panic!("no DNS answer for {name} from {server} in {from}");
+}
+
+struct Mesh {
+    bed: Testbed,
+    registry: NsmRegistry,
+    nodes: BTreeMap<String, NodeProc>,
+}
+
+impl Mesh {
+    async fn up(tag: &str, hosts: &[&str], workloads: &[(&str, &str)], dns: SocketAddr) -> Mesh {
+        let bed = Testbed::up(Topology {
+            prefix: unique_prefix(tag),
+            hosts: hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| HostSpec {
+                    name: h.to_string(),
+                    underlay_addr: format!("192.0.2.{}", 11 + i).parse().unwrap(),
+                })
+                .collect(),
+            workloads: workloads
+                .iter()
+                .map(|(w, h)| WorkloadSpec {
+                    name: w.to_string(),
+                    host: h.to_string(),
+                })
+                .collect(),
+            address_hosts: vec![],
+        })
+        .await
+        .unwrap();
+        let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+        let mut nodes = BTreeMap::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let args = vec![
+                "--host-netns".to_string(),
+                bed.netns_path(h).display().to_string(),
+                "--underlay-address".into(),
+                format!("192.0.2.{}", 11 + i),
+                "--listen".into(),
+                format!("tcp://127.0.0.1:{}", free_port()),
+                "--dns-forward".into(),
+                dns.to_string(),
+            ];
+            nodes.insert(h.to_string(), NodeProc::start_with(&registry.url(), h, &args));
+        }
+        Mesh { bed, registry, nodes }
+    }
+
+    /// `nsmctl client create NAME --service S` inside workload `w`, through its host's node.
+    fn join(&self, name: &str, service: &str, w: &str, namespace: &str) {
+        let node = &self.nodes[self.bed.workload_host(w)];
+        let netns = self.bed.netns_path(w).display().to_string();
+        ok(nsmctl_in(
+            &self.registry,
+            &netns,
+            node,
+            &["client", "create", name, "--service", service, "-n", namespace],
+        ));
+    }
+
+    fn status(&self, name: &str, namespace: &str) -> serde_json::Value {
+        serde_json::from_str(&ok(nsmctl(
+            &self.registry,
+            &["get", "client", name, "-n", namespace, "-o", "json"],
+        )))
+        .unwrap()
+    }
+
+    /// Waits until the member is Ready; returns (its address, its DNS server).
+    fn ready(&self, name: &str, namespace: &str) -> (IpAddr, IpAddr) {
+        let start = Instant::now();
+        loop {
+            let j = self.status(name, namespace);
+            if phase(&j) == "Ready" {
+                let a = j["status"]["srcIpAddrs"][0].as_str().unwrap();
+                let d = j["status"]["dnsServers"][0].as_str().unwrap();
+                return (a.split('/').next().unwrap().parse().unwrap(), d.parse().unwrap());
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|(n, p)| format!("--- {n}:\n{}", p.log()))
+                    .collect();
+                panic!("{name} not Ready: {j:#}\n{}", logs.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let logs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(n, p)| format!("--- {n}:\n{}", p.log()))
+            .collect();
+        logs.join("\n")
+    }
+
+    async fn down(self) {
+        let Mesh { bed, registry, nodes } = self;
+        drop(nodes);
+        drop(registry);
+        bed.down().await.unwrap();
+    }
+}
+
+/// Every member of `members` (workload, address) pings every other; returns the failures.
+fn all_pairs(bed: &Testbed, members: &[(&str, IpAddr)]) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (w, _) in members {
+        for (o, addr) in members {
+            if w != o && !bed.ping(w, *addr, 2) {
+                failed.push(format!("{w} -> {o} ({addr})"));
+            }
+        }
+    }
+    failed
+}
+
+/// Router namespaces the nodes made for this test's mesh (named after the node names).
+fn router_netns(hosts: &[&str]) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| hosts.iter().any(|h| n.starts_with(&format!("nsm-vl3-{h}-"))))
+        .collect()
+}
+
+/// Three nodes, four members: every pair reaches every other by address and by name (DNS on
+/// every router, unknown names forwarded); addresses survive a node daemon kill -9 + restart and
+/// the loss of a router namespace; a node gone for good leaves the others' mesh intact, and on
+/// return its member gets its old address and name back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vl3_across_three_nodes_with_dns_and_healing() {
+    let hosts = ["vla", "vlb", "vlc"];
+    let dns = fake_upstream();
+    let mut mesh = Mesh::up(
+        "vl3",
+        &hosts,
+        &[("a1", "vla"), ("a2", "vla"), ("b1", "vlb"), ("c1", "vlc")],
+        dns,
+    )
+    .await;
+    let _cleanup = RouterCleanup(router_netns(&hosts), hosts.map(String::from).to_vec());
+    ok(nsmctl(
+        &mesh.registry,
+        &["ns", "create", "mesh", "--type", "vl3", "--cidr", "172.16.0.0/16"],
+    ));
+    let t0 = Instant::now();
+    for (name, w) in [("a1", "a1"), ("a2", "a2"), ("b1", "b1"), ("c1", "c1")] {
+        mesh.join(name, "mesh", w, "default");
+    }
+    let mut addrs = BTreeMap::new();
+    let mut servers = BTreeMap::new();
+    for name in ["a1", "a2", "b1", "c1"] {
+        let (a, d) = mesh.ready(name, "default");
+        addrs.insert(name, a);
+        servers.insert(name, d);
+    }
+    let members: Vec<(&str, IpAddr)> = addrs.iter().map(|(k, v)| (*k, *v)).collect();
+    let failed = all_pairs(&mesh.bed, &members);
+    eprintln!(
+        "4 members on 3 nodes: all pairs reachable {:?} after the first create",
+        t0.elapsed()
+    );
+    assert!(failed.is_empty(), "unreachable pairs: {failed:?}\n{}", mesh.logs());
+    // Two members on one node share their node's prefix; others have their own.
+    let net = |a: &IpAddr| match a {
+        IpAddr::V4(v) => v.octets()[2],
+        IpAddr::V6(_) => unreachable!(),
+    };
+    assert_eq!(net(&addrs["a1"]), net(&addrs["a2"]));
+    assert_ne!(net(&addrs["a1"]), net(&addrs["b1"]));
+    let prefixes = ok(nsmctl(&mesh.registry, &["get", "prefixes"]));
+    assert_eq!(prefixes.lines().count(), 4, "three leases and a header:\n{prefixes}");
+
+    // Names: every member resolves every other through its own DNS server (on its router).
+    for (from, server) in &servers {
+        for (to, addr) in &addrs {
+            let got = resolve(&mesh.bed, from, *server, &format!("{to}.mesh."), RecordType::A);
+            assert_eq!(got, vec![*addr], "{from} resolving {to}.mesh.");
+        }
+        // Unknown names go to the upstream resolver.
+        let got = resolve(&mesh.bed, from, *server, "www.example.org.", RecordType::A);
+        assert_eq!(
+            got,
+            vec![FAKE_ANSWER.parse::<IpAddr>().unwrap()],
+            "forwarded from {from}"
+        );
+    }
+    let j = mesh.status("a1", "default");
+    assert_eq!(j["status"]["dnsName"], "a1.mesh.");
+    assert_eq!(j["status"]["searchDomains"], serde_json::json!(["mesh."]));
+
+    // The node daemon dies and comes back: addresses stay, traffic never stops.
+    let node_a = mesh.nodes.get_mut("vla").unwrap();
+    node_a.kill9();
+    assert!(
+        mesh.bed.ping("a1", addrs["b1"], 2),
+        "forwarding while the daemon is down"
+    );
+    node_a.launch();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for name in ["a1", "a2"] {
+        assert_eq!(mesh.ready(name, "default").0, addrs[name], "{name} kept its address");
+    }
+    assert!(all_pairs(&mesh.bed, &members).is_empty());
+
+    // The router itself dies (its namespace goes): the node rebuilds it, members keep addresses.
+    let router_a = router_netns(&["vla"]);
+    assert_eq!(router_a.len(), 1, "{router_a:?}");
+    nsm_dataplane::NetNs::delete(&router_a[0]).unwrap();
+    let healed = eventually(15, || async { all_pairs(&mesh.bed, &members).is_empty() }).await;
+    assert!(healed, "router rebuilt; log:\n{}", mesh.nodes["vla"].log());
+    for name in ["a1", "a2"] {
+        assert_eq!(mesh.ready(name, "default").0, addrs[name], "{name} kept its address");
+        assert_eq!(
+            resolve(&mesh.bed, name, servers[name], "c1.mesh.", RecordType::A),
+            vec![addrs["c1"]]
+        );
+    }
+
+    // Node c goes away for good: its prefix returns to the pool, the others' mesh stays intact.
+    let mut node_c = mesh.nodes.remove("vlc").unwrap();
+    node_c.kill9();
+    ok(nsmctl(&mesh.registry, &["delete", "node", "vlc"]));
+    let rest: Vec<(&str, IpAddr)> = members.iter().filter(|(w, _)| *w != "c1").cloned().collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        all_pairs(&mesh.bed, &rest).is_empty(),
+        "the remaining routers' mesh is intact"
+    );
+    // It returns: nothing duplicated, c1 gets its old address (and so its name) back.
+    node_c.launch();
+    mesh.nodes.insert("vlc".into(), node_c);
+    let healed = eventually(15, || async { all_pairs(&mesh.bed, &members).is_empty() }).await;
+    assert!(healed, "node c back; log:\n{}", mesh.nodes["vlc"].log());
+    assert_eq!(
+        mesh.ready("c1", "default").0,
+        addrs["c1"],
+        "c1 kept its address across its node's return"
+    );
+    let prefixes = ok(nsmctl(&mesh.registry, &["get", "prefixes"]));
+    assert_eq!(prefixes.lines().count(), 4, "no duplicate lease:\n{prefixes}");
+
+    // Leaving: delete a member, its interface goes.
+    ok(nsmctl(&mesh.registry, &["delete", "client", "a2"]));
+    assert!(eventually(5, || async { link_names(&mesh.bed, "a2").await == ["lo"] }).await);
+    mesh.down().await;
+}
+
+/// Deletes the router namespaces a test's nodes left (they outlive their daemons by design).
+struct RouterCleanup(Vec<String>, Vec<String>);
+
+impl Drop for RouterCleanup {
+    fn drop(&mut self) {
+        let hosts: Vec<&str> = self.1.iter().map(String::as_str).collect();
+        for n in router_netns(&hosts).into_iter().chain(self.0.drain(..)) {
+            let _ = nsm_dataplane::NetNs::delete(&n);
+        }
+    }
+}

@@ -1,0 +1,679 @@
+//! vL3 on a node: one router per vL3, in its own network namespace, built into the daemon.
+//!
+//! Layout for vL3 `V` on node `N`:
+//!
+//! ```text
+//!   client ns ── veth ──┐
+//!   client ns ── veth ──┤ router ns nsm-vl3-N-<hash V>      (kernel forwarding, nftables filter,
+//!                       ├── vx-<peer1> ═ VXLAN ═ peer1's router   DNS server on :53)
+//!                       └── vx-<peer2> ═ VXLAN ═ peer2's router
+//! ```
+//!
+//! Addresses: the router leases prefixes of V's pool from the registry's prefix server, one lease
+//! per member service (so a service's members are recognisable by prefix), more when one fills up.
+//! Each lease's first address is the router's gateway address for it; members get single
+//! addresses from the rest, and keep them (the client's last status says which) across refresh,
+//! heal and restarts, because the node keeps its leases until it is deleted.
+//!
+//! Routers peer with every other node that holds a lease of V: each side builds its end of a
+//! point-to-point VXLAN link (VNI and names derived from V and the two node names, so both agree
+//! without talking) and routes the peer's prefixes over it. No central router exists.
+//!
+//! Isolation: every router's forward chain admits a packet only when its source's service may
+//! reach its destination's (own service, the vL3's shared members, or the service's `reach`),
+//! recognised by the leased prefixes; strict reverse-path filtering stops a member from borrowing
+//! another's address. Replies pass as established connections.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use nsm_api::ipam::{PrefixRequest, Type, ipam_client::IpamClient};
+use nsm_api::nsm::v1::{self as v1, resource_service_client::ResourceServiceClient};
+use nsm_api::service_names::{IPAM_MEMBER_HEADER, IPAM_NODE_HEADER, IPAM_VL3_HEADER};
+use nsm_dataplane::{NetNs, Netlink};
+use nsm_model::{Kind, pb, upstream};
+use tonic::transport::Channel;
+
+use crate::remote::{link_name, vxlan};
+
+/// nftables table of a router's filter.
+const FILTER_TABLE: &str = "nsmvl3";
+
+/// A vL3 as the node needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Vl3 {
+    /// Upstream name.
+    pub(crate) name: String,
+    pub(crate) pool: IpNet,
+    pub(crate) dns_template: String,
+}
+
+/// A lease of V's pool (any node's).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Lease {
+    pub(crate) prefix: IpNet,
+    pub(crate) node: String,
+    pub(crate) member: String,
+}
+
+impl Lease {
+    /// The router's address in this prefix: its first.
+    pub(crate) fn gateway(&self) -> IpNet {
+        IpNet::from(self.prefix.network())
+    }
+}
+
+/// A router this node runs.
+pub(crate) struct Router {
+    pub(crate) netns: String,
+    pub(crate) ns: Arc<NetNs>,
+    pub(crate) nl: Netlink,
+    identity: (u64, u64),
+    /// Peer node -> its underlay address and the prefixes routed to it.
+    peers: HashMap<String, (IpAddr, BTreeSet<IpNet>)>,
+    /// Gateway addresses configured (own leases).
+    gateways: BTreeSet<IpNet>,
+    /// The filter last applied.
+    filter: String,
+    dns_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(stop) = self.dns_stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// What the node's vL3 part needs from the daemon.
+pub(crate) struct Vl3Plane {
+    node: String,
+    underlay: IpAddr,
+    underlay_mtu: u32,
+    host: Arc<NetNs>,
+    registry: ResourceServiceClient<Channel>,
+    ipam: IpamClient<Channel>,
+    dns_forward: Vec<SocketAddr>,
+    pub(crate) routers: HashMap<String, Router>,
+    /// DNS names of every vL3's members (all nodes), served by this node's routers.
+    records: HashMap<String, nsm_dns::Records>,
+}
+
+/// The stable 24-bit VNI of the link between two nodes' routers of one vL3.
+fn peer_vni(vl3: &str, a: &str, b: &str) -> u32 {
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    let h = u64::from_str_radix(&link_name("", &format!("vl3/{vl3}/{lo}/{hi}")), 16).unwrap_or(1);
+    // Fold all 40 bits of the hash into 24, so names differing in one byte differ in VNI.
+    (((h ^ (h >> 24)) & 0x00ff_ffff) as u32).max(1)
+}
+
+/// The router namespace's name for vL3 `vl3` on `node` (under /run/netns, so it outlives the
+/// daemon and a restarted one finds it).
+pub(crate) fn router_netns(node: &str, vl3: &str) -> String {
+    let node: String = node
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    link_name(&format!("nsm-vl3-{node}-"), vl3)
+}
+
+/// The vL3 a service puts its members on: itself if it is a vL3, else the one it names.
+pub(crate) fn vl3_of(service: &pb::NetworkService) -> Option<String> {
+    let spec = service.spec.as_ref()?;
+    let m = service.metadata.as_ref()?;
+    if spec.r#type != pb::ServiceType::Vl3 as i32 {
+        return None;
+    }
+    Some(if spec.vl3.is_empty() {
+        upstream::name_of(&m.namespace, &m.name)
+    } else {
+        upstream::qualify(&spec.vl3, &m.namespace)
+    })
+}
+
+/// A member's DNS name from the vL3's template.
+pub(crate) fn dns_name(template: &str, client: &str, service: &str, namespace: &str) -> String {
+    let n = template
+        .replace("{client}", client)
+        .replace("{service}", service)
+        .replace("{namespace}", namespace);
+    if n.ends_with('.') { n } else { format!("{n}.") }
+}
+
+/// The search domain the template implies (what follows the `{client}` label), if any.
+pub(crate) fn search_domain(template: &str, service: &str, namespace: &str) -> Option<String> {
+    let rest = template.strip_prefix("{client}.")?;
+    let d = dns_name(rest, "", service, namespace);
+    (d != ".").then_some(d)
+}
+
+/// The filter of a router: which members may reach which, by leased prefix.
+pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Vec<String>)]) -> String {
+    let v6 = vl3.pool.addr().is_ipv6();
+    let (ty, saddr, daddr) = if v6 {
+        ("ipv6_addr", "ip6 saddr", "ip6 daddr")
+    } else {
+        ("ipv4_addr", "ip saddr", "ip daddr")
+    };
+    // Member services: the vL3 itself (shared members) and every service on it that holds a lease
+    // or is declared.
+    let mut members: BTreeMap<String, BTreeSet<IpNet>> = BTreeMap::new();
+    members.entry(vl3.name.clone()).or_default();
+    for (s, _) in services {
+        members.entry(s.clone()).or_default();
+    }
+    for l in leases {
+        members.entry(l.member.clone()).or_default().insert(l.prefix);
+    }
+    let set_of: HashMap<&str, String> = members
+        .keys()
+        .enumerate()
+        .map(|(i, s)| (s.as_str(), format!("m{i}")))
+        .collect();
+    let mut s = format!("table inet {FILTER_TABLE} {{\n");
+    for (svc, prefixes) in &members {
+        s += &format!("  set {} {{\n    type {ty}; flags interval;\n", set_of[svc.as_str()]);
+        if !prefixes.is_empty() {
+            let e: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+            s += &format!("    elements = {{ {} }}\n", e.join(", "));
+        }
+        s += &format!("    comment \"members of {svc}\"\n  }}\n");
+    }
+    s += "  chain prerouting {\n    type filter hook prerouting priority raw; policy accept;\n";
+    s += "    fib saddr . iif oif missing drop comment \"a member may only use its own address\"\n  }\n";
+    s += "  chain forward {\n    type filter hook forward priority filter; policy drop;\n";
+    s += "    ct state established,related accept\n";
+    let shared = &set_of[vl3.name.as_str()];
+    s += &format!("    {saddr} @{shared} accept comment \"shared members reach everyone\"\n");
+    s += &format!("    {daddr} @{shared} accept comment \"everyone reaches shared members\"\n");
+    for (svc, reach) in services {
+        let own = &set_of[svc.as_str()];
+        if reach.iter().any(|r| r == "*") {
+            s += &format!("    {saddr} @{own} accept comment \"{svc} reaches everyone\"\n");
+            continue;
+        }
+        s += &format!("    {saddr} @{own} {daddr} @{own} accept comment \"{svc} reaches itself\"\n");
+        for r in reach {
+            if let Some(other) = set_of.get(r.as_str()) {
+                s += &format!("    {saddr} @{own} {daddr} @{other} accept comment \"{svc} reaches {r}\"\n");
+            }
+        }
+    }
+    s += "  }\n}\n";
+    s
+}
+
+impl Vl3Plane {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        node: String,
+        underlay: IpAddr,
+        underlay_mtu: u32,
+        host: Arc<NetNs>,
+        registry: ResourceServiceClient<Channel>,
+        channel: Channel,
+        dns_forward: Vec<SocketAddr>,
+    ) -> Self {
+        Vl3Plane {
+            node,
+            underlay,
+            underlay_mtu,
+            host,
+            registry,
+            ipam: IpamClient::new(channel),
+            dns_forward,
+            routers: HashMap::new(),
+            records: HashMap::new(),
+        }
+    }
+
+    /// The MTU of members' interfaces: what crosses the routers' VXLAN links without fragments.
+    pub(crate) fn member_mtu(&self) -> u32 {
+        self.underlay_mtu - vxlan::OVERHEAD_V4
+    }
+
+    /// Every lease of `vl3`, from the registry.
+    pub(crate) async fn leases(&mut self, vl3: &str) -> Result<Vec<Lease>, tonic::Status> {
+        let items = self
+            .registry
+            .list(v1::ListRequest {
+                kind: Kind::Prefix.to_pb() as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .items;
+        let mut out: Vec<Lease> = items
+            .into_iter()
+            .filter_map(|r| match r.kind {
+                Some(pb::resource::Kind::Prefix(p)) => {
+                    let s = p.spec?;
+                    (s.network_service == vl3).then_some(())?;
+                    Some(Lease {
+                        prefix: s.prefix.parse().ok()?,
+                        node: s.node,
+                        member: s.member_service,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Leases a new prefix of `vl3` for `member`'s members on this node, asking for `wanted`
+    /// first (the prefix a member's previous address was in, so it can keep it).
+    pub(crate) async fn lease(&mut self, vl3: &str, member: &str, wanted: Option<IpNet>) -> Result<IpNet, String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx
+            .send(PrefixRequest {
+                r#type: Type::Allocate as i32,
+                prefix: wanted.map(|p| p.to_string()).unwrap_or_default(),
+                exclude_prefixes: vec![],
+            })
+            .await;
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        for (k, v) in [
+            (IPAM_VL3_HEADER, vl3),
+            (IPAM_NODE_HEADER, &self.node),
+            (IPAM_MEMBER_HEADER, member),
+        ] {
+            req.metadata_mut().insert(
+                k,
+                v.parse()
+                    .map_err(|_| format!("{k}: {v:?} is not a valid header value"))?,
+            );
+        }
+        let mut stream = self
+            .ipam
+            .manage_prefixes(req)
+            .await
+            .map_err(|s| format!("prefix server: {}", s.message()))?
+            .into_inner();
+        drop(tx);
+        let resp = stream
+            .message()
+            .await
+            .map_err(|s| format!("prefix server: {}", s.message()))?
+            .ok_or("prefix server: no answer")?;
+        resp.prefix
+            .parse()
+            .map_err(|_| format!("prefix server answered {:?}", resp.prefix))
+    }
+
+    /// Ensures this node's router of `vl3` exists (creating its namespace, sysctls and DNS server).
+    pub(crate) async fn ensure_router(&mut self, vl3: &Vl3) -> Result<&Router, String> {
+        let name = router_netns(&self.node, &vl3.name);
+        let path = nsm_dataplane::named_path(&name);
+        let current = std::fs::metadata(&path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        let stale = self.routers.get(&vl3.name).is_some_and(|r| Some(r.identity) != current);
+        if stale {
+            tracing::warn!(vl3 = %vl3.name, netns = %name, "vL3 router namespace vanished; rebuilding");
+            self.routers.remove(&vl3.name);
+        }
+        if !self.routers.contains_key(&vl3.name) {
+            let ns = match NetNs::open(&path) {
+                Ok(ns) => ns,
+                Err(_) => NetNs::create(&name).map_err(|e| format!("creating the vL3 router: {e}"))?,
+            };
+            let ns = Arc::new(ns);
+            let identity = ns.inode().map_err(|e| e.to_string())?;
+            nsm_dataplane::enable_ip_forwarding(&ns, vl3.pool.addr().is_ipv6()).map_err(|e| e.to_string())?;
+            let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
+            nl.set_up("lo").await.map_err(|e| e.to_string())?;
+            let records = self.records.entry(vl3.name.clone()).or_default().clone();
+            let dns_stop = self.start_dns(&ns, records, &vl3.name).await;
+            tracing::info!(vl3 = %vl3.name, netns = %name, "vL3 router ready");
+            self.routers.insert(
+                vl3.name.clone(),
+                Router {
+                    netns: name,
+                    ns,
+                    nl,
+                    identity,
+                    peers: HashMap::new(),
+                    gateways: BTreeSet::new(),
+                    filter: String::new(),
+                    dns_stop,
+                },
+            );
+        }
+        Ok(self.routers.get(&vl3.name).expect("inserted"))
+    }
+
+    /// Serves the vL3's names on port 53 of the router namespace (every gateway address).
+    async fn start_dns(
+        &self,
+        ns: &NetNs,
+        records: nsm_dns::Records,
+        vl3: &str,
+    ) -> Option<tokio::sync::oneshot::Sender<()>> {
+        let sockets = ns.run(|| {
+            let udp = std::net::UdpSocket::bind("[::]:53")?;
+            let tcp = std::net::TcpListener::bind("[::]:53")?;
+            Ok::<_, std::io::Error>((udp, tcp))
+        });
+        let (udp, tcp) = match sockets {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(%vl3, error = %e, "vL3 DNS server cannot bind port 53; names will not resolve");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(%vl3, error = %e, "vL3 DNS server cannot enter the router namespace");
+                return None;
+            }
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let forward = self.dns_forward.clone();
+        let vl3 = vl3.to_owned();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) = nsm_dns::serve(records, udp, Some(tcp), forward, shutdown).await {
+                tracing::warn!(%vl3, error = %e, "vL3 DNS server stopped");
+            }
+        });
+        Some(stop)
+    }
+
+    /// Brings this node's router of `vl3` in line with the leases (gateways, peer links, routes)
+    /// and the services on it (the filter).
+    pub(crate) async fn converge(
+        &mut self,
+        vl3: &Vl3,
+        leases: &[Lease],
+        nodes: &HashMap<String, IpAddr>,
+        services: &[(String, Vec<String>)],
+    ) -> Result<(), String> {
+        self.ensure_router(vl3).await?;
+        let node = self.node.clone();
+        let underlay = self.underlay;
+        let mtu = self.member_mtu();
+        let host = self.host.clone();
+        let router = self.routers.get_mut(&vl3.name).expect("ensured");
+        let e = |e: nsm_dataplane::DataplaneError| e.to_string();
+
+        // Gateways of own leases on lo (and on every link the router has, for IPv6 neighbour
+        // discovery, which answers only for addresses of the asking link).
+        let own: BTreeSet<IpNet> = leases.iter().filter(|l| l.node == node).map(Lease::gateway).collect();
+        for gw in own.difference(&router.gateways.clone()) {
+            router.nl.add_address("lo", *gw).await.map_err(e)?;
+            router.gateways.insert(*gw);
+        }
+        for gw in router.gateways.clone().difference(&own) {
+            let _ = router.nl.delete_address("lo", *gw).await;
+            router.gateways.remove(gw);
+        }
+
+        // Peers: every other node holding a lease.
+        let mut wanted: HashMap<String, BTreeSet<IpNet>> = HashMap::new();
+        for l in leases.iter().filter(|l| l.node != node && !l.node.is_empty()) {
+            wanted.entry(l.node.clone()).or_default().insert(l.prefix);
+        }
+        for gone in router
+            .peers
+            .keys()
+            .filter(|p| !wanted.contains_key(*p))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            let _ = router.nl.delete_link(&link_name("vx-", &gone)).await;
+            router.peers.remove(&gone);
+            tracing::info!(vl3 = %vl3.name, peer = %gone, "vL3 peer link removed");
+        }
+        let mut failures = Vec::new();
+        for (peer, prefixes) in wanted {
+            let Some(&remote) = nodes.get(&peer) else { continue };
+            // One peer that cannot be reached must not cut this router off from the others.
+            if let Err(err) =
+                Self::converge_peer(router, &host, &vl3.name, &node, &peer, remote, underlay, mtu, prefixes).await
+            {
+                failures.push(format!("peer {peer}: {err}"));
+            }
+        }
+        for f in &failures {
+            tracing::warn!(vl3 = %vl3.name, error = %f, "vL3 peer link");
+        }
+
+        // The filter: replaced as a whole, atomically, when it changes.
+        let filter = filter_script(vl3, leases, services);
+        if filter != router.filter {
+            let script = format!("add table inet {FILTER_TABLE}\ndelete table inet {FILTER_TABLE}\n{filter}");
+            nsm_dataplane::nft_script(&router.ns, "apply vL3 filter", script)
+                .await
+                .map_err(e)?;
+            router.filter = filter;
+        }
+        Ok(())
+    }
+
+    /// One peer's link and routes.
+    #[allow(clippy::too_many_arguments)]
+    async fn converge_peer(
+        router: &mut Router,
+        host: &NetNs,
+        vl3: &str,
+        node: &str,
+        peer: &str,
+        remote: IpAddr,
+        underlay: IpAddr,
+        mtu: u32,
+        prefixes: BTreeSet<IpNet>,
+    ) -> Result<(), String> {
+        let e = |e: nsm_dataplane::DataplaneError| e.to_string();
+        {
+            let peer = peer.to_owned();
+            let link = link_name("vx-", &peer);
+            let known = router.peers.get(&peer).map(|(r, _)| *r);
+            if known != Some(remote) {
+                if router.nl.link(&link).await.map_err(e)?.is_some() && known.is_some() {
+                    let _ = router.nl.delete_link(&link).await;
+                }
+                if router.nl.link(&link).await.map_err(e)?.is_none() {
+                    build_peer_link(
+                        host,
+                        &router.ns,
+                        &router.nl,
+                        &link,
+                        peer_vni(vl3, node, &peer),
+                        underlay,
+                        remote,
+                        mtu,
+                    )
+                    .await?;
+                    tracing::info!(%vl3, %peer, %remote, "vL3 peer link ready");
+                }
+                router.peers.insert(peer.clone(), (remote, BTreeSet::new()));
+            }
+            let routed = router.peers.get(&peer).map(|(_, r)| r.clone()).unwrap_or_default();
+            for p in prefixes.difference(&routed) {
+                let gw = IpNet::from(p.network());
+                router.nl.add_route(gw, None, &link).await.map_err(e)?;
+                router.nl.add_route(*p, Some(gw.addr()), &link).await.map_err(e)?;
+            }
+            for p in routed.difference(&prefixes) {
+                let _ = router.nl.delete_route(*p).await;
+                let _ = router.nl.delete_route(IpNet::from(p.network())).await;
+            }
+            if let Some((_, r)) = router.peers.get_mut(&peer) {
+                *r = prefixes;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the router of a vL3 this node no longer takes part in.
+    pub(crate) async fn remove_router(&mut self, vl3: &str) {
+        if let Some(r) = self.routers.remove(vl3) {
+            let name = r.netns.clone();
+            drop(r);
+            match NetNs::delete(&name) {
+                Ok(()) => tracing::info!(%vl3, netns = %name, "vL3 router removed"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(%vl3, netns = %name, error = %e, "removing the vL3 router"),
+            }
+        }
+    }
+
+    /// Replaces the DNS names of `vl3`'s members.
+    pub(crate) fn set_records(&mut self, vl3: &str, names: Vec<(String, Vec<IpAddr>)>) {
+        let records = self.records.entry(vl3.to_owned()).or_default();
+        if let Err(e) = records.replace_all(names) {
+            tracing::warn!(%vl3, error = %e, "vL3 DNS names");
+        }
+    }
+
+    /// vL3s whose routers this node runs.
+    pub(crate) fn router_names(&self) -> Vec<String> {
+        self.routers.keys().cloned().collect()
+    }
+}
+
+/// Builds one end of a router-to-router link: a VXLAN link whose UDP socket stays in the host
+/// namespace, inside the router namespace.
+#[allow(clippy::too_many_arguments)]
+async fn build_peer_link(
+    host: &NetNs,
+    router: &NetNs,
+    rnl: &Netlink,
+    name: &str,
+    vni: u32,
+    local: IpAddr,
+    remote: IpAddr,
+    mtu: u32,
+) -> Result<(), String> {
+    let hnl = Netlink::connect(host).await.map_err(|e| e.to_string())?;
+    hnl.create_vxlan_in(router, name, vni, local, remote, vxlan::PORT, mtu)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = rnl.set_up(name).await {
+        let _ = rnl.delete_link(name).await;
+        return Err(e.to_string());
+    }
+    Ok(())
+}
+
+/// Free host addresses of `prefix` for members: all but the gateway (its first), skipping `used`.
+pub(crate) fn free_address(prefix: IpNet, used: &HashSet<IpAddr>) -> Option<IpAddr> {
+    let max = prefix.max_prefix_len();
+    let subnets = prefix.subnets(max).ok()?;
+    subnets.skip(1).map(|n| n.addr()).find(|a| !used.contains(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vl3() -> Vl3 {
+        Vl3 {
+            name: "mesh".into(),
+            pool: "172.16.0.0/16".parse().unwrap(),
+            dns_template: "{client}.{service}.".into(),
+        }
+    }
+
+    #[test]
+    fn vni_is_symmetric_and_names_fit() {
+        assert_eq!(peer_vni("v", "a", "b"), peer_vni("v", "b", "a"));
+        assert_ne!(peer_vni("v", "a", "b"), peer_vni("w", "a", "b"));
+        assert!(peer_vni("v", "a", "b") < 1 << 24);
+        assert!(link_name("vx-", "some-long-node-name").len() <= 15);
+        assert_eq!(router_netns("n1", "mesh"), router_netns("n1", "mesh"));
+        assert_ne!(router_netns("n1", "mesh"), router_netns("n2", "mesh"));
+    }
+
+    #[test]
+    fn names_and_search_domains() {
+        assert_eq!(dns_name("{client}.{service}.", "web", "istio", "x"), "web.istio.");
+        assert_eq!(
+            dns_name("{client}.{namespace}.svc", "web", "istio", "ns"),
+            "web.ns.svc."
+        );
+        assert_eq!(
+            search_domain("{client}.{service}.", "istio", "x").as_deref(),
+            Some("istio.")
+        );
+        assert_eq!(search_domain("{service}-{client}.", "istio", "x"), None);
+    }
+
+    #[test]
+    fn addresses_skip_the_gateway_and_used_ones() {
+        let p: IpNet = "172.16.3.0/24".parse().unwrap();
+        let mut used = HashSet::new();
+        assert_eq!(free_address(p, &used), Some("172.16.3.1".parse().unwrap()));
+        used.insert("172.16.3.1".parse().unwrap());
+        assert_eq!(free_address(p, &used), Some("172.16.3.2".parse().unwrap()));
+        let tiny: IpNet = "172.16.4.0/31".parse().unwrap();
+        used.insert("172.16.4.1".parse().unwrap());
+        assert_eq!(free_address(tiny, &used), None);
+        let v6: IpNet = "fd00::/120".parse().unwrap();
+        assert_eq!(free_address(v6, &HashSet::new()), Some("fd00::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn filter_isolates_services_and_opens_reach() {
+        let leases = vec![
+            Lease {
+                prefix: "172.16.0.0/24".parse().unwrap(),
+                node: "a".into(),
+                member: "istio.istio-system".into(),
+            },
+            Lease {
+                prefix: "172.16.1.0/24".parse().unwrap(),
+                node: "b".into(),
+                member: "linkerd.linkerd".into(),
+            },
+            Lease {
+                prefix: "172.16.2.0/24".parse().unwrap(),
+                node: "b".into(),
+                member: "mesh".into(),
+            },
+        ];
+        let services = vec![
+            ("istio.istio-system".to_owned(), vec![]),
+            ("linkerd.linkerd".to_owned(), vec!["istio.istio-system".to_owned()]),
+        ];
+        let f = filter_script(&vl3(), &leases, &services);
+        // Sets are in name order: istio (m0), linkerd (m1), mesh (m2, shared).
+        assert!(
+            f.contains("elements = { 172.16.0.0/24 }\n    comment \"members of istio.istio-system\""),
+            "{f}"
+        );
+        assert!(f.contains("ip saddr @m0 ip daddr @m0 accept"), "{f}");
+        assert!(f.contains("ip saddr @m1 ip daddr @m1 accept"), "{f}");
+        assert!(
+            f.contains("ip saddr @m1 ip daddr @m0 accept"),
+            "linkerd reaches istio: {f}"
+        );
+        assert!(
+            !f.contains("ip saddr @m0 ip daddr @m1"),
+            "istio does not reach linkerd: {f}"
+        );
+        assert!(
+            f.contains("ip saddr @m2 accept") && f.contains("ip daddr @m2 accept"),
+            "shared: {f}"
+        );
+        assert!(f.contains("policy drop"));
+        let open = filter_script(
+            &vl3(),
+            &leases,
+            &[("istio.istio-system".to_owned(), vec!["*".to_owned()])],
+        );
+        assert!(open.contains("ip saddr @m0 accept"), "{open}");
+        let v6 = Vl3 {
+            pool: "fd00::/64".parse().unwrap(),
+            ..vl3()
+        };
+        assert!(filter_script(&v6, &[], &services).contains("ip6 saddr"));
+    }
+}
