@@ -41,3 +41,16 @@ pub fn enable_ip_forwarding(ns: &NetNs, v6: bool) -> Result<()> {
         })
     })?
 }
+
+/// Writes one sysctl (`net.ipv6.conf.default.accept_dad`) inside `ns`.
+pub fn write_sysctl(ns: &NetNs, key: &str, value: &str) -> Result<()> {
+    let file = format!("/proc/sys/{}", key.replace('.', "/"));
+    let value = format!("{value}\n");
+    ns.run(move || {
+        std::fs::write(&file, value).map_err(|source| DataplaneError::Namespace {
+            op: "write sysctl",
+            path: Path::new(&file).to_path_buf(),
+            source,
+        })
+    })?
+}

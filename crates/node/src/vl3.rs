@@ -59,10 +59,22 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// The router's address in this prefix: its first.
+    /// The router's address in this prefix.
     pub(crate) fn gateway(&self) -> IpNet {
-        IpNet::from(self.prefix.network())
+        gateway_of(self.prefix)
     }
+}
+
+/// The router's address in a prefix: its first for IPv4 (as upstream's vL3 IPAM does), its
+/// second for IPv6, whose first is the Subnet-Router anycast address (RFC 4291 §2.6.1).
+pub(crate) fn gateway_of(prefix: IpNet) -> IpNet {
+    let skip = usize::from(prefix.addr().is_ipv6());
+    let a = prefix
+        .subnets(prefix.max_prefix_len())
+        .ok()
+        .and_then(|mut s| s.nth(skip))
+        .map_or(prefix.network(), |n| n.addr());
+    IpNet::from(a)
 }
 
 /// A router this node runs.
@@ -71,8 +83,10 @@ pub(crate) struct Router {
     pub(crate) ns: Arc<NetNs>,
     pub(crate) nl: Netlink,
     identity: (u64, u64),
-    /// Peer node -> its underlay address and the prefixes routed to it.
-    peers: HashMap<String, (IpAddr, BTreeSet<IpNet>)>,
+    /// Peer node -> its underlay address, the prefixes routed to it, and the own gateway
+    /// addresses put on its link (IPv6 neighbour discovery answers only for addresses of the
+    /// asking link).
+    peers: HashMap<String, (IpAddr, BTreeSet<IpNet>, BTreeSet<IpNet>)>,
     /// Gateway addresses configured (own leases).
     gateways: BTreeSet<IpNet>,
     /// The filter last applied.
@@ -322,11 +336,22 @@ impl Vl3Plane {
         if !self.routers.contains_key(&vl3.name) {
             let ns = match NetNs::open(&path) {
                 Ok(ns) => ns,
-                Err(_) => NetNs::create(&name).map_err(|e| format!("creating the vL3 router: {e}"))?,
+                Err(_) => {
+                    // A name left without its namespace (a crash half-way through) is cleared first.
+                    if path.exists() {
+                        let _ = NetNs::delete(&name);
+                    }
+                    NetNs::create(&name).map_err(|e| format!("creating the vL3 router: {e}"))?
+                }
             };
             let ns = Arc::new(ns);
             let identity = ns.inode().map_err(|e| e.to_string())?;
             nsm_dataplane::enable_ip_forwarding(&ns, vl3.pool.addr().is_ipv6()).map_err(|e| e.to_string())?;
+            // Links made later skip duplicate address detection: their link-local addresses would
+            // stay tentative for a second or more, and neighbour discovery with them.
+            for key in ["net.ipv6.conf.default.accept_dad", "net.ipv6.conf.all.accept_dad"] {
+                nsm_dataplane::write_sysctl(&ns, key, "0").map_err(|e| e.to_string())?;
+            }
             let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
             nl.set_up("lo").await.map_err(|e| e.to_string())?;
             let records = self.records.entry(vl3.name.clone()).or_default().clone();
@@ -435,9 +460,15 @@ impl Vl3Plane {
         for (peer, prefixes) in wanted {
             let Some(&remote) = nodes.get(&peer) else { continue };
             // One peer that cannot be reached must not cut this router off from the others.
-            if let Err(err) =
-                Self::converge_peer(router, &host, &vl3.name, &node, &peer, remote, underlay, mtu, prefixes).await
-            {
+            let link = PeerLink {
+                vl3: &vl3.name,
+                node: &node,
+                peer: &peer,
+                remote,
+                underlay,
+                mtu,
+            };
+            if let Err(err) = Self::converge_peer(router, &host, &link, prefixes, &own).await {
                 failures.push(format!("peer {peer}: {err}"));
             }
         }
@@ -457,24 +488,20 @@ impl Vl3Plane {
         Ok(())
     }
 
-    /// One peer's link and routes.
-    #[allow(clippy::too_many_arguments)]
+    /// One peer's link, routes and gateway addresses.
     async fn converge_peer(
         router: &mut Router,
         host: &NetNs,
-        vl3: &str,
-        node: &str,
-        peer: &str,
-        remote: IpAddr,
-        underlay: IpAddr,
-        mtu: u32,
+        l: &PeerLink<'_>,
         prefixes: BTreeSet<IpNet>,
+        own: &BTreeSet<IpNet>,
     ) -> Result<(), String> {
         let e = |e: nsm_dataplane::DataplaneError| e.to_string();
+        let (vl3, node, remote, underlay, mtu) = (l.vl3, l.node, l.remote, l.underlay, l.mtu);
         {
-            let peer = peer.to_owned();
+            let peer = l.peer.to_owned();
             let link = link_name("vx-", &peer);
-            let known = router.peers.get(&peer).map(|(r, _)| *r);
+            let known = router.peers.get(&peer).map(|(r, _, _)| *r);
             if known != Some(remote) {
                 if router.nl.link(&link).await.map_err(e)?.is_some() && known.is_some() {
                     let _ = router.nl.delete_link(&link).await;
@@ -493,20 +520,30 @@ impl Vl3Plane {
                     .await?;
                     tracing::info!(%vl3, %peer, %remote, "vL3 peer link ready");
                 }
-                router.peers.insert(peer.clone(), (remote, BTreeSet::new()));
+                router
+                    .peers
+                    .insert(peer.clone(), (remote, BTreeSet::new(), BTreeSet::new()));
             }
-            let routed = router.peers.get(&peer).map(|(_, r)| r.clone()).unwrap_or_default();
+            let (routed, addressed) = router
+                .peers
+                .get(&peer)
+                .map(|(_, r, a)| (r.clone(), a.clone()))
+                .unwrap_or_default();
+            for gw in own.difference(&addressed) {
+                router.nl.add_address(&link, *gw).await.map_err(e)?;
+            }
             for p in prefixes.difference(&routed) {
-                let gw = IpNet::from(p.network());
+                let gw = gateway_of(*p);
                 router.nl.add_route(gw, None, &link).await.map_err(e)?;
                 router.nl.add_route(*p, Some(gw.addr()), &link).await.map_err(e)?;
             }
             for p in routed.difference(&prefixes) {
                 let _ = router.nl.delete_route(*p).await;
-                let _ = router.nl.delete_route(IpNet::from(p.network())).await;
+                let _ = router.nl.delete_route(gateway_of(*p)).await;
             }
-            if let Some((_, r)) = router.peers.get_mut(&peer) {
+            if let Some((_, r, a)) = router.peers.get_mut(&peer) {
                 *r = prefixes;
+                *a = own.clone();
             }
         }
         Ok(())
@@ -539,6 +576,16 @@ impl Vl3Plane {
     }
 }
 
+/// What identifies one router-to-router link.
+struct PeerLink<'a> {
+    vl3: &'a str,
+    node: &'a str,
+    peer: &'a str,
+    remote: IpAddr,
+    underlay: IpAddr,
+    mtu: u32,
+}
+
 /// Builds one end of a router-to-router link: a VXLAN link whose UDP socket stays in the host
 /// namespace, inside the router namespace.
 #[allow(clippy::too_many_arguments)]
@@ -567,7 +614,11 @@ async fn build_peer_link(
 pub(crate) fn free_address(prefix: IpNet, used: &HashSet<IpAddr>) -> Option<IpAddr> {
     let max = prefix.max_prefix_len();
     let subnets = prefix.subnets(max).ok()?;
-    subnets.skip(1).map(|n| n.addr()).find(|a| !used.contains(a))
+    let gateway = gateway_of(prefix).addr();
+    subnets
+        .map(|n| n.addr())
+        .filter(|a| *a != prefix.network() && *a != gateway)
+        .find(|a| !used.contains(a))
 }
 
 #[cfg(test)]
@@ -617,7 +668,13 @@ mod tests {
         used.insert("172.16.4.1".parse().unwrap());
         assert_eq!(free_address(tiny, &used), None);
         let v6: IpNet = "fd00::/120".parse().unwrap();
-        assert_eq!(free_address(v6, &HashSet::new()), Some("fd00::1".parse().unwrap()));
+        assert_eq!(
+            gateway_of(v6).to_string(),
+            "fd00::1/128",
+            "not the Subnet-Router anycast address"
+        );
+        assert_eq!(free_address(v6, &HashSet::new()), Some("fd00::2".parse().unwrap()));
+        assert_eq!(gateway_of(p).to_string(), "172.16.3.0/32");
     }
 
     #[test]

@@ -206,6 +206,7 @@ fn router_netns(hosts: &[&str]) -> Vec<String> {
 async fn vl3_across_three_nodes_with_dns_and_healing() {
     let hosts = ["vla", "vlb", "vlc"];
     let dns = fake_upstream();
+    let _cleanup = RouterCleanup(vec![], hosts.map(String::from).to_vec());
     let mut mesh = Mesh::up(
         "vl3",
         &hosts,
@@ -213,7 +214,6 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
         dns,
     )
     .await;
-    let _cleanup = RouterCleanup(router_netns(&hosts), hosts.map(String::from).to_vec());
     ok(nsmctl(
         &mesh.registry,
         &["ns", "create", "mesh", "--type", "vl3", "--cidr", "172.16.0.0/16"],
@@ -322,6 +322,7 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
 }
 
 /// Deletes the router namespaces a test's nodes left (they outlive their daemons by design).
+/// Declared before the mesh, so it runs after the node daemons are gone, also on panic.
 struct RouterCleanup(Vec<String>, Vec<String>);
 
 impl Drop for RouterCleanup {
@@ -331,4 +332,214 @@ impl Drop for RouterCleanup {
             let _ = nsm_dataplane::NetNs::delete(&n);
         }
     }
+}
+
+/// The design document's "Istio and Linkerd on one vL3": two services share a vL3's address space
+/// and routers; by default each reaches only its own members and the vL3's shared member;
+/// `reach` opens one direction; `*` opens all; closing again takes effect. Enforced by the
+/// routers' filters, also between members on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_share_a_vl3_isolated_until_opened() {
+    let hosts = ["isa", "isb"];
+    let _cleanup = RouterCleanup(vec![], hosts.map(String::from).to_vec());
+    let mesh = Mesh::up(
+        "iso",
+        &hosts,
+        &[
+            ("i1", "isa"),
+            ("i2", "isb"),
+            ("l1", "isa"),
+            ("l2", "isb"),
+            ("s1", "isb"),
+        ],
+        fake_upstream(),
+    )
+    .await;
+    let r = &mesh.registry;
+    ok(nsmctl(
+        r,
+        &["ns", "create", "mesh-net", "--type", "vl3", "--cidr", "10.128.0.0/16"],
+    ));
+    ok(nsmctl(
+        r,
+        &[
+            "ns",
+            "create",
+            "istio",
+            "--namespace=istio-system",
+            "--vl3",
+            "mesh-net.default",
+        ],
+    ));
+    ok(nsmctl(
+        r,
+        &[
+            "ns",
+            "create",
+            "linkerd",
+            "--namespace=linkerd",
+            "--vl3",
+            "mesh-net.default",
+        ],
+    ));
+    mesh.join("i1", "istio", "i1", "istio-system");
+    mesh.join("i2", "istio", "i2", "istio-system");
+    mesh.join("l1", "linkerd", "l1", "linkerd");
+    mesh.join("l2", "linkerd", "l2", "linkerd");
+    // A shared endpoint placed on the vL3 itself.
+    mesh.join("s1", "mesh-net", "s1", "default");
+    let a = |n: &str, ns: &str| mesh.ready(n, ns).0;
+    let (i1, i2, l1, l2, s1) = (
+        a("i1", "istio-system"),
+        a("i2", "istio-system"),
+        a("l1", "linkerd"),
+        a("l2", "linkerd"),
+        a("s1", "default"),
+    );
+    let reach = |from: &str, to: IpAddr| mesh.bed.ping(from, to, 1);
+    assert!(reach("i1", i2) && reach("l1", l2), "own service across nodes");
+    assert!(
+        reach("i1", s1) && reach("l2", s1) && reach("s1", i1),
+        "everyone reaches the shared member"
+    );
+    assert!(!reach("i1", l1), "istio -> linkerd on one node is blocked");
+    assert!(!reach("i1", l2) && !reach("l2", i2), "and across nodes, both ways");
+    // Names resolve for all (isolation is about traffic).
+    let dns = mesh.ready("i1", "istio-system").1;
+    assert_eq!(resolve(&mesh.bed, "i1", dns, "l2.linkerd.", RecordType::A), vec![l2]);
+
+    // Linkerd may reach istio: one direction opens (replies flow), the other stays closed.
+    ok(nsmctl(r, &["delete", "ns", "linkerd", "-n", "linkerd"]));
+    ok(nsmctl(
+        r,
+        &[
+            "ns",
+            "create",
+            "linkerd",
+            "--namespace=linkerd",
+            "--vl3",
+            "mesh-net.default",
+            "--reach",
+            "istio.istio-system",
+        ],
+    ));
+    assert!(
+        eventually(5, || async { reach("l1", i2) }).await,
+        "linkerd -> istio opened"
+    );
+    assert!(reach("l2", i1));
+    assert!(!reach("i1", l2), "istio -> linkerd still closed");
+    // Istio reaches everyone.
+    ok(nsmctl(r, &["delete", "ns", "istio", "-n", "istio-system"]));
+    ok(nsmctl(
+        r,
+        &[
+            "ns",
+            "create",
+            "istio",
+            "--namespace=istio-system",
+            "--vl3",
+            "mesh-net.default",
+            "--reach",
+            "*",
+        ],
+    ));
+    assert!(eventually(5, || async { reach("i1", l2) }).await, "istio -> everyone");
+    assert!(reach("i2", l1));
+    mesh.down().await;
+}
+
+/// An IPv6 vL3 across two nodes: /128 members, routes over the routers' VXLAN links, AAAA names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_vl3() {
+    let hosts = ["v6a", "v6b"];
+    let _cleanup = RouterCleanup(vec![], hosts.map(String::from).to_vec());
+    let mesh = Mesh::up("v6", &hosts, &[("x", "v6a"), ("y", "v6b")], fake_upstream()).await;
+    ok(nsmctl(
+        &mesh.registry,
+        &["ns", "create", "six", "--type", "vl3", "--cidr", "fd00:16::/64"],
+    ));
+    mesh.join("x", "six", "x", "default");
+    mesh.join("y", "six", "y", "default");
+    let (x, dx) = mesh.ready("x", "default");
+    let (y, _) = mesh.ready("y", "default");
+    assert!(x.is_ipv6() && y.is_ipv6(), "{x} {y}");
+    assert!(mesh.bed.ping("x", y, 2), "x -> y over IPv6:\n{}", mesh.logs());
+    assert!(mesh.bed.ping("y", x, 2));
+    assert_eq!(resolve(&mesh.bed, "x", dx, "y.six.", RecordType::AAAA), vec![y]);
+    let j = mesh.status("x", "default");
+    assert!(j["status"]["srcIpAddrs"][0].as_str().unwrap().ends_with("/128"));
+    mesh.down().await;
+}
+
+/// Bad input: a service on a vL3 that does not exist waits with the reason; an exhausted pool
+/// fails the member with the reason and builds nothing; an overlapping pool is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vl3_bad_input() {
+    let hosts = ["bda", "bdb"];
+    let _cleanup = RouterCleanup(vec![], hosts.map(String::from).to_vec());
+    let mesh = Mesh::up("bad", &hosts, &[("p", "bda"), ("q", "bdb")], fake_upstream()).await;
+    let r = &mesh.registry;
+    ok(nsmctl(r, &["ns", "create", "orphan", "--vl3", "nowhere"]));
+    mesh.join("p", "orphan", "p", "default");
+    let j = wait_client(r, &mesh.nodes["bda"], "p", "Pending", |j| phase(j) == "Pending");
+    assert!(
+        j["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("vL3 \"nowhere\", which does not exist"),
+        "{j:#}"
+    );
+    assert_eq!(link_names(&mesh.bed, "p").await, ["lo"]);
+    ok(nsmctl(r, &["delete", "client", "p"]));
+
+    // One /30 prefix in the pool: the first node gets it, the second node's member cannot.
+    ok(nsmctl(
+        r,
+        &[
+            "ns",
+            "create",
+            "tiny",
+            "--type",
+            "vl3",
+            "--cidr",
+            "10.129.0.0/30",
+            "--prefix-len",
+            "30",
+        ],
+    ));
+    mesh.join("p", "tiny", "p", "default");
+    mesh.ready("p", "default");
+    mesh.join("q", "tiny", "q", "default");
+    let j = wait_client(r, &mesh.nodes["bdb"], "q", "Failed", |j| phase(j) == "Failed");
+    assert!(
+        j["status"]["reason"].as_str().unwrap().contains("no free /30 prefix"),
+        "{j:#}"
+    );
+    assert_eq!(link_names(&mesh.bed, "q").await, ["lo"], "nothing built");
+
+    let o = nsmctl(
+        r,
+        &["ns", "create", "overlap", "--type", "vl3", "--cidr", "10.129.0.0/16"],
+    );
+    assert!(
+        !o.0 && o.2.contains("overlaps the pool 10.129.0.0/30 of vL3 tiny"),
+        "{o:?}"
+    );
+    let o = nsmctl(
+        r,
+        &[
+            "ns",
+            "create",
+            "bad",
+            "--type",
+            "vl3",
+            "--cidr",
+            "10.130.0.0/16",
+            "--prefix-len",
+            "8",
+        ],
+    );
+    assert!(!o.0 && o.2.contains("spec.prefixLen"), "{o:?}");
+    mesh.down().await;
 }

@@ -213,7 +213,9 @@ impl Reconciler {
         let pick = |own: &[Lease]| -> Option<(IpAddr, Lease)> {
             if let Some(p) = previous
                 && !used.contains(&p)
-                && let Some(l) = own.iter().find(|l| l.prefix.contains(&p) && l.gateway().addr() != p)
+                && let Some(l) = own
+                    .iter()
+                    .find(|l| l.prefix.contains(&p) && l.gateway().addr() != p && p != l.prefix.network())
             {
                 return Some((p, l.clone()));
             }
