@@ -19,7 +19,7 @@ pub mod monitor;
 mod reconcile;
 pub mod remote;
 pub mod select;
-mod vl3;
+pub mod vl3;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

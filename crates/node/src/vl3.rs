@@ -126,7 +126,7 @@ fn peer_vni(vl3: &str, a: &str, b: &str) -> u32 {
 
 /// The router namespace's name for vL3 `vl3` on `node` (under /run/netns, so it outlives the
 /// daemon and a restarted one finds it).
-pub(crate) fn router_netns(node: &str, vl3: &str) -> String {
+pub fn router_netns(node: &str, vl3: &str) -> String {
     let node: String = node
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')

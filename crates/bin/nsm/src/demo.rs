@@ -6,6 +6,7 @@
 //! traffic flows: pings, a TCP transfer, the counters. Everything it starts or creates is listed in
 //! a state file first, so `nsm demo --down` can remove what a killed demo left behind.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -50,30 +51,39 @@ const K8S_NODE: &str = "k8s-node";
 const SERVER: &str = "server";
 const PAYMENTS: &str = "payments";
 const VM_ADDR: &str = "10.0.0.5";
+/// An on-premises VM that runs nsm (a vL3 member lives on it).
+const ONPREM_VM: &str = "onprem-vm";
+/// The hosts that run `nsm node`, with their underlay addresses.
+const NODES: [(&str, &str); 3] = [(K8S_NODE, "192.0.2.11"), (SERVER, "10.0.0.7"), (ONPREM_VM, "10.0.0.8")];
+/// vL3 members: (workload = client name, host, client namespace, service).
+const MEMBERS: [(&str, &str, &str, &str); 6] = [
+    ("web", K8S_NODE, "istio-system", "istio"),
+    ("vm-app", ONPREM_VM, "istio-system", "istio"),
+    ("db", SERVER, "istio-system", "istio"),
+    ("shop-a", K8S_NODE, "default", "tenant-a"),
+    ("shop-b", K8S_NODE, "default", "tenant-b"),
+    ("billing", SERVER, "default", "mesh-net"),
+];
+const VL3: &str = "mesh-net";
 
 fn topology(prefix: &str) -> Topology {
     Topology {
         prefix: prefix.to_owned(),
-        hosts: vec![
-            HostSpec {
-                name: K8S_NODE.into(),
-                underlay_addr: "192.0.2.11".parse().expect("address"),
-            },
-            HostSpec {
-                name: SERVER.into(),
-                underlay_addr: "10.0.0.7".parse().expect("address"),
-            },
-        ],
-        workloads: vec![
-            WorkloadSpec {
-                name: POD.into(),
-                host: K8S_NODE.into(),
-            },
-            WorkloadSpec {
-                name: PAYMENTS.into(),
-                host: SERVER.into(),
-            },
-        ],
+        hosts: NODES
+            .iter()
+            .map(|(name, addr)| HostSpec {
+                name: (*name).into(),
+                underlay_addr: addr.parse().expect("address"),
+            })
+            .collect(),
+        workloads: [(POD, K8S_NODE), (PAYMENTS, SERVER)]
+            .into_iter()
+            .chain(MEMBERS.iter().map(|(w, h, _, _)| (*w, *h)))
+            .map(|(name, host)| WorkloadSpec {
+                name: name.into(),
+                host: host.into(),
+            })
+            .collect(),
         address_hosts: vec![AddressHostSpec {
             name: VM.into(),
             addr: VM_ADDR.parse().expect("address"),
@@ -188,9 +198,13 @@ impl Demo {
         let t = Instant::now();
         let topo = topology(prefix);
         self.state.namespaces = topo.netns_names();
+        // The vL3 routers the nodes will make (they outlive a daemon by design).
+        self.state
+            .namespaces
+            .extend(NODES.iter().map(|(n, _)| nsm_node::vl3::router_netns(n, VL3)));
         self.save()?;
         print!(
-            "[1/5] Test bed: {} namespaces on one underlay bridge … ",
+            "[1/7] Test bed: {} namespaces on one underlay bridge … ",
             self.state.namespaces.len()
         );
         flush();
@@ -198,7 +212,7 @@ impl Demo {
         println!("done in {} ms", t.elapsed().as_millis());
 
         let t = Instant::now();
-        print!("[2/5] Registry (embedded store) and an `nsm node` on each host … ");
+        print!("[2/7] Registry (embedded store) and an `nsm node` on each host … ");
         flush();
         let data = self.dir.join("registry-data");
         let _ = std::fs::remove_dir_all(&data);
@@ -209,7 +223,7 @@ impl Demo {
             d.ctl_quiet(&["get", "nodes"]).is_ok()
         })
         .await?;
-        for (name, addr) in [(K8S_NODE, "192.0.2.11"), (SERVER, "10.0.0.7")] {
+        for (name, addr) in NODES {
             let netns = self.bed().netns_path(name).display().to_string();
             let sock = format!("unix://{}", self.dir.join(format!("{name}.sock")).display());
             let tcp = format!("tcp://127.0.0.1:{}", free_port()?);
@@ -237,14 +251,14 @@ impl Demo {
                 ],
             )?;
         }
-        self.until("both nodes register", Duration::from_secs(10), |d| {
+        self.until("every node registers", Duration::from_secs(10), |d| {
             d.ctl_quiet(&["get", "nodes", "-o", "json"])
-                .is_ok_and(|o| o.contains(K8S_NODE) && o.contains(SERVER))
+                .is_ok_and(|o| NODES.iter().all(|(n, _)| o.contains(n)))
         })
         .await?;
         println!("done in {} ms", t.elapsed().as_millis());
 
-        println!("[3/5] The design document's commands (the client creates run inside the pod):");
+        println!("[3/7] The design document's commands (the client creates run inside the pod):");
         println!("  export NSM_REGISTRY={}", self.registry);
         let pod = self.bed().netns_path(POD);
         let payments_ns = self.bed().netns_path(PAYMENTS).display().to_string();
@@ -278,7 +292,7 @@ impl Demo {
             &["client", "create", "payments-vwire", "--service=payments"],
         )?;
 
-        print!("[4/5] Waiting for the vWires … ");
+        print!("[4/7] Waiting for the vWires … ");
         flush();
         let mut statuses = Vec::new();
         for name in ["orders-vwire", "payments-vwire"] {
@@ -301,7 +315,7 @@ impl Demo {
         );
         self.ctl(None, &["get", "clients"])?;
 
-        println!("[5/5] Proof that traffic flows:");
+        println!("[5/7] Proof that traffic flows:");
         let payments_addr = statuses[1]["status"]["dstIpAddrs"][0]
             .as_str()
             .and_then(|a| a.split('/').next())
@@ -349,7 +363,133 @@ impl Demo {
         tokio::time::sleep(Duration::from_millis(1300)).await;
         self.ctl(None, &["describe", "client", "orders-vwire"])?;
         self.ctl(None, &["describe", "client", "payments-vwire"])?;
+        self.vl3().await
+    }
+
+    /// The design document's two vL3 scenarios on one vL3: hybrid cloud (a pod through Istio to an
+    /// on-premises VM and a physical server, by name) and multi-tenant SaaS (tenant services
+    /// isolated from each other, all reaching a shared endpoint).
+    async fn vl3(&mut self) -> anyhow::Result<()> {
+        println!("[6/7] vL3 `{VL3}`: Istio, two tenants and a shared billing service on one virtual L3 network:");
+        println!(
+            "  hybrid cloud:  web (pod, {K8S_NODE}) → istio → {VL3} → vm-app (on-prem VM {ONPREM_VM}) → db (physical server {SERVER})"
+        );
+        println!("  multi-tenant:  shop-a → tenant-a ┐");
+        println!("                 shop-b → tenant-b ┴→ {VL3} (shared) → billing");
+        self.ctl(None, &["ns", "create", VL3, "--type", "vl3", "--cidr", "172.16.0.0/16"])?;
+        self.ctl(
+            None,
+            &[
+                "ns",
+                "create",
+                "istio",
+                "--namespace=istio-system",
+                "--vl3",
+                "mesh-net.default",
+            ],
+        )?;
+        self.ctl(None, &["ns", "create", "tenant-a", "--vl3", VL3])?;
+        self.ctl(None, &["ns", "create", "tenant-b", "--vl3", VL3])?;
+        let first = Instant::now();
+        for (w, host, ns, service) in MEMBERS {
+            let netns = self.bed().netns_path(w);
+            self.ctl_on(
+                Some((&netns, host)),
+                &["client", "create", w, "--service", service, "-n", ns],
+            )?;
+        }
+        print!("[7/7] Waiting for the members … ");
+        flush();
+        let mut members = BTreeMap::new();
+        for (w, _, ns, _) in MEMBERS {
+            let mut last = serde_json::Value::Null;
+            self.until(&format!("{w} is Ready"), Duration::from_secs(20), |d| {
+                last = d
+                    .ctl_quiet(&["get", "client", w, "-n", ns, "-o", "json"])
+                    .ok()
+                    .and_then(|o| serde_json::from_str(&o).ok())
+                    .unwrap_or_default();
+                last["status"]["phase"] == "Ready"
+            })
+            .await
+            .with_context(|| format!("last status of {w}: {}", last["status"]))?;
+            let st = &last["status"];
+            let addr: IpAddr = st["srcIpAddrs"][0]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok())
+                .context("member without an address")?;
+            let dns: IpAddr = st["dnsServers"][0]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .context("member without a DNS server")?;
+            let name = st["dnsName"].as_str().unwrap_or_default().to_owned();
+            members.insert(w, (addr, dns, name));
+        }
+        println!(
+            "all {} members Ready {} ms after the first create",
+            members.len(),
+            first.elapsed().as_millis()
+        );
+        self.ctl(None, &["get", "clients", "-A"])?;
+        self.ctl(None, &["get", "prefixes"])?;
+
+        println!("  Names resolve from the pod (through the DNS server its connection names), and traffic flows:");
+        let (_, web_dns, _) = members["web"].clone();
+        for to in ["vm-app", "db", "billing"] {
+            let (addr, _, name) = members[to].clone();
+            let got = resolve(self.bed().ns("web"), web_dns, &name)?;
+            if got != Some(addr) {
+                bail!("{name} resolved to {got:?} from web, expected {addr}");
+            }
+            let ok = self.ping("web", addr);
+            println!(
+                "    web: {name} → {addr}; ping {}",
+                if ok { "answered" } else { "FAILED" }
+            );
+            if !ok {
+                bail!("web cannot reach {name}");
+            }
+        }
+        let (db, _, _) = members["db"].clone();
+        let (bytes, took, _) = tcp_transfer(self.bed().ns("web"), self.bed().ns("db"), db, 5203, 64 << 20)?;
+        println!(
+            "    TCP web → db.istio. across the vL3: {} MiB in {} ms = {:.2} Gbit/s",
+            bytes >> 20,
+            took.as_millis(),
+            bytes as f64 * 8.0 / took.as_secs_f64() / 1e9
+        );
+        println!("  Tenants reach the shared billing endpoint, not each other (enforced by the routers):");
+        let checks = [
+            ("shop-a", "billing", true),
+            ("shop-b", "billing", true),
+            ("shop-a", "shop-b", false),
+            ("shop-b", "shop-a", false),
+        ];
+        for (from, to, expected) in checks {
+            let (addr, _, name) = members[to].clone();
+            let ok = self.ping(from, addr);
+            println!(
+                "    {from} → {name} ({addr}): {}",
+                match (ok, expected) {
+                    (true, true) => "reached",
+                    (false, false) => "blocked, as intended",
+                    (true, false) => "REACHED (isolation broken)",
+                    (false, true) => "FAILED",
+                }
+            );
+            if ok != expected {
+                bail!(
+                    "{from} → {to}: expected {}",
+                    if expected { "reachable" } else { "blocked" }
+                );
+            }
+        }
         Ok(())
+    }
+
+    fn ping(&self, from: &str, to: IpAddr) -> bool {
+        self.bed().ping(from, to, 2)
     }
 
     /// Starts `nsm ARGS` with its output in `<state dir>/<name>.log`, recording its pid first.
@@ -367,13 +507,30 @@ impl Demo {
         self.save()
     }
 
-    /// Runs and shows one nsmctl command (inside `netns` if given); fails if nsmctl does.
+    /// Runs and shows one nsmctl command (inside `netns` if given, talking to the pod's node);
+    /// fails if nsmctl does.
     fn ctl(&self, netns: Option<&Path>, args: &[&str]) -> anyhow::Result<String> {
-        match netns {
-            Some(p) => println!("  $ nsenter --net={} nsmctl {}", p.display(), args.join(" ")),
+        self.ctl_on(netns.map(|p| (p, K8S_NODE)), args)
+    }
+
+    /// Like [`Demo::ctl`], inside a workload on the given node's host.
+    fn ctl_on(&self, within: Option<(&Path, &str)>, args: &[&str]) -> anyhow::Result<String> {
+        match within {
+            Some((p, node)) => println!(
+                "  $ nsenter --net={} nsmctl {}    # on {node}",
+                p.display(),
+                args.join(" ")
+            ),
             None => println!("  $ nsmctl {}", args.join(" ")),
         }
-        let out = self.ctl_command(netns, args).output().context("running nsmctl")?;
+        let mut cmd = self.ctl_command(within.map(|(p, _)| p), args);
+        if let Some((_, node)) = within {
+            cmd.env(
+                "NSM_NODE",
+                format!("unix://{}", self.dir.join(format!("{node}.sock")).display()),
+            );
+        }
+        let out = cmd.output().context("running nsmctl")?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         for l in stdout.lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
             println!("    {l}");
@@ -436,7 +593,7 @@ impl Demo {
     }
 
     fn show_logs(&self) {
-        for name in ["registry", K8S_NODE, SERVER] {
+        for name in ["registry", K8S_NODE, SERVER, ONPREM_VM] {
             let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(8).collect();
             if !tail.is_empty() {
@@ -467,6 +624,15 @@ impl Demo {
             && let Err(e) = bed.down().await
         {
             problems.push(e.to_string());
+        }
+        // What the nodes made outside the test bed (vL3 routers), by the names recorded.
+        let bed_names = topology("").netns_names().len();
+        for name in self.state.namespaces.iter().skip(bed_names) {
+            match NetNs::delete(name) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => problems.push(e.to_string()),
+            }
         }
         if problems.is_empty() {
             let _ = std::fs::remove_file(self.dir.join(STATE_FILE));
@@ -510,6 +676,37 @@ fn tcp_transfer(
     stream.shutdown(std::net::Shutdown::Write)?;
     let (received, peer) = server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
     Ok((received, start.elapsed(), peer))
+}
+
+/// Asks `server` for the address of `name` from inside `ns` (a plain DNS query over UDP).
+fn resolve(ns: &NetNs, server: IpAddr, name: &str) -> anyhow::Result<Option<IpAddr>> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut q = Message::query();
+    q.metadata.id = 1;
+    q.metadata.recursion_desired = true;
+    let qtype = if server.is_ipv4() {
+        RecordType::A
+    } else {
+        RecordType::AAAA
+    };
+    q.add_query(Query::query(Name::from_ascii(name)?, qtype));
+    let bytes = q.to_vec()?;
+    let sock = ns.run(|| std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut buf = [0u8; 1500];
+    for _ in 0..3 {
+        sock.send_to(&bytes, SocketAddr::new(server, 53))?;
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let m = Message::from_vec(&buf[..n])?;
+            return Ok(m.answers.iter().find_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            }));
+        }
+    }
+    bail!("no answer from the DNS server {server}")
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -26,7 +26,14 @@ fn prefix(tag: &str) -> String {
     format!("nsmt-{}-{tag}", std::process::id())
 }
 
+/// One test, run in order: two demos at once would share their vL3 routers' namespace names
+/// (they are named after the nodes, which are the same in every demo).
 #[test]
+fn demo_once_then_killed_and_cleaned_by_down() {
+    demo_once_proves_traffic_and_cleans_up();
+    demo_killed_is_cleaned_by_down();
+}
+
 fn demo_once_proves_traffic_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = prefix("demo");
@@ -51,6 +58,10 @@ fn demo_once_proves_traffic_and_cleans_up() {
         "NAT to the VM: {out}"
     );
     assert!(out.contains("Mechanism:        VXLAN"), "{out}");
+    // The vL3 scenarios: names resolve, tenants are isolated but share billing.
+    assert!(out.contains("web: db.istio. → 172.16."), "{out}");
+    assert_eq!(out.matches("blocked, as intended").count(), 2, "{out}");
+    assert_eq!(out.matches(": reached").count(), 2, "{out}");
     assert!(out.contains("every namespace deleted"), "{out}");
     assert!(
         netns_with_prefix(&prefix).is_empty(),
@@ -60,7 +71,6 @@ fn demo_once_proves_traffic_and_cleans_up() {
     assert!(!dir.path().join("state.json").exists());
 }
 
-#[test]
 fn demo_killed_is_cleaned_by_down() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = prefix("kill");
@@ -71,7 +81,7 @@ fn demo_killed_is_cleaned_by_down() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until it has started its daemons (the state file lists three processes).
+    // Wait until it has started its daemons (the state file lists four processes).
     let state = dir.path().join("state.json");
     let start = Instant::now();
     let pids: Vec<u64> = loop {
@@ -84,7 +94,7 @@ fn demo_killed_is_cleaned_by_down() {
                     .map(|a| a.iter().filter_map(|p| p.as_u64()).collect::<Vec<_>>())
             })
             .unwrap_or_default();
-        if pids.len() == 3 {
+        if pids.len() == 4 {
             break pids;
         }
         assert!(
@@ -121,6 +131,7 @@ fn demo_killed_is_cleaned_by_down() {
         "{:?}",
         netns_with_prefix(&prefix)
     );
+    assert!(netns_with_prefix("nsm-vl3-k8s-node").is_empty(), "vL3 routers too");
     let start = Instant::now();
     while pids.iter().any(|p| alive(*p)) {
         assert!(start.elapsed() < Duration::from_secs(5), "daemons still running");
