@@ -593,7 +593,7 @@ impl Reconciler {
                 Some(pb::resource::Kind::Endpoint(e)) => Some(e),
                 _ => None,
             })
-            .filter(|e| live(e))
+            .filter(|e| live(e, &self.config.name))
             .collect();
         let chosen = if spec.endpoint.is_empty() {
             let Some(service) = &service else {
@@ -1136,13 +1136,18 @@ async fn close_remote(url: &str, conn: Connection) {
     }
 }
 
-/// An endpoint registration that has not expired.
-fn live(e: &pb::Endpoint) -> bool {
-    e.spec
+/// An endpoint registration that has not expired and, for one in a namespace on this node, whose
+/// namespace still exists (a workload that is gone cannot be an endpoint, and its clients heal to
+/// another).
+fn live(e: &pb::Endpoint, node: &str) -> bool {
+    let Some(spec) = e.spec.as_ref() else { return true };
+    let unexpired = spec
+        .expiration_time
         .as_ref()
-        .and_then(|s| s.expiration_time.as_ref())
         .and_then(nsm_model::to_system_time)
-        .is_none_or(|t| t > SystemTime::now())
+        .is_none_or(|t| t > SystemTime::now());
+    let here = spec.node == node && !spec.netns.is_empty();
+    unexpired && (!here || Path::new(&spec.netns).exists())
 }
 
 /// Netlink handles by namespace path, so reconciling does not open a namespace and spawn a thread

@@ -324,6 +324,92 @@ async fn bad_input_is_reported_and_builds_nothing() {
     bed.down().await.unwrap();
 }
 
+/// An endpoint whose namespace disappears (the workload is gone) stops being selectable: its
+/// clients heal to another endpoint, without anyone deleting the endpoint resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_namespace_gone_heals_to_another() {
+    let bed = Testbed::up(Topology {
+        prefix: unique_prefix("gone"),
+        hosts: vec![HostSpec {
+            name: "h1".into(),
+            underlay_addr: "192.0.2.11".parse().unwrap(),
+        }],
+        workloads: ["pod", "epy"]
+            .iter()
+            .map(|n| WorkloadSpec {
+                name: n.to_string(),
+                host: "h1".into(),
+            })
+            .collect(),
+        address_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    // The first endpoint's workload is a namespace this test deletes itself.
+    let epx = format!("{}-epx", bed.prefix());
+    let _epx_ns = nsm_dataplane::NetNs::create(&epx).unwrap();
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = nsm_dataplane::NetNs::delete(&self.0);
+        }
+    }
+    let _gone = Gone(epx.clone());
+    let epx_path = nsm_dataplane::named_path(&epx).display().to_string();
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let node = NodeProc::start(&registry.url(), "node-a");
+    ok(nsmctl(&registry, &["ns", "create", "svc", "--cidr", "10.62.0.0/24"]));
+    let ep = |name: &str, netns: &str| {
+        ok(nsmctl(
+            &registry,
+            &[
+                "endpoint",
+                "create",
+                name,
+                "--service",
+                "svc",
+                "--netns",
+                netns,
+                "--node",
+                "node-a",
+            ],
+        ));
+    };
+    ep("ep-x", &epx_path);
+    ok(nsmctl(
+        &registry,
+        &[
+            "client",
+            "create",
+            "c",
+            "--service",
+            "svc",
+            "--netns",
+            &path("pod"),
+            "--node",
+            &node.socket,
+        ],
+    ));
+    wait_client(&registry, &node, "c", "Ready on ep-x", |j| {
+        phase(j) == "Ready" && j["status"]["endpoint"] == "ep-x"
+    });
+    ep("ep-y", &path("epy"));
+    drop(_epx_ns);
+    nsm_dataplane::NetNs::delete(&epx).unwrap();
+    let j = wait_client(&registry, &node, "c", "Ready on ep-y", |j| {
+        phase(j) == "Ready" && j["status"]["endpoint"] == "ep-y"
+    });
+    let dst = j["status"]["dstIpAddrs"][0]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_owned();
+    assert!(bed.ping("pod", dst.parse().unwrap(), 2), "traffic flows via ep-y");
+    drop(node);
+    bed.down().await.unwrap();
+}
+
 /// A pod on one host, a service endpoint on another: a VXLAN vWire over the test bed's underlay,
 /// built by two node daemons talking upstream's NetworkService API, with an MTU that lets
 /// full-size packets through without fragmentation, and removed from both hosts on delete.
