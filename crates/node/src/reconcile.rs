@@ -886,7 +886,8 @@ impl Reconciler {
             }
         }
         let extras = async {
-            if let Some(route) = w.route {
+            // A tunnelled vWire's route beyond its peer (veth vWires got theirs from `wire`).
+            if let Some(route) = w.route.filter(|_| w.remote.is_some()) {
                 let (_ns, nl) = netlink_in(&w.netns).await?;
                 nl.add_route(route, Some(w.dst.addr()), &w.interface)
                     .await
@@ -1188,14 +1189,15 @@ fn prune_netlink_cache() {
         .retain(|path, (id, _, _)| ns_identity(path) == Some(*id));
 }
 
-/// Builds a same-node vWire: a veth pair from the client's namespace into the endpoint's, with
-/// /32 (/128) addresses and host routes to each other. All or nothing.
+/// Builds a veth vWire from the client's namespace into `endpoint_netns` (an endpoint's, this
+/// host's as a gateway, or a vL3 router's), with /32 (/128) addresses, host routes to each other,
+/// and the client's route to what lies beyond the peer (`w.route`). All or nothing.
 async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String> {
     let (_cns, cnl) = netlink_in(&w.netns).await.map_err(|e| format!("client netns: {e}"))?;
     let (ens, enl) = netlink_in(endpoint_netns)
         .await
         .map_err(|e| format!("endpoint netns: {e}"))?;
-    cnl.create_veth(&w.interface, peer, &ens, VETH_MTU)
+    cnl.create_veth(&w.interface, peer, &ens, w.mtu)
         .await
         .map_err(|e| e.to_string())?;
     let configured = async {
@@ -1205,6 +1207,9 @@ async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String>
         enl.set_up(peer).await?;
         cnl.add_route(w.dst, None, &w.interface).await?;
         enl.add_route(w.src, None, peer).await?;
+        if let Some(beyond) = w.route {
+            cnl.add_route(beyond, Some(w.dst.addr()), &w.interface).await?;
+        }
         // Each end knows the other's MAC: no ARP/ND, and no dynamic neighbour entries, which on a
         // node with many vWires would overflow the kernel's table (shared by every namespace,
         // 1024 entries by default) and drop traffic.

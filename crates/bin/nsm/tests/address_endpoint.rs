@@ -260,7 +260,7 @@ async fn address_endpoint_on_an_nsm_host_gets_a_tunnel() {
         "server end removed by Close; server log:\n{}",
         b.log()
     );
-    assert_eq!(link_names(&bed, "pod").await, ["lo"]);
+    assert!(eventually(5, || async { link_names(&bed, "pod").await == ["lo"] }).await);
     drop((a, b));
     bed.down().await.unwrap();
 }

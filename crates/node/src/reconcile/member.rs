@@ -9,7 +9,7 @@ use nsm_api::nsm::v1;
 use nsm_model::{Kind, pb, upstream};
 
 use super::{
-    NotReady, Phase, Reconciler, Wired, failed, live_stats, netlink_in, peer_name, pending, unreachable_registry,
+    NotReady, Phase, Reconciler, Wired, failed, live_stats, netlink_in, peer_name, pending, unreachable_registry, wire,
 };
 use crate::vl3::{self, Lease, Vl3};
 
@@ -283,7 +283,9 @@ impl Reconciler {
                     nat: false,
                 };
                 if !adopt_member(&w).await {
-                    wire_member(&w, &router_path, &peer_name(&uid)).await.map_err(failed)?;
+                    // A veth pair into the router: the member's address, a route to the gateway and
+                    // the pool through it, permanent neighbours both ways.
+                    wire(&w, &router_path, &peer_name(&uid)).await.map_err(failed)?;
                     tracing::info!(client = ?key, vl3 = %vl3.name, address = %src, "vL3 member ready");
                 }
                 self.wired.insert(key.clone(), w.clone());
@@ -330,41 +332,4 @@ async fn adopt_member(w: &Wired) -> bool {
         return false;
     };
     link.lower_up && nl.addresses(&w.interface).await.is_ok_and(|a| a.contains(&w.src))
-}
-
-/// A veth pair from the member's namespace into the router's: the member gets its address, a
-/// route to the gateway and the vL3's pool through it; the router a host route back. Both ends
-/// know each other's MAC (permanent neighbour entries), so no ARP/ND runs and no dynamic
-/// neighbour entry is spent per member. All or nothing.
-async fn wire_member(w: &Wired, router_path: &str, peer: &str) -> Result<(), String> {
-    let (_cns, cnl) = netlink_in(&w.netns).await.map_err(|e| format!("client netns: {e}"))?;
-    let (rns, rnl) = netlink_in(router_path).await.map_err(|e| format!("vL3 router: {e}"))?;
-    cnl.create_veth(&w.interface, peer, &rns, w.mtu)
-        .await
-        .map_err(|e| e.to_string())?;
-    let pool = w.route.expect("a member routes the pool");
-    let configured = async {
-        cnl.add_address(&w.interface, w.src).await?;
-        rnl.add_address(peer, w.dst).await?;
-        cnl.set_up(&w.interface).await?;
-        rnl.set_up(peer).await?;
-        cnl.add_route(w.dst, None, &w.interface).await?;
-        cnl.add_route(pool, Some(w.dst.addr()), &w.interface).await?;
-        rnl.add_route(w.src, None, peer).await?;
-        let mac = |nl: &nsm_dataplane::Netlink, l: &str| {
-            let nl = nl.clone();
-            let l = l.to_owned();
-            async move { Ok::<_, nsm_dataplane::DataplaneError>(nl.link(&l).await?.map(|l| l.mac).unwrap_or_default()) }
-        };
-        let (cmac, rmac) = (mac(&cnl, &w.interface).await?, mac(&rnl, peer).await?);
-        cnl.add_neighbour(&w.interface, w.dst.addr(), &rmac).await?;
-        rnl.add_neighbour(peer, w.src.addr(), &cmac).await?;
-        Ok::<_, nsm_dataplane::DataplaneError>(())
-    }
-    .await;
-    if let Err(e) = configured {
-        let _ = cnl.delete_link(&w.interface).await;
-        return Err(e.to_string());
-    }
-    Ok(())
 }
