@@ -276,7 +276,6 @@ pub async fn run(
         config.underlay,
         config.underlay_mtu,
         host_netns.clone(),
-        registry.clone(),
         channel,
         config.dns_forward.clone(),
     );
@@ -412,8 +411,8 @@ impl Reconciler {
         }
     }
 
-    /// Reconciles every client. What each one looks up (services, endpoints, nodes) is read once
-    /// for the whole pass: three List calls instead of two or three calls per client. A kind that
+    /// Reconciles every client. What each one looks up (services, endpoints, nodes, vL3 prefixes)
+    /// is read once for the whole pass: four List calls instead of several calls per client. A kind that
     /// cannot be listed is asked per client, as outside a pass.
     async fn resync(&mut self) {
         let keys: Vec<_> = self.clients.keys().cloned().collect();
@@ -421,7 +420,7 @@ impl Reconciler {
             return;
         }
         let mut snapshot = HashMap::new();
-        for kind in [Kind::NetworkService, Kind::Endpoint, Kind::Node] {
+        for kind in [Kind::NetworkService, Kind::Endpoint, Kind::Node, Kind::Prefix] {
             if let Ok(items) = self.list(kind).await {
                 snapshot.insert(kind, items);
             }

@@ -30,10 +30,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use nsm_api::ipam::{PrefixRequest, Type, ipam_client::IpamClient};
-use nsm_api::nsm::v1::{self as v1, resource_service_client::ResourceServiceClient};
 use nsm_api::service_names::{IPAM_MEMBER_HEADER, IPAM_NODE_HEADER, IPAM_VL3_HEADER};
 use nsm_dataplane::{NetNs, Netlink};
-use nsm_model::{Kind, pb, upstream};
+use nsm_model::{pb, upstream};
 use tonic::transport::Channel;
 
 use crate::remote::{link_name, vxlan};
@@ -48,6 +47,27 @@ pub(crate) struct Vl3 {
     pub(crate) name: String,
     pub(crate) pool: IpNet,
     pub(crate) dns_template: String,
+}
+
+/// The leases of `vl3` among listed Prefix resources, in a stable order.
+pub(crate) fn leases_from(items: &[pb::Resource], vl3: &str) -> Vec<Lease> {
+    let mut out: Vec<Lease> = items
+        .iter()
+        .filter_map(|r| match &r.kind {
+            Some(pb::resource::Kind::Prefix(p)) => {
+                let s = p.spec.as_ref()?;
+                (s.network_service == vl3).then_some(())?;
+                Some(Lease {
+                    prefix: s.prefix.parse().ok()?,
+                    node: s.node.clone(),
+                    member: s.member_service.clone(),
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// A lease of V's pool (any node's).
@@ -108,7 +128,6 @@ pub(crate) struct Vl3Plane {
     underlay: IpAddr,
     underlay_mtu: u32,
     host: Arc<NetNs>,
-    registry: ResourceServiceClient<Channel>,
     ipam: IpamClient<Channel>,
     dns_forward: Vec<SocketAddr>,
     pub(crate) routers: HashMap<String, Router>,
@@ -222,13 +241,11 @@ pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Ve
 }
 
 impl Vl3Plane {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         node: String,
         underlay: IpAddr,
         underlay_mtu: u32,
         host: Arc<NetNs>,
-        registry: ResourceServiceClient<Channel>,
         channel: Channel,
         dns_forward: Vec<SocketAddr>,
     ) -> Self {
@@ -237,7 +254,6 @@ impl Vl3Plane {
             underlay,
             underlay_mtu,
             host,
-            registry,
             ipam: IpamClient::new(channel),
             dns_forward,
             routers: HashMap::new(),
@@ -248,36 +264,6 @@ impl Vl3Plane {
     /// The MTU of members' interfaces: what crosses the routers' VXLAN links without fragments.
     pub(crate) fn member_mtu(&self) -> u32 {
         self.underlay_mtu - vxlan::OVERHEAD_V4
-    }
-
-    /// Every lease of `vl3`, from the registry.
-    pub(crate) async fn leases(&mut self, vl3: &str) -> Result<Vec<Lease>, tonic::Status> {
-        let items = self
-            .registry
-            .list(v1::ListRequest {
-                kind: Kind::Prefix.to_pb() as i32,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .items;
-        let mut out: Vec<Lease> = items
-            .into_iter()
-            .filter_map(|r| match r.kind {
-                Some(pb::resource::Kind::Prefix(p)) => {
-                    let s = p.spec?;
-                    (s.network_service == vl3).then_some(())?;
-                    Some(Lease {
-                        prefix: s.prefix.parse().ok()?,
-                        node: s.node,
-                        member: s.member_service,
-                    })
-                }
-                _ => None,
-            })
-            .collect();
-        out.sort();
-        Ok(out)
     }
 
     /// Leases a new prefix of `vl3` for `member`'s members on this node, asking for `wanted`

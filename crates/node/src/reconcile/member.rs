@@ -8,9 +8,7 @@ use ipnet::IpNet;
 use nsm_api::nsm::v1;
 use nsm_model::{Kind, pb, upstream};
 
-use super::{
-    NotReady, Phase, Reconciler, Wired, failed, live_stats, netlink_in, peer_name, pending, unreachable_registry, wire,
-};
+use super::{NotReady, Phase, Reconciler, Wired, failed, live_stats, netlink_in, peer_name, pending, wire};
 use crate::vl3::{self, Lease, Vl3};
 
 /// A vL3 member anywhere in the mesh, as its status says: for the routers' DNS names.
@@ -87,7 +85,7 @@ impl Reconciler {
         &mut self,
         vl3: &Vl3,
     ) -> Result<(Vec<Lease>, HashMap<String, IpAddr>, Vec<(String, Vec<String>)>), NotReady> {
-        let leases = self.vl3.leases(&vl3.name).await.map_err(|s| unreachable_registry(&s))?;
+        let leases = self.leases_of(&vl3.name).await?;
         let nodes = self
             .list(Kind::Node)
             .await?
@@ -127,6 +125,12 @@ impl Reconciler {
             })
             .collect();
         Ok((leases, nodes, services))
+    }
+
+    /// Every lease of `vl3` (from a resync pass's listing when there is one).
+    async fn leases_of(&mut self, vl3: &str) -> Result<Vec<Lease>, NotReady> {
+        let items = self.list(Kind::Prefix).await?;
+        Ok(vl3::leases_from(&items, vl3))
     }
 
     /// Converges every router this node runs (after lease, service or node changes), and removes
@@ -236,7 +240,11 @@ impl Reconciler {
                     .await
                     .map_err(|e| failed(format!("vL3 {}: {e}", vl3.name)))?;
                 tracing::info!(vl3 = %vl3.name, prefix = %got, member = %member_service, "prefix leased");
-                leases = self.vl3.leases(&vl3.name).await.map_err(|s| unreachable_registry(&s))?;
+                // A resync pass's listing no longer holds every lease.
+                if let Some(s) = self.snapshot.as_mut() {
+                    s.remove(&Kind::Prefix);
+                }
+                leases = self.leases_of(&vl3.name).await?;
                 if !leases.iter().any(|l| l.prefix == got) {
                     leases.push(Lease {
                         prefix: got,
