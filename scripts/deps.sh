@@ -7,6 +7,8 @@
 #   util-linux         nsenter, to run test commands inside a namespace
 #   iperf3             throughput benchmarks (nsm-bench vwire)
 #   nftables           `nft`: the node's source NAT for gateway vWires to address endpoints
+#   wireguard-go       stock userspace WireGuard peer: interop tests and benchmarks of nsm-wireguard
+#   wireguard-tools    `wg`, to configure it
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
@@ -15,6 +17,8 @@ command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 command -v nft >/dev/null 2>&1 || [[ -x /usr/sbin/nft ]] || need+=(nftables)
+command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
+command -v wg >/dev/null 2>&1 || need+=(wireguard-tools)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing packages: ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
