@@ -27,6 +27,7 @@ struct StockPeer {
     dev: String,
 }
 
+#[allow(clippy::too_many_arguments)] // a test helper: one call per scenario reads best flat
 fn stock_peer(
     ns: &Ns,
     dev: &str,

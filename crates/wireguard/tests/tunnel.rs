@@ -15,6 +15,7 @@ struct Side {
     key: [u8; 32],
 }
 
+#[allow(clippy::too_many_arguments)] // a test helper: one call per scenario reads best flat
 fn config(
     name: &str,
     tun_ns: &Ns,
