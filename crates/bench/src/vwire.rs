@@ -297,6 +297,7 @@ async fn measure(args: &Args, bin: &Path, bed: &Testbed) -> anyhow::Result<()> {
                 netns: path(ns),
                 interface: ifname.into(),
                 node: String::new(),
+                encryption: String::new(),
             }),
             status: None,
         })),

@@ -117,6 +117,9 @@ pub struct NetworkServiceSpecDoc {
     /// vL3: member DNS name template.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dns_template: String,
+    /// Cross-node vWires: required, preferred or none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub encryption: String,
 }
 
 /// Spec of an endpoint.
@@ -193,6 +196,9 @@ pub struct ClientSpecDoc {
     /// The node whose daemon reconciles it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
+    /// Cross-node encryption (required, preferred, none); overrides the service's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub encryption: String,
 }
 
 /// Observed state of a client (printed; ignored when applied).
@@ -515,6 +521,7 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                     vl3: s.vl3,
                     reach: s.reach,
                     dns_template: s.dns_template,
+                    encryption: s.encryption,
                 },
             })
         }
@@ -602,6 +609,7 @@ pub fn to_document(resource: &pb::Resource) -> Option<Document> {
                     netns: s.netns,
                     interface: s.interface,
                     node: s.node,
+                    encryption: s.encryption,
                 },
                 status,
             }))
@@ -687,6 +695,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                         vl3: d.spec.vl3,
                         reach: d.spec.reach,
                         dns_template: d.spec.dns_template,
+                        encryption: d.spec.encryption,
                     }),
                 })
             }
@@ -740,6 +749,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                         netns: d.spec.netns,
                         interface: d.spec.interface,
                         node: d.spec.node,
+                        encryption: d.spec.encryption,
                     }),
                     // Status belongs to the node daemon; what a document says of it is ignored.
                     status: None,

@@ -290,6 +290,7 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
                 spec.cidr = cidr("spec.cidr", &spec.cidr)?.to_string();
             }
             vl3_fields(spec)?;
+            encryption("spec.encryption", &spec.encryption)?;
             for (i, m) in spec.matches.iter().enumerate() {
                 selector(&format!("spec.matches[{i}].sourceSelector"), &m.source_selector)?;
                 for (j, r) in m.routes.iter().enumerate() {
@@ -375,6 +376,7 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             if !spec.node.is_empty() {
                 name("spec.node", &spec.node)?;
             }
+            encryption("spec.encryption", &spec.encryption)?;
         }
         R::Prefix(p) => {
             check_meta(kind, p.metadata.get_or_insert_with(Default::default))?;
@@ -400,6 +402,20 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
         }
     }
     Ok(kind)
+}
+
+/// The values of an `encryption` setting (empty: unset).
+pub const ENCRYPTION_VALUES: [&str; 3] = ["required", "preferred", "none"];
+
+/// An `encryption` setting: empty or one of [`ENCRYPTION_VALUES`].
+pub fn encryption(field: &str, s: &str) -> Result<()> {
+    if s.is_empty() || ENCRYPTION_VALUES.contains(&s) {
+        return Ok(());
+    }
+    Err(ValidationError::new(
+        field,
+        format!("{s:?} must be one of required, preferred, none"),
+    ))
 }
 
 /// The default DNS name of a vL3 member.
@@ -496,6 +512,16 @@ mod tests {
         assert!(name("n", "a.b").unwrap_err().reason.contains("'.'"));
         assert!(name("n", "-a").is_err());
         assert!(namespace("n", &"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn encryption_values() {
+        for v in ["", "required", "preferred", "none"] {
+            assert!(encryption("spec.encryption", v).is_ok(), "{v}");
+        }
+        let e = encryption("spec.encryption", "always").unwrap_err();
+        assert_eq!(e.field, "spec.encryption");
+        assert!(e.reason.contains("required, preferred, none"), "{e}");
     }
 
     #[test]

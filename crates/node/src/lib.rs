@@ -20,6 +20,9 @@ mod reconcile;
 pub mod remote;
 pub mod select;
 pub mod vl3;
+mod wg;
+
+pub use wg::DEFAULT_PORTS as DEFAULT_WIREGUARD_PORTS;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -50,6 +53,11 @@ pub struct Config {
     /// Where vL3 routers' DNS servers send names they do not know (default: the host's
     /// resolvers from /etc/resolv.conf).
     pub dns_forward: Vec<std::net::SocketAddr>,
+    /// State directory: the node's WireGuard key lives there.
+    pub data_dir: PathBuf,
+    /// UDP ports for WireGuard vWire ends; `None`: this node builds no WIREGUARD vWires (it
+    /// refuses them as an endpoint's node, and offers only VXLAN as a client's).
+    pub wireguard_ports: Option<std::ops::RangeInclusive<u16>>,
 }
 
 /// Why the daemon stopped.

@@ -277,6 +277,7 @@ pub(crate) mod upstream_kernel {
                     netns,
                     interface,
                     node: node.to_owned(),
+                    encryption: String::new(),
                 }),
                 status: None,
             };

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 use crate::remote::{self, RemoteEnds, vxlan};
 use crate::select::{self, Candidate};
+use crate::wg::{self, Encryption, Wg};
 use crate::{Config, NodeError, ipam};
 use nsm_api::connection::{Connection, Mechanism, Path as ConnPath, PathSegment};
 use nsm_api::connectioncontext::{ConnectionContext, IpContext};
@@ -44,6 +45,10 @@ struct Wired {
     route: Option<IpNet>,
     /// Gateway vWire: this node masquerades `src` → the route's address on the underlay.
     nat: bool,
+    /// KERNEL, VXLAN or WIREGUARD.
+    mechanism: &'static str,
+    /// A WIREGUARD vWire: its tunnel's id in this node's [`Wg`].
+    wg_id: Option<String>,
 }
 
 /// Where the far end of a vWire is built.
@@ -197,6 +202,16 @@ pub async fn run(
     }
     tracing::info!(node = %config.name, underlay = %config.underlay, "node registered");
 
+    let wg = match &config.wireguard_ports {
+        Some(ports) => {
+            let key = wg::load_or_create_key(&config.data_dir)
+                .map_err(|e| NodeError::Registry(format!("WireGuard key in {}: {e}", config.data_dir.display())))?;
+            let wg = Wg::new(key, ports.clone());
+            tracing::info!(public_key = %wg.public_key, ?ports, "WireGuard vWires enabled");
+            Some(Arc::new(wg))
+        }
+        None => None,
+    };
     let monitor = crate::monitor::Monitor::default();
     let ends = RemoteEnds::new(
         registry.clone(),
@@ -205,6 +220,7 @@ pub async fn run(
         host_netns.clone(),
         config.underlay_mtu,
         monitor.clone(),
+        wg.clone(),
     );
     let upstream_conns = crate::local::upstream_kernel::Connections::default();
     let routes = {
@@ -280,6 +296,7 @@ pub async fn run(
         config.dns_forward.clone(),
     );
     let mut r = Reconciler {
+        wg,
         vl3,
         members: HashMap::new(),
         config,
@@ -365,6 +382,8 @@ fn spawn_watch(mut registry: Registry, kind: Kind, tx: mpsc::Sender<Trigger>) {
 }
 
 struct Reconciler {
+    /// This node's WireGuard side (None: disabled).
+    wg: Option<Arc<Wg>>,
     /// This node's vL3 routers.
     vl3: crate::vl3::Vl3Plane,
     /// Every vL3 member in the mesh (from all clients' statuses), for the routers' DNS names.
@@ -449,7 +468,7 @@ impl Reconciler {
 
     async fn teardown(&mut self, key: &(String, String)) {
         let Some(w) = self.wired.remove(key) else { return };
-        match unwire(&w, &self.host_netns).await {
+        match unwire(&w, &self.host_netns, self.wg.as_deref()).await {
             Ok(()) => tracing::info!(client = ?key, interface = %w.interface, "vWire removed"),
             Err(e) => tracing::warn!(client = ?key, error = %e, "removing vWire"),
         }
@@ -665,6 +684,13 @@ impl Reconciler {
         step("selected");
         let ep_spec = chosen.spec.clone().unwrap_or_default();
         let far = self.far_end(&endpoint_up, &ep_spec).await?;
+        let encryption = Encryption::effective(
+            &spec.encryption,
+            service
+                .as_ref()
+                .and_then(|s| s.spec.as_ref())
+                .map_or("", |s| s.encryption.as_str()),
+        );
 
         // Re-wire if the endpoint, the workload or the way to the endpoint changed.
         if let Some(w) = self.wired.get(key)
@@ -673,7 +699,8 @@ impl Reconciler {
                 || w.interface != spec.interface
                 || w.remote.is_some() != matches!(far, Far::Remote { .. })
                 || w.route != far.target().map(host_net)
-                || w.nat != matches!(far, Far::Gateway { nat: true, .. }))
+                || w.nat != matches!(far, Far::Gateway { nat: true, .. })
+                || (w.remote.is_some() && !allowed(encryption, w.mechanism)))
         {
             self.teardown(key).await;
         }
@@ -687,8 +714,25 @@ impl Reconciler {
             Some((mut w, stats)) => {
                 if let Some((url, conn)) = &w.remote {
                     // Refresh: the endpoint's node forgets connections that are not re-requested.
-                    match request_remote(url, conn.clone()).await {
-                        Ok(c) => w.remote = Some((url.clone(), c)),
+                    let prefs = conn.mechanism.clone().into_iter().collect();
+                    match request_remote(url, conn.clone(), prefs).await {
+                        Ok(c) => {
+                            // A WIREGUARD end that the endpoint's node answers with another key or
+                            // port (its key file was lost, its port was taken) is built anew.
+                            let params = |c: &Connection| {
+                                let p = c.mechanism.as_ref().map(|m| m.parameters.clone()).unwrap_or_default();
+                                (p.get(wg::DST_PUBLIC_KEY).cloned(), p.get(vxlan::DST_PORT).cloned())
+                            };
+                            let changed = w.wg_id.is_some() && params(&c) != params(conn);
+                            w.remote = Some((url.clone(), c));
+                            if changed {
+                                self.wired.insert(key.clone(), w.clone());
+                                self.teardown(key).await;
+                                return Err(pending(
+                                    "the endpoint's node changed its WireGuard key or port; rebuilding",
+                                ));
+                            }
+                        }
                         Err(e) => tracing::warn!(client = ?key, error = %e, "refreshing the remote end failed"),
                     }
                     self.wired.insert(key.clone(), w.clone());
@@ -703,7 +747,8 @@ impl Reconciler {
                     Some(mut w) => {
                         if let Far::Remote { url, .. } = &far {
                             let conn = self.connection(key, &uid, &service_up, &endpoint_up, &labels, w.src, w.dst);
-                            let accepted = request_remote(url, conn).await.map_err(pending)?;
+                            let prefs = vec![self.vxlan_offer(&uid)];
+                            let accepted = request_remote(url, conn, prefs).await.map_err(pending)?;
                             w.remote = Some((url.clone(), accepted));
                         }
                         if let Some(route) = w.route.filter(|_| w.nat) {
@@ -730,8 +775,26 @@ impl Reconciler {
                         }
                         let used = self.used_addresses(key);
                         step("allocated");
-                        let (src, dst) = ipam::allocate_pair(pool, &used)
-                            .ok_or_else(|| failed(format!("address pool {pool} of {service_up:?} is exhausted")))?;
+                        // Rebuilding what stood before (a WIREGUARD vWire after a restart: its
+                        // tunnel went with the old process) keeps the addresses.
+                        let before = client
+                            .status
+                            .as_ref()
+                            .filter(|st| st.phase == Phase::Ready as i32 && st.endpoint == endpoint_up)
+                            .and_then(|st| {
+                                let src: IpNet = st.src_ip_addrs.first()?.parse().ok()?;
+                                let dst: IpNet = st.dst_ip_addrs.first()?.parse().ok()?;
+                                (pool.contains(&src.addr())
+                                    && pool.contains(&dst.addr())
+                                    && !used.contains(&src.addr())
+                                    && !used.contains(&dst.addr()))
+                                .then_some((src, dst))
+                            });
+                        let (src, dst) = match before {
+                            Some(p) => p,
+                            None => ipam::allocate_pair(pool, &used)
+                                .ok_or_else(|| failed(format!("address pool {pool} of {service_up:?} is exhausted")))?,
+                        };
                         let w = Wired {
                             netns: spec.netns.clone(),
                             interface: spec.interface.clone(),
@@ -742,9 +805,11 @@ impl Reconciler {
                             remote: None,
                             route: far.target().map(host_net),
                             nat: matches!(far, Far::Gateway { nat: true, .. }),
+                            mechanism: "KERNEL",
+                            wg_id: None,
                         };
                         let w = self
-                            .build(key, w, &far, &peer_name(&uid), &uid, &service_up, &labels)
+                            .build(key, w, &far, &peer_name(&uid), &uid, &service_up, &labels, encryption)
                             .await
                             .map_err(failed)?;
                         tracing::info!(client = ?key, endpoint = %endpoint_up, src = %src, dst = %dst, "vWire ready");
@@ -767,11 +832,7 @@ impl Reconciler {
             phase: Phase::Ready as i32,
             reason: String::new(),
             endpoint: endpoint_up.clone(),
-            mechanism: if w.remote.is_some() {
-                vxlan::TYPE.into()
-            } else {
-                "KERNEL".into()
-            },
+            mechanism: w.mechanism.into(),
             src_ip_addrs: vec![w.src.to_string()],
             dst_ip_addrs: vec![w.dst.to_string()],
             connection_id: uid,
@@ -867,6 +928,7 @@ impl Reconciler {
         uid: &str,
         service_up: &str,
         labels: &HashMap<String, String>,
+        encryption: Encryption,
     ) -> Result<Wired, String> {
         match far {
             Far::Local { netns } => wire(&w, netns, peer).await?,
@@ -879,7 +941,10 @@ impl Reconciler {
             }
             Far::Remote { url, underlay, .. } => {
                 let conn = self.connection(key, uid, service_up, &w.endpoint, labels, w.src, w.dst);
-                let (accepted, mtu) = self.wire_remote(&w, url, *underlay, conn).await?;
+                let prefs = self.offers(uid, encryption)?;
+                let (accepted, mtu) = self
+                    .wire_remote(&mut w, url, *underlay, conn, prefs, encryption, uid)
+                    .await?;
                 w.mtu = mtu;
                 w.remote = Some((url.clone(), accepted));
             }
@@ -899,7 +964,7 @@ impl Reconciler {
         }
         .await;
         if let Err(e) = extras {
-            let _ = unwire(&w, &self.host_netns).await;
+            let _ = unwire(&w, &self.host_netns, self.wg.as_deref()).await;
             return Err(e);
         }
         Ok(w)
@@ -1002,18 +1067,11 @@ impl Reconciler {
             expires,
             metrics: HashMap::new(),
         };
-        let mut params = HashMap::new();
-        params.insert(vxlan::SRC_IP.to_owned(), self.config.underlay.to_string());
-        params.insert(vxlan::SRC_PORT.to_owned(), vxlan::PORT.to_string());
-        params.insert(vxlan::VNI.to_owned(), remote::vni_of(uid).to_string());
         Connection {
             id: uid.to_owned(),
             network_service: service.to_owned(),
-            mechanism: Some(Mechanism {
-                cls: vxlan::CLS_REMOTE.into(),
-                r#type: vxlan::TYPE.into(),
-                parameters: params,
-            }),
+            // Chosen by the endpoint's node from the request's preferences.
+            mechanism: None,
             context: Some(ConnectionContext {
                 ip_context: Some(IpContext {
                     src_ip_addrs: vec![src.to_string()],
@@ -1033,48 +1091,159 @@ impl Reconciler {
         }
     }
 
+    /// The VXLAN mechanism this node offers for connection `uid`.
+    fn vxlan_offer(&self, uid: &str) -> Mechanism {
+        let mut params = HashMap::new();
+        params.insert(vxlan::SRC_IP.to_owned(), self.config.underlay.to_string());
+        params.insert(vxlan::SRC_PORT.to_owned(), vxlan::PORT.to_string());
+        params.insert(vxlan::VNI.to_owned(), remote::vni_of(uid).to_string());
+        Mechanism {
+            cls: vxlan::CLS_REMOTE.into(),
+            r#type: vxlan::TYPE.into(),
+            parameters: params,
+        }
+    }
+
+    /// The mechanisms this node offers the endpoint's node for connection `uid`, in order of
+    /// preference: WIREGUARD (this node's public key, and the UDP port its end will listen on)
+    /// when encryption is required or preferred, VXLAN unless it is required.
+    fn offers(&self, uid: &str, encryption: Encryption) -> Result<Vec<Mechanism>, String> {
+        let mut offers = Vec::new();
+        if encryption != Encryption::None {
+            match &self.wg {
+                Some(wg) => {
+                    let mut params = HashMap::new();
+                    params.insert(vxlan::SRC_IP.to_owned(), self.config.underlay.to_string());
+                    params.insert(vxlan::SRC_PORT.to_owned(), wg.port_for(&format!("c/{uid}")).to_string());
+                    params.insert(wg::SRC_PUBLIC_KEY.to_owned(), wg.public_key.clone());
+                    offers.push(Mechanism {
+                        cls: vxlan::CLS_REMOTE.into(),
+                        r#type: wg::TYPE.into(),
+                        parameters: params,
+                    });
+                }
+                None if encryption == Encryption::Required => {
+                    return Err(format!(
+                        "encryption required, but WIREGUARD is disabled on node {:?} (--no-wireguard)",
+                        self.config.name
+                    ));
+                }
+                None => {}
+            }
+        }
+        if encryption != Encryption::Required {
+            offers.push(self.vxlan_offer(uid));
+        }
+        Ok(offers)
+    }
+
     /// Builds a cross-node vWire: the endpoint's node first (so a refusal leaves nothing here),
-    /// then this end. Returns the accepted connection and the interface MTU.
+    /// then this end, with the mechanism the endpoint's node chose. Returns the accepted
+    /// connection and the interface MTU.
+    #[allow(clippy::too_many_arguments)]
     async fn wire_remote(
         &self,
-        w: &Wired,
+        w: &mut Wired,
         url: &str,
         underlay: IpAddr,
         conn: Connection,
+        prefs: Vec<Mechanism>,
+        encryption: Encryption,
+        uid: &str,
     ) -> Result<(Connection, u32), String> {
-        let accepted = request_remote(url, conn).await?;
-        let params = accepted
+        let accepted = request_remote(url, conn, prefs).await.map_err(|e| {
+            if encryption == Encryption::Required {
+                format!("encryption required, but the endpoint's node did not accept WIREGUARD: {e}")
+            } else {
+                e
+            }
+        })?;
+        let (kind, params) = accepted
             .mechanism
             .as_ref()
-            .map(|m| m.parameters.clone())
+            .map(|m| (m.r#type.clone(), m.parameters.clone()))
             .unwrap_or_default();
         let remote_ip: IpAddr = params
             .get(vxlan::DST_IP)
             .and_then(|s| s.parse().ok())
             .unwrap_or(underlay);
-        let overhead = if remote_ip.is_ipv6() {
-            vxlan::OVERHEAD_V6
-        } else {
-            vxlan::OVERHEAD_V4
+        let built = match kind.as_str() {
+            wg::TYPE => {
+                let wg = self
+                    .wg
+                    .as_ref()
+                    .ok_or("the endpoint's node chose WIREGUARD, which is disabled here")?;
+                let mtu = self.config.underlay_mtu - wg::OVERHEAD;
+                let id = format!("c/{uid}");
+                let peer_key = params
+                    .get(wg::DST_PUBLIC_KEY)
+                    .and_then(|k| nsm_wireguard::decode_key(k).ok())
+                    .ok_or("the endpoint's node answered WIREGUARD without a valid dst_public_key");
+                let peer_port: Option<u16> = params.get(vxlan::DST_PORT).and_then(|p| p.parse().ok());
+                match (peer_key, peer_port) {
+                    (Ok(peer_key), Some(peer_port)) => {
+                        let mut allowed = vec![w.dst];
+                        allowed.extend(w.route);
+                        wg.build(wg::End {
+                            id: id.clone(),
+                            netns: Path::new(&w.netns),
+                            name: &w.interface,
+                            host: &self.host_netns,
+                            listen: self.config.underlay,
+                            port: wg.port_for(&id),
+                            peer_key,
+                            peer_endpoint: std::net::SocketAddr::new(remote_ip, peer_port),
+                            allowed,
+                            mtu,
+                            local_addr: w.src,
+                            peer_addr: w.dst,
+                        })
+                        .await
+                        .map(|_| {
+                            w.mechanism = wg::TYPE;
+                            w.wg_id = Some(id);
+                            mtu
+                        })
+                    }
+                    (Err(e), _) => Err(e.to_owned()),
+                    (_, None) => Err("the endpoint's node answered WIREGUARD without a dst_port".to_owned()),
+                }
+            }
+            vxlan::TYPE if encryption != Encryption::Required => {
+                let overhead = if remote_ip.is_ipv6() {
+                    vxlan::OVERHEAD_V6
+                } else {
+                    vxlan::OVERHEAD_V4
+                };
+                let mtu = self.config.underlay_mtu - overhead;
+                remote::build_end(
+                    &self.host_netns,
+                    Path::new(&w.netns),
+                    &w.interface,
+                    remote::vni_of(&accepted.id),
+                    self.config.underlay,
+                    remote_ip,
+                    mtu,
+                    w.dst,
+                    w.src,
+                )
+                .await
+                .map(|()| {
+                    w.mechanism = vxlan::TYPE;
+                    mtu
+                })
+            }
+            other => Err(format!(
+                "the endpoint's node chose mechanism {other:?}, which this vWire does not allow"
+            )),
         };
-        let mtu = self.config.underlay_mtu - overhead;
-        let built = remote::build_end(
-            &self.host_netns,
-            Path::new(&w.netns),
-            &w.interface,
-            remote::vni_of(&accepted.id),
-            self.config.underlay,
-            remote_ip,
-            mtu,
-            w.dst,
-            w.src,
-        )
-        .await;
-        if let Err(e) = built {
-            close_remote(url, accepted).await;
-            return Err(e);
+        match built {
+            Ok(mtu) => Ok((accepted, mtu)),
+            Err(e) => {
+                close_remote(url, accepted).await;
+                Err(e)
+            }
         }
-        Ok((accepted, mtu))
     }
 
     /// Addresses in use by any client: this node's wiring and every status seen from the registry.
@@ -1090,6 +1259,15 @@ impl Reconciler {
             .filter(|(k, _)| *k != except)
             .flat_map(|(_, a)| a.iter().copied());
         wired.chain(statuses).collect()
+    }
+}
+
+/// Whether a cross-node vWire built with `mechanism` may stand under `encryption`.
+fn allowed(encryption: Encryption, mechanism: &str) -> bool {
+    match encryption {
+        Encryption::Required => mechanism == wg::TYPE,
+        Encryption::Preferred => true,
+        Encryption::None => mechanism != wg::TYPE,
     }
 }
 
@@ -1111,8 +1289,11 @@ async fn node_client(url: &str) -> Result<NetworkServiceClient<Channel>, String>
 }
 
 /// Requests (or refreshes) a connection at another node.
-async fn request_remote(url: &str, conn: Connection) -> Result<Connection, String> {
-    let mechanism_preferences = conn.mechanism.clone().into_iter().collect();
+async fn request_remote(
+    url: &str,
+    conn: Connection,
+    mechanism_preferences: Vec<Mechanism>,
+) -> Result<Connection, String> {
     let req = NetworkServiceRequest {
         connection: Some(conn),
         mechanism_preferences,
@@ -1232,9 +1413,14 @@ async fn link_mac(nl: &Netlink, name: &str) -> Result<Vec<u8>, nsm_dataplane::Da
 
 /// Removes a vWire: deleting one end of a veth pair deletes both, with their addresses and routes;
 /// a gateway vWire also takes its NAT pair out of the host namespace.
-async fn unwire(w: &Wired, host: &NetNs) -> Result<(), String> {
+async fn unwire(w: &Wired, host: &NetNs, wg: Option<&Wg>) -> Result<(), String> {
     if let Some((url, conn)) = &w.remote {
         close_remote(url, conn.clone()).await;
+    }
+    if let (Some(id), Some(wg)) = (&w.wg_id, wg) {
+        // Stopping the tunnel removes its TUN, with its addresses and routes.
+        wg.remove(id).await;
+        return Ok(());
     }
     if let Some(route) = w.route.filter(|_| w.nat)
         && let Err(e) = nsm_dataplane::remove_masquerade(host, w.src.addr(), route.addr()).await
@@ -1267,9 +1453,15 @@ async fn live_stats(w: &Wired) -> Option<nsm_dataplane::LinkStats> {
 /// client's last status says.
 async fn adopt(client: &pb::Client, spec: &pb::ClientSpec, endpoint: &str, far: &Far) -> Option<Wired> {
     let st = client.status.as_ref()?;
-    if st.phase != Phase::Ready as i32 || st.endpoint != endpoint {
+    // A WIREGUARD vWire's TUN went with the process that ran its tunnel: nothing to adopt.
+    if st.phase != Phase::Ready as i32 || st.endpoint != endpoint || st.mechanism == wg::TYPE {
         return None;
     }
+    let mechanism = if matches!(far, Far::Remote { .. }) {
+        vxlan::TYPE
+    } else {
+        "KERNEL"
+    };
     let src: IpNet = st.src_ip_addrs.first()?.parse().ok()?;
     let dst: IpNet = st.dst_ip_addrs.first()?.parse().ok()?;
     let w = Wired {
@@ -1282,6 +1474,8 @@ async fn adopt(client: &pb::Client, spec: &pb::ClientSpec, endpoint: &str, far: 
         remote: None,
         route: far.target().map(host_net),
         nat: matches!(far, Far::Gateway { nat: true, .. }),
+        mechanism,
+        wg_id: None,
     };
     let (_ns, nl) = netlink_in(&w.netns).await.ok()?;
     let link = nl.link(&w.interface).await.ok()??;

@@ -48,6 +48,9 @@ struct End {
     netns: PathBuf,
     link: String,
     expires: SystemTime,
+    /// A WIREGUARD end: the client node's offer it was built for (`src_ip`, `src_port`,
+    /// `src_public_key`), and the port it listens on.
+    wg: Option<(String, String, String, u16)>,
 }
 
 /// The endpoint side's state, shared by the gRPC service and the expiry sweep.
@@ -60,6 +63,7 @@ pub struct RemoteEnds {
     host_netns: Arc<NetNs>,
     underlay_mtu: u32,
     monitor: crate::monitor::Monitor,
+    wg: Option<Arc<crate::wg::Wg>>,
 }
 
 fn bad(msg: impl Into<String>) -> Status {
@@ -86,13 +90,14 @@ pub(crate) fn vni_of(id: &str) -> u32 {
 
 impl RemoteEnds {
     /// State for node `node` whose tunnels leave from `underlay` in `host_netns`.
-    pub fn new(
+    pub(crate) fn new(
         registry: ResourceServiceClient<Channel>,
         node: String,
         underlay: IpAddr,
         host_netns: Arc<NetNs>,
         underlay_mtu: u32,
         monitor: crate::monitor::Monitor,
+        wg: Option<Arc<crate::wg::Wg>>,
     ) -> Self {
         RemoteEnds {
             inner: Arc::default(),
@@ -102,6 +107,7 @@ impl RemoteEnds {
             host_netns,
             underlay_mtu,
             monitor,
+            wg,
         }
     }
 
@@ -121,7 +127,7 @@ impl RemoteEnds {
         };
         for (id, end) in expired {
             tracing::info!(connection = %id, "remote connection expired");
-            remove_end(&end).await;
+            self.remove_end(&id, &end).await;
             self.monitor.delete(&id);
         }
     }
@@ -157,28 +163,56 @@ impl RemoteEnds {
                 "connection.network_service_endpoint_name: this node serves requests for a named endpoint",
             ));
         }
+        // The connection's mechanism on a refresh, else the first preference this node builds.
+        let builds = |m: &Mechanism| m.r#type == vxlan::TYPE || (m.r#type == crate::wg::TYPE && self.wg.is_some());
         let mech = conn
             .mechanism
             .clone()
-            .filter(|m| m.r#type == vxlan::TYPE)
-            .or_else(|| {
-                req.mechanism_preferences
-                    .iter()
-                    .find(|m| m.r#type == vxlan::TYPE)
-                    .cloned()
-            })
-            .ok_or_else(|| Status::failed_precondition("mechanism_preferences: no VXLAN mechanism offered"))?;
+            .filter(|m| builds(m))
+            .or_else(|| req.mechanism_preferences.iter().find(|m| builds(m)).cloned())
+            .ok_or_else(|| {
+                let offered: Vec<&str> = req.mechanism_preferences.iter().map(|m| m.r#type.as_str()).collect();
+                let wg_off = if self.wg.is_none() && offered.contains(&crate::wg::TYPE) {
+                    format!(" (WIREGUARD is disabled on node {:?})", self.node)
+                } else {
+                    String::new()
+                };
+                Status::failed_precondition(format!(
+                    "mechanism_preferences: none this node builds: offered [{}], it builds VXLAN{}{wg_off}",
+                    offered.join(", "),
+                    if self.wg.is_some() { " and WIREGUARD" } else { "" },
+                ))
+            })?;
+        let wireguard = mech.r#type == crate::wg::TYPE;
         let src_ip: IpAddr = mech
             .parameters
             .get(vxlan::SRC_IP)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("mechanism.parameters.src_ip: missing or not an IP address"))?;
-        let vni: u32 = mech
-            .parameters
-            .get(vxlan::VNI)
-            .and_then(|s| s.parse().ok())
-            .filter(|v| *v > 0 && *v < (1 << 24))
-            .ok_or_else(|| bad("mechanism.parameters.vni: missing or not a 24-bit number"))?;
+        let vni: u32 = if wireguard {
+            0
+        } else {
+            mech.parameters
+                .get(vxlan::VNI)
+                .and_then(|s| s.parse().ok())
+                .filter(|v| *v > 0 && *v < (1 << 24))
+                .ok_or_else(|| bad("mechanism.parameters.vni: missing or not a 24-bit number"))?
+        };
+        let wg_offer = if wireguard {
+            let port = mech
+                .parameters
+                .get(vxlan::SRC_PORT)
+                .filter(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+                .ok_or_else(|| bad("mechanism.parameters.src_port: missing or not a UDP port"))?;
+            let key = mech
+                .parameters
+                .get(crate::wg::SRC_PUBLIC_KEY)
+                .filter(|k| nsm_wireguard::decode_key(k).is_ok())
+                .ok_or_else(|| bad("mechanism.parameters.src_public_key: missing or not a WireGuard key"))?;
+            Some((src_ip.to_string(), port.clone(), key.clone()))
+        } else {
+            None
+        };
         let ip = conn
             .context
             .as_ref()
@@ -204,7 +238,9 @@ impl RemoteEnds {
                 self.node, self.underlay
             )));
         };
-        let overhead = if src_ip.is_ipv6() {
+        let overhead = if wireguard {
+            crate::wg::OVERHEAD
+        } else if src_ip.is_ipv6() {
             vxlan::OVERHEAD_V6
         } else {
             vxlan::OVERHEAD_V4
@@ -213,8 +249,52 @@ impl RemoteEnds {
         let link = link_name("nsm-", &conn.id);
         let expires = SystemTime::now() + REMOTE_LIFETIME;
         let mut ends = self.inner.lock().await;
-        let known = ends.contains_key(&conn.id);
-        if !known && !end_present(&netns, &link, dst).await {
+        let known = ends.get(&conn.id).cloned();
+        let mut wg_state = None;
+        if let (Some(offer), Some(wg)) = (&wg_offer, &self.wg) {
+            let id = format!("e/{}", conn.id);
+            // Built already for this very offer (a refresh): keep it. A restarted daemon has no
+            // tunnels (they lived in the old process), so it builds the end again.
+            let same = known
+                .as_ref()
+                .and_then(|e| e.wg.clone())
+                .filter(|w| (&w.0, &w.1, &w.2) == (&offer.0, &offer.1, &offer.2) && wg.has(&id));
+            let port = match same {
+                Some(w) => w.3,
+                None => {
+                    if let Some(old) = &known
+                        && old.wg.is_none()
+                    {
+                        remove_link(old).await;
+                    }
+                    let peer_key = nsm_wireguard::decode_key(&offer.2).map_err(|e| bad(e.to_string()))?;
+                    let peer_port: u16 = offer.1.parse().unwrap_or_default();
+                    let port = wg
+                        .build(crate::wg::End {
+                            id: id.clone(),
+                            netns: &netns,
+                            name: &link,
+                            host: &self.host_netns,
+                            listen: self.underlay,
+                            port: wg.port_for(&id),
+                            peer_key,
+                            peer_endpoint: std::net::SocketAddr::new(src_ip, peer_port),
+                            allowed: vec![src],
+                            mtu,
+                            local_addr: dst,
+                            peer_addr: src,
+                        })
+                        .await
+                        .map_err(|e| Status::internal(format!("building the endpoint side: {e}")))?;
+                    tracing::info!(connection = %conn.id, endpoint = %endpoint_name, port, "remote WIREGUARD vWire end ready");
+                    port
+                }
+            };
+            wg_state = Some((offer.0.clone(), offer.1.clone(), offer.2.clone(), port));
+        } else if known.as_ref().is_none_or(|e| e.wg.is_some()) && !end_present(&netns, &link, dst).await {
+            if let Some(old) = &known {
+                self.remove_end(&conn.id, old).await;
+            }
             build_end(
                 &self.host_netns,
                 &netns,
@@ -230,16 +310,28 @@ impl RemoteEnds {
             .map_err(|e| Status::internal(format!("building the endpoint side: {e}")))?;
             tracing::info!(connection = %conn.id, endpoint = %endpoint_name, %vni, "remote vWire end ready");
         }
-        ends.insert(conn.id.clone(), End { netns, link, expires });
+        let dst_port = wg_state.as_ref().map_or(vxlan::PORT, |w| w.3);
+        ends.insert(
+            conn.id.clone(),
+            End {
+                netns,
+                link,
+                expires,
+                wg: wg_state,
+            },
+        );
         drop(ends);
 
         let mut params = mech.parameters.clone();
         params.insert(vxlan::DST_IP.into(), self.underlay.to_string());
-        params.insert(vxlan::DST_PORT.into(), vxlan::PORT.to_string());
+        params.insert(vxlan::DST_PORT.into(), dst_port.to_string());
         params.insert(vxlan::MTU.into(), mtu.to_string());
+        if let (true, Some(wg)) = (wireguard, &self.wg) {
+            params.insert(crate::wg::DST_PUBLIC_KEY.into(), wg.public_key.clone());
+        }
         conn.mechanism = Some(Mechanism {
             cls: vxlan::CLS_REMOTE.into(),
-            r#type: vxlan::TYPE.into(),
+            r#type: mech.r#type.clone(),
             parameters: params,
         });
         let path = conn.path.get_or_insert_with(Default::default);
@@ -265,7 +357,7 @@ impl RemoteEnds {
     async fn close(&self, conn: Connection) -> Result<(), Status> {
         let end = self.inner.lock().await.remove(&conn.id);
         if let Some(end) = end {
-            remove_end(&end).await;
+            self.remove_end(&conn.id, &end).await;
             self.monitor.delete(&conn.id);
             tracing::info!(connection = %conn.id, "remote vWire end closed");
         }
@@ -281,7 +373,19 @@ async fn end_present(netns: &Path, link: &str, dst: IpNet) -> bool {
     matches!(nl.addresses(link).await, Ok(a) if a.contains(&dst))
 }
 
-async fn remove_end(end: &End) {
+impl RemoteEnds {
+    async fn remove_end(&self, id: &str, end: &End) {
+        if end.wg.is_some()
+            && let Some(wg) = &self.wg
+        {
+            wg.remove(&format!("e/{id}")).await;
+            return;
+        }
+        remove_link(end).await;
+    }
+}
+
+async fn remove_link(end: &End) {
     if let Ok(ns) = NetNs::open(&end.netns)
         && let Ok(nl) = Netlink::connect(&ns).await
     {

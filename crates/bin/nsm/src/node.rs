@@ -35,6 +35,14 @@ pub(crate) struct Args {
     /// State directory (created if missing).
     #[arg(long, env = "NSM_DATA_DIR", default_value = "/var/lib/nsm/node")]
     data_dir: PathBuf,
+    /// UDP ports (FIRST-LAST) for the ends of encrypted (WIREGUARD) vWires, one per vWire, on the
+    /// underlay address.
+    #[arg(long, env = "NSM_WIREGUARD_PORTS", default_value = "51820-52819", value_parser = port_range)]
+    wireguard_ports: std::ops::RangeInclusive<u16>,
+    /// Build no WIREGUARD vWires: refuse them as an endpoint's node (a client that requires
+    /// encryption fails, one that prefers it gets VXLAN) and offer only VXLAN as a client's.
+    #[arg(long)]
+    no_wireguard: bool,
     /// How often counters are refreshed into client statuses and unready clients retried.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     resync: Duration,
@@ -106,6 +114,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         url: advertise,
         host_netns: args.host_netns,
         underlay_mtu: args.underlay_mtu,
+        data_dir: args.data_dir,
+        wireguard_ports: (!args.no_wireguard).then_some(args.wireguard_ports),
     };
     for l in &listeners {
         println!("nsm node {} serving on {}", config.name, l.url());
@@ -120,4 +130,21 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     };
     nsm_node::run(config, listeners, shutdown).await?;
     Ok(())
+}
+
+/// `FIRST-LAST` (or one port).
+fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected FIRST-LAST ports"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected FIRST-LAST ports"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: expected 1 <= FIRST <= LAST"));
+    }
+    Ok(a..=b)
 }

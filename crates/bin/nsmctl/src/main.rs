@@ -193,9 +193,29 @@ struct NsCreate {
     /// (default `{client}.{service}.`).
     #[arg(long)]
     dns_template: Option<String>,
+    /// Encryption of cross-node vWires to this service: required (WIREGUARD or nothing),
+    /// preferred (WIREGUARD, else VXLAN) or none (default).
+    #[arg(long, value_enum)]
+    encryption: Option<Encryption>,
     /// Labels: k=v,k2=v2.
     #[arg(long)]
     labels: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Encryption {
+    Required,
+    Preferred,
+    None,
+}
+
+fn encryption(e: Option<Encryption>) -> String {
+    match e {
+        Some(Encryption::Required) => "required".into(),
+        Some(Encryption::Preferred) => "preferred".into(),
+        Some(Encryption::None) => "none".into(),
+        Option::None => String::new(),
+    }
 }
 
 #[derive(Args)]
@@ -257,6 +277,10 @@ struct ClientCreate {
     /// The node daemon of the workload's host, which creates and builds the vWire.
     #[arg(long = "node", env = "NSM_NODE", default_value = "unix:///var/run/nsm/nsm.sock")]
     node_url: String,
+    /// Encryption if the endpoint is on another node: required, preferred or none (default: the
+    /// service's setting).
+    #[arg(long, value_enum)]
+    encryption: Option<Encryption>,
     /// Labels of the request (k=v,…): matched by the service's source selectors.
     #[arg(long)]
     labels: Option<String>,
@@ -367,6 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     vl3: c.vl3.unwrap_or_default(),
                     reach: c.reach,
                     dns_template: c.dns_template.unwrap_or_default(),
+                    encryption: encryption(c.encryption),
                 };
                 let r = pb::resource::Kind::NetworkService(pb::NetworkService {
                     metadata: meta(&c.name, &namespace, labels(&c.labels)?),
@@ -438,6 +463,7 @@ async fn create_client(c: ClientCreate, namespace: &str, format: Format) -> anyh
             netns: c.netns.unwrap_or_default(),
             interface: c.interface.unwrap_or_default(),
             node: String::new(),
+            encryption: encryption(c.encryption),
         }),
         status: None,
     });

@@ -368,6 +368,7 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
             lines.push(("Type".into(), document::service_type_name(s.r#type).into()));
             lines.push(("Payload".into(), s.payload.clone()));
             lines.push(("CIDR".into(), none_if_empty(&s.cidr)));
+            lines.push(("Encryption".into(), encryption_text(&s.encryption)));
             if s.r#type == pb::ServiceType::Vl3 as i32 && s.vl3.is_empty() {
                 lines.push(("Prefix length".into(), format!("/{}", s.prefix_len)));
                 lines.push(("DNS names".into(), s.dns_template.clone()));
@@ -453,6 +454,14 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
             lines.push(("Netns".into(), s.netns));
             lines.push(("Interface".into(), s.interface));
             lines.push(("Node".into(), none_if_empty(&s.node)));
+            lines.push((
+                "Encryption".into(),
+                if s.encryption.is_empty() {
+                    "<service's>".into()
+                } else {
+                    s.encryption.clone()
+                },
+            ));
             let status = if c.status.is_none() && s.node.is_empty() {
                 "Pending: no node assigned (give --node, or create it through the workload's node daemon)".into()
             } else if c.status.is_none() {
@@ -519,4 +528,9 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
         outln!("{:width$}{v}", format!("{k}:"));
     }
     Ok(())
+}
+
+/// A service's encryption setting as printed (unset = none).
+fn encryption_text(e: &str) -> String {
+    if e.is_empty() { "none".into() } else { e.into() }
 }

@@ -289,6 +289,8 @@ impl Reconciler {
                     remote: None,
                     route: Some(vl3.pool),
                     nat: false,
+                    mechanism: "KERNEL",
+                    wg_id: None,
                 };
                 if !adopt_member(&w).await {
                     // A veth pair into the router: the member's address, a route to the gateway and

@@ -1,0 +1,338 @@
+//! Encrypted cross-node vWires (`WIREGUARD`), as root: two "hosts" of the test bed, a node daemon
+//! on each, a pod on one and an endpoint on the other. `--encryption required` gives a WireGuard
+//! tunnel (userspace, nsm-wireguard) whose TUN is the workload's interface and whose UDP socket is
+//! in the host namespace on the underlay; traffic, DF-sized packets, restarts of either daemon,
+//! deletion. Against a node that refuses WIREGUARD, `required` fails and `preferred` falls back to
+//! VXLAN.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::*;
+use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec};
+use nsm_testing::NsmRegistry;
+
+async fn two_hosts(tag: &str) -> Testbed {
+    Testbed::up(Topology {
+        prefix: nsm_testbed::unique_prefix(tag),
+        hosts: vec![
+            HostSpec {
+                name: "h1".into(),
+                underlay_addr: "192.0.2.11".parse().unwrap(),
+            },
+            HostSpec {
+                name: "h2".into(),
+                underlay_addr: "192.0.2.12".parse().unwrap(),
+            },
+        ],
+        workloads: vec![
+            WorkloadSpec {
+                name: "pod".into(),
+                host: "h1".into(),
+            },
+            WorkloadSpec {
+                name: "svc".into(),
+                host: "h2".into(),
+            },
+        ],
+        address_hosts: vec![],
+    })
+    .await
+    .unwrap()
+}
+
+fn node_args(bed: &Testbed, host: &str, addr: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--host-netns".to_string(),
+        bed.netns_path(host).display().to_string(),
+        "--underlay-address".into(),
+        addr.into(),
+        "--listen".into(),
+        format!("tcp://127.0.0.1:{}", free_port()),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn dst_of(j: &serde_json::Value) -> String {
+    j["status"]["dstIpAddrs"][0]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_owned()
+}
+
+/// Sends `bytes` over TCP from `pod` to `dst:port` (a listener in `svc`) and says whether all arrived.
+fn tcp_transfer(bed: &Testbed, dst: &str, port: u16, bytes: usize) -> bool {
+    let addr: std::net::SocketAddr = format!("{dst}:{port}").parse().unwrap();
+    let listener = bed
+        .ns("svc")
+        .run(move || std::net::TcpListener::bind(addr))
+        .unwrap()
+        .unwrap();
+    let rx = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        n
+    });
+    let mut s = bed
+        .ns("pod")
+        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
+        .unwrap()
+        .unwrap();
+    let chunk = vec![0x5au8; 1 << 16];
+    let mut sent = 0;
+    while sent < bytes {
+        let k = chunk.len().min(bytes - sent);
+        s.write_all(&chunk[..k]).unwrap();
+        sent += k;
+    }
+    drop(s);
+    rx.join().unwrap() == bytes
+}
+
+/// `ip -d link show IFNAME` in `ns`.
+fn link_details(bed: &Testbed, ns: &str, ifname: &str) -> String {
+    String::from_utf8_lossy(&bed.exec(ns, &["ip", "-d", "link", "show", ifname]).stdout).into_owned()
+}
+
+/// UDP sockets bound in `ns` (`ss -Huln`).
+fn udp_listeners(bed: &Testbed, ns: &str) -> String {
+    String::from_utf8_lossy(&bed.exec(ns, &["ss", "-Huln"]).stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_required_vwire() {
+    let bed = two_hosts("wg").await;
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let mut a = NodeProc::start_with(
+        &registry.url(),
+        "node-a",
+        &node_args(&bed, "h1", "192.0.2.11", &["--wireguard-ports", "52000-52099"]),
+    );
+    let mut b = NodeProc::start_with(
+        &registry.url(),
+        "node-b",
+        &node_args(&bed, "h2", "192.0.2.12", &["--wireguard-ports", "52000-52099"]),
+    );
+    ok(nsmctl(
+        &registry,
+        &[
+            "ns",
+            "create",
+            "orders",
+            "--cidr",
+            "10.71.0.0/24",
+            "--encryption",
+            "required",
+        ],
+    ));
+    let d = ok(nsmctl(&registry, &["describe", "ns", "orders"]));
+    assert!(d.contains("required"), "{d}");
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep",
+            "--service",
+            "orders",
+            "--netns",
+            &path("svc"),
+            "--node",
+            "node-b",
+        ],
+    ));
+    let t0 = Instant::now();
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c1", "--service=orders", "--endpoint=ep"],
+    ));
+    let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
+    eprintln!("WIREGUARD client create -> Ready in {:?}", t0.elapsed());
+    assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}\nnode-b log:\n{}", b.log());
+    assert_eq!(j["status"]["mtu"], 1420, "underlay 1500 less 80 bytes of WireGuard");
+    assert_eq!(j["status"]["path"], serde_json::json!(["c1", "node-a", "node-b", "ep"]));
+    let dst = dst_of(&j);
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 3),
+        "ping; node-a log:\n{}",
+        a.log()
+    );
+    // Full-size packets with DF set: 1392 bytes of payload + 28 of headers fill the 1420 MTU.
+    let o = bed.exec("pod", &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1392", &dst]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = bed.exec("pod", &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1393", &dst]);
+    assert!(!o.status.success(), "1393 + 28 bytes exceed the MTU");
+    let t = Instant::now();
+    assert!(tcp_transfer(&bed, &dst, 5201, 32 << 20), "32 MiB over TCP");
+    eprintln!("32 MiB over the WIREGUARD vWire in {:?}", t.elapsed());
+
+    // What carries it: TUNs in both workloads, no VXLAN link anywhere, and each node's UDP socket
+    // on its underlay address in its host namespace.
+    let pod_link = link_details(&bed, "pod", "nsm-1");
+    assert!(pod_link.contains("tun") && !pod_link.contains("vxlan"), "{pod_link}");
+    let svc_links = link_names(&bed, "svc").await;
+    assert_eq!(svc_links.len(), 2, "lo and the endpoint's end: {svc_links:?}");
+    let svc_link = link_details(&bed, "svc", &svc_links[1]);
+    assert!(svc_link.contains("tun") && !svc_link.contains("vxlan"), "{svc_link}");
+    for ns in ["h1", "h2"] {
+        let links = String::from_utf8_lossy(&bed.exec(ns, &["ip", "-d", "link"]).stdout).into_owned();
+        assert!(!links.contains("vxlan"), "{ns}: {links}");
+    }
+    let h1 = udp_listeners(&bed, "h1");
+    assert!(h1.contains("192.0.2.11:520"), "{h1}");
+    let h2 = udp_listeners(&bed, "h2");
+    assert!(h2.contains("192.0.2.12:520"), "{h2}");
+    let c = wait_client(&registry, &a, "c1", "counters", |j| {
+        j["status"]["txBytes"].as_u64().unwrap_or(0) > 32_000_000
+    });
+    eprintln!(
+        "client counters: tx {} B / {} pkts, rx {} B / {} pkts",
+        c["status"]["txBytes"], c["status"]["txPackets"], c["status"]["rxBytes"], c["status"]["rxPackets"]
+    );
+
+    // The client's node restarts: its tunnel went with the process; the new daemon rebuilds it
+    // with the same addresses and the same node key (kept in its data directory, so the other
+    // node's unchanged tunnel accepts its handshake), and traffic resumes.
+    a.kill9();
+    assert!(!link_names(&bed, "pod").await.contains(&"nsm-1".to_string()));
+    let t = Instant::now();
+    a.launch();
+    assert!(
+        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
+        "traffic after node-a restarted; log:\n{}",
+        a.log()
+    );
+    eprintln!("client node restart: traffic back {:?} after launch", t.elapsed());
+    let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(dst_of(&j), dst, "same addresses after the rebuild");
+    assert_eq!(j["status"]["mechanism"], "WIREGUARD");
+
+    // The endpoint's node restarts: the client's refresh makes it build its end again.
+    b.kill9();
+    let t = Instant::now();
+    b.launch();
+    assert!(
+        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
+        "traffic after node-b restarted; log:\n{}",
+        b.log()
+    );
+    eprintln!("endpoint node restart: traffic back {:?} after launch", t.elapsed());
+    assert!(tcp_transfer(&bed, &dst, 5202, 4 << 20), "TCP after both restarts");
+
+    // Delete: both ends go.
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
+    let gone = eventually(5, || async {
+        link_names(&bed, "pod").await == ["lo"] && link_names(&bed, "svc").await == ["lo"]
+    })
+    .await;
+    assert!(
+        gone,
+        "pod {:?} svc {:?}",
+        link_names(&bed, "pod").await,
+        link_names(&bed, "svc").await
+    );
+    assert!(!udp_listeners(&bed, "h1").contains("192.0.2.11:520"));
+    assert!(!udp_listeners(&bed, "h2").contains("192.0.2.12:520"));
+    drop((a, b));
+    bed.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_node_without_wireguard() {
+    let bed = two_hosts("wgno").await;
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
+    let b = NodeProc::start_with(
+        &registry.url(),
+        "node-b",
+        &node_args(&bed, "h2", "192.0.2.12", &["--no-wireguard"]),
+    );
+    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.72.0.0/24"]));
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep",
+            "--service",
+            "orders",
+            "--netns",
+            &path("svc"),
+            "--node",
+            "node-b",
+        ],
+    ));
+
+    // required: Failed with the reason, nothing built on either side.
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &[
+            "client",
+            "create",
+            "c1",
+            "--service=orders",
+            "--endpoint=ep",
+            "--encryption",
+            "required",
+        ],
+    ));
+    let j = wait_client(&registry, &a, "c1", "Failed", |j| phase(j) == "Failed");
+    let reason = j["status"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("encryption required") && reason.contains("WIREGUARD is disabled on node \"node-b\""),
+        "{reason}"
+    );
+    let d = ok(nsmctl(&registry, &["describe", "client", "c1"]));
+    assert!(d.contains("required"), "{d}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(link_names(&bed, "pod").await, ["lo"]);
+    assert_eq!(link_names(&bed, "svc").await, ["lo"]);
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
+
+    // preferred: VXLAN instead.
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &[
+            "client",
+            "create",
+            "c2",
+            "--service=orders",
+            "--endpoint=ep",
+            "--encryption",
+            "preferred",
+        ],
+    ));
+    let j = wait_client(&registry, &a, "c2", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(j["status"]["mechanism"], "VXLAN", "{j:#}");
+    assert_eq!(j["status"]["mtu"], 1450);
+    assert!(bed.ping("pod", dst_of(&j).parse().unwrap(), 3));
+    ok(nsmctl(&registry, &["delete", "client", "c2"]));
+    assert!(
+        eventually(5, || async {
+            link_names(&bed, "pod").await == ["lo"] && link_names(&bed, "svc").await == ["lo"]
+        })
+        .await
+    );
+    drop((a, b));
+    bed.down().await.unwrap();
+}

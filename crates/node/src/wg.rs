@@ -1,0 +1,266 @@
+//! Encrypted cross-node vWires: upstream's `WIREGUARD` mechanism over nsm-wireguard's userspace
+//! tunnels. Each node has one static key pair (kept in its data directory); each vWire end is one
+//! [`Tunnel`] whose TUN sits in the workload's namespace and whose UDP socket sits in the host
+//! namespace on the underlay, on a port of its own from the node's range. The tunnels live in this
+//! process: a restarted daemon builds them again.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::Path;
+
+use ipnet::IpNet;
+use nsm_dataplane::{NetNs, Netlink};
+use nsm_wireguard::{PeerConfig, Tunnel, TunnelConfig};
+
+/// Upstream's mechanism type and its parameter keys (api:pkg/api/networkservice/mechanisms/wireguard;
+/// see shared/reference/nsm-upstream.md §1.7). `src_ip`, `dst_ip`, `src_port`, `dst_port` and
+/// `MTU` are the common keys VXLAN uses too.
+pub(crate) const TYPE: &str = "WIREGUARD";
+pub(crate) const SRC_PUBLIC_KEY: &str = "src_public_key";
+pub(crate) const DST_PUBLIC_KEY: &str = "dst_public_key";
+/// Upstream's default WireGuard port; the default range starts there.
+pub const DEFAULT_PORTS: RangeInclusive<u16> = 51820..=52819;
+/// Bytes the underlay MTU loses: outer IPv6 (40) + UDP (8) + WireGuard data header (16) + tag
+/// (16) = 80, the worst case that `wg-quick` also assumes (1420 on a 1500 underlay). Over IPv4
+/// the overhead is 60, so 20 bytes stay spare; one figure for both families keeps a vWire's MTU
+/// independent of the underlay's family.
+pub(crate) const OVERHEAD: u32 = 80;
+/// The key file in the node's data directory.
+const KEY_FILE: &str = "wireguard.key";
+
+/// The encryption a vWire asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Encryption {
+    Required,
+    Preferred,
+    None,
+}
+
+impl Encryption {
+    /// The client's setting, else its service's, else none.
+    pub(crate) fn effective(client: &str, service: &str) -> Encryption {
+        let s = if client.is_empty() { service } else { client };
+        match s {
+            "required" => Encryption::Required,
+            "preferred" => Encryption::Preferred,
+            _ => Encryption::None,
+        }
+    }
+}
+
+/// This node's WireGuard side: its key pair, its port range and its running tunnels.
+pub(crate) struct Wg {
+    private_key: [u8; 32],
+    /// The public key as `wg` prints it.
+    pub(crate) public_key: String,
+    ports: RangeInclusive<u16>,
+    tunnels: parking_lot::Mutex<HashMap<String, Tunnel>>,
+}
+
+impl std::fmt::Debug for Wg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wg").field("public_key", &self.public_key).finish()
+    }
+}
+
+/// Reads the node's private key from `dir`, or makes one and keeps it there (mode 0600).
+pub(crate) fn load_or_create_key(dir: &Path) -> std::io::Result<[u8; 32]> {
+    let path = dir.join(KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            nsm_wireguard::decode_key(&text)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            let key = nsm_wireguard::generate_private_key();
+            let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            writeln!(f, "{}", nsm_wireguard::encode_key(&key))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// FNV-1a: stable across restarts and versions.
+fn fnv(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// What one end of a WireGuard vWire needs.
+pub(crate) struct End<'a> {
+    /// Tunnel id within this node ("c/<uid>" on the client's node, "e/<connection id>" on the
+    /// endpoint's).
+    pub(crate) id: String,
+    pub(crate) netns: &'a Path,
+    pub(crate) name: &'a str,
+    pub(crate) host: &'a NetNs,
+    pub(crate) listen: IpAddr,
+    /// The port to bind first (others of the range follow if it is taken).
+    pub(crate) port: u16,
+    pub(crate) peer_key: [u8; 32],
+    pub(crate) peer_endpoint: SocketAddr,
+    /// Inner addresses the peer may send from (its address, and what lies beyond it).
+    pub(crate) allowed: Vec<IpNet>,
+    pub(crate) mtu: u32,
+    pub(crate) local_addr: IpNet,
+    pub(crate) peer_addr: IpNet,
+}
+
+impl Wg {
+    pub(crate) fn new(private_key: [u8; 32], ports: RangeInclusive<u16>) -> Wg {
+        Wg {
+            public_key: nsm_wireguard::encode_key(&nsm_wireguard::public_key(&private_key)),
+            private_key,
+            ports,
+            tunnels: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// The port a tunnel id gets: a hash of the id into the range (so it stays the same across
+    /// restarts), then the next one that no running tunnel holds.
+    pub(crate) fn port_for(&self, id: &str) -> u16 {
+        let (lo, hi) = (u64::from(*self.ports.start()), u64::from(*self.ports.end()));
+        let size = hi - lo + 1;
+        let used: Vec<u16> = self
+            .tunnels
+            .lock()
+            .iter()
+            .filter(|(k, _)| *k != id)
+            .map(|(_, t)| t.local_addr().port())
+            .collect();
+        let first = fnv(id) % size;
+        (0..size)
+            .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
+            .find(|p| !used.contains(p))
+            .unwrap_or(*self.ports.start())
+    }
+
+    /// Whether tunnel `id` runs.
+    pub(crate) fn has(&self, id: &str) -> bool {
+        self.tunnels.lock().contains_key(id)
+    }
+
+    /// Starts a tunnel end and gives its TUN the addresses and the route to the peer. Returns the
+    /// bound port. All or nothing.
+    pub(crate) async fn build(&self, end: End<'_>) -> Result<u16, String> {
+        self.remove(&end.id).await;
+        let mtu = u16::try_from(end.mtu).map_err(|_| format!("MTU {} too large", end.mtu))?;
+        let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
+        let mut port = end.port;
+        let mut tunnel = None;
+        let mut last_err = String::new();
+        for _ in 0..size.min(16) {
+            let config = TunnelConfig {
+                name: end.name.to_owned(),
+                tun_netns: Some(NetNs::open(end.netns).map_err(|e| e.to_string())?),
+                udp_netns: Some(NetNs::open(end.host.path()).map_err(|e| e.to_string())?),
+                listen: SocketAddr::new(end.listen, port),
+                private_key: self.private_key,
+                peer: PeerConfig {
+                    public_key: end.peer_key,
+                    endpoint: Some(end.peer_endpoint),
+                    allowed_ips: end.allowed.clone(),
+                    keepalive: None,
+                    preshared_key: None,
+                },
+                mtu,
+                offloads: nsm_wireguard::Offloads::default(),
+            };
+            match tokio::task::spawn_blocking(move || Tunnel::start(config))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Ok(t) => {
+                    tunnel = Some(t);
+                    break;
+                }
+                Err(e @ nsm_wireguard::WgError::Udp { .. }) => {
+                    last_err = e.to_string();
+                    port = if port >= *self.ports.end() {
+                        *self.ports.start()
+                    } else {
+                        port + 1
+                    };
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let tunnel = tunnel.ok_or_else(|| format!("no free UDP port: {last_err}"))?;
+        let bound = tunnel.local_addr().port();
+        let configured = async {
+            let ns = NetNs::open(end.netns).map_err(|e| e.to_string())?;
+            let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
+            nl.add_address(end.name, end.local_addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
+            nl.add_route(end.peer_addr, None, end.name)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        }
+        .await;
+        if let Err(e) = configured {
+            let _ = tokio::task::spawn_blocking(move || tunnel.stop()).await;
+            return Err(e);
+        }
+        self.tunnels.lock().insert(end.id, tunnel);
+        Ok(bound)
+    }
+
+    /// Stops tunnel `id` (its TUN goes with it).
+    pub(crate) async fn remove(&self, id: &str) {
+        let t = self.tunnels.lock().remove(id);
+        if let Some(t) = t {
+            let _ = tokio::task::spawn_blocking(move || t.stop()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_is_kept_and_private() {
+        let dir = std::env::temp_dir().join(format!("nsm-wg-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let k1 = load_or_create_key(&dir).unwrap();
+        let mode = std::fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load_or_create_key(&dir).unwrap(), k1, "a second start keeps the key");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ports_are_stable_and_in_range() {
+        let wg = Wg::new([1; 32], 51820..=51829);
+        let p = wg.port_for("c/abc");
+        assert!((51820..=51829).contains(&p));
+        assert_eq!(wg.port_for("c/abc"), p);
+        assert_eq!(Encryption::effective("", "required"), Encryption::Required);
+        assert_eq!(Encryption::effective("none", "required"), Encryption::None);
+        assert_eq!(Encryption::effective("preferred", ""), Encryption::Preferred);
+    }
+}
