@@ -246,8 +246,12 @@ async fn wireguard_required_vwire() {
         link_names(&bed, "pod").await,
         link_names(&bed, "svc").await
     );
-    assert!(!udp_listeners(&bed, "h1").contains("192.0.2.11:520"));
-    assert!(!udp_listeners(&bed, "h2").contains("192.0.2.12:520"));
+    // And both tunnels' UDP sockets (closed as their threads finish).
+    let closed = eventually(5, || async {
+        !udp_listeners(&bed, "h1").contains("192.0.2.11:520") && !udp_listeners(&bed, "h2").contains("192.0.2.12:520")
+    })
+    .await;
+    assert!(closed, "{}{}", udp_listeners(&bed, "h1"), udp_listeners(&bed, "h2"));
     drop((a, b));
     bed.down().await.unwrap();
 }
