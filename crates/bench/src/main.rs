@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nsm_api::registry::{self as reg, network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient};
 use tonic::transport::Channel;
 
+mod vl3;
 mod vwire;
 
 #[derive(Parser)]
@@ -31,6 +32,9 @@ enum Cmd {
     /// Same-node vWires (root): throughput and RTT against a bare veth pair, set-up latency against
     /// direct netlink wiring.
     Vwire(vwire::Args),
+    /// vL3 (root): nodes × members joining, all-pairs reachability, throughput against a cross-node
+    /// vWire, join latency, many members (RSS, router state).
+    Vl3(vl3::Args),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -372,6 +376,13 @@ fn main() -> anyhow::Result<()> {
                     None => default_bin()?,
                 };
                 vwire::run(a, bin).await
+            }
+            Cmd::Vl3(a) => {
+                let bin = match &a.nsm_bin {
+                    Some(b) => b.clone(),
+                    None => default_bin()?,
+                };
+                vl3::run(a, bin).await
             }
         }
     })
