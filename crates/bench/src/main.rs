@@ -3,6 +3,8 @@
 //! `nsm-bench registry` starts a real `nsm registry` process per (store, size), registers N
 //! endpoints through the upstream API with many concurrent clients, measures Find-by-name latency,
 //! the registry's RSS, and the time a `kill -9`-ed registry takes to serve again.
+//!
+//! `nsm-bench vwire` measures vWires against bare kernel wiring in the same run (see `vwire.rs`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -29,8 +31,8 @@ struct Cli {
 enum Cmd {
     /// Registry: Register throughput, Find-by-name latency, RSS, restart-to-serving time.
     Registry(RegistryArgs),
-    /// Same-node vWires (root): throughput and RTT against a bare veth pair, set-up latency against
-    /// direct netlink wiring.
+    /// vWires (root): same-node and cross-node throughput, RTT and set-up latency against bare
+    /// kernel wiring; 1,000 vWires on one node; heal.
     Vwire(vwire::Args),
     /// vL3 (root): nodes × members joining, all-pairs reachability, throughput against a cross-node
     /// vWire, join latency, many members (RSS, router state).

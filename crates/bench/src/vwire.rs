@@ -1,12 +1,29 @@
-//! `nsm-bench vwire`: same-node vWire data plane and set-up latency, each beside its floor.
+//! `nsm-bench vwire`: vWire data plane, set-up, scale and heal, each beside a floor measured in the
+//! same run.
 //!
-//! - Throughput (iperf3, 1 and 4 streams) and RTT between two namespaces over a bare veth pair
-//!   wired by hand, then over an nsm vWire between the same namespaces.
-//! - Set-up: for N workloads, `CreateClient` on the node → first round trip answered, against the
-//!   floor of wiring the same veth pair, addresses and routes directly over netlink.
+//! Parts (`--only`, default all):
+//! - `throughput`: same-node TCP throughput (iperf3, 1 and 4 streams) and RTT between two
+//!   namespaces over a bare veth pair wired by hand and over an nsm vWire between the same two
+//!   namespaces; both stand side by side and runs alternate, R repetitions, medians.
+//! - `setup`: same-node set-up latency, `CreateClient` → first round trip, against wiring the same
+//!   veth pair, addresses and routes directly over netlink.
+//! - `crossnode`: the same between two test-bed hosts: a VXLAN vWire through two `nsm node`
+//!   processes against a kernel VXLAN pair built by hand the way nsm builds it; and cross-node
+//!   set-up latency against building that pair by hand.
+//! - `scale`: N vWires on one node: first create → all N answering a round trip, the daemon's RSS,
+//!   and its CPU while nothing changes.
+//! - `heal`: two endpoints of one service; the one a client uses is deleted; time until a round
+//!   trip from the client is answered by the other.
 //!
-//! A round trip is proven without any server: a UDP datagram to a closed port on the peer comes
-//! back as ICMP port-unreachable, which a connected UDP socket reports as `ConnectionRefused`.
+//! Round trips need no server where only an answer matters: a UDP datagram to a closed port comes
+//! back as ICMP port-unreachable ([`probe`]). Where *who* answers matters (heal) or many clients
+//! probe one endpoint (scale, where ICMP errors are rate limited), a small UDP echo responder in
+//! the endpoint's namespace answers with its name ([`Echo`]).
+
+mod cross;
+mod heal;
+mod same;
+mod scale;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -18,26 +35,149 @@ use nsm_api::nsm::v1::{
     self as v1, node_service_client::NodeServiceClient, resource_service_client::ResourceServiceClient,
 };
 use nsm_dataplane::{NetNs, Netlink};
-use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use nsm_testbed::Testbed;
 use tonic::transport::Channel;
 
-use crate::percentile;
+use crate::free_port;
+
+/// Parts of `nsm-bench vwire`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub(crate) enum Part {
+    /// Same-node throughput and RTT against a bare veth pair.
+    Throughput,
+    /// Same-node set-up latency against direct netlink wiring.
+    Setup,
+    /// Cross-node VXLAN throughput, RTT and set-up latency against a hand-built VXLAN pair.
+    Crossnode,
+    /// N vWires on one node: time to all answering, RSS, idle CPU.
+    Scale,
+    /// Heal: endpoint deleted → traffic via the other endpoint.
+    Heal,
+}
 
 /// Flags of `nsm-bench vwire`.
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Workloads for the set-up latency measurement.
+    /// Parts to run (comma-separated).
+    #[arg(long, value_delimiter = ',', value_enum,
+          default_values_t = [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal])]
+    only: Vec<Part>,
+    /// Repetitions of each throughput measurement; bare and nsm runs alternate, medians are
+    /// compared.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 3)]
+    seconds: u32,
+    /// Workloads for the same-node set-up latency measurement.
     #[arg(long, default_value_t = 100)]
     clients: usize,
-    /// Seconds per iperf3 run.
-    #[arg(long, default_value_t = 5)]
-    seconds: u32,
+    /// Workloads for the cross-node set-up latency measurement.
+    #[arg(long, default_value_t = 50)]
+    cross_clients: usize,
+    /// vWires on one node for the scale measurement.
+    #[arg(long, default_value_t = 1000)]
+    scale: usize,
+    /// CreateClient calls in flight at once during the scale measurement.
+    #[arg(long, default_value_t = 16)]
+    scale_concurrency: usize,
+    /// Idle CPU is sampled right after all scale vWires answer, then again this many seconds
+    /// after IPv6 is switched off in the workloads (so nothing is sent on any vWire).
+    #[arg(long, default_value_t = 6)]
+    settle: u64,
+    /// Seconds of each idle CPU window.
+    #[arg(long, default_value_t = 10)]
+    idle_seconds: u64,
+    /// Heal trials.
+    #[arg(long, default_value_t = 20)]
+    heal_trials: usize,
+    /// `--resync` for the node daemons (default: the daemon's own default, 5s).
+    #[arg(long)]
+    node_resync: Option<String>,
     /// The `nsm` binary (default: next to this one).
     #[arg(long)]
     pub(crate) nsm_bin: Option<PathBuf>,
 }
 
-struct Proc(Child);
+/// One line of the summary: a figure against its target.
+pub(crate) struct Verdict {
+    target: String,
+    figure: String,
+    /// None: reported, no numeric target.
+    met: Option<bool>,
+}
+
+fn verdict(target: impl Into<String>, figure: impl Into<String>, met: Option<bool>) -> Verdict {
+    Verdict {
+        target: target.into(),
+        figure: figure.into(),
+        met,
+    }
+}
+
+pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut summary = Vec::new();
+    for part in [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal] {
+        if !args.only.contains(&part) {
+            continue;
+        }
+        eprintln!("=== {part:?} ===");
+        // Interrupted: each part's test bed and processes are torn down when its future is dropped.
+        let rows = tokio::select! {
+            r = run_part(part, &args, &bin) => r?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            _ = term.recv() => bail!("terminated"),
+        };
+        summary.extend(rows);
+    }
+    println!();
+    println!("| target | figure | verdict |");
+    println!("|---|---|---|");
+    for v in summary {
+        let verdict = match v.met {
+            Some(true) => "met",
+            Some(false) => "not met",
+            None => "reported",
+        };
+        println!("| {} | {} | {verdict} |", v.target, v.figure);
+    }
+    Ok(())
+}
+
+async fn run_part(part: Part, args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
+    match part {
+        Part::Throughput => same::throughput(args, bin).await,
+        Part::Setup => same::setup(args, bin).await,
+        Part::Crossnode => cross::run(args, bin).await,
+        Part::Scale => scale::run(args, bin).await,
+        Part::Heal => heal::run(args, bin).await,
+    }
+}
+
+/// Runs `f` on a test bed built from `topology` and tears the bed down afterwards, also when `f`
+/// fails (and, through the bed's `Drop`, when it panics or is cancelled).
+async fn on_bed<T>(
+    topology: nsm_testbed::Topology,
+    f: impl AsyncFnOnce(&Testbed) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let t = Instant::now();
+    let n = topology.hosts.len() + topology.workloads.len();
+    let bed = Testbed::up(topology).await?;
+    eprintln!("test bed of {n} namespaces up in {:.1} s", t.elapsed().as_secs_f64());
+    let result = f(&bed).await;
+    bed.down().await?;
+    result
+}
+
+/// A child process, killed when dropped.
+pub(crate) struct Proc(Child);
+
+impl Proc {
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -46,8 +186,283 @@ impl Drop for Proc {
     }
 }
 
-/// Waits until `dst` answers from inside `ns` (see the module doc); returns false after `timeout`.
-fn probe(ns: &NetNs, dst: IpAddr, timeout: Duration) -> anyhow::Result<bool> {
+fn debug() -> bool {
+    std::env::var_os("NSM_BENCH_DEBUG").is_some()
+}
+
+/// A registry and node daemons, as processes, killed when dropped.
+/// Fields drop in order: the nodes stop before the registry they follow.
+pub(crate) struct Mesh {
+    nodes: Vec<Proc>,
+    pub(crate) registry: Proc,
+    pub(crate) res: ResourceServiceClient<Channel>,
+    bin: PathBuf,
+    reg_url: String,
+    dir: tempfile::TempDir,
+}
+
+/// A node daemon of a [`Mesh`].
+pub(crate) struct NodeHandle {
+    pub(crate) api: NodeServiceClient<Channel>,
+    pub(crate) pid: u32,
+}
+
+fn quiet(c: &mut Command) {
+    c.env("NSM_LOG_LEVEL", if debug() { "info,nsm_node=debug" } else { "warn" })
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+}
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let start = Instant::now();
+    loop {
+        match nsm_transport::connect(url, Duration::from_millis(200)).await {
+            Ok(ch) => return Ok(ch),
+            Err(e) if start.elapsed() > Duration::from_secs(20) => bail!("{url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+impl Mesh {
+    pub(crate) async fn start(bin: &Path) -> anyhow::Result<Mesh> {
+        let dir = tempfile::tempdir()?;
+        let reg_url = format!("tcp://127.0.0.1:{}", free_port()?);
+        let mut c = Command::new(bin);
+        c.args(["registry", "--listen", &reg_url])
+            .arg("--data-dir")
+            .arg(dir.path().join("reg"));
+        quiet(&mut c);
+        let registry = Proc(c.spawn().with_context(|| format!("cannot start {}", bin.display()))?);
+        let res = ResourceServiceClient::new(connect(&reg_url).await?);
+        Ok(Mesh {
+            bin: bin.to_path_buf(),
+            dir,
+            reg_url,
+            registry,
+            nodes: Vec::new(),
+            res,
+        })
+    }
+
+    /// Starts `nsm node --name NAME` with its API on a unix socket (and on TCP when `tcp`, for
+    /// other nodes), its tunnels leaving from `host_netns`; waits until it has registered.
+    pub(crate) async fn node(
+        &mut self,
+        name: &str,
+        underlay: &str,
+        host_netns: Option<&Path>,
+        tcp: bool,
+        resync: Option<&str>,
+    ) -> anyhow::Result<NodeHandle> {
+        let sock = format!("unix://{}", self.dir.path().join(format!("{name}.sock")).display());
+        let mut c = Command::new(&self.bin);
+        c.args([
+            "node",
+            "--name",
+            name,
+            "--registry",
+            &self.reg_url,
+            "--underlay-address",
+            underlay,
+            "--listen",
+            &sock,
+        ])
+        .arg("--data-dir")
+        .arg(self.dir.path().join(name));
+        if tcp {
+            c.args(["--listen", &format!("tcp://127.0.0.1:{}", free_port()?)]);
+        }
+        if let Some(h) = host_netns {
+            c.arg("--host-netns").arg(h);
+        }
+        if let Some(r) = resync {
+            c.args(["--resync", r]);
+        }
+        quiet(&mut c);
+        let p = Proc(c.spawn()?);
+        let pid = p.pid();
+        self.nodes.push(p);
+        let api = NodeServiceClient::new(connect(&sock).await?);
+        // Registered: its Node resource exists (other nodes need it to reach this one).
+        let start = Instant::now();
+        let r = v1::ResourceRef {
+            kind: v1::Kind::Node as i32,
+            namespace: String::new(),
+            name: name.into(),
+        };
+        while self.res.get(v1::GetRequest { r#ref: Some(r.clone()) }).await.is_err() {
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("node {name} did not register within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(NodeHandle { api, pid })
+    }
+
+    /// Creates network service `name` with address pool `cidr`.
+    pub(crate) async fn service(&mut self, name: &str, cidr: &str) -> anyhow::Result<()> {
+        self.res
+            .create(v1::CreateRequest {
+                resource: resource(v1::resource::Kind::NetworkService(v1::NetworkService {
+                    metadata: meta(name),
+                    spec: Some(v1::NetworkServiceSpec {
+                        cidr: cidr.into(),
+                        ..Default::default()
+                    }),
+                })),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Creates endpoint `name` of `service` in namespace `netns` on node `node`.
+    pub(crate) async fn endpoint(&mut self, name: &str, service: &str, netns: &Path, node: &str) -> anyhow::Result<()> {
+        self.res
+            .create(v1::CreateRequest {
+                resource: resource(v1::resource::Kind::Endpoint(v1::Endpoint {
+                    metadata: meta(name),
+                    spec: Some(v1::EndpointSpec {
+                        network_services: vec![service.into()],
+                        netns: netns.display().to_string(),
+                        node: node.into(),
+                        ..Default::default()
+                    }),
+                })),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// A `CreateClient` request: client `name` of `service` in namespace `netns`, pinned to `endpoint`
+/// unless empty, with interface `ifname`.
+pub(crate) fn client(name: &str, service: &str, netns: &Path, endpoint: &str, ifname: &str) -> v1::CreateRequest {
+    v1::CreateRequest {
+        resource: resource(v1::resource::Kind::Client(v1::Client {
+            metadata: meta(name),
+            spec: Some(v1::ClientSpec {
+                network_service: service.into(),
+                endpoint: endpoint.into(),
+                netns: netns.display().to_string(),
+                interface: ifname.into(),
+                ..Default::default()
+            }),
+            status: None,
+        })),
+    }
+}
+
+pub(crate) fn resource(kind: v1::resource::Kind) -> Option<v1::Resource> {
+    Some(v1::Resource { kind: Some(kind) })
+}
+
+pub(crate) fn meta(name: &str) -> Option<v1::ObjectMeta> {
+    Some(v1::ObjectMeta {
+        name: name.into(),
+        ..Default::default()
+    })
+}
+
+pub(crate) fn client_ref(name: &str) -> v1::ResourceRef {
+    v1::ResourceRef {
+        kind: v1::Kind::Client as i32,
+        namespace: "default".into(),
+        name: name.into(),
+    }
+}
+
+/// The client's status (None while it has none).
+pub(crate) async fn client_status(
+    res: &mut ResourceServiceClient<Channel>,
+    name: &str,
+) -> anyhow::Result<Option<v1::ClientStatus>> {
+    let got = res
+        .get(v1::GetRequest {
+            r#ref: Some(client_ref(name)),
+        })
+        .await?
+        .into_inner();
+    Ok(match got.kind {
+        Some(v1::resource::Kind::Client(c)) => c.status,
+        _ => None,
+    })
+}
+
+/// The first address of a status address list.
+pub(crate) fn first_addr(v: &[String]) -> anyhow::Result<IpAddr> {
+    Ok(v.first().context("no address")?.parse::<ipnet::IpNet>()?.addr())
+}
+
+/// Polls client `name` every 2 ms until it is Ready; returns its (src, dst) addresses.
+pub(crate) async fn wait_ready(
+    res: &mut ResourceServiceClient<Channel>,
+    name: &str,
+) -> anyhow::Result<(IpAddr, IpAddr)> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = client_status(res, name).await? {
+            if st.phase == v1::client_status::Phase::Ready as i32 {
+                return Ok((first_addr(&st.src_ip_addrs)?, first_addr(&st.dst_ip_addrs)?));
+            }
+            if st.phase == v1::client_status::Phase::Failed as i32 {
+                bail!("client {name} failed: {}", st.reason);
+            }
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("client {name} not ready within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Clients' statuses as the registry pushes them (a watch), for waiting on one client at a time
+/// without polling.
+pub(crate) struct ReadyWatch(tonic::Streaming<v1::WatchEvent>);
+
+impl ReadyWatch {
+    pub(crate) async fn start(res: &mut ResourceServiceClient<Channel>) -> anyhow::Result<ReadyWatch> {
+        let s = res
+            .watch(v1::WatchRequest {
+                kind: v1::Kind::Client as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(ReadyWatch(s))
+    }
+
+    /// Waits until client `name` is Ready; returns its (src, dst) addresses. Other clients' events
+    /// are skipped.
+    pub(crate) async fn ready(&mut self, name: &str) -> anyhow::Result<(IpAddr, IpAddr)> {
+        let wait = async {
+            loop {
+                let ev = self.0.message().await?.context("registry watch ended")?;
+                let Some(v1::resource::Kind::Client(c)) = ev.resource.and_then(|r| r.kind) else {
+                    continue;
+                };
+                if c.metadata.as_ref().is_none_or(|m| m.name != name) {
+                    continue;
+                }
+                let Some(st) = c.status else { continue };
+                if st.phase == v1::client_status::Phase::Ready as i32 {
+                    return Ok((first_addr(&st.src_ip_addrs)?, first_addr(&st.dst_ip_addrs)?));
+                }
+                if st.phase == v1::client_status::Phase::Failed as i32 {
+                    bail!("client {name} failed: {}", st.reason);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .with_context(|| format!("client {name} not ready within 20 s"))?
+    }
+}
+
+/// Waits until `dst` answers from inside `ns` (a datagram to a closed port, answered by ICMP
+/// port-unreachable); returns false after `timeout`.
+pub(crate) fn probe(ns: &NetNs, dst: IpAddr, timeout: Duration) -> anyhow::Result<bool> {
     Ok(ns.run(move || {
         let sock = UdpSocket::bind((if dst.is_ipv4() { "0.0.0.0" } else { "::" }, 0))?;
         sock.connect(SocketAddr::new(dst, 9))?;
@@ -65,8 +480,68 @@ fn probe(ns: &NetNs, dst: IpAddr, timeout: Duration) -> anyhow::Result<bool> {
     })??)
 }
 
+/// Port of the [`Echo`] responders.
+pub(crate) const ECHO_PORT: u16 = 7777;
+
+/// A UDP socket (IPv4, any port) opened inside `ns` and driven from this runtime.
+pub(crate) async fn udp_in(ns: &NetNs, port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
+    let s = ns
+        .run_async(move || {
+            let s = UdpSocket::bind(("0.0.0.0", port))?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .await??;
+    Ok(tokio::net::UdpSocket::from_std(s)?)
+}
+
+/// A UDP echo responder in a namespace: every datagram to [`ECHO_PORT`] is answered with the
+/// responder's tag. Stops when dropped.
+pub(crate) struct Echo(tokio::task::JoinHandle<()>);
+
+impl Echo {
+    pub(crate) async fn start(ns: &NetNs, tag: &str) -> anyhow::Result<Echo> {
+        let sock = udp_in(ns, ECHO_PORT).await?;
+        let tag = tag.as_bytes().to_vec();
+        Ok(Echo(tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((_, peer)) = sock.recv_from(&mut buf).await {
+                let _ = sock.send_to(&tag, peer).await;
+            }
+        })))
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends one datagram to `dst`'s echo responder from `sock` and waits up to `wait` for an answer;
+/// returns the answering responder's tag.
+pub(crate) async fn echo_once(sock: &tokio::net::UdpSocket, dst: IpAddr, wait: Duration) -> Option<String> {
+    sock.send_to(b"nsm", SocketAddr::new(dst, ECHO_PORT)).await.ok()?;
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await.ok()?.ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Sends to `dst`'s echo responder from inside `ns` every 2 ms until answered; false after
+/// `timeout`.
+pub(crate) async fn echo_probe(ns: &NetNs, dst: IpAddr, timeout: Duration) -> anyhow::Result<bool> {
+    let sock = udp_in(ns, 0).await?;
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if echo_once(&sock, dst, Duration::from_millis(2)).await.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// iperf3 from `client` to `server_ip` (server in `server`), in Gbit/s.
-fn iperf(
+pub(crate) fn iperf(
     bed: &Testbed,
     server: &str,
     client: &str,
@@ -106,13 +581,23 @@ fn iperf(
         .ok_or_else(|| anyhow::anyhow!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Median RTT in µs from 200 pings 10 ms apart.
-fn rtt_us(bed: &Testbed, from: &str, to: IpAddr) -> anyhow::Result<f64> {
+/// RTTs in µs of `count` pings 10 ms apart.
+pub(crate) fn pings_us(bed: &Testbed, from: &str, to: IpAddr, count: u32) -> anyhow::Result<Vec<f64>> {
     let out = bed.exec(
         from,
-        &["ping", "-n", "-c", "200", "-i", "0.01", "-W", "1", &to.to_string()],
+        &[
+            "ping",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            &to.to_string(),
+        ],
     );
-    let mut v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+    let v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
         .map(|ms| ms * 1000.0)
@@ -120,11 +605,44 @@ fn rtt_us(bed: &Testbed, from: &str, to: IpAddr) -> anyhow::Result<f64> {
     if v.is_empty() {
         bail!("no ping replies from {from} to {to}");
     }
-    v.sort_by(f64::total_cmp);
-    Ok(v[v.len() / 2])
+    Ok(v)
 }
 
-async fn wire_bare(a: &NetNs, b: &NetNs, name: &str, src: ipnet::IpNet, dst: ipnet::IpNet) -> anyhow::Result<()> {
+/// The median of samples (the mean of the middle two for an even count).
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// `min–max` of samples.
+pub(crate) fn range(v: &[f64]) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.2}–{max:.2}")
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A veth pair `name` from `a` into `b` with host addresses, routes and static neighbours, as nsm
+/// wires a same-node vWire.
+pub(crate) async fn wire_bare(
+    a: &NetNs,
+    b: &NetNs,
+    name: &str,
+    src: ipnet::IpNet,
+    dst: ipnet::IpNet,
+) -> anyhow::Result<()> {
     let an = Netlink::connect(a).await?;
     let bn = Netlink::connect(b).await?;
     an.create_veth(name, name, b, 1500).await?;
@@ -134,257 +652,107 @@ async fn wire_bare(a: &NetNs, b: &NetNs, name: &str, src: ipnet::IpNet, dst: ipn
     bn.set_up(name).await?;
     an.add_route(dst, None, name).await?;
     bn.add_route(src, None, name).await?;
+    let mac = async |nl: &Netlink| anyhow::Ok(nl.link(name).await?.context("link gone")?.mac);
+    let (amac, bmac) = (mac(&an).await?, mac(&bn).await?);
+    an.add_neighbour(name, dst.addr(), &bmac).await?;
+    bn.add_neighbour(name, src.addr(), &amac).await?;
     Ok(())
 }
 
-async fn wait_ready(res: &mut ResourceServiceClient<Channel>, name: &str) -> anyhow::Result<(IpAddr, IpAddr)> {
-    let r = v1::ResourceRef {
-        kind: v1::Kind::Client as i32,
-        namespace: "default".into(),
-        name: name.into(),
-    };
-    let start = Instant::now();
-    loop {
-        let got = res.get(v1::GetRequest { r#ref: Some(r.clone()) }).await?.into_inner();
-        if let Some(v1::resource::Kind::Client(c)) = got.kind
-            && let Some(st) = c.status
-        {
-            if st.phase == v1::client_status::Phase::Ready as i32 {
-                let ip = |v: &[String]| -> anyhow::Result<IpAddr> {
-                    Ok(v.first().context("no address")?.parse::<ipnet::IpNet>()?.addr())
-                };
-                return Ok((ip(&st.src_ip_addrs)?, ip(&st.dst_ip_addrs)?));
-            }
-            if st.phase == v1::client_status::Phase::Failed as i32 {
-                bail!("client {name} failed: {}", st.reason);
+/// Alternating throughput and RTT runs over two wirings between the same two namespaces.
+#[derive(Default)]
+pub(crate) struct Alternating {
+    /// Gbit/s per run: [bare, nsm] × [1 stream, 4 streams].
+    pub(crate) tput: [[Vec<f64>; 2]; 2],
+    /// RTT samples, µs: [bare, nsm].
+    pub(crate) rtt: [Vec<f64>; 2],
+}
+
+/// `reps` rounds of iperf3 (1 and 4 streams) and 50 pings from `client` to `server` over the bare
+/// wiring (`dsts[0]`) and nsm's (`dsts[1]`), alternating which goes first.
+pub(crate) fn alternate(
+    bed: &Testbed,
+    server: &str,
+    client: &str,
+    dsts: [IpAddr; 2],
+    reps: usize,
+    seconds: u32,
+) -> anyhow::Result<Alternating> {
+    let mut a = Alternating::default();
+    for r in 0..reps {
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for (si, streams) in [1u32, 4].into_iter().enumerate() {
+            for w in order {
+                let g = iperf(bed, server, client, dsts[w], streams, seconds)?;
+                eprintln!("  rep {r} {} {streams} stream(s): {g:.2} Gbit/s", ["bare", "nsm "][w]);
+                a.tput[w][si].push(g);
             }
         }
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("client {name} not ready within 20 s");
+        for w in order {
+            a.rtt[w].extend(pings_us(bed, client, dsts[w], 50)?);
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    Ok(a)
 }
 
-fn resource(kind: v1::resource::Kind) -> Option<v1::Resource> {
-    Some(v1::Resource { kind: Some(kind) })
-}
-
-fn meta(name: &str) -> Option<v1::ObjectMeta> {
-    Some(v1::ObjectMeta {
-        name: name.into(),
-        ..Default::default()
-    })
-}
-
-pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
-    let n = args.clients;
-    let mut workloads = vec!["a".to_string(), "b".to_string(), "e".to_string()];
-    workloads.extend((0..n).map(|i| format!("p{i}")));
-    let bed = Testbed::up(Topology {
-        prefix: unique_prefix("bench"),
-        hosts: vec![HostSpec {
-            name: "h1".into(),
-            underlay_addr: "192.0.2.11".parse()?,
-        }],
-        workloads: workloads
-            .iter()
-            .map(|w| WorkloadSpec {
-                name: w.clone(),
-                host: "h1".into(),
-            })
-            .collect(),
-        address_hosts: vec![],
-    })
-    .await?;
-    let result = measure(&args, &bin, &bed).await;
-    bed.down().await?;
-    result
-}
-
-async fn measure(args: &Args, bin: &Path, bed: &Testbed) -> anyhow::Result<()> {
-    let n = args.clients;
-    // --- Baseline: a bare veth pair between a and b.
-    eprintln!("baseline: bare veth between two namespaces …");
-    let (src, dst): (ipnet::IpNet, ipnet::IpNet) = ("198.51.100.1/32".parse()?, "198.51.100.2/32".parse()?);
-    wire_bare(bed.ns("a"), bed.ns("b"), "bare0", src, dst).await?;
-    let bare1 = iperf(bed, "b", "a", dst.addr(), 1, args.seconds)?;
-    let bare4 = iperf(bed, "b", "a", dst.addr(), 4, args.seconds)?;
-    let bare_rtt = rtt_us(bed, "a", dst.addr())?;
-    Netlink::connect(bed.ns("a")).await?.delete_link("bare0").await?;
-
-    // --- nsm: registry + node, a vWire between the same namespaces.
-    let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let reg_url = format!("tcp://127.0.0.1:{port}");
-    let sock = format!("unix://{}", dir.path().join("nsm.sock").display());
-    let quiet = |c: &mut Command| {
-        c.env(
-            "NSM_LOG_LEVEL",
-            if std::env::var_os("NSM_BENCH_DEBUG").is_some() {
-                "info,nsm_node=debug"
-            } else {
-                "warn"
-            },
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    };
-    let mut c = Command::new(bin);
-    c.args(["registry", "--listen", &reg_url])
-        .arg("--data-dir")
-        .arg(dir.path().join("reg"));
-    quiet(&mut c);
-    let _registry = Proc(c.spawn()?);
-    let mut c = Command::new(bin);
-    c.args([
-        "node",
-        "--name",
-        "bench-node",
-        "--registry",
-        &reg_url,
-        "--underlay-address",
-        "192.0.2.11",
-    ])
-    .args(["--listen", &sock, "--resync", "1s"])
-    .arg("--data-dir")
-    .arg(dir.path().join("node"));
-    quiet(&mut c);
-    let _node = Proc(c.spawn()?);
-    let connect = |url: String| async move {
-        let start = Instant::now();
-        loop {
-            match nsm_transport::connect(&url, Duration::from_millis(200)).await {
-                Ok(ch) => return Ok::<_, anyhow::Error>(ch),
-                Err(e) if start.elapsed() > Duration::from_secs(20) => bail!("{e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
+impl Alternating {
+    /// Table rows and verdicts; `what` names the floor ("bare veth", "hand-built VXLAN").
+    pub(crate) fn report(&self, what: &str, targets: [f64; 2]) -> Vec<Verdict> {
+        let mut out = Vec::new();
+        let n = self.tput[0][0].len();
+        for (si, streams) in ["1 stream", "4 streams"].into_iter().enumerate() {
+            let (b, v) = (&self.tput[0][si], &self.tput[1][si]);
+            let ratio = median(v) / median(b);
+            println!(
+                "| TCP {streams}, Gbit/s, median of {n} (range) | {:.2} ({}) | {:.2} ({}) | {ratio:.3} | ≥ {:.2} |",
+                median(b),
+                range(b),
+                median(v),
+                range(v),
+                targets[si]
+            );
+            out.push(verdict(
+                format!("{what}: TCP {streams} nsm ÷ floor ≥ {:.2}", targets[si]),
+                format!("{ratio:.3} ({:.2} ÷ {:.2} Gbit/s)", median(v), median(b)),
+                Some(ratio >= targets[si]),
+            ));
         }
-    };
-    let mut res = ResourceServiceClient::new(connect(reg_url.clone()).await?);
-    let mut node = NodeServiceClient::new(connect(sock.clone()).await?);
-    let path = |w: &str| bed.netns_path(w).display().to_string();
-    res.create(v1::CreateRequest {
-        resource: resource(v1::resource::Kind::NetworkService(v1::NetworkService {
-            metadata: meta("bench"),
-            spec: Some(v1::NetworkServiceSpec {
-                cidr: "10.90.0.0/16".into(),
-                ..Default::default()
-            }),
-        })),
-    })
-    .await?;
-    for (ep, ns) in [("ep-b", "b"), ("ep-e", "e")] {
-        res.create(v1::CreateRequest {
-            resource: resource(v1::resource::Kind::Endpoint(v1::Endpoint {
-                metadata: meta(ep),
-                spec: Some(v1::EndpointSpec {
-                    network_services: vec!["bench".into()],
-                    netns: path(ns),
-                    node: "bench-node".into(),
-                    ..Default::default()
-                }),
-            })),
-        })
-        .await?;
-    }
-    let client = |name: &str, ns: &str, endpoint: &str, ifname: &str| v1::CreateRequest {
-        resource: resource(v1::resource::Kind::Client(v1::Client {
-            metadata: meta(name),
-            spec: Some(v1::ClientSpec {
-                network_service: "bench".into(),
-                endpoint: endpoint.into(),
-                netns: path(ns),
-                interface: ifname.into(),
-                node: String::new(),
-                encryption: String::new(),
-            }),
-            status: None,
-        })),
-    };
-    eprintln!("nsm: vWire between the same two namespaces …");
-    node.create_client(client("tput", "a", "ep-b", "nsm-1")).await?;
-    let (_, vdst) = wait_ready(&mut res, "tput").await?;
-    let nsm1 = iperf(bed, "b", "a", vdst, 1, args.seconds)?;
-    let nsm4 = iperf(bed, "b", "a", vdst, 4, args.seconds)?;
-    let nsm_rtt = rtt_us(bed, "a", vdst)?;
-
-    // --- Set-up latency: floor (direct netlink) and nsm, N workloads each.
-    eprintln!("set-up: {n} workloads wired directly over netlink …");
-    let mut floor = Vec::with_capacity(n);
-    for i in 0..n {
-        let name = format!("f{i}");
-        let (s, d): (ipnet::IpNet, ipnet::IpNet) = (
-            format!("10.91.{}.{}/32", i / 100, 2 * (i % 100) + 1).parse()?,
-            format!("10.91.{}.{}/32", i / 100, 2 * (i % 100) + 2).parse()?,
+        let (b, v) = (median(&self.rtt[0]), median(&self.rtt[1]));
+        println!(
+            "| RTT median of {} pings, µs | {b:.0} | {v:.0} | {:+.0} µs | |",
+            self.rtt[0].len(),
+            v - b
         );
-        let t = Instant::now();
-        wire_bare(bed.ns(&format!("p{i}")), bed.ns("e"), &name, s, d).await?;
-        if !probe(bed.ns(&format!("p{i}")), d.addr(), Duration::from_secs(5))? {
-            bail!("direct wiring {i}: no answer");
-        }
-        floor.push(t.elapsed());
+        out
     }
-    for i in 0..n {
-        Netlink::connect(bed.ns(&format!("p{i}")))
-            .await?
-            .delete_link(&format!("f{i}"))
-            .await?;
-    }
-    eprintln!("set-up: {n} nsm clients (CreateClient → first round trip) …");
-    let mut setup = Vec::with_capacity(n);
-    let t_all = Instant::now();
-    for i in 0..n {
-        let t = Instant::now();
-        if std::env::var_os("NSM_BENCH_DEBUG").is_some() {
-            eprintln!("c{i}: create at {:?}", std::time::SystemTime::now());
-        }
-        node.create_client(client(&format!("c{i}"), &format!("p{i}"), "ep-e", "nsm-1"))
-            .await?;
-        let (_, d) = wait_ready(&mut res, &format!("c{i}")).await?;
-        let ready = t.elapsed();
-        if std::env::var_os("NSM_BENCH_DEBUG").is_some() {
-            eprintln!("c{i}: ready after {ready:?}");
-        }
-        if !probe(bed.ns(&format!("p{i}")), d, Duration::from_secs(5))? {
-            bail!("client c{i}: no answer");
-        }
-        setup.push(t.elapsed());
-    }
-    let total = t_all.elapsed();
-    floor.sort_unstable();
-    setup.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+}
 
-    println!("| measurement | bare (floor) | nsm | nsm ÷ bare |");
-    println!("|---|---:|---:|---:|");
-    println!(
-        "| TCP 1 stream, Gbit/s | {bare1:.2} | {nsm1:.2} | {:.3} |",
-        nsm1 / bare1
-    );
-    println!(
-        "| TCP 4 streams, Gbit/s | {bare4:.2} | {nsm4:.2} | {:.3} |",
-        nsm4 / bare4
-    );
-    println!(
-        "| RTT median, µs | {bare_rtt:.0} | {nsm_rtt:.0} | +{:.0} µs |",
-        nsm_rtt - bare_rtt
-    );
-    println!(
-        "| set-up p50 over {n}, ms | {:.2} | {:.2} | {:.1}× |",
-        ms(percentile(&floor, 0.5)),
-        ms(percentile(&setup, 0.5)),
-        ms(percentile(&setup, 0.5)) / ms(percentile(&floor, 0.5))
-    );
-    println!(
-        "| set-up p99 over {n}, ms | {:.2} | {:.2} | {:.1}× |",
-        ms(percentile(&floor, 0.99)),
-        ms(percentile(&setup, 0.99)),
-        ms(percentile(&setup, 0.99)) / ms(percentile(&floor, 0.99))
-    );
-    println!(
-        "| {n} clients one after another, total s | | {:.2} | |",
-        total.as_secs_f64()
-    );
-    Ok(())
+/// Table header of the throughput tables.
+pub(crate) fn tput_header(floor: &str) -> String {
+    format!("| measurement | {floor} (floor) | nsm | nsm ÷ floor | target |\n|---|---:|---:|---:|---|")
+}
+
+/// (VmRSS MB, open fds, threads) of process `pid`.
+pub(crate) fn proc_usage(pid: u32) -> (f64, usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    (field("VmRSS:") / 1024.0, fds, field("Threads:") as usize)
+}
+
+/// CPU time (user + system, all threads, including exited ones) of process `pid` so far.
+pub(crate) fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3; utime is 14, stime 15.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("CLK_TCK")? as u64;
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
 }

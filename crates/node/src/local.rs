@@ -2,8 +2,10 @@
 //! caller's network namespace is learned from the socket's peer credentials (as upstream's clients
 //! hand their namespace to the node through the same socket).
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nsm_api::nsm::v1::{self as v1, node_service_server::NodeService, resource_service_client::ResourceServiceClient};
 use nsm_model::pb;
@@ -17,6 +19,89 @@ pub(crate) struct LocalApi {
     pub(crate) registry: ResourceServiceClient<Channel>,
     /// This node's name.
     pub(crate) node: String,
+    /// The interfaces this node's clients hold, kept from the registry's client watch.
+    pub(crate) interfaces: Interfaces,
+}
+
+/// The interfaces this node's clients hold (by client: namespace path, that namespace's identity
+/// when first seen, interface), kept by the reconciler from the registry's client watch, so
+/// `CreateClient` checks the names taken in a namespace without listing every client on every
+/// create (which made creating N clients cost O(N²)).
+#[derive(Clone, Default)]
+pub(crate) struct Interfaces(Arc<parking_lot::Mutex<Held>>);
+
+#[derive(Default)]
+struct Held {
+    /// Filled from a full list of the clients; until then `CreateClient` lists them itself.
+    seeded: bool,
+    by_client: HashMap<(String, String), Holder>,
+}
+
+/// One client's hold on an interface name.
+struct Holder {
+    /// The namespace path of its spec.
+    netns: String,
+    /// That namespace's identity when the client was noted.
+    id: Option<(u64, u64)>,
+    interface: String,
+}
+
+impl Interfaces {
+    /// Records client `c` if it is node `node`'s, else forgets it.
+    pub(crate) fn note(&self, node: &str, c: &pb::Client) {
+        let key = c
+            .metadata
+            .as_ref()
+            .map_or_else(Default::default, |m| (m.namespace.clone(), m.name.clone()));
+        let mut held = self.0.lock();
+        match c.spec.as_ref().filter(|s| s.node == node) {
+            Some(s) => {
+                let id = match held.by_client.get(&key) {
+                    Some(h) if h.netns == s.netns => h.id,
+                    _ => netns_id(Path::new(&s.netns)),
+                };
+                let holder = Holder {
+                    netns: s.netns.clone(),
+                    id,
+                    interface: s.interface.clone(),
+                };
+                held.by_client.insert(key, holder);
+            }
+            None => {
+                held.by_client.remove(&key);
+            }
+        }
+    }
+
+    /// Forgets a deleted client.
+    pub(crate) fn forget(&self, key: &(String, String)) {
+        self.0.lock().by_client.remove(key);
+    }
+
+    /// Every client of the node has been noted.
+    pub(crate) fn seeded(&self) {
+        self.0.lock().seeded = true;
+    }
+
+    /// (interface, owner) of the clients other than `except` (a name) in the namespace `netns`
+    /// (identity `id`) names; None until seeded. A client at another path counts when its
+    /// namespace is the same one, confirmed by a fresh look at its path.
+    fn taken(&self, netns: &str, id: Option<(u64, u64)>, except: &str) -> Option<Vec<(String, String)>> {
+        let held = self.0.lock();
+        if !held.seeded {
+            return None;
+        }
+        Some(
+            held.by_client
+                .iter()
+                .filter(|((_, name), h)| {
+                    name != except
+                        && (h.netns == netns || (id.is_some() && h.id == id && netns_id(Path::new(&h.netns)) == id))
+                })
+                .map(|((ns, name), h)| (h.interface.clone(), nsm_model::upstream::name_of(ns, name)))
+                .collect(),
+        )
+    }
 }
 
 fn netns_id(path: &Path) -> Option<(u64, u64)> {
@@ -104,8 +189,13 @@ impl NodeService for LocalApi {
             .create(v1::CreateRequest {
                 resource: Some(resource),
             })
-            .await?;
-        Ok(Response::new(created.into_inner()))
+            .await?
+            .into_inner();
+        // Taken from now on, before the watch brings it back.
+        if let Some(pb::resource::Kind::Client(c)) = &created.kind {
+            self.interfaces.note(&self.node, c);
+        }
+        Ok(Response::new(created))
     }
 }
 
@@ -114,6 +204,9 @@ impl LocalApi {
     /// namespace identity: two paths may name one namespace), with their owners.
     async fn interfaces_in(&self, netns: &str, except: &str) -> Result<Vec<(String, String)>, Status> {
         let id = netns_id(Path::new(netns));
+        if let Some(taken) = self.interfaces.taken(netns, id, except) {
+            return Ok(taken);
+        }
         let items = self
             .registry
             .clone()

@@ -223,6 +223,7 @@ pub async fn run(
         wg.clone(),
     );
     let upstream_conns = crate::local::upstream_kernel::Connections::default();
+    let interfaces = crate::local::Interfaces::default();
     let routes = {
         let (reporter, health) = tonic_health::server::health_reporter();
         for svc in [
@@ -249,6 +250,7 @@ pub async fn run(
                 crate::local::LocalApi {
                     registry: registry.clone(),
                     node: config.name.clone(),
+                    interfaces: interfaces.clone(),
                 },
             ))
             .add_service(nsm_api::connection::monitor_connection_server::MonitorConnectionServer::new(monitor.clone()));
@@ -307,18 +309,23 @@ pub async fn run(
         wired: HashMap::new(),
         status_addrs: HashMap::new(),
         snapshot: None,
+        reports: HashMap::new(),
+        unreported: Arc::default(),
+        interfaces,
         rr: 0,
         gateway_ready: [false; 2],
     };
-    // Addresses already held, before the first allocation (the watch's initial events may still
-    // be queued behind a client that needs one).
+    // Addresses and interfaces already held, before the first allocation or create (the watch's
+    // initial events may still be queued behind a client that needs one).
     match r.list(Kind::Client).await {
         Ok(items) => {
             for res in items.iter() {
                 if let Some(pb::resource::Kind::Client(c)) = &res.kind {
                     r.note_status(&key_of(c), c.status.as_ref());
+                    r.interfaces.note(&r.config.name, c);
                 }
             }
+            r.interfaces.seeded();
         }
         Err(nr) => tracing::warn!(reason = %nr.reason, "cannot list clients; learning addresses from the watch"),
     }
@@ -398,6 +405,14 @@ struct Reconciler {
     /// The addresses in every client's status (all nodes' clients), kept from the client watch:
     /// what allocation must avoid, without listing every client per allocation.
     status_addrs: HashMap<(String, String), Vec<IpAddr>>,
+    /// Status writes in flight, at most one per client (a newer one waits for the older, so they
+    /// land in order). They do not hold up the loop, and concurrent ones share the registry's
+    /// commits.
+    reports: HashMap<(String, String), tokio::task::JoinHandle<()>>,
+    /// Clients whose last status write failed: written again at their next reconcile.
+    unreported: Arc<parking_lot::Mutex<HashSet<(String, String)>>>,
+    /// The interfaces this node's clients hold, for `CreateClient`.
+    interfaces: crate::local::Interfaces,
     /// During a resync pass: the services, endpoints and nodes read once for every client.
     snapshot: Option<HashMap<Kind, Arc<Vec<pb::Resource>>>>,
     rr: usize,
@@ -411,7 +426,9 @@ impl Reconciler {
         let key = key_of(&c);
         if deleted {
             self.status_addrs.remove(&key);
+            self.interfaces.forget(&key);
         } else {
+            self.interfaces.note(&self.config.name, &c);
             self.note_status(&key, c.status.as_ref());
         }
         self.note_member(&key, (!deleted).then_some(&c));
@@ -508,35 +525,50 @@ impl Reconciler {
         self.report(key, &client, status).await;
     }
 
+    /// Writes the client's status if it changed (or its last write failed), without waiting for
+    /// the registry: the loop goes on with the next client while the write commits.
     async fn report(&mut self, key: &(String, String), client: &pb::Client, mut status: v1::ClientStatus) {
         let mut old = client.status.clone().unwrap_or_default();
         old.updated = None;
         status.updated = None;
-        if client.status.is_some() && old == status {
+        let retry = self.unreported.lock().remove(key);
+        if client.status.is_some() && old == status && !retry {
             return;
         }
         status.updated = Some(prost_types::Timestamp::from(SystemTime::now()));
+        // What the registry will hold, so the next reconcile compares against it.
+        self.note_status(key, Some(&status));
+        if let Some(c) = self.clients.get_mut(key) {
+            c.status = Some(status.clone());
+        }
+        if let Some(previous) = self.reports.remove(key) {
+            let _ = previous.await;
+        }
+        self.reports.retain(|_, h| !h.is_finished());
         let r = v1::ResourceRef {
             kind: Kind::Client.to_pb() as i32,
             namespace: key.0.clone(),
             name: key.1.clone(),
         };
-        match self
-            .registry
-            .update_status(v1::UpdateStatusRequest {
+        let mut registry = self.registry.clone();
+        let unreported = self.unreported.clone();
+        let k = key.clone();
+        let write = tokio::spawn(async move {
+            let req = v1::UpdateStatusRequest {
                 r#ref: Some(r),
                 status: Some(status),
-            })
-            .await
-        {
-            Ok(resp) => {
-                if let Some(pb::resource::Kind::Client(c)) = resp.into_inner().kind {
-                    self.note_status(key, c.status.as_ref());
-                    self.clients.insert(key.clone(), c);
+            };
+            match registry.update_status(req).await {
+                Ok(_) => {}
+                // Deleted meanwhile: nothing to report.
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => {
+                    tracing::warn!(client = ?k, error = %s.message(), "cannot report status");
+                    unreported.lock().insert(k);
                 }
             }
-            Err(s) => tracing::warn!(client = ?key, error = %s.message(), "cannot report status"),
-        }
+        });
+        self.reports.insert(key.clone(), write);
     }
 
     async fn get(&mut self, kind: Kind, namespace: &str, name: &str) -> Result<Option<pb::Resource>, NotReady> {
@@ -1380,22 +1412,34 @@ async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String>
     cnl.create_veth(&w.interface, peer, &ens, w.mtu)
         .await
         .map_err(|e| e.to_string())?;
+    // Requests that do not depend on each other go out together (each socket answers them in
+    // order): three round trips after the veth instead of ten or eleven.
     let configured = async {
-        cnl.add_address(&w.interface, w.src).await?;
-        enl.add_address(peer, w.dst).await?;
-        cnl.set_up(&w.interface).await?;
-        enl.set_up(peer).await?;
-        cnl.add_route(w.dst, None, &w.interface).await?;
-        enl.add_route(w.src, None, peer).await?;
-        if let Some(beyond) = w.route {
-            cnl.add_route(beyond, Some(w.dst.addr()), &w.interface).await?;
-        }
+        tokio::try_join!(
+            cnl.add_address(&w.interface, w.src),
+            cnl.set_up(&w.interface),
+            enl.add_address(peer, w.dst),
+            enl.set_up(peer),
+        )?;
+        let (_, _, cmac, emac) = tokio::try_join!(
+            cnl.add_route(w.dst, None, &w.interface),
+            enl.add_route(w.src, None, peer),
+            link_mac(&cnl, &w.interface),
+            link_mac(&enl, peer),
+        )?;
         // Each end knows the other's MAC: no ARP/ND, and no dynamic neighbour entries, which on a
         // node with many vWires would overflow the kernel's table (shared by every namespace,
         // 1024 entries by default) and drop traffic.
-        let (cmac, emac) = (link_mac(&cnl, &w.interface).await?, link_mac(&enl, peer).await?);
-        cnl.add_neighbour(&w.interface, w.dst.addr(), &emac).await?;
-        enl.add_neighbour(peer, w.src.addr(), &cmac).await?;
+        tokio::try_join!(
+            cnl.add_neighbour(&w.interface, w.dst.addr(), &emac),
+            enl.add_neighbour(peer, w.src.addr(), &cmac),
+            async {
+                match w.route {
+                    Some(beyond) => cnl.add_route(beyond, Some(w.dst.addr()), &w.interface).await,
+                    None => Ok(()),
+                }
+            },
+        )?;
         Ok::<_, nsm_dataplane::DataplaneError>(())
     }
     .await;

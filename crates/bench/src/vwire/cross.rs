@@ -1,0 +1,206 @@
+//! Cross-node vWires: a VXLAN vWire through two node daemons against a kernel VXLAN pair built by
+//! hand, between the same two test-bed hosts and workloads.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use ipnet::IpNet;
+use nsm_dataplane::{NetNs, Netlink};
+use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+
+use super::{Args, Mesh, ReadyWatch, Verdict, alternate, client, ms, on_bed, probe, tput_header, verdict, wait_ready};
+use crate::percentile;
+
+/// The IANA VXLAN port, which nsm uses.
+const VXLAN_PORT: u16 = 4789;
+/// Underlay MTU 1500 less 50 bytes of VXLAN over IPv4, as nsm sets it.
+const VXLAN_MTU: u32 = 1450;
+const H1: &str = "192.0.2.11";
+const H2: &str = "192.0.2.12";
+
+/// How a hand-built VXLAN end gets into the workload's namespace.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// Created in the host's namespace, then moved (two netlink calls; the move waits for RCU
+    /// grace periods).
+    Moved,
+    /// Created directly inside the workload's namespace by a request from the host's, as nsm
+    /// does: the same kernel state in one call.
+    InPlace,
+}
+
+/// One end of a hand-built VXLAN pair: its UDP socket in `host` (on the underlay), the link in
+/// `target` with `addr` and a host route to `peer`.
+#[allow(clippy::too_many_arguments)]
+async fn vxlan_end(
+    build: Build,
+    host: &NetNs,
+    target: &NetNs,
+    name: &str,
+    vni: u32,
+    local: IpAddr,
+    remote: IpAddr,
+    addr: IpNet,
+    peer: IpNet,
+) -> anyhow::Result<()> {
+    let hnl = Netlink::connect(host).await?;
+    let tnl = Netlink::connect(target).await?;
+    match build {
+        Build::Moved => {
+            hnl.create_vxlan(name, vni, local, remote, VXLAN_PORT, VXLAN_MTU)
+                .await?;
+            hnl.move_to(name, target).await?;
+        }
+        Build::InPlace => {
+            hnl.create_vxlan_in(target, name, vni, local, remote, VXLAN_PORT, VXLAN_MTU)
+                .await?;
+        }
+    }
+    tnl.add_address(name, addr).await?;
+    tnl.set_up(name).await?;
+    tnl.add_route(peer, None, name).await?;
+    Ok(())
+}
+
+/// A hand-built VXLAN pair `name` between workload `a` on host h1 and `b` on host h2.
+#[allow(clippy::too_many_arguments)]
+async fn vxlan_pair(
+    build: Build,
+    bed: &Testbed,
+    name: &str,
+    vni: u32,
+    a: &str,
+    b: &str,
+    src: IpNet,
+    dst: IpNet,
+) -> anyhow::Result<()> {
+    let (h1, h2): (IpAddr, IpAddr) = (H1.parse()?, H2.parse()?);
+    vxlan_end(build, bed.ns("h1"), bed.ns(a), name, vni, h1, h2, src, dst).await?;
+    vxlan_end(build, bed.ns("h2"), bed.ns(b), name, vni, h2, h1, dst, src).await?;
+    Ok(())
+}
+
+/// Set-up latency of `m` hand-built VXLAN pairs between `q0…` and `y`, one after another, each
+/// until a first round trip answers (sorted); the pairs are removed afterwards.
+async fn floor(bed: &Testbed, m: usize, build: Build) -> anyhow::Result<Vec<Duration>> {
+    let mut floor = Vec::with_capacity(m);
+    for i in 0..m {
+        let (s, d): (IpNet, IpNet) = (
+            format!("10.94.{}.{}/32", i / 100, 2 * (i % 100) + 1).parse()?,
+            format!("10.94.{}.{}/32", i / 100, 2 * (i % 100) + 2).parse()?,
+        );
+        let (name, q) = (format!("bf{i}"), format!("q{i}"));
+        let t = Instant::now();
+        vxlan_pair(build, bed, &name, 0x00b1_0000 + i as u32, &q, "y", s, d).await?;
+        if !probe(bed.ns(&q), d.addr(), Duration::from_secs(5))? {
+            bail!("hand-built VXLAN {i}: no answer");
+        }
+        floor.push(t.elapsed());
+    }
+    let ynl = Netlink::connect(bed.ns("y")).await?;
+    for i in 0..m {
+        let name = format!("bf{i}");
+        Netlink::connect(bed.ns(&format!("q{i}")))
+            .await?
+            .delete_link(&name)
+            .await?;
+        ynl.delete_link(&name).await?;
+    }
+    floor.sort_unstable();
+    Ok(floor)
+}
+
+pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
+    let m = args.cross_clients;
+    let host = |name: &str, addr: &str| -> anyhow::Result<HostSpec> {
+        Ok(HostSpec {
+            name: name.into(),
+            underlay_addr: addr.parse()?,
+        })
+    };
+    let on = |name: String, host: &str| WorkloadSpec {
+        name,
+        host: host.into(),
+    };
+    let mut workloads = vec![on("x".into(), "h1"), on("y".into(), "h2")];
+    workloads.extend((0..m).map(|i| on(format!("q{i}"), "h1")));
+    let topo = Topology {
+        prefix: unique_prefix("cross"),
+        hosts: vec![host("h1", H1)?, host("h2", H2)?],
+        workloads,
+        address_hosts: vec![],
+    };
+    on_bed(topo, async |bed: &Testbed| {
+        // The floor's pair between x and y, built the way the issue describes (created in the
+        // host's namespace, moved into the workload's), left standing beside nsm's.
+        let (src, dst): (IpNet, IpNet) = ("198.51.100.1/32".parse()?, "198.51.100.2/32".parse()?);
+        vxlan_pair(Build::Moved, bed, "bx0", 0x00b0_0001, "x", "y", src, dst).await?;
+
+        let mut mesh = Mesh::start(bin).await?;
+        let resync = args.node_resync.as_deref();
+        let mut node_a = mesh
+            .node("node-a", H1, Some(&bed.netns_path("h1")), true, resync)
+            .await?;
+        let _node_b = mesh
+            .node("node-b", H2, Some(&bed.netns_path("h2")), true, resync)
+            .await?;
+        mesh.service("xbench", "10.93.0.0/16").await?;
+        mesh.endpoint("ep-y", "xbench", &bed.netns_path("y"), "node-b").await?;
+        node_a
+            .api
+            .create_client(client("xt", "xbench", &bed.netns_path("x"), "ep-y", "nsm-1"))
+            .await?;
+        let (_, vdst) = wait_ready(&mut mesh.res, "xt").await?;
+        eprintln!(
+            "cross node: {} × (iperf3 1 and 4 streams, {} s), hand-built VXLAN and nsm vWire alternating …",
+            args.reps, args.seconds
+        );
+        let a = alternate(bed, "y", "x", [dst.addr(), vdst], args.reps, args.seconds)?;
+
+        // Set-up latency: the floor builds the same pair by hand as nsm does (and, for
+        // comparison, the way that moves each end), then nsm clients.
+        eprintln!("cross-node set-up: {m} VXLAN pairs built directly over netlink, twice …");
+        let floor_in_place = floor(bed, m, Build::InPlace).await?;
+        let floor_moved = floor(bed, m, Build::Moved).await?;
+        eprintln!("cross-node set-up: {m} nsm clients (CreateClient → first round trip) …");
+        let mut watch = ReadyWatch::start(&mut mesh.res).await?;
+        let mut setup = Vec::with_capacity(m);
+        for i in 0..m {
+            let q = format!("q{i}");
+            let name = format!("xc{i}");
+            let t = Instant::now();
+            node_a
+                .api
+                .create_client(client(&name, "xbench", &bed.netns_path(&q), "ep-y", "nsm-1"))
+                .await?;
+            let (_, d) = watch.ready(&name).await?;
+            if !probe(bed.ns(&q), d, Duration::from_secs(5))? {
+                bail!("client {name}: no answer");
+            }
+            setup.push(t.elapsed());
+        }
+        setup.sort_unstable();
+        let (f50, s50) = (ms(percentile(&floor_in_place, 0.5)), ms(percentile(&setup, 0.5)));
+        let (f99, s99) = (ms(percentile(&floor_in_place, 0.99)), ms(percentile(&setup, 0.99)));
+
+        println!("\nCross-node VXLAN vWire vs a hand-built kernel VXLAN pair between the same hosts:\n");
+        println!("{}", tput_header("hand-built VXLAN"));
+        let mut v = a.report("cross node", [0.95, 0.95]);
+        println!("| set-up p50 over {m}, ms | {f50:.2} | {s50:.2} | {:.1}× | ≤ 25 ms |", s50 / f50);
+        println!("| set-up p99 over {m}, ms | {f99:.2} | {s99:.2} | {:.1}× | |", s99 / f99);
+        println!(
+            "| set-up p50 / p99 over {m}, ms, floor's ends created in the host namespace and moved | {:.2} / {:.2} | | | |",
+            ms(percentile(&floor_moved, 0.5)),
+            ms(percentile(&floor_moved, 0.99))
+        );
+        v.push(verdict(
+            "cross node: set-up p50 ≤ 25 ms",
+            format!("{s50:.2} ms (floor {f50:.2} ms)"),
+            Some(s50 <= 25.0),
+        ));
+        Ok(v)
+    })
+    .await
+}
