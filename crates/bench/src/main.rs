@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nsm_api::registry::{self as reg, network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient};
 use tonic::transport::Channel;
 
+mod common;
 mod vl3;
 mod vwire;
 

@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,9 @@ use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::common::{
+    Proc, Verdict, connect, iperf, median, meta, ms, on_bed, pings_us, print_summary, quiet, range, rss_mb, verdict,
+};
 use crate::{free_port, percentile};
 
 /// UDP port of the members' probe sockets.
@@ -111,22 +114,6 @@ pub(crate) struct Args {
     pub(crate) nsm_bin: Option<PathBuf>,
 }
 
-/// One line of the summary: a figure against its target.
-struct Verdict {
-    target: String,
-    figure: String,
-    /// None: reported, no numeric target.
-    met: Option<bool>,
-}
-
-fn verdict(target: impl Into<String>, figure: impl Into<String>, met: Option<bool>) -> Verdict {
-    Verdict {
-        target: target.into(),
-        figure: figure.into(),
-        met,
-    }
-}
-
 pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
     if args.nodes < 2 {
         bail!("--nodes: a vL3 across nodes needs at least 2");
@@ -147,17 +134,7 @@ pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
         };
         summary.extend(rows);
     }
-    println!();
-    println!("| target | figure | verdict |");
-    println!("|---|---|---|");
-    for v in summary {
-        let verdict = match v.met {
-            Some(true) => "met",
-            Some(false) => "not met",
-            None => "reported",
-        };
-        println!("| {} | {} | {verdict} |", v.target, v.figure);
-    }
+    print_summary(&summary);
     Ok(())
 }
 
@@ -202,28 +179,6 @@ fn topology(tag: &str, nodes: usize, workloads: &[(String, usize)]) -> anyhow::R
     })
 }
 
-/// Runs `f` on a test bed built from `topology` and tears the bed down afterwards, also when `f`
-/// fails (and, through the bed's `Drop`, when it panics or is cancelled).
-async fn on_bed<T>(topology: Topology, f: impl AsyncFnOnce(&Testbed) -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let t = Instant::now();
-    let n = topology.hosts.len() + topology.workloads.len() + 1;
-    let bed = Testbed::up(topology).await?;
-    eprintln!("test bed of {n} namespaces up in {:.1} s", t.elapsed().as_secs_f64());
-    let result = f(&bed).await;
-    bed.down().await?;
-    result
-}
-
-/// A child process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Deletes, when dropped, the router namespaces (`nsm-vl3-<node>-<hash>` under /run/netns) that
 /// the named nodes made: they outlive their daemons by design.
 struct RouterCleanup(Vec<String>);
@@ -252,28 +207,6 @@ fn router_namespaces(nodes: &[String]) -> Vec<String> {
         .collect();
     out.sort();
     out
-}
-
-fn debug() -> bool {
-    std::env::var_os("NSM_BENCH_DEBUG").is_some()
-}
-
-fn quiet(c: &mut Command) {
-    c.env("NSM_LOG_LEVEL", if debug() { "info,nsm_node=debug" } else { "warn" })
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-}
-
-async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let start = Instant::now();
-    loop {
-        match nsm_transport::connect(url, Duration::from_millis(200)).await {
-            Ok(ch) => return Ok(ch),
-            Err(e) if start.elapsed() > Duration::from_secs(20) => bail!("{url}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// A node daemon of a [`Mesh`].
@@ -381,15 +314,8 @@ impl Mesh {
 
     /// The RSS of each node daemon, MB.
     fn rss_mb(&self) -> Vec<f64> {
-        self.nodes.iter().map(|n| vm_rss_mb(n.pid)).collect()
+        self.nodes.iter().map(|n| rss_mb(n.pid)).collect()
     }
-}
-
-fn meta(name: &str) -> Option<v1::ObjectMeta> {
-    Some(v1::ObjectMeta {
-        name: name.into(),
-        ..Default::default()
-    })
 }
 
 /// A `CreateClient` request: client `name` of `service` in namespace `netns`, pinned to `endpoint`
@@ -409,17 +335,6 @@ fn client(name: &str, service: &str, netns: &Path, endpoint: &str) -> v1::Create
             })),
         }),
     }
-}
-
-/// VmRSS of process `pid`, MB.
-fn vm_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
 }
 
 /// What the client watch has seen of one client.
@@ -827,10 +742,6 @@ impl Floor {
 // ---------------------------------------------------------------------------------------------
 // Parts.
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 /// Formats the first few unanswered pairs.
 fn missing_pairs(missing: &[(usize, usize)], names: &[String]) -> String {
     let shown: Vec<String> = missing
@@ -967,96 +878,6 @@ async fn join(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
         )])
     })
     .await
-}
-
-/// iperf3 from `client` to `server_ip` (server in `server`), in Gbit/s.
-fn iperf(
-    bed: &Testbed,
-    server: &str,
-    client: &str,
-    server_ip: IpAddr,
-    streams: u32,
-    seconds: u32,
-) -> anyhow::Result<f64> {
-    let path = bed.netns_path(server);
-    let srv = Proc(
-        Command::new("nsenter")
-            .arg(format!("--net={}", path.display()))
-            .args(["--", "iperf3", "-s", "-1", "-B", &server_ip.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("iperf3 (Debian package iperf3)")?,
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let out = bed.exec(
-        client,
-        &[
-            "iperf3",
-            "-c",
-            &server_ip.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    );
-    drop(srv);
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-    j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .ok_or_else(|| anyhow::anyhow!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-/// RTTs in µs of `count` pings 10 ms apart.
-fn pings_us(bed: &Testbed, from: &str, to: IpAddr, count: u32) -> anyhow::Result<Vec<f64>> {
-    let out = bed.exec(
-        from,
-        &[
-            "ping",
-            "-n",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.01",
-            "-W",
-            "1",
-            &to.to_string(),
-        ],
-    );
-    let v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|ms| ms * 1000.0)
-        .collect();
-    if v.is_empty() {
-        bail!("no ping replies from {from} to {to}");
-    }
-    Ok(v)
-}
-
-/// The median of samples (the mean of the middle two for an even count).
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-/// `min–max` of samples.
-fn range(v: &[f64]) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.2}–{max:.2}")
 }
 
 /// `throughput`: member to member across two nodes over the vL3, against a cross-node VXLAN vWire

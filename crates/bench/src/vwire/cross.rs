@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use nsm_dataplane::{NetNs, Netlink};
 use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 
-use super::{Args, Mesh, ReadyWatch, Verdict, alternate, client, ms, on_bed, probe, tput_header, verdict, wait_ready};
+use super::{Args, Mesh, ReadyWatch, alternate, client, probe, tput_header, wait_ready};
+use crate::common::{Verdict, ms, on_bed, verdict};
 use crate::percentile;
 
 /// The IANA VXLAN port, which nsm uses.

@@ -9,10 +9,8 @@ use nsm_api::nsm::v1;
 use nsm_dataplane::Netlink;
 use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 
-use super::{
-    Args, Echo, Mesh, Verdict, client, client_status, echo_once, first_addr, ms, on_bed, udp_in, verdict, wait_ready,
-    wire_bare,
-};
+use super::{Args, Echo, Mesh, client, client_status, echo_once, first_addr, udp_in, wait_ready, wire_bare};
+use crate::common::{Verdict, ms, on_bed, verdict};
 use crate::percentile;
 
 /// Endpoint name → its workload namespace.
@@ -145,7 +143,7 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
             })
             .await
             .with_context(|| format!("trial {trial}: heal from {cur} to {next}"))?;
-            if super::debug() {
+            if crate::common::debug() {
                 eprintln!("  trial {trial}: {cur} → {next} in {took:?}");
             }
             heal.push(took);

@@ -8,9 +8,8 @@ use anyhow::bail;
 use nsm_dataplane::Netlink;
 use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 
-use super::{
-    Args, Mesh, ReadyWatch, Verdict, alternate, client, ms, on_bed, probe, tput_header, verdict, wait_ready, wire_bare,
-};
+use super::{Args, Mesh, ReadyWatch, alternate, client, probe, tput_header, wait_ready, wire_bare};
+use crate::common::{Verdict, ms, on_bed, verdict};
 use crate::percentile;
 
 fn one_host(tag: &str, workloads: impl IntoIterator<Item = String>) -> anyhow::Result<Topology> {
@@ -57,7 +56,7 @@ pub(crate) async fn throughput(args: &Args, bin: &Path) -> anyhow::Result<Vec<Ve
         println!("\nSame-node vWire vs bare veth pair between the same two namespaces:\n");
         println!("{}", tput_header("bare veth"));
         let mut v = a.report("same node", [0.95, 0.90]);
-        let rtt_delta = super::median(&a.rtt[1]) - super::median(&a.rtt[0]);
+        let rtt_delta = crate::common::median(&a.rtt[1]) - crate::common::median(&a.rtt[0]);
         v.push(verdict(
             "same node: RTT ≤ floor + 10 µs",
             format!("{rtt_delta:+.0} µs"),
@@ -117,7 +116,7 @@ pub(crate) async fn setup(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict
                 .create_client(client(&format!("c{i}"), "bench", &bed.netns_path(&ns), "ep-e", "nsm-1"))
                 .await?;
             let (_, d) = watch.ready(&format!("c{i}")).await?;
-            if super::debug() {
+            if crate::common::debug() {
                 eprintln!("c{i}: ready after {:?}", t.elapsed());
             }
             if !probe(bed.ns(&ns), d, Duration::from_secs(5))? {

@@ -10,7 +10,8 @@ use futures::{StreamExt, TryStreamExt};
 use nsm_api::nsm::v1;
 use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 
-use super::{Args, Echo, Mesh, Verdict, client, cpu_time, echo_probe, first_addr, on_bed, proc_usage, verdict};
+use super::{Args, Echo, Mesh, client, echo_probe, first_addr};
+use crate::common::{Verdict, cpu_time, on_bed, proc_usage, verdict};
 
 pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
     let n = args.scale;
