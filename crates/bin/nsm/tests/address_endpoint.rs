@@ -20,17 +20,6 @@ fn host(name: &str, addr: &str) -> HostSpec {
     }
 }
 
-fn node_args(bed: &Testbed, host: &str, addr: &str) -> Vec<String> {
-    vec![
-        "--host-netns".to_string(),
-        bed.netns_path(host).display().to_string(),
-        "--underlay-address".into(),
-        addr.into(),
-        "--listen".into(),
-        format!("tcp://127.0.0.1:{}", free_port()),
-    ]
-}
-
 fn nat_set(bed: &Testbed, host: &str) -> String {
     let o = bed.exec(host, &["nft", "list", "set", "inet", "nsm", "gw4"]);
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -58,7 +47,7 @@ async fn seed_commands_give_a_pod_a_vwire_to_a_vm() {
     .unwrap();
     let pod = bed.netns_path("pod").display().to_string();
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
-    let mut a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11"));
+    let mut a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
     let vm: IpAddr = "10.0.0.5".parse().unwrap();
     assert!(!bed.ping("pod", vm, 1), "the pod starts with no way to the VM");
 
@@ -210,8 +199,8 @@ async fn address_endpoint_on_an_nsm_host_gets_a_tunnel() {
     .unwrap();
     let pod = bed.netns_path("pod").display().to_string();
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
-    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11"));
-    let b = NodeProc::start_with(&registry.url(), "server", &node_args(&bed, "srv", "10.0.0.7"));
+    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
+    let b = NodeProc::start_with(&registry.url(), "server", &node_args(&bed, "srv", "10.0.0.7", &[]));
     let srv_links = link_names(&bed, "srv").await;
 
     ok(nsmctl(

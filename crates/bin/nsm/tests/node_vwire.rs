@@ -415,46 +415,11 @@ async fn endpoint_namespace_gone_heals_to_another() {
 /// full-size packets through without fragmentation, and removed from both hosts on delete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_node_vxlan_vwire() {
-    let bed = Testbed::up(Topology {
-        prefix: unique_prefix("xn"),
-        hosts: vec![
-            HostSpec {
-                name: "h1".into(),
-                underlay_addr: "192.0.2.11".parse().unwrap(),
-            },
-            HostSpec {
-                name: "h2".into(),
-                underlay_addr: "192.0.2.12".parse().unwrap(),
-            },
-        ],
-        workloads: vec![
-            WorkloadSpec {
-                name: "pod".into(),
-                host: "h1".into(),
-            },
-            WorkloadSpec {
-                name: "svc".into(),
-                host: "h2".into(),
-            },
-        ],
-        address_hosts: vec![],
-    })
-    .await
-    .unwrap();
+    let bed = two_hosts("xn").await;
     let path = |n: &str| bed.netns_path(n).display().to_string();
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
-    let node_args = |host: &str, addr: &str| {
-        vec![
-            "--host-netns".to_string(),
-            path(host),
-            "--underlay-address".into(),
-            addr.into(),
-            "--listen".into(),
-            format!("tcp://127.0.0.1:{}", free_port()),
-        ]
-    };
-    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args("h1", "192.0.2.11"));
-    let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args("h2", "192.0.2.12"));
+    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
+    let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &[]));
 
     ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.70.0.0/24"]));
     ok(nsmctl(

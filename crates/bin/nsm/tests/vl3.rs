@@ -101,16 +101,8 @@ impl Mesh {
         let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
         let mut nodes = BTreeMap::new();
         for (i, h) in hosts.iter().enumerate() {
-            let args = vec![
-                "--host-netns".to_string(),
-                bed.netns_path(h).display().to_string(),
-                "--underlay-address".into(),
-                format!("192.0.2.{}", 11 + i),
-                "--listen".into(),
-                format!("tcp://127.0.0.1:{}", free_port()),
-                "--dns-forward".into(),
-                dns.to_string(),
-            ];
+            let addr = format!("192.0.2.{}", 11 + i);
+            let args = node_args(&bed, h, &addr, &["--dns-forward", &dns.to_string()]);
             nodes.insert(h.to_string(), NodeProc::start_with(&registry.url(), h, &args));
         }
         Mesh { bed, registry, nodes }

@@ -12,50 +12,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::*;
-use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec};
+use nsm_testbed::Testbed;
 use nsm_testing::NsmRegistry;
-
-async fn two_hosts(tag: &str) -> Testbed {
-    Testbed::up(Topology {
-        prefix: nsm_testbed::unique_prefix(tag),
-        hosts: vec![
-            HostSpec {
-                name: "h1".into(),
-                underlay_addr: "192.0.2.11".parse().unwrap(),
-            },
-            HostSpec {
-                name: "h2".into(),
-                underlay_addr: "192.0.2.12".parse().unwrap(),
-            },
-        ],
-        workloads: vec![
-            WorkloadSpec {
-                name: "pod".into(),
-                host: "h1".into(),
-            },
-            WorkloadSpec {
-                name: "svc".into(),
-                host: "h2".into(),
-            },
-        ],
-        address_hosts: vec![],
-    })
-    .await
-    .unwrap()
-}
-
-fn node_args(bed: &Testbed, host: &str, addr: &str, extra: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        "--host-netns".to_string(),
-        bed.netns_path(host).display().to_string(),
-        "--underlay-address".into(),
-        addr.into(),
-        "--listen".into(),
-        format!("tcp://127.0.0.1:{}", free_port()),
-    ];
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
 
 fn dst_of(j: &serde_json::Value) -> String {
     j["status"]["dstIpAddrs"][0]

@@ -212,3 +212,48 @@ pub fn udp_source(
     }
     None
 }
+
+/// Two hosts on the underlay (h1 192.0.2.11, h2 192.0.2.12), a workload `pod` on h1 and `svc` on h2.
+pub async fn two_hosts(tag: &str) -> Testbed {
+    nsm_testbed::Testbed::up(nsm_testbed::Topology {
+        prefix: nsm_testbed::unique_prefix(tag),
+        hosts: vec![
+            nsm_testbed::HostSpec {
+                name: "h1".into(),
+                underlay_addr: "192.0.2.11".parse().unwrap(),
+            },
+            nsm_testbed::HostSpec {
+                name: "h2".into(),
+                underlay_addr: "192.0.2.12".parse().unwrap(),
+            },
+        ],
+        workloads: vec![
+            nsm_testbed::WorkloadSpec {
+                name: "pod".into(),
+                host: "h1".into(),
+            },
+            nsm_testbed::WorkloadSpec {
+                name: "svc".into(),
+                host: "h2".into(),
+            },
+        ],
+        address_hosts: vec![],
+    })
+    .await
+    .unwrap()
+}
+
+/// `nsm node` flags for a daemon of test-bed host `host` (its namespace, underlay address, a TCP
+/// listener other nodes reach it on), plus `extra`.
+pub fn node_args(bed: &Testbed, host: &str, addr: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--host-netns".to_string(),
+        bed.netns_path(host).display().to_string(),
+        "--underlay-address".into(),
+        addr.into(),
+        "--listen".into(),
+        format!("tcp://127.0.0.1:{}", free_port()),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
