@@ -310,11 +310,7 @@ impl Vl3Plane {
     pub(crate) async fn ensure_router(&mut self, vl3: &Vl3) -> Result<&Router, String> {
         let name = router_netns(&self.node, &vl3.name);
         let path = nsm_dataplane::named_path(&name);
-        let current = std::fs::metadata(&path).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino())
-        });
-        let stale = self.routers.get(&vl3.name).is_some_and(|r| Some(r.identity) != current);
+        let stale = self.routers.contains_key(&vl3.name) && !self.router_standing(&vl3.name);
         if stale {
             tracing::warn!(vl3 = %vl3.name, netns = %name, "vL3 router namespace vanished; rebuilding");
             self.routers.remove(&vl3.name);
@@ -358,6 +354,16 @@ impl Vl3Plane {
             );
         }
         Ok(self.routers.get(&vl3.name).expect("inserted"))
+    }
+
+    /// Whether this node runs a router of `vl3` whose namespace is still the one it built.
+    pub(crate) fn router_standing(&self, vl3: &str) -> bool {
+        let Some(r) = self.routers.get(vl3) else { return false };
+        let current = std::fs::metadata(nsm_dataplane::named_path(&r.netns)).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        current == Some(r.identity)
     }
 
     /// Serves the vL3's names on port 53 of the router namespace (every gateway address).

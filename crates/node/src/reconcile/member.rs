@@ -79,14 +79,10 @@ impl Reconciler {
         })
     }
 
-    /// What a router of `vl3` needs to converge: every lease, node addresses, and the services on
-    /// it with what they may reach.
-    async fn vl3_inputs(
-        &mut self,
-        vl3: &Vl3,
-    ) -> Result<(Vec<Lease>, HashMap<String, IpAddr>, Vec<(String, Vec<String>)>), NotReady> {
-        let leases = self.leases_of(&vl3.name).await?;
-        let nodes = self
+    /// Brings this node's router of `vl3` in line with `leases`, the nodes' addresses and the
+    /// services on the vL3 with what they may reach.
+    async fn converge(&mut self, vl3: &Vl3, leases: &[Lease]) -> Result<(), NotReady> {
+        let nodes: HashMap<String, IpAddr> = self
             .list(Kind::Node)
             .await?
             .iter()
@@ -96,7 +92,7 @@ impl Reconciler {
                 _ => None,
             })
             .collect();
-        let services = self
+        let services: Vec<(String, Vec<String>)> = self
             .list(Kind::NetworkService)
             .await?
             .iter()
@@ -124,7 +120,10 @@ impl Reconciler {
                 _ => None,
             })
             .collect();
-        Ok((leases, nodes, services))
+        self.vl3
+            .converge(vl3, leases, &nodes, &services)
+            .await
+            .map_err(|e| failed(format!("vL3 router: {e}")))
     }
 
     /// Every lease of `vl3` (from a resync pass's listing when there is one).
@@ -145,11 +144,11 @@ impl Reconciler {
                 }
                 Err(_) => continue,
             };
-            let Ok((leases, nodes, services)) = self.vl3_inputs(&vl3).await else {
+            let Ok(leases) = self.leases_of(&vl3.name).await else {
                 continue;
             };
-            if let Err(e) = self.vl3.converge(&vl3, &leases, &nodes, &services).await {
-                tracing::warn!(vl3 = %name, error = %e, "vL3 router");
+            if let Err(e) = self.converge(&vl3, &leases).await {
+                tracing::warn!(vl3 = %name, error = %e.reason, "vL3 router");
             }
         }
     }
@@ -175,11 +174,12 @@ impl Reconciler {
                 "network service {member_service:?} is on vL3 {vl3_name:?}, which does not exist"
             )));
         };
-        let (mut leases, nodes, services) = self.vl3_inputs(&vl3).await?;
-        self.vl3
-            .converge(&vl3, &leases, &nodes, &services)
-            .await
-            .map_err(|e| failed(format!("vL3 router: {e}")))?;
+        let mut leases = self.leases_of(&vl3.name).await?;
+        // Lease, node and service changes converge every router as they happen (and each resync
+        // does): a member only needs it when its router is missing or was lost.
+        if !self.vl3.router_standing(&vl3.name) {
+            self.converge(&vl3, &leases).await?;
+        }
 
         // The member's address: the one it had if it is still ours to give, else a free one, else
         // from a new lease.
@@ -252,10 +252,7 @@ impl Reconciler {
                         member: member_service.clone(),
                     });
                 }
-                self.vl3
-                    .converge(&vl3, &leases, &nodes, &services)
-                    .await
-                    .map_err(|e| failed(format!("vL3 router: {e}")))?;
+                self.converge(&vl3, &leases).await?;
                 pick(&mine(&leases)).ok_or_else(|| failed(format!("no free address in {got}")))?
             }
         };
