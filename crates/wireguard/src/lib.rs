@@ -11,6 +11,7 @@
 
 mod error;
 pub mod keys;
+pub mod peer;
 mod proto;
 mod stats;
 mod tunnel;
@@ -18,6 +19,7 @@ pub mod wire;
 
 pub use error::WgError;
 pub use keys::{decode_key, encode_key, generate_preshared_key, generate_private_key, public_key};
+pub use peer::Peer;
 pub use stats::{DropReason, Drops, Stats};
 pub use tunnel::{ActiveOffloads, DEFAULT_MTU, Offloads, PeerConfig, Tunnel, TunnelConfig};
 

@@ -13,7 +13,7 @@ use crate::stats::DropReason;
 
 /// What the core wants done with what it wrote at the start of `dst` (lengths in bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
+pub enum Outcome {
     /// Nothing to send or deliver (a queued packet, a keepalive, a cookie taken in).
     Done,
     /// Send `dst[..n]` to the peer.
@@ -39,10 +39,17 @@ pub(crate) trait Protocol: Send {
     fn initiate(&mut self, dst: &mut [u8]) -> Outcome;
     /// Time since the last completed handshake.
     fn since_handshake(&self) -> Option<Duration>;
+    /// Whether `receiver` (the receiver index of a handshake response, cookie reply or data
+    /// message) names one of this core's sessions or handshakes.
+    fn owns(&self, receiver: u32) -> bool;
 }
 
 /// boringtun's `Tunn`.
-pub(crate) struct Boringtun(Tunn);
+pub(crate) struct Boringtun {
+    tunn: Tunn,
+    /// The 24-bit index: boringtun's local indices are `index << 8 | session counter`.
+    index: u32,
+}
 
 impl Boringtun {
     pub(crate) fn new(
@@ -52,15 +59,19 @@ impl Boringtun {
         keepalive: Option<u16>,
         index: u32,
     ) -> Boringtun {
-        Boringtun(Tunn::new(
-            x25519::StaticSecret::from(private_key),
-            x25519::PublicKey::from(peer_public),
-            preshared_key,
-            keepalive,
-            // boringtun shifts the index left by 8 bits for its session ring: 24 bits are used.
-            index & 0x00ff_ffff,
-            None,
-        ))
+        // boringtun shifts the index left by 8 bits for its session ring: 24 bits are used.
+        let index = index & 0x00ff_ffff;
+        Boringtun {
+            tunn: Tunn::new(
+                x25519::StaticSecret::from(private_key),
+                x25519::PublicKey::from(peer_public),
+                preshared_key,
+                keepalive,
+                index,
+                None,
+            ),
+            index,
+        }
     }
 }
 
@@ -96,7 +107,7 @@ pub(crate) fn classify(e: &WireGuardError) -> DropReason {
 
 impl Protocol for Boringtun {
     fn encapsulate(&mut self, packet: &[u8], dst: &mut [u8]) -> Outcome {
-        outcome(dst.as_ptr(), self.0.encapsulate(packet, dst))
+        outcome(dst.as_ptr(), self.tunn.encapsulate(packet, dst))
     }
 
     fn decapsulate(&mut self, from: Option<IpAddr>, datagram: &[u8], dst: &mut [u8]) -> Outcome {
@@ -104,22 +115,26 @@ impl Protocol for Boringtun {
             // boringtun reads an empty datagram as "flush the queue".
             return Outcome::Dropped(DropReason::Malformed);
         }
-        outcome(dst.as_ptr(), self.0.decapsulate(from, datagram, dst))
+        outcome(dst.as_ptr(), self.tunn.decapsulate(from, datagram, dst))
     }
 
     fn next_queued(&mut self, dst: &mut [u8]) -> Outcome {
-        outcome(dst.as_ptr(), self.0.decapsulate(None, &[], dst))
+        outcome(dst.as_ptr(), self.tunn.decapsulate(None, &[], dst))
     }
 
     fn tick(&mut self, dst: &mut [u8]) -> Outcome {
-        outcome(dst.as_ptr(), self.0.update_timers(dst))
+        outcome(dst.as_ptr(), self.tunn.update_timers(dst))
     }
 
     fn initiate(&mut self, dst: &mut [u8]) -> Outcome {
-        outcome(dst.as_ptr(), self.0.format_handshake_initiation(dst, false))
+        outcome(dst.as_ptr(), self.tunn.format_handshake_initiation(dst, false))
     }
 
     fn since_handshake(&self) -> Option<Duration> {
-        self.0.stats().0
+        self.tunn.stats().0
+    }
+
+    fn owns(&self, receiver: u32) -> bool {
+        receiver >> 8 == self.index
     }
 }

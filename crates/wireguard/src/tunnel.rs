@@ -25,10 +25,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nsm_dataplane::NetNs;
 use parking_lot::Mutex;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use rand_core::{OsRng, RngCore};
 use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-use crate::proto::{Boringtun, Outcome, Protocol};
+use crate::peer::{Outcome, Peer};
 use crate::stats::{Counters, DropReason, Stats};
 use crate::wire::{self, MessageKind};
 use crate::{WgError, keys};
@@ -133,7 +132,7 @@ const TIMER_EVERY: Duration = Duration::from_millis(250);
 const HDR: usize = VIRTIO_NET_HDR_LEN;
 
 struct PeerState {
-    proto: Box<dyn Protocol>,
+    proto: Peer,
     endpoint: Option<SocketAddr>,
 }
 
@@ -284,20 +283,14 @@ impl Tunnel {
             udp_gso_segments: if gso { udp_state.max_gso_segments() } else { 1 },
             udp_gro_segments: gro_segments,
         };
-        let proto = Boringtun::new(
-            private_key,
-            peer.public_key,
-            peer.preshared_key,
-            peer.keepalive,
-            OsRng.next_u32(),
-        );
+        let proto = Peer::new(private_key, peer.public_key, peer.preshared_key, peer.keepalive);
         let shared = Arc::new(Shared {
             name: name.clone(),
             tun,
             udp,
             udp_state,
             peer: Mutex::new(PeerState {
-                proto: Box::new(proto),
+                proto,
                 endpoint: peer.endpoint,
             }),
             allowed: peer.allowed_ips,
@@ -344,6 +337,48 @@ impl Tunnel {
     /// The peer's current endpoint (learnt from authenticated packets if not configured).
     pub fn peer_endpoint(&self) -> Option<SocketAddr> {
         self.shared.peer.lock().endpoint
+    }
+
+    /// Changes our static private key without a gap in traffic: the running session carries on
+    /// until the peer, given our new public key out of band (and [`Tunnel::set_peer_public_key`]
+    /// there), completes a handshake with it; then the new keys take over.
+    pub fn set_private_key(&self, private_key: [u8; 32]) {
+        let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
+        let (out, dest) = {
+            let mut peer = self.shared.peer.lock();
+            (peer.proto.set_private_key(private_key, &mut buf), peer.endpoint)
+        };
+        self.send_now(out, dest, &buf);
+    }
+
+    /// Changes the peer's public key (the peer rotated its key) without a gap in traffic: a
+    /// handshake with the new key starts now, and the running session carries on until it
+    /// completes.
+    pub fn set_peer_public_key(&self, public_key: [u8; 32]) {
+        let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
+        let (out, dest) = {
+            let mut peer = self.shared.peer.lock();
+            (peer.proto.set_peer_public_key(public_key, &mut buf), peer.endpoint)
+        };
+        tracing::info!(tun = %self.shared.name, peer = %keys::encode_key(&public_key), "WireGuard peer key changed");
+        self.send_now(out, dest, &buf);
+    }
+
+    fn send_now(&self, out: Outcome, dest: Option<SocketAddr>, buf: &[u8]) {
+        if let (Outcome::Network(n), Some(dest)) = (out, dest) {
+            self.shared.send(dest, &buf[..n], None);
+        }
+    }
+
+    /// Our public key and the peer's as wanted now (the new ones while a key change is pending).
+    pub fn keys(&self) -> ([u8; 32], [u8; 32]) {
+        let peer = self.shared.peer.lock();
+        (peer.proto.public_key(), peer.proto.peer_public_key())
+    }
+
+    /// Whether a key change waits for its first handshake (the old keys still carry traffic).
+    pub fn key_change_pending(&self) -> bool {
+        self.shared.peer.lock().proto.key_change_pending()
     }
 
     /// A snapshot of the counters.
@@ -455,14 +490,24 @@ impl Shared {
     }
 
     /// Runs the protocol timers and sends what they ask for (handshake retries, keepalives).
-    fn tick(&self, buf: &mut [u8]) {
-        let (out, dest) = {
+    /// `out` collects the messages so they are sent outside the lock.
+    fn tick(&self, buf: &mut [u8], out: &mut Vec<u8>, lens: &mut Vec<usize>) {
+        out.clear();
+        lens.clear();
+        let dest = {
             let mut peer = self.peer.lock();
-            let out = peer.proto.tick(buf);
-            (out, peer.endpoint)
+            peer.proto.tick(buf, |m| {
+                out.extend_from_slice(m);
+                lens.push(m.len());
+            });
+            peer.endpoint
         };
-        if let (Outcome::Network(n), Some(dest)) = (out, dest) {
-            self.send(dest, &buf[..n], None);
+        if let Some(dest) = dest {
+            let mut at = 0;
+            for &n in lens.iter() {
+                self.send(dest, &out[at..at + n], None);
+                at += n;
+            }
         }
     }
 }
@@ -476,6 +521,8 @@ fn tx_loop(sh: &Shared) {
     let mut arena = vec![0u8; bufs.len() * room + 256];
     let mut lens: Vec<usize> = Vec::with_capacity(bufs.len());
     let mut timer_buf = vec![0u8; 256];
+    let mut timer_out: Vec<u8> = Vec::with_capacity(1024);
+    let mut timer_lens: Vec<usize> = Vec::with_capacity(4);
     let mut last_tick = Instant::now();
 
     // Handshake right away if we know where the peer is, so the first packet does not wait.
@@ -492,7 +539,7 @@ fn tx_loop(sh: &Shared) {
         let readable = wait(sh.tun.as_fd(), PollFlags::POLLIN);
         if last_tick.elapsed() >= TIMER_EVERY {
             last_tick = Instant::now();
-            sh.tick(&mut timer_buf);
+            sh.tick(&mut timer_buf, &mut timer_out, &mut timer_lens);
         }
         if !readable {
             continue;
