@@ -310,8 +310,8 @@ mod tests {
 
         /// Sends `datagram` from side `from` and everything it sets off.
         fn carry(&mut self, from: usize, datagram: Vec<u8>) {
-            let mut queue = vec![(from, datagram)];
-            while let Some((from, d)) = queue.pop() {
+            let mut queue = std::collections::VecDeque::from([(from, datagram)]);
+            while let Some((from, d)) = queue.pop_front() {
                 if let Ok(h) = wire::parse(&d)
                     && h.kind == MessageKind::Data
                 {
@@ -322,10 +322,10 @@ mod tests {
                 match self.peers[to].decapsulate(None, &d, &mut dst) {
                     Outcome::Tunnel(n) => self.got[to].push(seq_of(&dst[..n])),
                     Outcome::Network(n) => {
-                        queue.push((to, dst[..n].to_vec()));
+                        queue.push_back((to, dst[..n].to_vec()));
                         let mut q = vec![0u8; 2048];
                         while let Outcome::Network(n) = self.peers[to].next_queued(&mut q) {
-                            queue.push((to, q[..n].to_vec()));
+                            queue.push_back((to, q[..n].to_vec()));
                         }
                     }
                     Outcome::Dropped(r) => self.dropped.push(r),

@@ -1,0 +1,1 @@
+//! Nothing here: the tests in `tests/` drive [`nsm_wireguard::Peer`] with boringtun's mocked clock.
