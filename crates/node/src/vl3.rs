@@ -22,7 +22,8 @@
 //! Isolation: every router's forward chain admits a packet only when its source's service may
 //! reach its destination's (own service, the vL3's shared members, or the service's `reach`),
 //! recognised by the leased prefixes; strict reverse-path filtering stops a member from borrowing
-//! another's address. Replies pass as established connections.
+//! another's address. Where some service reaches another one-way, replies pass as established
+//! connections; otherwise the router tracks no connections at all.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -219,7 +220,13 @@ pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Ve
     s += "  chain prerouting {\n    type filter hook prerouting priority raw; policy accept;\n";
     s += "    fib saddr . iif oif missing drop comment \"a member may only use its own address\"\n  }\n";
     s += "  chain forward {\n    type filter hook forward priority filter; policy drop;\n";
-    s += "    ct state established,related accept\n";
+    // Replies need connection tracking only when some service reaches one that may not reach it
+    // back. Without a `ct` rule the kernel tracks nothing in the router's namespace: no per-packet
+    // conntrack lookup and no table to fill.
+    let others: BTreeSet<&str> = members.keys().map(String::as_str).filter(|m| *m != vl3.name).collect();
+    if !reach_is_symmetric(&others, services) {
+        s += "    ct state established,related accept\n";
+    }
     let shared = &set_of[vl3.name.as_str()];
     s += &format!("    {saddr} @{shared} accept comment \"shared members reach everyone\"\n");
     s += &format!("    {daddr} @{shared} accept comment \"everyone reaches shared members\"\n");
@@ -238,6 +245,21 @@ pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Ve
     }
     s += "  }\n}\n";
     s
+}
+
+/// Whether, among the member services `names` (not the shared members, who reach and are reached
+/// by everyone), each that may reach another is reachable from it in turn. A name without an
+/// entry in `services` reaches only itself.
+fn reach_is_symmetric(names: &BTreeSet<&str>, services: &[(String, Vec<String>)]) -> bool {
+    let reaches = |from: &str, to: &str| {
+        from == to
+            || services
+                .iter()
+                .any(|(s, r)| s == from && r.iter().any(|x| x == "*" || x == to))
+    };
+    names
+        .iter()
+        .all(|a| names.iter().all(|b| reaches(a, b) == reaches(b, a)))
 }
 
 impl Vl3Plane {
@@ -724,5 +746,35 @@ mod tests {
             ..vl3()
         };
         assert!(filter_script(&v6, &[], &services).contains("ip6 saddr"));
+        // linkerd reaches istio but not back: replies need connection tracking.
+        assert!(f.contains("ct state established,related accept"), "{f}");
+    }
+
+    #[test]
+    fn connection_tracking_only_for_one_way_reach() {
+        let svc = |s: &str, r: &[&str]| (s.to_owned(), r.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>());
+        let tracked = |services: &[(String, Vec<String>)]| filter_script(&vl3(), &[], services).contains("ct state");
+        assert!(!tracked(&[]), "no services: shared members only");
+        assert!(!tracked(&[svc("a", &[]), svc("b", &[])]), "isolated services");
+        assert!(!tracked(&[svc("a", &["b"]), svc("b", &["a"])]), "mutual reach");
+        assert!(tracked(&[svc("a", &["b"]), svc("b", &[])]), "one-way reach");
+        assert!(
+            tracked(&[svc("a", &["*"]), svc("b", &[])]),
+            "a reaches all, b does not reach a"
+        );
+        assert!(
+            !tracked(&[svc("a", &["*"]), svc("b", &["*"])]),
+            "everyone reaches everyone"
+        );
+        let lease = Lease {
+            prefix: "172.16.0.0/24".parse().unwrap(),
+            node: "n".into(),
+            member: "c".into(),
+        };
+        let f = filter_script(&vl3(), &[lease], &[svc("a", &["*"])]);
+        assert!(
+            f.contains("ct state"),
+            "a reaches c (a lease without a service), not back: {f}"
+        );
     }
 }
