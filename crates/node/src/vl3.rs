@@ -47,6 +47,8 @@ pub(crate) struct Vl3 {
     /// Upstream name.
     pub(crate) name: String,
     pub(crate) pool: IpNet,
+    /// Length of the prefixes routers lease from the pool.
+    pub(crate) prefix_len: u8,
     pub(crate) dns_template: String,
 }
 
@@ -643,6 +645,7 @@ mod tests {
         Vl3 {
             name: "mesh".into(),
             pool: "172.16.0.0/16".parse().unwrap(),
+            prefix_len: 24,
             dns_template: "{client}.{service}.".into(),
         }
     }

@@ -67,9 +67,15 @@ impl Reconciler {
                 let spec = s.spec.unwrap_or_default();
                 (spec.r#type == pb::ServiceType::Vl3 as i32 && spec.vl3.is_empty())
                     .then(|| {
+                        let pool: IpNet = spec.cidr.parse().ok()?;
+                        let prefix_len = match spec.prefix_len {
+                            0 => nsm_model::validate::default_prefix_len(&pool),
+                            n => n,
+                        };
                         Some(Vl3 {
                             name: name.to_owned(),
-                            pool: spec.cidr.parse().ok()?,
+                            pool,
+                            prefix_len: u8::try_from(prefix_len).ok()?,
                             dns_template: spec.dns_template,
                         })
                     })
@@ -229,10 +235,10 @@ impl Reconciler {
         let (addr, lease) = match pick(&mine(&leases)) {
             Some(x) => x,
             None => {
-                let plen = leases.first().map(|l| l.prefix.prefix_len());
+                // The prefix that held the member's previous address, even when no lease of
+                // the vL3 is left to tell its length.
                 let wanted = previous
-                    .zip(plen)
-                    .and_then(|(p, len)| IpNet::new(p, len).ok().map(|n| n.trunc()))
+                    .and_then(|p| IpNet::new(p, vl3.prefix_len).ok().map(|n| n.trunc()))
                     .filter(|n| vl3.pool.contains(n));
                 let got = self
                     .vl3
