@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nsm_api::nsm::v1;
-use nsm_testbed::Testbed;
+use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
 use tonic::transport::Channel;
 
 /// Prints the summary table: every figure against its target.
@@ -44,6 +44,33 @@ pub(crate) fn verdict(target: impl Into<String>, figure: impl Into<String>, met:
         figure: figure.into(),
         met,
     }
+}
+
+/// Underlay addresses of the two hosts of [`two_hosts`].
+pub(crate) const H1: &str = "192.0.2.11";
+pub(crate) const H2: &str = "192.0.2.12";
+
+/// Two test-bed hosts `h1` ([`H1`]) and `h2` ([`H2`]) on one underlay, with `workloads` as
+/// (name, host) pairs: the cross-node test bed.
+pub(crate) fn two_hosts(tag: &str, workloads: Vec<(String, &str)>) -> anyhow::Result<Topology> {
+    let host = |name: &str, addr: &str| -> anyhow::Result<HostSpec> {
+        Ok(HostSpec {
+            name: name.into(),
+            underlay_addr: addr.parse()?,
+        })
+    };
+    Ok(Topology {
+        prefix: unique_prefix(tag),
+        hosts: vec![host("h1", H1)?, host("h2", H2)?],
+        workloads: workloads
+            .into_iter()
+            .map(|(name, host)| WorkloadSpec {
+                name,
+                host: host.into(),
+            })
+            .collect(),
+        address_hosts: vec![],
+    })
 }
 
 /// Runs `f` on a test bed built from `topology` and tears the bed down afterwards, also when `f`
@@ -115,17 +142,42 @@ pub(crate) fn iperf(
     streams: u32,
     seconds: u32,
 ) -> anyhow::Result<f64> {
+    let _srv = iperf_server(bed, server, server_ip)?;
+    Ok(iperf_client(bed, client, server_ip, streams, seconds)?.gbps)
+}
+
+/// A one-shot iperf3 server on `ip` in `server`'s namespace, ready for one client; killed when
+/// dropped.
+pub(crate) fn iperf_server(bed: &Testbed, server: &str, ip: IpAddr) -> anyhow::Result<Proc> {
     let path = bed.netns_path(server);
     let srv = Proc(
         Command::new("nsenter")
             .arg(format!("--net={}", path.display()))
-            .args(["--", "iperf3", "-s", "-1", "-B", &server_ip.to_string()])
+            .args(["--", "iperf3", "-s", "-1", "-B", &ip.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("iperf3 (Debian package iperf3)")?,
     );
     std::thread::sleep(Duration::from_millis(300));
+    Ok(srv)
+}
+
+/// What the receiving end of one iperf3 run counted.
+pub(crate) struct IperfRun {
+    pub(crate) gbps: f64,
+    /// Bytes received.
+    pub(crate) bytes: f64,
+}
+
+/// An iperf3 client in `client`'s namespace against a server started by [`iperf_server`].
+pub(crate) fn iperf_client(
+    bed: &Testbed,
+    client: &str,
+    server_ip: IpAddr,
+    streams: u32,
+    seconds: u32,
+) -> anyhow::Result<IperfRun> {
     let out = bed.exec(
         client,
         &[
@@ -139,12 +191,12 @@ pub(crate) fn iperf(
             "-J",
         ],
     );
-    drop(srv);
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-    j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .ok_or_else(|| anyhow::anyhow!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)))
+    let sum = &j["end"]["sum_received"];
+    match (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) {
+        (Some(bps), Some(bytes)) => Ok(IperfRun { gbps: bps / 1e9, bytes }),
+        _ => bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)),
+    }
 }
 
 /// RTTs in µs of `count` pings 10 ms apart.
@@ -220,7 +272,11 @@ pub(crate) fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     // Fields after the command name (which may hold spaces) start at field 3; utime is 14, stime 15.
     let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    ticks(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+}
+
+/// `n` clock ticks (the unit of /proc's CPU times) as a duration.
+pub(crate) fn ticks(n: u64) -> anyhow::Result<Duration> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("CLK_TCK")? as u64;
-    Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+    Ok(Duration::from_nanos(n * 1_000_000_000 / hz))
 }

@@ -5,6 +5,9 @@
 //! the registry's RSS, and the time a `kill -9`-ed registry takes to serve again.
 //!
 //! `nsm-bench vwire` measures vWires against bare kernel wiring in the same run (see `vwire.rs`).
+//!
+//! `nsm-bench wireguard` compares nsm's WIREGUARD vWire with stock userspace WireGuard and with
+//! nsm's clear-text VXLAN vWire on one two-host test bed (see `wireguard.rs`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,6 +23,7 @@ use tonic::transport::Channel;
 mod common;
 mod vl3;
 mod vwire;
+mod wireguard;
 
 #[derive(Parser)]
 #[command(name = "nsm-bench", about = "nsm benchmarks (see docs/BENCHMARKS.md)")]
@@ -38,6 +42,9 @@ enum Cmd {
     /// vL3 (root): nodes × members joining, all-pairs reachability, throughput against a cross-node
     /// vWire, join latency, many members (RSS, router state).
     Vl3(vl3::Args),
+    /// WireGuard (root): TCP throughput, RTT and CPU per gigabit through nsm's WIREGUARD vWire,
+    /// wireguard-go, boringtun-cli and nsm's VXLAN vWire between the same two workloads.
+    Wireguard(wireguard::Args),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -386,6 +393,13 @@ fn main() -> anyhow::Result<()> {
                     None => default_bin()?,
                 };
                 vl3::run(a, bin).await
+            }
+            Cmd::Wireguard(a) => {
+                let bin = match &a.nsm_bin {
+                    Some(b) => b.clone(),
+                    None => default_bin()?,
+                };
+                wireguard::run(a, bin).await
             }
         }
     })

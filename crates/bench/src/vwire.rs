@@ -225,14 +225,23 @@ impl Mesh {
 
     /// Creates network service `name` with address pool `cidr`.
     pub(crate) async fn service(&mut self, name: &str, cidr: &str) -> anyhow::Result<()> {
+        self.service_spec(
+            name,
+            v1::NetworkServiceSpec {
+                cidr: cidr.into(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Creates network service `name` with `spec`.
+    pub(crate) async fn service_spec(&mut self, name: &str, spec: v1::NetworkServiceSpec) -> anyhow::Result<()> {
         self.res
             .create(v1::CreateRequest {
                 resource: resource(v1::resource::Kind::NetworkService(v1::NetworkService {
                     metadata: meta(name),
-                    spec: Some(v1::NetworkServiceSpec {
-                        cidr: cidr.into(),
-                        ..Default::default()
-                    }),
+                    spec: Some(spec),
                 })),
             })
             .await?;

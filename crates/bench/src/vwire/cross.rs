@@ -8,18 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use ipnet::IpNet;
 use nsm_dataplane::{NetNs, Netlink};
-use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use nsm_testbed::Testbed;
 
 use super::{Args, Mesh, ReadyWatch, alternate, client, probe, tput_header, wait_ready};
-use crate::common::{Verdict, ms, on_bed, verdict};
+use crate::common::{H1, H2, Verdict, ms, on_bed, two_hosts, verdict};
 use crate::percentile;
 
 /// The IANA VXLAN port, which nsm uses.
 const VXLAN_PORT: u16 = 4789;
 /// Underlay MTU 1500 less 50 bytes of VXLAN over IPv4, as nsm sets it.
 const VXLAN_MTU: u32 = 1450;
-const H1: &str = "192.0.2.11";
-const H2: &str = "192.0.2.12";
 
 /// How a hand-built VXLAN end gets into the workload's namespace.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -115,24 +113,9 @@ async fn floor(bed: &Testbed, m: usize, build: Build) -> anyhow::Result<Vec<Dura
 
 pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
     let m = args.cross_clients;
-    let host = |name: &str, addr: &str| -> anyhow::Result<HostSpec> {
-        Ok(HostSpec {
-            name: name.into(),
-            underlay_addr: addr.parse()?,
-        })
-    };
-    let on = |name: String, host: &str| WorkloadSpec {
-        name,
-        host: host.into(),
-    };
-    let mut workloads = vec![on("x".into(), "h1"), on("y".into(), "h2")];
-    workloads.extend((0..m).map(|i| on(format!("q{i}"), "h1")));
-    let topo = Topology {
-        prefix: unique_prefix("cross"),
-        hosts: vec![host("h1", H1)?, host("h2", H2)?],
-        workloads,
-        address_hosts: vec![],
-    };
+    let mut workloads = vec![("x".to_string(), "h1"), ("y".to_string(), "h2")];
+    workloads.extend((0..m).map(|i| (format!("q{i}"), "h1")));
+    let topo = two_hosts("cross", workloads)?;
     on_bed(topo, async |bed: &Testbed| {
         // The floor's pair between x and y, built the way the issue describes (created in the
         // host's namespace, moved into the workload's), left standing beside nsm's.
