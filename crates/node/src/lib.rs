@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use reconcile::run;
+pub use remote::MAX_RESYNC;
 
 /// How the daemon runs.
 #[derive(Clone)]

@@ -118,9 +118,84 @@ fn unreachable_registry(s: &tonic::Status) -> NotReady {
 enum Trigger {
     Client(Box<pb::Client>, bool /* deleted */),
     Endpoints,
-    /// Prefix leases or network services changed: vL3 routers re-converge.
+    /// Prefix leases, network services or nodes changed: vL3 routers re-converge, pending
+    /// clients are retried.
     Vl3,
+    /// Clients that are not Ready are retried; expired remote ends are swept.
+    Retry,
+    /// A named network namespace was removed (`ip netns del`): the vWires in or to it go.
+    NetnsGone(String),
+    /// A named network namespace appeared: a client waiting for it may now be built.
+    NetnsAdded,
+    /// The safety net: every vWire is checked against the kernel, its counters refreshed and its
+    /// remote end re-requested.
     Resync,
+}
+
+/// How often clients that are not Ready are retried (at most; `--resync` when shorter). Costs
+/// nothing when every client is Ready.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends `make()` every `every`, the first one at once.
+fn spawn_ticker(every: std::time::Duration, make: fn() -> Trigger, tx: mpsc::Sender<Trigger>) {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            if tx.send(make()).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Turns named namespaces coming and going into triggers, so that a workload's namespace being
+/// removed is handled at once and not at the next resync. Namespaces named by `/proc/PID/ns/net`
+/// have no such event; the resync covers them.
+fn spawn_netns_watch(tx: mpsc::Sender<Trigger>) {
+    use futures::StreamExt as _;
+    use inotify::{Inotify, WatchMask};
+    let dir = std::path::Path::new(nsm_dataplane::NETNS_RUN_DIR);
+    let stream = std::fs::create_dir_all(dir).and_then(|()| {
+        let ino = Inotify::init()?;
+        ino.watches().add(
+            dir,
+            WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_FROM | WatchMask::MOVED_TO,
+        )?;
+        ino.into_event_stream([0u8; 4096])
+    });
+    let mut events = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch named namespaces; removed ones are noticed at the next resync");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            let trigger = match ev {
+                Ok(ev) => {
+                    let Some(name) = ev.name.as_ref().and_then(|n| n.to_str()) else {
+                        continue;
+                    };
+                    let gone = ev
+                        .mask
+                        .intersects(inotify::EventMask::DELETE | inotify::EventMask::MOVED_FROM);
+                    if gone {
+                        Trigger::NetnsGone(nsm_dataplane::named_path(name).display().to_string())
+                    } else {
+                        Trigger::NetnsAdded
+                    }
+                }
+                // Events were lost (queue overflow): check everything.
+                Err(_) => Trigger::Resync,
+            };
+            if tx.send(trigger).await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 fn key_of(c: &pb::Client) -> (String, String) {
@@ -277,17 +352,9 @@ pub async fn run(
     spawn_watch(registry.clone(), Kind::Prefix, tx.clone());
     spawn_watch(registry.clone(), Kind::NetworkService, tx.clone());
     spawn_watch(registry.clone(), Kind::Node, tx.clone());
-    let ticker = tx.clone();
-    let every = config.resync;
-    tokio::spawn(async move {
-        let mut t = tokio::time::interval(every);
-        loop {
-            t.tick().await;
-            if ticker.send(Trigger::Resync).await.is_err() {
-                return;
-            }
-        }
-    });
+    spawn_netns_watch(tx.clone());
+    spawn_ticker(config.resync, || Trigger::Resync, tx.clone());
+    spawn_ticker(config.resync.min(RETRY), || Trigger::Retry, tx.clone());
 
     let vl3 = crate::vl3::Vl3Plane::new(
         config.name.clone(),
@@ -336,7 +403,21 @@ pub async fn run(
             t = rx.recv() => match t {
                 Some(Trigger::Client(c, deleted)) => r.on_client(*c, deleted).await,
                 Some(Trigger::Endpoints) => r.resync().await,
-                Some(Trigger::Vl3) => r.converge_vl3s().await,
+                Some(Trigger::Vl3) => {
+                    r.converge_vl3s().await;
+                    // A service or node that a pending client waits for may be what changed.
+                    r.retry().await;
+                }
+                Some(Trigger::Retry) => {
+                    ends.sweep().await;
+                    upstream_conns.sweep(&ends.registry).await;
+                    r.retry().await;
+                }
+                Some(Trigger::NetnsGone(path)) => {
+                    prune_netlink_cache();
+                    r.on_netns_gone(&path).await;
+                }
+                Some(Trigger::NetnsAdded) => r.retry().await,
                 Some(Trigger::Resync) => {
                     prune_netlink_cache();
                     ends.sweep().await;
@@ -466,6 +547,50 @@ impl Reconciler {
             self.reconcile(&key).await;
         }
         self.snapshot = None;
+    }
+
+    /// Retries the clients that are not Ready (nothing to do when all are).
+    async fn retry(&mut self) {
+        let keys: Vec<_> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.status.as_ref().is_none_or(|st| st.phase != Phase::Ready as i32))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.reconcile(&key).await;
+        }
+    }
+
+    /// A named namespace was removed: the clients in it are reconciled (their vWires go), and if
+    /// it held one of this node's endpoints, every client is (those wired to it re-select).
+    async fn on_netns_gone(&mut self, path: &str) {
+        let endpoint_here = match self.list(Kind::Endpoint).await {
+            Ok(items) => items.iter().any(|r| match &r.kind {
+                Some(pb::resource::Kind::Endpoint(e)) => e
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.node == self.config.name && s.netns == path),
+                _ => false,
+            }),
+            Err(_) => true,
+        };
+        if endpoint_here {
+            self.resync().await;
+            return;
+        }
+        let keys: Vec<_> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.spec.as_ref().is_some_and(|s| s.netns == path))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.reconcile(&key).await;
+        }
+        if path.rsplit('/').next().is_some_and(|n| n.starts_with("nsm-vl3-")) {
+            self.converge_vl3s().await;
+        }
     }
 
     /// Records the addresses a client's status holds.

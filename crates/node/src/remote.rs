@@ -39,8 +39,13 @@ pub(crate) mod vxlan {
     pub(crate) const OVERHEAD_V6: u32 = 70;
 }
 
-/// Lifetime of a remote connection that is not refreshed.
-pub(crate) const REMOTE_LIFETIME: Duration = Duration::from_secs(30);
+/// Lifetime of a remote connection that is not refreshed. Client nodes refresh every resync
+/// (30 s by default, at most `MAX_RESYNC`), so an end outlives two missed refreshes; upstream's
+/// tokens live 10 min (NSM_MAX_TOKEN_LIFETIME), which keeps a dead client's end far longer.
+pub(crate) const REMOTE_LIFETIME: Duration = Duration::from_secs(120);
+
+/// The longest `--resync` that still refreshes remote ends well before they expire.
+pub const MAX_RESYNC: Duration = Duration::from_secs(40);
 
 /// One endpoint-side tunnel end this node built.
 #[derive(Clone, Debug)]

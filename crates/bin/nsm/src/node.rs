@@ -43,8 +43,11 @@ pub(crate) struct Args {
     /// encryption fails, one that prefers it gets VXLAN) and offer only VXLAN as a client's.
     #[arg(long)]
     no_wireguard: bool,
-    /// How often counters are refreshed into client statuses and unready clients retried.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// How often every vWire is checked against the kernel, its counters refreshed into its
+    /// client's status and its remote end re-requested (at most 40s: remote ends expire after
+    /// 120 s without a refresh). Changes in the registry and removed named namespaces are acted on
+    /// at once, and clients that are not Ready are retried every 2 s, whatever this says.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     resync: Duration,
     /// DNS servers (IP or IP:PORT, repeatable) to which vL3 routers forward names they do not
     /// know. Default: the nameservers of /etc/resolv.conf.
@@ -63,8 +66,12 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     nsm_model::validate::name("--name", &args.name)?;
-    if args.resync.is_zero() {
-        anyhow::bail!("--resync must be longer than zero");
+    if args.resync.is_zero() || args.resync > nsm_node::MAX_RESYNC {
+        anyhow::bail!(
+            "--resync {}: must be longer than zero and at most {} (remote ends expire without a refresh)",
+            humantime::format_duration(args.resync),
+            humantime::format_duration(nsm_node::MAX_RESYNC)
+        );
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;

@@ -325,7 +325,8 @@ async fn bad_input_is_reported_and_builds_nothing() {
 }
 
 /// An endpoint whose namespace disappears (the workload is gone) stops being selectable: its
-/// clients heal to another endpoint, without anyone deleting the endpoint resource.
+/// clients heal to another endpoint, without anyone deleting the endpoint resource. The node
+/// resyncs only every 40 s here: the removal itself must set the heal off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_namespace_gone_heals_to_another() {
     let bed = Testbed::up(Topology {
@@ -358,7 +359,11 @@ async fn endpoint_namespace_gone_heals_to_another() {
     let epx_path = nsm_dataplane::named_path(&epx).display().to_string();
     let path = |n: &str| bed.netns_path(n).display().to_string();
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
-    let node = NodeProc::start(&registry.url(), "node-a");
+    let node = NodeProc::start_with(
+        &registry.url(),
+        "node-a",
+        &["--underlay-address", "192.0.2.1", "--resync", "40s"].map(String::from),
+    );
     ok(nsmctl(&registry, &["ns", "create", "svc", "--cidr", "10.62.0.0/24"]));
     let ep = |name: &str, netns: &str| {
         ok(nsmctl(

@@ -35,11 +35,13 @@ impl NodeProc {
             registry.into(),
             "--data-dir".into(),
             dir.path().join("data").display().to_string(),
-            "--resync".into(),
-            "300ms".into(),
             "--listen".into(),
             format!("unix://{}", dir.path().join("nsm.sock").display()),
         ];
+        // Tests see resync-driven behaviour quickly, unless one asks for its own interval.
+        if !extra.iter().any(|a| a == "--resync") {
+            args.extend(["--resync".into(), "300ms".into()]);
+        }
         args.extend(extra.iter().cloned());
         let log = dir.path().join("node.log");
         let socket = format!("unix://{}", dir.path().join("nsm.sock").display());
