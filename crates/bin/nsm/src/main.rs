@@ -47,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_fd_limit();
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let workers = cli.worker_threads.unwrap_or(cpus.saturating_sub(1)).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -60,4 +61,19 @@ fn main() -> anyhow::Result<()> {
             Command::Demo(args) => demo::run(args).await,
         }
     })
+}
+
+/// Lifts the soft limit on open files to the hard one: a node daemon keeps two descriptors per
+/// workload namespace (the namespace and its netlink socket) and a registry one per connection,
+/// so the usual soft 1,024 would stop a node at about 500 workloads.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "open files limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
 }
