@@ -59,6 +59,11 @@ pub struct Config {
     /// UDP ports for WireGuard vWire ends; `None`: this node builds no WIREGUARD vWires (it
     /// refuses them as an endpoint's node, and offers only VXLAN as a client's).
     pub wireguard_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// How long the node's WireGuard key is used before it is replaced (counted from when the key
+    /// file was written); `None`: until rotated by hand.
+    pub wireguard_key_lifetime: Option<Duration>,
+    /// Rotates the WireGuard key now when notified (the `nsm node` binary does on SIGUSR1).
+    pub wireguard_rotate: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Why the daemon stopped.

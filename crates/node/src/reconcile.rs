@@ -281,8 +281,8 @@ pub async fn run(
         Some(ports) => {
             let key = wg::load_or_create_key(&config.data_dir)
                 .map_err(|e| NodeError::Registry(format!("WireGuard key in {}: {e}", config.data_dir.display())))?;
-            let wg = Wg::new(key, ports.clone());
-            tracing::info!(public_key = %wg.public_key, ?ports, "WireGuard vWires enabled");
+            let wg = Wg::new(key, ports.clone(), config.data_dir.clone());
+            tracing::info!(public_key = %wg.public_key(), ?ports, "WireGuard vWires enabled");
             Some(Arc::new(wg))
         }
         None => None,
@@ -347,6 +347,17 @@ pub async fn run(
     }
 
     let (tx, mut rx) = mpsc::channel(1024);
+    if let Some(wg) = &wg {
+        // After a key rotation, refresh the vWires now so that peers learn the new key.
+        let resync = tx.clone();
+        wg.spawn_rotation(
+            config.wireguard_key_lifetime,
+            config.wireguard_rotate.clone(),
+            move || {
+                let _ = resync.try_send(Trigger::Resync);
+            },
+        );
+    }
     spawn_watch(registry.clone(), Kind::Client, tx.clone());
     spawn_watch(registry.clone(), Kind::Endpoint, tx.clone());
     spawn_watch(registry.clone(), Kind::Prefix, tx.clone());
@@ -871,16 +882,21 @@ impl Reconciler {
             Some((mut w, stats)) => {
                 if let Some((url, conn)) = &w.remote {
                     // Refresh: the endpoint's node forgets connections that are not re-requested.
-                    let prefs = conn.mechanism.clone().into_iter().collect();
-                    match request_remote(url, conn.clone(), prefs).await {
+                    // It carries this node's current WireGuard key (a rotation reaches the peer).
+                    let mut offer = conn.clone();
+                    if let (Some(wg), Some(_)) = (&self.wg, &w.wg_id) {
+                        wg.offer_current_key(&mut offer);
+                    }
+                    let prefs = offer.mechanism.clone().into_iter().collect();
+                    match request_remote(url, offer, prefs).await {
                         Ok(c) => {
-                            // A WIREGUARD end that the endpoint's node answers with another key or
-                            // port (its key file was lost, its port was taken) is built anew.
-                            let params = |c: &Connection| {
-                                let p = c.mechanism.as_ref().map(|m| m.parameters.clone()).unwrap_or_default();
-                                (p.get(wg::DST_PUBLIC_KEY).cloned(), p.get(vxlan::DST_PORT).cloned())
+                            // A WIREGUARD end whose peer answers with a new key (it rotated) takes
+                            // it in place; one answered with another port (the key file was lost,
+                            // the port was taken) is built anew.
+                            let changed = match (&self.wg, &w.wg_id) {
+                                (Some(wg), Some(id)) => !wg.refreshed(id, conn, &c),
+                                _ => false,
                             };
-                            let changed = w.wg_id.is_some() && params(&c) != params(conn);
                             w.remote = Some((url.clone(), c));
                             if changed {
                                 self.wired.insert(key.clone(), w.clone());
@@ -1272,7 +1288,7 @@ impl Reconciler {
                     let mut params = HashMap::new();
                     params.insert(vxlan::SRC_IP.to_owned(), self.config.underlay.to_string());
                     params.insert(vxlan::SRC_PORT.to_owned(), wg.port_for(&format!("c/{uid}")).to_string());
-                    params.insert(wg::SRC_PUBLIC_KEY.to_owned(), wg.public_key.clone());
+                    params.insert(wg::SRC_PUBLIC_KEY.to_owned(), wg.public_key());
                     offers.push(Mechanism {
                         cls: vxlan::CLS_REMOTE.into(),
                         r#type: wg::TYPE.into(),

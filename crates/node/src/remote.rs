@@ -258,12 +258,17 @@ impl RemoteEnds {
         let mut wg_state = None;
         if let (Some(offer), Some(wg)) = (&wg_offer, &self.wg) {
             let id = format!("e/{}", conn.id);
-            // Built already for this very offer (a refresh): keep it. A restarted daemon has no
-            // tunnels (they lived in the old process), so it builds the end again.
+            // Built already for this offer's address and port (a refresh): keep it, with the
+            // offer's key (the client's node rotated its key: the tunnel moves to the new one in
+            // place). A restarted daemon has no tunnels (they lived in the old process), so it
+            // builds the end again.
             let same = known
                 .as_ref()
                 .and_then(|e| e.wg.clone())
-                .filter(|w| (&w.0, &w.1, &w.2) == (&offer.0, &offer.1, &offer.2) && wg.has(&id));
+                .filter(|w| (&w.0, &w.1) == (&offer.0, &offer.1) && wg.has(&id))
+                .filter(|w| {
+                    w.2 == offer.2 || nsm_wireguard::decode_key(&offer.2).is_ok_and(|k| wg.set_peer_key(&id, k))
+                });
             let port = match same {
                 Some(w) => w.3,
                 None => {
@@ -332,7 +337,7 @@ impl RemoteEnds {
         params.insert(vxlan::DST_PORT.into(), dst_port.to_string());
         params.insert(vxlan::MTU.into(), mtu.to_string());
         if let (true, Some(wg)) = (wireguard, &self.wg) {
-            params.insert(crate::wg::DST_PUBLIC_KEY.into(), wg.public_key.clone());
+            params.insert(crate::wg::DST_PUBLIC_KEY.into(), wg.public_key());
         }
         conn.mechanism = Some(Mechanism {
             cls: vxlan::CLS_REMOTE.into(),

@@ -3,15 +3,25 @@
 //! [`Tunnel`] whose TUN sits in the workload's namespace and whose UDP socket sits in the host
 //! namespace on the underlay, on a port of its own from the node's range. The tunnels live in this
 //! process: a restarted daemon builds them again.
+//!
+//! Key rotation: the node replaces its key when it is older than its lifetime, or when asked
+//! ([`Wg::spawn_rotation`]). The new key is on disk before anything uses it; every tunnel moves to
+//! it make-before-break (the old session carries traffic until the peer completes a handshake with
+//! the new key); and the peer learns the new public key the way it learnt the first one, in the
+//! mechanism parameters: `src_public_key` of the client node's refresh, `dst_public_key` of the
+//! endpoint node's answer. Each side changes its tunnel's peer key in place.
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
+use nsm_api::connection::Connection;
 use nsm_dataplane::{NetNs, Netlink};
 use nsm_wireguard::{PeerConfig, Tunnel, TunnelConfig};
 
@@ -51,18 +61,34 @@ impl Encryption {
     }
 }
 
+/// The node's key pair.
+struct Keys {
+    private: [u8; 32],
+    /// The public key as `wg` prints it.
+    public: String,
+}
+
+impl Keys {
+    fn new(private: [u8; 32]) -> Keys {
+        Keys {
+            public: nsm_wireguard::encode_key(&nsm_wireguard::public_key(&private)),
+            private,
+        }
+    }
+}
+
 /// This node's WireGuard side: its key pair, its port range and its running tunnels.
 pub(crate) struct Wg {
-    private_key: [u8; 32],
-    /// The public key as `wg` prints it.
-    pub(crate) public_key: String,
+    keys: parking_lot::RwLock<Keys>,
+    /// Where the key file lives.
+    dir: PathBuf,
     ports: RangeInclusive<u16>,
     tunnels: parking_lot::Mutex<HashMap<String, Tunnel>>,
 }
 
 impl std::fmt::Debug for Wg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wg").field("public_key", &self.public_key).finish()
+        f.debug_struct("Wg").field("public_key", &self.public_key()).finish()
     }
 }
 
@@ -79,22 +105,41 @@ pub(crate) fn load_or_create_key(dir: &Path) -> std::io::Result<[u8; 32]> {
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)?;
             let key = nsm_wireguard::generate_private_key();
-            let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            writeln!(f, "{}", nsm_wireguard::encode_key(&key))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+            write_key(dir, &key)?;
             Ok(key)
         }
         Err(e) => Err(e),
     }
+}
+
+/// Replaces the key file atomically: the new key is written to a temporary file (mode 0600 from the
+/// start), flushed, and renamed over the old one, and the rename is flushed too. A crash at any
+/// point leaves the old key or the new one, never a partial file.
+fn write_key(dir: &Path, key: &[u8; 32]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // A temporary file left by an older process may have other bits.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(f, "{}", nsm_wireguard::encode_key(key))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(KEY_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// How old the key file is (since it was last written).
+fn key_age(dir: &Path) -> Duration {
+    std::fs::metadata(dir.join(KEY_FILE))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .unwrap_or_default()
 }
 
 /// FNV-1a: stable across restarts and versions.
@@ -128,12 +173,127 @@ pub(crate) struct End<'a> {
 }
 
 impl Wg {
-    pub(crate) fn new(private_key: [u8; 32], ports: RangeInclusive<u16>) -> Wg {
+    /// The node's WireGuard side with `private_key` (kept in `dir`).
+    pub(crate) fn new(private_key: [u8; 32], ports: RangeInclusive<u16>, dir: PathBuf) -> Wg {
         Wg {
-            public_key: nsm_wireguard::encode_key(&nsm_wireguard::public_key(&private_key)),
-            private_key,
+            keys: parking_lot::RwLock::new(Keys::new(private_key)),
+            dir,
             ports,
             tunnels: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// The node's public key as `wg` prints it (what it offers peers now).
+    pub(crate) fn public_key(&self) -> String {
+        self.keys.read().public.clone()
+    }
+
+    /// Replaces the node's key: a new one on disk first, then in every tunnel. Returns the new
+    /// public key. The peers learn it at the next refresh of each vWire.
+    pub(crate) fn rotate(&self) -> std::io::Result<String> {
+        let key = nsm_wireguard::generate_private_key();
+        write_key(&self.dir, &key)?;
+        let public = {
+            let mut keys = self.keys.write();
+            *keys = Keys::new(key);
+            keys.public.clone()
+        };
+        for t in self.tunnels.lock().values() {
+            t.set_private_key(key);
+        }
+        Ok(public)
+    }
+
+    /// Rotates the key when it is older than `lifetime` (its age counted from the key file, so a
+    /// restart does not reset it) and whenever `trigger` fires; calls `rotated` after each
+    /// rotation (the caller refreshes its vWires then, so peers learn the key at once).
+    pub(crate) fn spawn_rotation(
+        self: &Arc<Self>,
+        lifetime: Option<Duration>,
+        trigger: Option<Arc<tokio::sync::Notify>>,
+        rotated: impl Fn() + Send + 'static,
+    ) {
+        let lifetime = lifetime.filter(|l| !l.is_zero());
+        if lifetime.is_none() && trigger.is_none() {
+            return;
+        }
+        let wg = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let due = async {
+                    match lifetime {
+                        Some(l) => tokio::time::sleep(l.saturating_sub(key_age(&wg.dir))).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let asked = async {
+                    match &trigger {
+                        Some(t) => t.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let why = tokio::select! {
+                    () = due => "key lifetime reached",
+                    () = asked => "asked to",
+                };
+                match wg.rotate() {
+                    Ok(public_key) => {
+                        tracing::info!(%public_key, reason = why, "WireGuard key rotated");
+                        rotated();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, dir = %wg.dir.display(), "WireGuard key rotation failed; the old key stays");
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Puts the node's current public key into a connection's WIREGUARD mechanism, so that a
+    /// refresh tells the endpoint's node about a rotation.
+    pub(crate) fn offer_current_key(&self, conn: &mut Connection) {
+        if let Some(m) = conn.mechanism.as_mut().filter(|m| m.r#type == TYPE) {
+            m.parameters.insert(SRC_PUBLIC_KEY.to_owned(), self.public_key());
+        }
+    }
+
+    /// After the refresh of client-side tunnel `id`: a new `dst_public_key` (the endpoint's node
+    /// rotated its key) goes into the tunnel in place. Returns false when the end must be built
+    /// anew instead (another port, a key that does not parse, no such tunnel).
+    pub(crate) fn refreshed(&self, id: &str, before: &Connection, after: &Connection) -> bool {
+        let param = |c: &Connection, k: &str| {
+            c.mechanism
+                .as_ref()
+                .and_then(|m| m.parameters.get(k).cloned())
+                .unwrap_or_default()
+        };
+        if param(before, crate::remote::vxlan::DST_PORT) != param(after, crate::remote::vxlan::DST_PORT) {
+            return false;
+        }
+        let key = param(after, DST_PUBLIC_KEY);
+        if key == param(before, DST_PUBLIC_KEY) {
+            return true;
+        }
+        match nsm_wireguard::decode_key(&key) {
+            Ok(k) => self.set_peer_key(id, k),
+            Err(_) => false,
+        }
+    }
+
+    /// Gives tunnel `id` a new peer public key (the peer's node rotated its key), keeping traffic
+    /// on the old session until a handshake with the new key completes. False if there is no
+    /// such tunnel.
+    pub(crate) fn set_peer_key(&self, id: &str, key: [u8; 32]) -> bool {
+        match self.tunnels.lock().get(id) {
+            Some(t) => {
+                if t.keys().1 != key {
+                    tracing::info!(tunnel = %id, peer_public_key = %nsm_wireguard::encode_key(&key), "WireGuard peer key changed");
+                    t.set_peer_public_key(key);
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -176,7 +336,7 @@ impl Wg {
                 tun_netns: Some(NetNs::open(end.netns).map_err(|e| e.to_string())?),
                 udp_netns: Some(NetNs::open(end.host.path()).map_err(|e| e.to_string())?),
                 listen: SocketAddr::new(end.listen, port),
-                private_key: self.private_key,
+                private_key: self.keys.read().private,
                 peer: PeerConfig {
                     public_key: end.peer_key,
                     endpoint: Some(end.peer_endpoint),
@@ -225,7 +385,13 @@ impl Wg {
             let _ = tokio::task::spawn_blocking(move || tunnel.stop()).await;
             return Err(e);
         }
-        self.tunnels.lock().insert(end.id, tunnel);
+        let mut tunnels = self.tunnels.lock();
+        // A rotation while the tunnel was being built: it missed the new key.
+        let private = self.keys.read().private;
+        if tunnel.keys().0 != nsm_wireguard::public_key(&private) {
+            tunnel.set_private_key(private);
+        }
+        tunnels.insert(end.id, tunnel);
         Ok(bound)
     }
 
@@ -250,12 +416,24 @@ mod tests {
         let mode = std::fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load_or_create_key(&dir).unwrap(), k1, "a second start keeps the key");
+        // A rotation replaces the file (private again, no temporary left) and the offered key.
+        let wg = Wg::new(k1, 51820..=51829, dir.clone());
+        let before = wg.public_key();
+        let public = wg.rotate().unwrap();
+        assert_ne!(public, before);
+        assert_eq!(wg.public_key(), public);
+        let k2 = load_or_create_key(&dir).unwrap();
+        assert_eq!(nsm_wireguard::encode_key(&nsm_wireguard::public_key(&k2)), public);
+        let mode = std::fs::metadata(dir.join(KEY_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!dir.join(format!("{KEY_FILE}.tmp")).exists());
+        assert!(key_age(&dir) < Duration::from_secs(5));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn ports_are_stable_and_in_range() {
-        let wg = Wg::new([1; 32], 51820..=51829);
+        let wg = Wg::new([1; 32], 51820..=51829, PathBuf::from("/nonexistent"));
         let p = wg.port_for("c/abc");
         assert!((51820..=51829).contains(&p));
         assert_eq!(wg.port_for("c/abc"), p);

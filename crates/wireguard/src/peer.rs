@@ -119,6 +119,9 @@ impl Peer {
     /// new public key, completes a handshake with it. Returns what to send now (a handshake
     /// initiation if a change of the peer's key is pending too).
     pub fn set_private_key(&mut self, private_key: [u8; 32], dst: &mut [u8]) -> Outcome {
+        if private_key == self.private_key {
+            return Outcome::Done;
+        }
         self.private_key = private_key;
         self.replan(false, dst)
     }
@@ -126,6 +129,9 @@ impl Peer {
     /// Changes the peer's public key and starts a handshake with it (returned, to send now). The
     /// running session keeps carrying traffic until that handshake completes.
     pub fn set_peer_public_key(&mut self, peer_public: [u8; 32], dst: &mut [u8]) -> Outcome {
+        if peer_public == self.peer_public {
+            return Outcome::Done;
+        }
         self.peer_public = peer_public;
         self.replan(true, dst)
     }

@@ -675,6 +675,7 @@ fn rx_loop(sh: &Shared) {
             let (mut rx_packets, mut rx_bytes, mut handshakes) = (0u64, 0u64, 0u64);
             {
                 let mut peer = sh.peer.lock();
+                let key_changes = peer.proto.key_changes();
                 for (meta, buf) in metas.iter().zip(&rx).take(got) {
                     let stride = meta.stride.max(1);
                     for datagram in buf[..meta.len].chunks(stride) {
@@ -727,6 +728,14 @@ fn rx_loop(sh: &Shared) {
                             Outcome::Dropped(r) => sh.counters.drop(r, 1),
                         }
                     }
+                }
+                if peer.proto.key_changes() != key_changes {
+                    tracing::info!(
+                        tun = %sh.name,
+                        public_key = %keys::encode_key(&peer.proto.public_key()),
+                        peer = %keys::encode_key(&peer.proto.peer_public_key()),
+                        "WireGuard key change complete: the new keys carry traffic"
+                    );
                 }
             }
             Counters::add(&sh.counters.rx_packets, rx_packets);

@@ -43,6 +43,11 @@ pub(crate) struct Args {
     /// encryption fails, one that prefers it gets VXLAN) and offer only VXLAN as a client's.
     #[arg(long)]
     no_wireguard: bool,
+    /// How long the node's WireGuard key is used before a new one replaces it (counted from when
+    /// the key file was written, so restarts do not postpone it); 0: never. Every WIREGUARD vWire
+    /// moves to the new key without a gap in traffic. SIGUSR1 rotates the key at once.
+    #[arg(long, env = "NSM_WIREGUARD_KEY_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    wireguard_key_lifetime: Duration,
     /// How often every vWire is checked against the kernel, its counters refreshed into its
     /// client's status and its remote end re-requested (at most 40s: remote ends expire after
     /// 120 s without a refresh). Changes in the registry and removed named namespaces are acted on
@@ -111,6 +116,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
+    // SIGUSR1: rotate the WireGuard key now (an operator's `kill -USR1`).
+    let rotate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let notify = rotate.clone();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            notify.notify_one();
+        }
+    });
     let config = nsm_node::Config {
         dns_forward,
         name: args.name,
@@ -123,6 +137,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         underlay_mtu: args.underlay_mtu,
         data_dir: args.data_dir,
         wireguard_ports: (!args.no_wireguard).then_some(args.wireguard_ports),
+        wireguard_key_lifetime: (!args.wireguard_key_lifetime.is_zero()).then_some(args.wireguard_key_lifetime),
+        wireguard_rotate: Some(rotate.clone()),
     };
     for l in &listeners {
         println!("nsm node {} serving on {}", config.name, l.url());

@@ -3,7 +3,7 @@
 //! tunnel (userspace, nsm-wireguard) whose TUN is the workload's interface and whose UDP socket is
 //! in the host namespace on the underlay; traffic, DF-sized packets, restarts of either daemon,
 //! deletion. Against a node that refuses WIREGUARD, `required` fails and `preferred` falls back to
-//! VXLAN.
+//! VXLAN. Key rotation on either node under continuous traffic.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -289,6 +289,192 @@ async fn endpoint_node_without_wireguard() {
     assert_eq!(j["status"]["mtu"], 1450);
     assert!(bed.ping("pod", dst_of(&j).parse().unwrap(), 3));
     ok(nsmctl(&registry, &["delete", "client", "c2"]));
+    assert!(
+        eventually(5, || async {
+            link_names(&bed, "pod").await == ["lo"] && link_names(&bed, "svc").await == ["lo"]
+        })
+        .await
+    );
+    drop((a, b));
+    bed.down().await.unwrap();
+}
+
+/// The public key the node logged last for `what` ("WireGuard key rotated", "WireGuard peer key
+/// changed", ...), from its `field=` value.
+fn logged_key(log: &str, what: &str, field: &str) -> Option<String> {
+    let field = format!(" {field}=");
+    let line = log.lines().rev().find(|l| l.contains(what) && l.contains(&field))?;
+    let at = line.find(&field)? + field.len();
+    Some(line[at..].chars().take(44).collect())
+}
+
+/// `wg pubkey` of the private key in `file`.
+fn wg_pubkey(file: &Path) -> String {
+    let out = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::fs::File::open(file).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wg pubkey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Rotates `node`'s key with SIGUSR1 and checks the key file (replaced, mode 0600, the logged key)
+/// and that `peer` took the new key for its tunnel and both switched to it. Returns the new key.
+async fn rotate_and_check(node: &NodeProc, peer: &NodeProc, who: &str) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = node.data_dir().join("wireguard.key");
+    let old_private = std::fs::read_to_string(&file).unwrap();
+    let old_public = wg_pubkey(&file);
+    let rotations = node.log().matches("WireGuard key rotated").count();
+    node.signal(nix::sys::signal::Signal::SIGUSR1);
+    assert!(
+        eventually(5, || async {
+            node.log().matches("WireGuard key rotated").count() > rotations
+        })
+        .await,
+        "{who}: no rotation logged:\n{}",
+        node.log()
+    );
+    let new_public = logged_key(&node.log(), "WireGuard key rotated", "public_key").unwrap();
+    assert_ne!(new_public, old_public, "{who}");
+    assert_ne!(
+        std::fs::read_to_string(&file).unwrap(),
+        old_private,
+        "{who}: key file replaced"
+    );
+    assert_eq!(wg_pubkey(&file), new_public, "{who}: the file holds the key in use");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{who}");
+    assert!(!node.data_dir().join("wireguard.key.tmp").exists());
+    // The peer's tunnel has the new key as its peer key, and both ends moved over to it.
+    let peer_took = eventually(10, || async {
+        logged_key(&peer.log(), "WireGuard peer key changed", "peer_public_key").as_deref() == Some(&new_public)
+    })
+    .await;
+    assert!(peer_took, "{who}: peer's log:\n{}", peer.log());
+    let switched = eventually(10, || async {
+        logged_key(&node.log(), "key change complete", "public_key").as_deref() == Some(&new_public)
+            && logged_key(&peer.log(), "key change complete", "peer").as_deref() == Some(&new_public)
+    })
+    .await;
+    assert!(switched, "{who}: node log:\n{}\npeer log:\n{}", node.log(), peer.log());
+    new_public
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_key_rotation_keeps_traffic() {
+    let bed = two_hosts("wgrot").await;
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let a = NodeProc::start_with(
+        &registry.url(),
+        "node-a",
+        &node_args(&bed, "h1", "192.0.2.11", &["--wireguard-ports", "52100-52199"]),
+    );
+    let b = NodeProc::start_with(
+        &registry.url(),
+        "node-b",
+        &node_args(&bed, "h2", "192.0.2.12", &["--wireguard-ports", "52100-52199"]),
+    );
+    ok(nsmctl(
+        &registry,
+        &[
+            "ns",
+            "create",
+            "orders",
+            "--cidr",
+            "10.73.0.0/24",
+            "--encryption",
+            "required",
+        ],
+    ));
+    ok(nsmctl(
+        &registry,
+        &[
+            "endpoint",
+            "create",
+            "ep",
+            "--service",
+            "orders",
+            "--netns",
+            &path("svc"),
+            "--node",
+            "node-b",
+        ],
+    ));
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c1", "--service=orders", "--endpoint=ep"],
+    ));
+    let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
+    let dst = dst_of(&j);
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 3),
+        "ping; node-a log:\n{}",
+        a.log()
+    );
+
+    // Continuous traffic: 20 pings a second for 15 s, while first the client's node and then the
+    // endpoint's node rotate their keys.
+    let ping = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", path("pod")))
+        .args(["ping", "-n", "-q", "-i", "0.05", "-W", "1", "-w", "15", &dst])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    let ka = rotate_and_check(&a, &b, "client's node").await;
+    eprintln!("client node rotation: switched {:?} after SIGUSR1", t.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    let kb = rotate_and_check(&b, &a, "endpoint's node").await;
+    eprintln!("endpoint node rotation: switched {:?} after SIGUSR1", t.elapsed());
+    let out = tokio::task::spawn_blocking(move || ping.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stats = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("ping output: {text}"));
+    let nums: Vec<u64> = stats
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let (sent, received) = (nums[0], nums[1]);
+    eprintln!("ping across both rotations: {stats}");
+    assert!(sent >= 200, "{stats}");
+    assert!(
+        sent - received <= 1,
+        "at most one ping lost across two rotations: {stats}"
+    );
+
+    // The rotated keys are the ones a rebuilt end uses: the client's node restarts with its new key
+    // file, and the endpoint's tunnel (whose peer key is that new key) accepts it.
+    let mut a = a;
+    a.kill9();
+    a.launch();
+    assert!(
+        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
+        "traffic after node-a restarted with its rotated key; log:\n{}",
+        a.log()
+    );
+    assert_eq!(wg_pubkey(&a.data_dir().join("wireguard.key")), ka);
+    assert_eq!(wg_pubkey(&b.data_dir().join("wireguard.key")), kb);
+
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
     assert!(
         eventually(5, || async {
             link_names(&bed, "pod").await == ["lo"] && link_names(&bed, "svc").await == ["lo"]
