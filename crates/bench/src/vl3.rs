@@ -91,8 +91,8 @@ pub(crate) struct Args {
     #[arg(long, default_value = "10.200.0.0/16")]
     pool: String,
     /// Repetitions of each throughput measurement; vL3 and vWire runs alternate, medians are
-    /// compared.
-    #[arg(long, default_value_t = 5)]
+    /// compared. Fewer than ~15 leave the ratio at the mercy of this machine's noise.
+    #[arg(long, default_value_t = 15)]
     reps: usize,
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 3)]

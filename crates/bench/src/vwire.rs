@@ -64,8 +64,9 @@ pub(crate) struct Args {
           default_values_t = [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal])]
     only: Vec<Part>,
     /// Repetitions of each throughput measurement; bare and nsm runs alternate, medians are
-    /// compared.
-    #[arg(long, default_value_t = 5)]
+    /// compared. Fewer than ~15 leave the ratios at the mercy of this machine's noise (a bare veth
+    /// pair swings 9–35 Gbit/s within one run here).
+    #[arg(long, default_value_t = 15)]
     reps: usize,
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 3)]
@@ -83,16 +84,17 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 16)]
     scale_concurrency: usize,
     /// Idle CPU is sampled right after all scale vWires answer, then again this many seconds
-    /// after IPv6 is switched off in the workloads (so nothing is sent on any vWire).
-    #[arg(long, default_value_t = 6)]
+    /// after IPv6 is switched off in the workloads (so nothing is sent on any vWire; longer than
+    /// one 30 s resync, so the counters the chatter changed are written before the window).
+    #[arg(long, default_value_t = 35)]
     settle: u64,
-    /// Seconds of each idle CPU window.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds of each idle CPU window (two of the daemon's default 30 s resync passes).
+    #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
     /// Heal trials.
     #[arg(long, default_value_t = 20)]
     heal_trials: usize,
-    /// `--resync` for the node daemons (default: the daemon's own default, 5s).
+    /// `--resync` for the node daemons (default: the daemon's own default, 30s).
     #[arg(long)]
     node_resync: Option<String>,
     /// The `nsm` binary (default: next to this one).

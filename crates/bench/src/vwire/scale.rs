@@ -129,7 +129,7 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
         let resync = args
             .node_resync
             .as_deref()
-            .map_or(Ok(Duration::from_secs(5)), humantime::parse_duration)
+            .map_or(Ok(Duration::from_secs(30)), humantime::parse_duration)
             .context("--node-resync")?;
         let pids = [node.pid, mesh.registry.pid()];
         let idle = Duration::from_secs(args.idle_seconds);
