@@ -736,6 +736,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<pb::Resource>, DocumentError> {
                     spec: Some(pb::NodeSpec {
                         address: d.spec.address,
                         url: d.spec.url,
+                        ..Default::default()
                     }),
                 })
             }

@@ -121,6 +121,9 @@ enum Trigger {
     /// Prefix leases, network services or nodes changed: vL3 routers re-converge, pending
     /// clients are retried.
     Vl3,
+    /// A node was registered or changed: as `Vl3`, and if its daemon restarted, this node's
+    /// vWires to it are re-requested (their ends there may be gone).
+    Node(Box<pb::Node>),
     /// Clients that are not Ready are retried; expired remote ends are swept.
     Retry,
     /// A named network namespace was removed (`ip netns del`): the vWires in or to it go.
@@ -254,6 +257,7 @@ pub async fn run(
             spec: Some(pb::NodeSpec {
                 address: config.underlay.to_string(),
                 url: config.url.clone().unwrap_or_default(),
+                started: Some(prost_types::Timestamp::from(SystemTime::now())),
             }),
         })),
     };
@@ -392,6 +396,7 @@ pub async fn run(
         interfaces,
         rr: 0,
         gateway_ready: [false; 2],
+        node_started: HashMap::new(),
     };
     // Addresses and interfaces already held, before the first allocation or create (the watch's
     // initial events may still be queued behind a client that needs one).
@@ -417,6 +422,11 @@ pub async fn run(
                 Some(Trigger::Vl3) => {
                     r.converge_vl3s().await;
                     // A service or node that a pending client waits for may be what changed.
+                    r.retry().await;
+                }
+                Some(Trigger::Node(n)) => {
+                    r.converge_vl3s().await;
+                    r.on_node(&n).await;
                     r.retry().await;
                 }
                 Some(Trigger::Retry) => {
@@ -460,11 +470,8 @@ fn spawn_watch(mut registry: Registry, kind: Kind, tx: mpsc::Sender<Trigger>) {
                         let trigger = match ev.resource.and_then(|r| r.kind) {
                             Some(pb::resource::Kind::Client(c)) => Trigger::Client(Box::new(c), deleted),
                             Some(pb::resource::Kind::Endpoint(_)) => Trigger::Endpoints,
-                            Some(
-                                pb::resource::Kind::Prefix(_)
-                                | pb::resource::Kind::NetworkService(_)
-                                | pb::resource::Kind::Node(_),
-                            ) => Trigger::Vl3,
+                            Some(pb::resource::Kind::Node(n)) => Trigger::Node(Box::new(n)),
+                            Some(pb::resource::Kind::Prefix(_) | pb::resource::Kind::NetworkService(_)) => Trigger::Vl3,
                             _ => continue,
                         };
                         if tx.send(trigger).await.is_err() {
@@ -511,6 +518,8 @@ struct Reconciler {
     /// Families for which forwarding and the NAT table are set up in the host namespace (on the
     /// first gateway vWire of that family, so a node that never gateways leaves the host alone).
     gateway_ready: [bool; 2],
+    /// Each node's daemon start time as last seen, to tell a restart from another change.
+    node_started: HashMap<String, prost_types::Timestamp>,
 }
 
 impl Reconciler {
@@ -568,6 +577,31 @@ impl Reconciler {
             .filter(|(_, c)| c.status.as_ref().is_none_or(|st| st.phase != Phase::Ready as i32))
             .map(|(k, _)| k.clone())
             .collect();
+        for key in keys {
+            self.reconcile(&key).await;
+        }
+    }
+
+    /// Re-requests the vWires to `node` when its daemon restarted since it was last seen, so
+    /// that ends it lost (WIREGUARD tunnels live in its process) are built again at once rather
+    /// than at the next resync.
+    async fn on_node(&mut self, node: &pb::Node) {
+        let name = node.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let spec = node.spec.clone().unwrap_or_default();
+        let Some(started) = spec.started else { return };
+        let before = self.node_started.insert(name.clone(), started);
+        if before.is_none_or(|b| b == started) || spec.url.is_empty() {
+            return;
+        }
+        let keys: Vec<_> = self
+            .wired
+            .iter()
+            .filter(|(_, w)| w.remote.as_ref().is_some_and(|(url, _)| *url == spec.url))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !keys.is_empty() {
+            tracing::info!(node = %name, vwires = keys.len(), "node restarted; re-requesting its ends");
+        }
         for key in keys {
             self.reconcile(&key).await;
         }

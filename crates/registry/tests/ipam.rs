@@ -233,7 +233,7 @@ async fn node_leases_requested_excluded_exhausted_and_released_with_the_node() {
                 }),
                 spec: Some(pb::NodeSpec {
                     address: "192.0.2.1".into(),
-                    url: String::new(),
+                    ..Default::default()
                 }),
             })),
         }),

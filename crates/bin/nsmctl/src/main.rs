@@ -425,7 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     metadata: meta(&c.name, "", labels(&c.labels)?),
                     spec: Some(pb::NodeSpec {
                         address: c.address,
-                        url: String::new(),
+                        ..Default::default()
                     }),
                 });
                 create(&mut ctx, pb::Resource { kind: Some(r) }).await

@@ -73,6 +73,16 @@ impl NodeProc {
         );
     }
 
+    /// Sets the `--resync` of its next launch.
+    pub fn set_resync(&mut self, every: &str) {
+        let i = self
+            .args
+            .iter()
+            .position(|a| a == "--resync")
+            .expect("started with --resync");
+        self.args[i + 1] = every.to_owned();
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
