@@ -173,7 +173,14 @@ fn versions(nsm: &Path, boringtun: Option<&Path>) -> Vec<String> {
     let git = Path::new("git");
     let rev = first_line(
         git,
-        &["-C", &repo.display().to_string(), "rev-parse", "--short=12", "HEAD"],
+        &[
+            "-C",
+            &repo.display().to_string(),
+            "describe",
+            "--always",
+            "--dirty",
+            "--abbrev=12",
+        ],
     );
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
@@ -183,7 +190,7 @@ fn versions(nsm: &Path, boringtun: Option<&Path>) -> Vec<String> {
         .unwrap_or("?");
     let mut v = vec![
         format!(
-            "nsm: {} (git {rev}, the checkout this benchmark was built from)",
+            "nsm: {} (source tree now at git {rev})",
             first_line(nsm, &["--version"])
         ),
         format!(
@@ -524,6 +531,8 @@ async fn measure(args: &Args, bin: &Path, boringtun: Option<&Path>) -> anyhow::R
                         daemon / gbit,
                         100.0 * cpu / (wall.as_secs_f64() * cpus)
                     );
+                    // Runs block this thread; let a Ctrl-C or SIGTERM end the benchmark between them.
+                    tokio::task::yield_now().await;
                 }
             }
             for &w in &order {
