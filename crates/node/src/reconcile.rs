@@ -124,6 +124,9 @@ enum Trigger {
     /// A node was registered or changed: as `Vl3`, and if its daemon restarted, this node's
     /// vWires to it are re-requested (their ends there may be gone).
     Node(Box<pb::Node>),
+    /// This node's WireGuard key was rotated: the registration shows the new public key (other
+    /// nodes refresh their vWires to this one on it) and every vWire is refreshed.
+    Rotated,
     /// Clients that are not Ready are retried; expired remote ends are swept.
     Retry,
     /// A named network namespace was removed (`ip netns del`): the vWires in or to it go.
@@ -248,39 +251,6 @@ pub async fn run(
         Err(_) => nsm_transport::connect_lazy_with(&config.registry, config.tls.as_ref())?,
     };
     let mut registry = Registry::new(channel.clone());
-    let node = pb::Resource {
-        kind: Some(pb::resource::Kind::Node(pb::Node {
-            metadata: Some(pb::ObjectMeta {
-                name: config.name.clone(),
-                ..Default::default()
-            }),
-            spec: Some(pb::NodeSpec {
-                address: config.underlay.to_string(),
-                url: config.url.clone().unwrap_or_default(),
-                started: Some(prost_types::Timestamp::from(SystemTime::now())),
-            }),
-        })),
-    };
-    let mut delay = std::time::Duration::from_millis(100);
-    loop {
-        match registry
-            .apply(v1::ApplyRequest {
-                resource: Some(node.clone()),
-                dry_run: false,
-            })
-            .await
-        {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(status_err("register node", s)),
-            Err(s) => {
-                tracing::warn!(registry = %config.registry, error = %s.message(), "registry not answering; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
-            }
-        }
-    }
-    tracing::info!(node = %config.name, underlay = %config.underlay, "node registered");
-
     let wg = match &config.wireguard_ports {
         Some(ports) => {
             let key = wg::load_or_create_key(&config.data_dir)
@@ -291,6 +261,9 @@ pub async fn run(
         }
         None => None,
     };
+    let started = prost_types::Timestamp::from(SystemTime::now());
+    register_node(&mut registry, &config, started, wg.as_deref()).await?;
+
     let monitor = crate::monitor::Monitor::default();
     let ends = RemoteEnds::new(
         registry.clone(),
@@ -358,7 +331,7 @@ pub async fn run(
             config.wireguard_key_lifetime,
             config.wireguard_rotate.clone(),
             move || {
-                let _ = resync.try_send(Trigger::Resync);
+                let _ = resync.try_send(Trigger::Rotated);
             },
         );
     }
@@ -396,7 +369,7 @@ pub async fn run(
         interfaces,
         rr: 0,
         gateway_ready: [false; 2],
-        node_started: HashMap::new(),
+        node_seen: HashMap::new(),
     };
     // Addresses and interfaces already held, before the first allocation or create (the watch's
     // initial events may still be queued behind a client that needs one).
@@ -429,6 +402,16 @@ pub async fn run(
                     r.on_node(&n).await;
                     r.retry().await;
                 }
+                Some(Trigger::Rotated) => {
+                    // Published aside, so that a registry that does not answer holds nothing up.
+                    let (mut registry, config, wg) = (r.registry.clone(), r.config.clone(), r.wg.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = register_node(&mut registry, &config, started, wg.as_deref()).await {
+                            tracing::warn!(error = %e, "cannot publish the rotated WireGuard key");
+                        }
+                    });
+                    r.resync().await;
+                }
                 Some(Trigger::Retry) => {
                     ends.sweep().await;
                     upstream_conns.sweep(&ends.registry).await;
@@ -452,6 +435,50 @@ pub async fn run(
     };
     let _ = stop_tx.send(true);
     result
+}
+
+/// Registers (or updates) this node: its underlay address, URL, start time and WireGuard public
+/// key, retrying while the registry does not answer.
+async fn register_node(
+    registry: &mut Registry,
+    config: &Config,
+    started: prost_types::Timestamp,
+    wg: Option<&Wg>,
+) -> Result<(), NodeError> {
+    let node = pb::Resource {
+        kind: Some(pb::resource::Kind::Node(pb::Node {
+            metadata: Some(pb::ObjectMeta {
+                name: config.name.clone(),
+                ..Default::default()
+            }),
+            spec: Some(pb::NodeSpec {
+                address: config.underlay.to_string(),
+                url: config.url.clone().unwrap_or_default(),
+                started: Some(started),
+                wireguard_public_key: wg.map(Wg::public_key).unwrap_or_default(),
+            }),
+        })),
+    };
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match registry
+            .apply(v1::ApplyRequest {
+                resource: Some(node.clone()),
+                dry_run: false,
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(status_err("register node", s)),
+            Err(s) => {
+                tracing::warn!(registry = %config.registry, error = %s.message(), "registry not answering; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::info!(node = %config.name, underlay = %config.underlay, "node registered");
+    Ok(())
 }
 
 /// Follows one kind in the registry, re-subscribing after a dropped stream.
@@ -518,8 +545,9 @@ struct Reconciler {
     /// Families for which forwarding and the NAT table are set up in the host namespace (on the
     /// first gateway vWire of that family, so a node that never gateways leaves the host alone).
     gateway_ready: [bool; 2],
-    /// Each node's daemon start time as last seen, to tell a restart from another change.
-    node_started: HashMap<String, prost_types::Timestamp>,
+    /// Each node's daemon start time and WireGuard key as last seen, to tell a restart or a key
+    /// rotation from another change.
+    node_seen: HashMap<String, (prost_types::Timestamp, String)>,
 }
 
 impl Reconciler {
@@ -584,13 +612,15 @@ impl Reconciler {
 
     /// Re-requests the vWires to `node` when its daemon restarted since it was last seen, so
     /// that ends it lost (WIREGUARD tunnels live in its process) are built again at once rather
-    /// than at the next resync.
+    /// than at the next resync, or when it rotated its WireGuard key, so that the tunnels here
+    /// take the new key now.
     async fn on_node(&mut self, node: &pb::Node) {
         let name = node.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
         let spec = node.spec.clone().unwrap_or_default();
         let Some(started) = spec.started else { return };
-        let before = self.node_started.insert(name.clone(), started);
-        if before.is_none_or(|b| b == started) || spec.url.is_empty() {
+        let seen = (started, spec.wireguard_public_key.clone());
+        let before = self.node_seen.insert(name.clone(), seen.clone());
+        if before.is_none_or(|b| b == seen) || spec.url.is_empty() {
             return;
         }
         let keys: Vec<_> = self
@@ -600,7 +630,7 @@ impl Reconciler {
             .map(|(k, _)| k.clone())
             .collect();
         if !keys.is_empty() {
-            tracing::info!(node = %name, vwires = keys.len(), "node restarted; re-requesting its ends");
+            tracing::info!(node = %name, vwires = keys.len(), "node restarted or rotated its key; re-requesting its ends");
         }
         for key in keys {
             self.reconcile(&key).await;

@@ -329,7 +329,12 @@ fn wg_pubkey(file: &Path) -> String {
 
 /// Rotates `node`'s key with SIGUSR1 and checks the key file (replaced, mode 0600, the logged key)
 /// and that `peer` took the new key for its tunnel and both switched to it. Returns the new key.
-async fn rotate_and_check(node: &NodeProc, peer: &NodeProc, who: &str) -> String {
+async fn rotate_and_check(
+    registry: &NsmRegistry,
+    (name, node): (&str, &NodeProc),
+    peer: &NodeProc,
+    who: &str,
+) -> String {
     use std::os::unix::fs::PermissionsExt as _;
     let file = node.data_dir().join("wireguard.key");
     let old_private = std::fs::read_to_string(&file).unwrap();
@@ -355,6 +360,14 @@ async fn rotate_and_check(node: &NodeProc, peer: &NodeProc, who: &str) -> String
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{who}");
     assert!(!node.data_dir().join("wireguard.key.tmp").exists());
+    // The node's registration shows the new key (what tells the other nodes).
+    let published = eventually(5, || async {
+        nsmctl(registry, &["describe", "node", name])
+            .1
+            .contains(new_public.as_str())
+    })
+    .await;
+    assert!(published, "{who}: describe node does not show {new_public}");
     // The peer's tunnel has the new key as its peer key, and both ends moved over to it.
     let peer_took = eventually(10, || async {
         logged_key(&peer.log(), "WireGuard peer key changed", "peer_public_key").as_deref() == Some(&new_public)
@@ -375,10 +388,17 @@ async fn wireguard_key_rotation_keeps_traffic() {
     let bed = two_hosts("wgrot").await;
     let path = |n: &str| bed.netns_path(n).display().to_string();
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    // The client's node resyncs only every 40 s: the endpoint's node's new key must reach it
+    // through that node's registration (a node watch event), not through a periodic refresh.
     let a = NodeProc::start_with(
         &registry.url(),
         "node-a",
-        &node_args(&bed, "h1", "192.0.2.11", &["--wireguard-ports", "52100-52199"]),
+        &node_args(
+            &bed,
+            "h1",
+            "192.0.2.11",
+            &["--wireguard-ports", "52100-52199", "--resync", "40s"],
+        ),
     );
     let b = NodeProc::start_with(
         &registry.url(),
@@ -437,11 +457,11 @@ async fn wireguard_key_rotation_keeps_traffic() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t = Instant::now();
-    let ka = rotate_and_check(&a, &b, "client's node").await;
+    let ka = rotate_and_check(&registry, ("node-a", &a), &b, "client's node").await;
     eprintln!("client node rotation: switched {:?} after SIGUSR1", t.elapsed());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t = Instant::now();
-    let kb = rotate_and_check(&b, &a, "endpoint's node").await;
+    let kb = rotate_and_check(&registry, ("node-b", &b), &a, "endpoint's node").await;
     eprintln!("endpoint node rotation: switched {:?} after SIGUSR1", t.elapsed());
     let out = tokio::task::spawn_blocking(move || ping.wait_with_output())
         .await

@@ -494,7 +494,16 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
             lines.push(("TX".into(), format!("{} bytes, {} packets", st.tx_bytes, st.tx_packets)));
         }
         Some(pb::resource::Kind::Node(n)) => {
-            lines.push(("Address".into(), n.spec.clone().unwrap_or_default().address));
+            let spec = n.spec.clone().unwrap_or_default();
+            lines.push(("Address".into(), spec.address));
+            lines.push(("URL".into(), none_if_empty(&spec.url)));
+            let started = spec
+                .started
+                .as_ref()
+                .and_then(nsm_model::to_system_time)
+                .map_or("-".into(), |t| humantime::format_rfc3339_seconds(t).to_string());
+            lines.push(("Daemon started".into(), started));
+            lines.push(("WireGuard key".into(), none_if_empty(&spec.wireguard_public_key)));
             let eps = ctx.client.list(all(Kind::Endpoint)).await?.into_inner().items;
             let on: Vec<String> = eps
                 .iter()
