@@ -14,6 +14,8 @@ pub mod keys;
 pub mod peer;
 mod proto;
 mod stats;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod tunnel;
 pub mod wire;
 

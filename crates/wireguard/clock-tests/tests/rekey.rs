@@ -10,125 +10,30 @@
 use std::time::Duration;
 
 use mock_instant::MockClock;
-use nsm_wireguard::peer::{Outcome, Peer};
+use nsm_wireguard::peer::Outcome;
+use nsm_wireguard::testing::{PeerPair, packet};
 use nsm_wireguard::wire::{self, MessageKind};
-use nsm_wireguard::{DropReason, generate_private_key, public_key};
+use nsm_wireguard::{DropReason, generate_private_key};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// An IPv4 header (what boringtun checks of a packet) carrying `seq` in its identification field.
-fn packet(seq: u16) -> Vec<u8> {
-    let mut p = vec![0u8; 28];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&28u16.to_be_bytes());
-    p[4..6].copy_from_slice(&seq.to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    p
+/// Two peers with fresh keys.
+fn pair() -> PeerPair {
+    PeerPair::new(&generate_private_key(), &generate_private_key())
 }
 
-/// Two peers over an in-memory network that can lose handshake messages.
-struct Net {
-    peers: [Peer; 2],
-    /// Sequence numbers each side decrypted.
-    got: [Vec<u16>; 2],
-    /// Receiver index of the last data message each side sent (names the session in use).
-    data_index: [Option<u32>; 2],
-    /// Handshake initiations each side sent (delivered or not).
-    initiations: [usize; 2],
-    dropped: Vec<DropReason>,
-    /// The network loses every handshake message.
-    block_handshakes: bool,
-}
-
-impl Net {
-    fn new() -> Net {
-        let (a, b) = (generate_private_key(), generate_private_key());
-        Net {
-            peers: [
-                Peer::new(a, public_key(&b), None, None),
-                Peer::new(b, public_key(&a), None, None),
-            ],
-            got: [Vec::new(), Vec::new()],
-            data_index: [None, None],
-            initiations: [0, 0],
-            dropped: Vec::new(),
-            block_handshakes: false,
-        }
-    }
-
-    /// Sends `datagram` from side `from`, and whatever the receiving side answers, to the end.
-    fn carry(&mut self, from: usize, datagram: Vec<u8>) {
-        let mut queue = std::collections::VecDeque::from([(from, datagram)]);
-        while let Some((from, d)) = queue.pop_front() {
-            let kind = wire::parse(&d).unwrap().kind;
-            match kind {
-                MessageKind::Data => self.data_index[from] = wire::parse(&d).unwrap().receiver,
-                MessageKind::HandshakeInitiation => self.initiations[from] += 1,
-                _ => {}
-            }
-            if self.block_handshakes && kind != MessageKind::Data {
-                continue;
-            }
-            let to = 1 - from;
-            let mut dst = vec![0u8; 2048];
-            match self.peers[to].decapsulate(None, &d, &mut dst) {
-                Outcome::Tunnel(_) => self.got[to].push(u16::from_be_bytes([dst[4], dst[5]])),
-                Outcome::Network(n) => {
-                    queue.push_back((to, dst[..n].to_vec()));
-                    let mut q = vec![0u8; 2048];
-                    while let Outcome::Network(n) = self.peers[to].next_queued(&mut q) {
-                        queue.push_back((to, q[..n].to_vec()));
-                    }
-                }
-                Outcome::Dropped(r) => self.dropped.push(r),
-                Outcome::Done => {}
-            }
-        }
-    }
-
-    /// Encrypts packet `seq` at side `from`: the datagram, not yet delivered.
-    fn seal(&mut self, from: usize, seq: u16) -> Option<Vec<u8>> {
-        let mut dst = vec![0u8; 2048];
-        match self.peers[from].encapsulate(&packet(seq), &mut dst) {
-            Outcome::Network(n) => Some(dst[..n].to_vec()),
-            _ => None,
-        }
-    }
-
-    fn send(&mut self, from: usize, seq: u16) {
-        if let Some(d) = self.seal(from, seq) {
-            self.carry(from, d);
-        }
-    }
-
-    /// Runs both sides' timers and delivers what they send.
-    fn tick(&mut self) {
-        for side in 0..2 {
-            let mut out = Vec::new();
-            let mut buf = vec![0u8; 256];
-            self.peers[side].tick(&mut buf, |m| out.push(m.to_vec()));
-            for m in out {
-                self.carry(side, m);
-            }
-        }
-    }
-
-    /// One simulated second: the clock moves, packet `seq` goes each way, timers run.
-    fn second(&mut self, seq: u16) {
-        MockClock::advance(SECOND);
-        self.send(0, seq);
-        self.send(1, seq);
-        self.tick();
-    }
+/// One simulated second: the clock moves, packet `seq` goes each way, timers run.
+fn second(net: &mut PeerPair, seq: u16) {
+    MockClock::advance(SECOND);
+    net.send(0, seq);
+    net.send(1, seq);
+    net.tick();
 }
 
 #[test]
 fn sessions_rekey_every_rekey_after_time_without_loss() {
     MockClock::set_time(Duration::ZERO);
-    let mut net = Net::new();
+    let mut net = pair();
     // Side 0 sends first: it initiates the handshake and so owns the time-based rekey.
     net.send(0, 0);
     net.send(1, 0);
@@ -140,7 +45,7 @@ fn sessions_rekey_every_rekey_after_time_without_loss() {
     let mut changes: [Vec<(u16, u32)>; 2] = [Vec::new(), Vec::new()];
     let mut last = first;
     for t in 1..=250u16 {
-        net.second(t);
+        second(&mut net, t);
         for side in 0..2 {
             if net.data_index[side] != last[side] {
                 changes[side].push((t, net.data_index[side].unwrap()));
@@ -182,14 +87,14 @@ fn sessions_rekey_every_rekey_after_time_without_loss() {
 #[test]
 fn data_is_refused_after_reject_after_time_without_a_handshake() {
     MockClock::set_time(Duration::ZERO);
-    let mut net = Net::new();
+    let mut net = pair();
     net.send(0, 0);
     net.send(1, 0);
     // From now on no handshake gets through: the rekey at 120 s and its retries are lost.
     net.block_handshakes = true;
     let mut late = None;
     for t in 1..=179u16 {
-        net.second(t);
+        second(&mut net, t);
         if t == 179 {
             late = net.seal(0, 9999);
         }
@@ -225,7 +130,7 @@ fn data_is_refused_after_reject_after_time_without_a_handshake() {
     // Handshakes get through again: a new session, and the packets queued meanwhile arrive.
     net.block_handshakes = false;
     for _ in 0..10 {
-        net.second(181);
+        second(&mut net, 181);
         if net.got[1].last() == Some(&181) {
             break;
         }
