@@ -581,20 +581,7 @@ impl Reconciler {
     /// cannot be listed is asked per client, as outside a pass.
     async fn resync(&mut self) {
         let keys: Vec<_> = self.clients.keys().cloned().collect();
-        if keys.is_empty() {
-            return;
-        }
-        let mut snapshot = HashMap::new();
-        for kind in [Kind::NetworkService, Kind::Endpoint, Kind::Node, Kind::Prefix] {
-            if let Ok(items) = self.list(kind).await {
-                snapshot.insert(kind, items);
-            }
-        }
-        self.snapshot = Some(snapshot);
-        for key in keys {
-            self.reconcile(&key).await;
-        }
-        self.snapshot = None;
+        self.reconcile_pass(keys).await;
     }
 
     /// Retries the clients that are not Ready (nothing to do when all are).
@@ -605,9 +592,24 @@ impl Reconciler {
             .filter(|(_, c)| c.status.as_ref().is_none_or(|st| st.phase != Phase::Ready as i32))
             .map(|(k, _)| k.clone())
             .collect();
+        self.reconcile_pass(keys).await;
+    }
+
+    /// Reconciles `keys`; several of them from one snapshot of what they look up.
+    async fn reconcile_pass(&mut self, keys: Vec<(String, String)>) {
+        if keys.len() > 1 {
+            let mut snapshot = HashMap::new();
+            for kind in [Kind::NetworkService, Kind::Endpoint, Kind::Node, Kind::Prefix] {
+                if let Ok(items) = self.list(kind).await {
+                    snapshot.insert(kind, items);
+                }
+            }
+            self.snapshot = Some(snapshot);
+        }
         for key in keys {
             self.reconcile(&key).await;
         }
+        self.snapshot = None;
     }
 
     /// Re-requests the vWires to `node` when its daemon restarted since it was last seen, so
