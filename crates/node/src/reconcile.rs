@@ -181,6 +181,8 @@ fn spawn_netns_watch(tx: mpsc::Sender<Trigger>) {
     tokio::spawn(async move {
         while let Some(ev) = events.next().await {
             let trigger = match ev {
+                // The kernel's queue overflowed and events were lost: check everything.
+                Ok(ev) if ev.mask.contains(inotify::EventMask::Q_OVERFLOW) => Trigger::Resync,
                 Ok(ev) => {
                     let Some(name) = ev.name.as_ref().and_then(|n| n.to_str()) else {
                         continue;
@@ -194,7 +196,7 @@ fn spawn_netns_watch(tx: mpsc::Sender<Trigger>) {
                         Trigger::NetnsAdded
                     }
                 }
-                // Events were lost (queue overflow): check everything.
+                // The watch could not be read: check everything.
                 Err(_) => Trigger::Resync,
             };
             if tx.send(trigger).await.is_err() {
