@@ -17,5 +17,5 @@ mod sysctl;
 pub use error::{DataplaneError, Result};
 pub use nat::{NAT_TABLE, add_masquerade, ensure_masquerade, nft_script, remove_masquerade};
 pub use netlink::{LinkInfo, LinkStats, MAX_LINK_NAME, Netlink, RouteInfo};
-pub use netns::{NETNS_RUN_DIR, NetNs, named_path};
+pub use netns::{NETNS_RUN_DIR, NetNs, identity as netns_identity, named_path};
 pub use sysctl::{enable_ip_forwarding, set_ip_forwarding, write_sysctl};

@@ -212,6 +212,13 @@ impl AsRawFd for NetNs {
     }
 }
 
+/// `(device, inode)` of the namespace file at `path` without opening it (as
+/// [`NetNs::inode`] gives for an open handle), or None if nothing is there: equal pairs mean the
+/// same namespace, and a path whose pair changed names another one now.
+pub fn identity(path: impl AsRef<Path>) -> Option<(u64, u64)> {
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// `/run/netns/NAME`.
 pub fn named_path(name: &str) -> PathBuf {
     Path::new(NETNS_RUN_DIR).join(name)

@@ -22,8 +22,6 @@ pub mod select;
 pub mod vl3;
 mod wg;
 
-pub use wg::DEFAULT_PORTS as DEFAULT_WIREGUARD_PORTS;
-
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -3,11 +3,11 @@
 //! hand their namespace to the node through the same socket).
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use nsm_api::nsm::v1::{self as v1, node_service_server::NodeService, resource_service_client::ResourceServiceClient};
+use nsm_dataplane::netns_identity;
 use nsm_model::pb;
 use tonic::transport::Channel;
 use tonic::transport::server::UdsConnectInfo;
@@ -58,7 +58,7 @@ impl Interfaces {
             Some(s) => {
                 let id = match held.by_client.get(&key) {
                     Some(h) if h.netns == s.netns => h.id,
-                    _ => netns_id(Path::new(&s.netns)),
+                    _ => netns_identity(&s.netns),
                 };
                 let holder = Holder {
                     netns: s.netns.clone(),
@@ -96,7 +96,7 @@ impl Interfaces {
                 .iter()
                 .filter(|((_, name), h)| {
                     name != except
-                        && (h.netns == netns || (id.is_some() && h.id == id && netns_id(Path::new(&h.netns)) == id))
+                        && (h.netns == netns || (id.is_some() && h.id == id && netns_identity(&h.netns) == id))
                 })
                 .map(|((ns, name), h)| (h.interface.clone(), nsm_model::upstream::name_of(ns, name)))
                 .collect(),
@@ -104,23 +104,19 @@ impl Interfaces {
     }
 }
 
-fn netns_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
 /// A lasting path for the network namespace of process `pid`: its name under /run/netns if it has
 /// one, else `/proc/P/ns/net` of the longest-lived other process in it (a pod's first process), so
 /// the path outlives the short-lived caller.
 pub(crate) fn lasting_netns_of(pid: i32) -> Result<PathBuf, String> {
-    let id = netns_id(Path::new(&format!("/proc/{pid}/ns/net")))
+    let id = netns_identity(format!("/proc/{pid}/ns/net"))
         .ok_or_else(|| format!("cannot read the network namespace of process {pid}"))?;
-    if netns_id(Path::new("/proc/1/ns/net")) == Some(id) {
+    if netns_identity("/proc/1/ns/net") == Some(id) {
         return Err("the caller runs in the host's network namespace; give --netns".into());
     }
     for dir in ["/run/netns", "/var/run/netns"] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
-                if netns_id(&e.path()) == Some(id) {
+                if netns_identity(e.path()) == Some(id) {
                     return Ok(e.path());
                 }
             }
@@ -130,7 +126,7 @@ pub(crate) fn lasting_netns_of(pid: i32) -> Result<PathBuf, String> {
         .map_err(|e| e.to_string())?
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| *p != pid && netns_id(Path::new(&format!("/proc/{p}/ns/net"))) == Some(id))
+        .filter(|p| *p != pid && netns_identity(format!("/proc/{p}/ns/net")) == Some(id))
         .collect();
     others.sort_unstable();
     others
@@ -203,7 +199,7 @@ impl LocalApi {
     /// Interfaces that this node's other clients have in the namespace `netns` names (compared by
     /// namespace identity: two paths may name one namespace), with their owners.
     async fn interfaces_in(&self, netns: &str, except: &str) -> Result<Vec<(String, String)>, Status> {
-        let id = netns_id(Path::new(netns));
+        let id = netns_identity(netns);
         if let Some(taken) = self.interfaces.taken(netns, id, except) {
             return Ok(taken);
         }
@@ -227,7 +223,7 @@ impl LocalApi {
                 let m = c.metadata.unwrap_or_default();
                 let s = c.spec.unwrap_or_default();
                 let same =
-                    s.node == self.node && (s.netns == netns || (id.is_some() && netns_id(Path::new(&s.netns)) == id));
+                    s.node == self.node && (s.netns == netns || (id.is_some() && netns_identity(&s.netns) == id));
                 (same && m.name != except).then(|| (s.interface, nsm_model::upstream::name_of(&m.namespace, &m.name)))
             })
             .collect())

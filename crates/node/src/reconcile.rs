@@ -424,10 +424,9 @@ pub async fn run(
                     r.on_netns_gone(&path).await;
                 }
                 Some(Trigger::NetnsAdded) => r.retry().await,
+                // Expired ends are swept by the (more frequent) retry tick.
                 Some(Trigger::Resync) => {
                     prune_netlink_cache();
-                    ends.sweep().await;
-                    upstream_conns.sweep(&ends.registry).await;
                     r.converge_vl3s().await;
                     r.resync().await;
                 }
@@ -1355,7 +1354,10 @@ impl Reconciler {
                 Some(wg) => {
                     let mut params = HashMap::new();
                     params.insert(vxlan::SRC_IP.to_owned(), self.config.underlay.to_string());
-                    params.insert(vxlan::SRC_PORT.to_owned(), wg.port_for(&format!("c/{uid}")).to_string());
+                    params.insert(
+                        vxlan::SRC_PORT.to_owned(),
+                        wg.port_for(&wg::client_end_id(uid)).to_string(),
+                    );
                     params.insert(wg::SRC_PUBLIC_KEY.to_owned(), wg.public_key());
                     offers.push(Mechanism {
                         cls: vxlan::CLS_REMOTE.into(),
@@ -1415,7 +1417,7 @@ impl Reconciler {
                     .as_ref()
                     .ok_or("the endpoint's node chose WIREGUARD, which is disabled here")?;
                 let mtu = self.config.underlay_mtu - wg::OVERHEAD;
-                let id = format!("c/{uid}");
+                let id = wg::client_end_id(uid);
                 let peer_key = params
                     .get(wg::DST_PUBLIC_KEY)
                     .and_then(|k| nsm_wireguard::decode_key(k).ok())
@@ -1579,13 +1581,8 @@ type NlCache = std::sync::Mutex<HashMap<String, ((u64, u64), Arc<NetNs>, Netlink
 
 static NL_CACHE: std::sync::LazyLock<NlCache> = std::sync::LazyLock::new(Default::default);
 
-fn ns_identity(path: &str) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
 async fn netlink_in(path: &str) -> Result<(Arc<NetNs>, Netlink), String> {
-    let id = ns_identity(path);
+    let id = nsm_dataplane::netns_identity(path);
     if let Some(id) = id
         && let Some((cached_id, ns, nl)) = NL_CACHE.lock().expect("not poisoned").get(path).cloned()
         && cached_id == id
@@ -1607,7 +1604,7 @@ fn prune_netlink_cache() {
     NL_CACHE
         .lock()
         .expect("not poisoned")
-        .retain(|path, (id, _, _)| ns_identity(path) == Some(*id));
+        .retain(|path, (id, _, _)| nsm_dataplane::netns_identity(path) == Some(*id));
 }
 
 /// Builds a veth vWire from the client's namespace into `endpoint_netns` (an endpoint's, this

@@ -75,16 +75,22 @@ fn bad(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
 
-/// A link name derived from an id: `prefix` + 10 hex digits of its FNV-1a hash, which (unlike
-/// std's hasher) is stable across restarts and versions, so a restarted daemon finds what it built.
-/// With a 4-character prefix it fits the kernel's 15-character limit.
-pub(crate) fn link_name(prefix: &str, id: &str) -> String {
+/// FNV-1a of `id`: unlike std's hasher, stable across restarts and versions, so what a daemon
+/// derives from an id (link names, VNIs, WireGuard ports) a restarted one derives alike.
+pub(crate) fn stable_hash(id: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("{prefix}{:010x}", h & 0xff_ffff_ffff)
+    h
+}
+
+/// A link name derived from an id: `prefix` + 10 hex digits of its [`stable_hash`], so a
+/// restarted daemon finds what it built. With a 4-character prefix it fits the kernel's
+/// 15-character limit.
+pub(crate) fn link_name(prefix: &str, id: &str) -> String {
+    format!("{prefix}{:010x}", stable_hash(id) & 0xff_ffff_ffff)
 }
 
 /// The VNI of a connection: 24 bits from its id.
@@ -257,7 +263,7 @@ impl RemoteEnds {
         let known = ends.get(&conn.id).cloned();
         let mut wg_state = None;
         if let (Some(offer), Some(wg)) = (&wg_offer, &self.wg) {
-            let id = format!("e/{}", conn.id);
+            let id = crate::wg::endpoint_end_id(&conn.id);
             // Built already for this offer's address and port (a refresh): keep it, with the
             // offer's key (the client's node rotated its key: the tunnel moves to the new one in
             // place). A restarted daemon has no tunnels (they lived in the old process), so it
@@ -388,7 +394,7 @@ impl RemoteEnds {
         if end.wg.is_some()
             && let Some(wg) = &self.wg
         {
-            wg.remove(&format!("e/{id}")).await;
+            wg.remove(&crate::wg::endpoint_end_id(id)).await;
             return;
         }
         remove_link(end).await;

@@ -383,11 +383,7 @@ impl Vl3Plane {
     /// Whether this node runs a router of `vl3` whose namespace is still the one it built.
     pub(crate) fn router_standing(&self, vl3: &str) -> bool {
         let Some(r) = self.routers.get(vl3) else { return false };
-        let current = std::fs::metadata(nsm_dataplane::named_path(&r.netns)).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino())
-        });
-        current == Some(r.identity)
+        nsm_dataplane::netns_identity(nsm_dataplane::named_path(&r.netns)) == Some(r.identity)
     }
 
     /// Serves the vL3's names on port 53 of the router namespace (every gateway address).

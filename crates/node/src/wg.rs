@@ -9,7 +9,9 @@
 //! it make-before-break (the old session carries traffic until the peer completes a handshake with
 //! the new key); and the peer learns the new public key the way it learnt the first one, in the
 //! mechanism parameters: `src_public_key` of the client node's refresh, `dst_public_key` of the
-//! endpoint node's answer. Each side changes its tunnel's peer key in place.
+//! endpoint node's answer. The node also publishes its public key in its registration, so the
+//! other nodes refresh their vWires to it as soon as they see it change. Each side changes its
+//! tunnel's peer key in place.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -31,8 +33,6 @@ use nsm_wireguard::{PeerConfig, Tunnel, TunnelConfig};
 pub(crate) const TYPE: &str = "WIREGUARD";
 pub(crate) const SRC_PUBLIC_KEY: &str = "src_public_key";
 pub(crate) const DST_PUBLIC_KEY: &str = "dst_public_key";
-/// Upstream's default WireGuard port; the default range starts there.
-pub const DEFAULT_PORTS: RangeInclusive<u16> = 51820..=52819;
 /// Bytes the underlay MTU loses: outer IPv6 (40) + UDP (8) + WireGuard data header (16) + tag
 /// (16) = 80, the worst case that `wg-quick` also assumes (1420 on a 1500 underlay). Over IPv4
 /// the overhead is 60, so 20 bytes stay spare; one figure for both families keeps a vWire's MTU
@@ -142,20 +142,19 @@ fn key_age(dir: &Path) -> Duration {
         .unwrap_or_default()
 }
 
-/// FNV-1a: stable across restarts and versions.
-fn fnv(id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+/// The id of the tunnel a client's node runs for client connection `uid`.
+pub(crate) fn client_end_id(uid: &str) -> String {
+    format!("c/{uid}")
+}
+
+/// The id of the tunnel an endpoint's node runs for connection `id`.
+pub(crate) fn endpoint_end_id(id: &str) -> String {
+    format!("e/{id}")
 }
 
 /// What one end of a WireGuard vWire needs.
 pub(crate) struct End<'a> {
-    /// Tunnel id within this node ("c/<uid>" on the client's node, "e/<connection id>" on the
-    /// endpoint's).
+    /// Tunnel id within this node ([`client_end_id`] or [`endpoint_end_id`]).
     pub(crate) id: String,
     pub(crate) netns: &'a Path,
     pub(crate) name: &'a str,
@@ -309,7 +308,7 @@ impl Wg {
             .filter(|(k, _)| *k != id)
             .map(|(_, t)| t.local_addr().port())
             .collect();
-        let first = fnv(id) % size;
+        let first = crate::remote::stable_hash(id) % size;
         (0..size)
             .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
             .find(|p| !used.contains(p))
@@ -434,9 +433,9 @@ mod tests {
     #[test]
     fn ports_are_stable_and_in_range() {
         let wg = Wg::new([1; 32], 51820..=51829, PathBuf::from("/nonexistent"));
-        let p = wg.port_for("c/abc");
+        let p = wg.port_for(&client_end_id("abc"));
         assert!((51820..=51829).contains(&p));
-        assert_eq!(wg.port_for("c/abc"), p);
+        assert_eq!(wg.port_for(&client_end_id("abc")), p);
         assert_eq!(Encryption::effective("", "required"), Encryption::Required);
         assert_eq!(Encryption::effective("none", "required"), Encryption::None);
         assert_eq!(Encryption::effective("preferred", ""), Encryption::Preferred);

@@ -36,7 +36,7 @@ pub(crate) struct Args {
     #[arg(long, env = "NSM_DATA_DIR", default_value = "/var/lib/nsm/node")]
     data_dir: PathBuf,
     /// UDP ports (FIRST-LAST) for the ends of encrypted (WIREGUARD) vWires, one per vWire, on the
-    /// underlay address.
+    /// underlay address (the default range starts at WireGuard's usual port, 51820).
     #[arg(long, env = "NSM_WIREGUARD_PORTS", default_value = "51820-52819", value_parser = port_range)]
     wireguard_ports: std::ops::RangeInclusive<u16>,
     /// Build no WIREGUARD vWires: refuse them as an endpoint's node (a client that requires
