@@ -53,9 +53,6 @@ pub struct Peer {
     current: Core,
     next: Option<Pending>,
     retired: Option<(Core, Instant)>,
-    /// The keys wanted now (those of `next` while one is pending).
-    private_key: [u8; 32],
-    peer_public: [u8; 32],
     preshared_key: Option<[u8; 32]>,
     keepalive: Option<u16>,
     key_changes: u64,
@@ -65,7 +62,7 @@ impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
             .field("public_key", &keys::encode_key(&self.public_key()))
-            .field("peer_public_key", &keys::encode_key(&self.peer_public))
+            .field("peer_public_key", &keys::encode_key(&self.peer_public_key()))
             .field("key_change_pending", &self.next.is_some())
             .finish()
     }
@@ -87,22 +84,25 @@ impl Peer {
             },
             next: None,
             retired: None,
-            private_key,
-            peer_public,
             preshared_key,
             keepalive,
             key_changes: 0,
         }
     }
 
+    /// The keys wanted now: those of the pending core while a change waits, else the running ones.
+    fn wanted(&self) -> &Core {
+        self.next.as_ref().map_or(&self.current, |n| &n.core)
+    }
+
     /// Our public key as wanted now.
     pub fn public_key(&self) -> [u8; 32] {
-        keys::public_key(&self.private_key)
+        keys::public_key(&self.wanted().private_key)
     }
 
     /// The peer's public key as wanted now.
     pub fn peer_public_key(&self) -> [u8; 32] {
-        self.peer_public
+        self.wanted().peer_public
     }
 
     /// Whether a key change waits for its first handshake.
@@ -119,27 +119,27 @@ impl Peer {
     /// new public key, completes a handshake with it. Returns what to send now (a handshake
     /// initiation if a change of the peer's key is pending too).
     pub fn set_private_key(&mut self, private_key: [u8; 32], dst: &mut [u8]) -> Outcome {
-        if private_key == self.private_key {
+        let peer_public = self.wanted().peer_public;
+        if private_key == self.wanted().private_key {
             return Outcome::Done;
         }
-        self.private_key = private_key;
-        self.replan(false, dst)
+        self.replan(private_key, peer_public, false, dst)
     }
 
     /// Changes the peer's public key and starts a handshake with it (returned, to send now). The
     /// running session keeps carrying traffic until that handshake completes.
     pub fn set_peer_public_key(&mut self, peer_public: [u8; 32], dst: &mut [u8]) -> Outcome {
-        if peer_public == self.peer_public {
+        let private_key = self.wanted().private_key;
+        if peer_public == self.wanted().peer_public {
             return Outcome::Done;
         }
-        self.peer_public = peer_public;
-        self.replan(true, dst)
+        self.replan(private_key, peer_public, true, dst)
     }
 
     /// Prepares a core for the wanted keys, or drops the pending one when the wanted keys are the
     /// running ones again.
-    fn replan(&mut self, initiate: bool, dst: &mut [u8]) -> Outcome {
-        if (self.private_key, self.peer_public) == (self.current.private_key, self.current.peer_public) {
+    fn replan(&mut self, private_key: [u8; 32], peer_public: [u8; 32], initiate: bool, dst: &mut [u8]) -> Outcome {
+        if (private_key, peer_public) == (self.current.private_key, self.current.peer_public) {
             self.next = None;
             return Outcome::Done;
         }
@@ -149,21 +149,15 @@ impl Peer {
             let index = OsRng.next_u32() & 0x00ff_ffff;
             let taken = |c: &Core| c.proto.owns(index << 8);
             if !taken(&self.current) && !self.retired.as_ref().is_some_and(|(c, _)| taken(c)) {
-                break Boringtun::new(
-                    self.private_key,
-                    self.peer_public,
-                    self.preshared_key,
-                    self.keepalive,
-                    index,
-                );
+                break Boringtun::new(private_key, peer_public, self.preshared_key, self.keepalive, index);
             }
         };
         let out = if initiating { proto.initiate(dst) } else { Outcome::Done };
         self.next = Some(Pending {
             core: Core {
                 proto,
-                private_key: self.private_key,
-                peer_public: self.peer_public,
+                private_key,
+                peer_public,
             },
             initiating,
         });

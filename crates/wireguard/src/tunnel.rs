@@ -360,7 +360,6 @@ impl Tunnel {
             let mut peer = self.shared.peer.lock();
             (peer.proto.set_peer_public_key(public_key, &mut buf), peer.endpoint)
         };
-        tracing::info!(tun = %self.shared.name, peer = %keys::encode_key(&public_key), "WireGuard peer key changed");
         self.send_now(out, dest, &buf);
     }
 
