@@ -414,7 +414,7 @@ pub fn encryption(field: &str, s: &str) -> Result<()> {
     }
     Err(ValidationError::new(
         field,
-        format!("{s:?} must be one of required, preferred, none"),
+        format!("{s:?} must be one of {}", ENCRYPTION_VALUES.join(", ")),
     ))
 }
 

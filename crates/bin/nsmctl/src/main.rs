@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::builder::PossibleValuesParser;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use nsm_api::nsm::v1;
 use nsm_api::nsm::v1::resource_service_client::ResourceServiceClient;
@@ -195,27 +196,11 @@ struct NsCreate {
     dns_template: Option<String>,
     /// Encryption of cross-node vWires to this service: required (WIREGUARD or nothing),
     /// preferred (WIREGUARD, else VXLAN) or none (default).
-    #[arg(long, value_enum)]
-    encryption: Option<Encryption>,
+    #[arg(long, value_parser = PossibleValuesParser::new(validate::ENCRYPTION_VALUES))]
+    encryption: Option<String>,
     /// Labels: k=v,k2=v2.
     #[arg(long)]
     labels: Option<String>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Encryption {
-    Required,
-    Preferred,
-    None,
-}
-
-fn encryption(e: Option<Encryption>) -> String {
-    match e {
-        Some(Encryption::Required) => "required".into(),
-        Some(Encryption::Preferred) => "preferred".into(),
-        Some(Encryption::None) => "none".into(),
-        Option::None => String::new(),
-    }
 }
 
 #[derive(Args)]
@@ -279,8 +264,8 @@ struct ClientCreate {
     node_url: String,
     /// Encryption if the endpoint is on another node: required, preferred or none (default: the
     /// service's setting).
-    #[arg(long, value_enum)]
-    encryption: Option<Encryption>,
+    #[arg(long, value_parser = PossibleValuesParser::new(validate::ENCRYPTION_VALUES))]
+    encryption: Option<String>,
     /// Labels of the request (k=v,…): matched by the service's source selectors.
     #[arg(long)]
     labels: Option<String>,
@@ -391,7 +376,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     vl3: c.vl3.unwrap_or_default(),
                     reach: c.reach,
                     dns_template: c.dns_template.unwrap_or_default(),
-                    encryption: encryption(c.encryption),
+                    encryption: c.encryption.unwrap_or_default(),
                 };
                 let r = pb::resource::Kind::NetworkService(pb::NetworkService {
                     metadata: meta(&c.name, &namespace, labels(&c.labels)?),
@@ -463,7 +448,7 @@ async fn create_client(c: ClientCreate, namespace: &str, format: Format) -> anyh
             netns: c.netns.unwrap_or_default(),
             interface: c.interface.unwrap_or_default(),
             node: String::new(),
-            encryption: encryption(c.encryption),
+            encryption: c.encryption.unwrap_or_default(),
         }),
         status: None,
     });
