@@ -37,20 +37,7 @@ async fn same_node_vwire_lifecycle() {
     let mut node = NodeProc::start(&registry.url(), "node-a");
 
     ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.60.0.0/24"]));
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep-a",
-            "--service",
-            "orders",
-            "--netns",
-            &path("epa"),
-            "--node",
-            "node-a",
-        ],
-    ));
+    endpoint_in(&registry, "ep-a", "orders", &path("epa"), "node-a");
 
     // Create → Ready, with the addresses in the workload and traffic flowing.
     let t0 = Instant::now();
@@ -119,20 +106,7 @@ async fn same_node_vwire_lifecycle() {
     assert!(bed.ping("pod", dst.parse().unwrap(), 1));
 
     // Heal: the endpoint goes away, another one is selected and traffic flows again.
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep-b",
-            "--service",
-            "orders",
-            "--netns",
-            &path("epb"),
-            "--node",
-            "node-a",
-        ],
-    ));
+    endpoint_in(&registry, "ep-b", "orders", &path("epb"), "node-a");
     let t1 = Instant::now();
     ok(nsmctl(&registry, &["delete", "endpoint", "ep-a"]));
     let j = wait_client(&registry, &node, "c1", "healed to ep-b", |j| {
@@ -176,20 +150,7 @@ async fn same_node_vwire_lifecycle() {
             "nsm-2",
         ],
     ));
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep-c",
-            "--service",
-            "orders",
-            "--netns",
-            &path("epb"),
-            "--node",
-            "node-a",
-        ],
-    ));
+    endpoint_in(&registry, "ep-c", "orders", &path("epb"), "node-a");
     let j = wait_client(&registry, &node, "c2", "Failed", |j| phase(j) == "Failed");
     assert!(
         j["status"]["reason"].as_str().unwrap().contains("does-not-exist"),
@@ -265,20 +226,7 @@ async fn bad_input_is_reported_and_builds_nothing() {
     let pod = path("pod");
     // A /30 holds one pair of host addresses: room for one vWire.
     ok(nsmctl(&registry, &["ns", "create", "tiny", "--cidr", "10.61.0.0/30"]));
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep",
-            "--service",
-            "tiny",
-            "--netns",
-            &path("ep"),
-            "--node",
-            "node-a",
-        ],
-    ));
+    endpoint_in(&registry, "ep", "tiny", &path("ep"), "node-a");
     let create = |name: &str, extra: &[&str]| {
         let mut args = vec!["client", "create", name, "--netns", &pod, "--node", &node.socket];
         args.extend_from_slice(extra);
@@ -365,23 +313,7 @@ async fn endpoint_namespace_gone_heals_to_another() {
         &["--underlay-address", "192.0.2.1", "--resync", "40s"].map(String::from),
     );
     ok(nsmctl(&registry, &["ns", "create", "svc", "--cidr", "10.62.0.0/24"]));
-    let ep = |name: &str, netns: &str| {
-        ok(nsmctl(
-            &registry,
-            &[
-                "endpoint",
-                "create",
-                name,
-                "--service",
-                "svc",
-                "--netns",
-                netns,
-                "--node",
-                "node-a",
-            ],
-        ));
-    };
-    ep("ep-x", &epx_path);
+    endpoint_in(&registry, "ep-x", "svc", &epx_path, "node-a");
     ok(nsmctl(
         &registry,
         &[
@@ -399,7 +331,7 @@ async fn endpoint_namespace_gone_heals_to_another() {
     wait_client(&registry, &node, "c", "Ready on ep-x", |j| {
         phase(j) == "Ready" && j["status"]["endpoint"] == "ep-x"
     });
-    ep("ep-y", &path("epy"));
+    endpoint_in(&registry, "ep-y", "svc", &path("epy"), "node-a");
     drop(_epx_ns);
     nsm_dataplane::NetNs::delete(&epx).unwrap();
     let j = wait_client(&registry, &node, "c", "Ready on ep-y", |j| {
@@ -427,20 +359,7 @@ async fn cross_node_vxlan_vwire() {
     let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &[]));
 
     ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.70.0.0/24"]));
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep",
-            "--service",
-            "orders",
-            "--netns",
-            &path("svc"),
-            "--node",
-            "node-b",
-        ],
-    ));
+    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
     let t0 = Instant::now();
     // As the design document has it: run inside the pod's namespace, the client is the pod.
     let o = Command::new("nsenter")
@@ -562,20 +481,7 @@ async fn upstream_client_requests_a_kernel_vwire() {
         &registry,
         &["ns", "create", "icmp-responder", "--cidr", "10.80.0.0/24"],
     ));
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "nse-1",
-            "--service",
-            "icmp-responder",
-            "--netns",
-            &path("nse"),
-            "--node",
-            "node-a",
-        ],
-    ));
+    endpoint_in(&registry, "nse-1", "icmp-responder", &path("nse"), "node-a");
 
     let start = Instant::now();
     let ch = loop {

@@ -98,20 +98,7 @@ async fn wireguard_required_vwire() {
     ));
     let d = ok(nsmctl(&registry, &["describe", "ns", "orders"]));
     assert!(d.contains("required"), "{d}");
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep",
-            "--service",
-            "orders",
-            "--netns",
-            &path("svc"),
-            "--node",
-            "node-b",
-        ],
-    ));
+    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
     let t0 = Instant::now();
     ok(nsmctl_in(
         &registry,
@@ -230,20 +217,7 @@ async fn endpoint_node_without_wireguard() {
         &node_args(&bed, "h2", "192.0.2.12", &["--no-wireguard"]),
     );
     ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.72.0.0/24"]));
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep",
-            "--service",
-            "orders",
-            "--netns",
-            &path("svc"),
-            "--node",
-            "node-b",
-        ],
-    ));
+    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
 
     // required: Failed with the reason, nothing built on either side.
     ok(nsmctl_in(
@@ -417,20 +391,7 @@ async fn wireguard_key_rotation_keeps_traffic() {
             "required",
         ],
     ));
-    ok(nsmctl(
-        &registry,
-        &[
-            "endpoint",
-            "create",
-            "ep",
-            "--service",
-            "orders",
-            "--netns",
-            &path("svc"),
-            "--node",
-            "node-b",
-        ],
-    ));
+    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
     ok(nsmctl_in(
         &registry,
         &path("pod"),

@@ -131,6 +131,24 @@ pub fn ok(r: (bool, String, String)) -> String {
     r.1
 }
 
+/// `nsmctl endpoint create NAME --service SERVICE --netns NETNS --node NODE`, which must succeed.
+pub fn endpoint_in(registry: &NsmRegistry, name: &str, service: &str, netns: &str, node: &str) {
+    ok(nsmctl(
+        registry,
+        &[
+            "endpoint",
+            "create",
+            name,
+            "--service",
+            service,
+            "--netns",
+            netns,
+            "--node",
+            node,
+        ],
+    ));
+}
+
 pub fn client_json(registry: &NsmRegistry, name: &str) -> serde_json::Value {
     serde_json::from_str(&ok(nsmctl(registry, &["get", "client", name, "-o", "json"]))).unwrap()
 }
