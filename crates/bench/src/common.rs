@@ -1,14 +1,62 @@
-//! What the benchmark subcommands share: the summary table, test beds and processes that go away
-//! when dropped, iperf3 and ping runs, and a few statistics.
+//! What the benchmark subcommands share: running parts until a signal, the summary table, test
+//! beds and processes that go away when dropped, a registry and its nodes' registration, iperf3
+//! and ping runs, and a few statistics.
 
+use std::fmt::Debug;
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nsm_api::nsm::v1;
+use nsm_api::nsm::v1::{self, resource_service_client::ResourceServiceClient};
 use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use tokio::signal::unix::{Signal, SignalKind};
 use tonic::transport::Channel;
+
+/// The IANA VXLAN port, which nsm uses.
+pub(crate) const VXLAN_PORT: u16 = 4789;
+/// Underlay MTU 1500 less 50 bytes of VXLAN over IPv4, as nsm sets it on a VXLAN vWire (and on vL3
+/// members and peer links).
+pub(crate) const VXLAN_MTU: u32 = 1450;
+
+/// Ctrl-C and SIGTERM, for ending a benchmark: what runs under [`Signals::run`] is dropped (its test
+/// bed and processes torn down) when one arrives.
+pub(crate) struct Signals(Signal);
+
+impl Signals {
+    /// Listens from now on: a SIGTERM that arrives between two [`Signals::run`]s ends the next.
+    pub(crate) fn new() -> anyhow::Result<Signals> {
+        Ok(Signals(tokio::signal::unix::signal(SignalKind::terminate())?))
+    }
+
+    /// `f`'s result, or an error as soon as Ctrl-C or SIGTERM arrives.
+    pub(crate) async fn run<T>(&mut self, f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+        tokio::select! {
+            r = f => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            _ = self.0.recv() => bail!("terminated"),
+        }
+    }
+}
+
+/// Runs the parts of `all` that `only` names, in the order of `all`, each under [`Signals`] (when
+/// interrupted, a part's test bed and processes are torn down as its future is dropped); then
+/// prints the summary of their verdicts.
+pub(crate) async fn run_parts<P: Copy + PartialEq + Debug>(
+    all: &[P],
+    only: &[P],
+    run: impl AsyncFn(P) -> anyhow::Result<Vec<Verdict>>,
+) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let mut summary = Vec::new();
+    for &part in all.iter().filter(|p| only.contains(p)) {
+        eprintln!("=== {part:?} ===");
+        summary.extend(signals.run(run(part)).await?);
+    }
+    print_summary(&summary);
+    Ok(())
+}
 
 /// Prints the summary table: every figure against its target.
 pub(crate) fn print_summary(summary: &[Verdict]) {
@@ -46,31 +94,48 @@ pub(crate) fn verdict(target: impl Into<String>, figure: impl Into<String>, met:
     }
 }
 
-/// Underlay addresses of the two hosts of [`two_hosts`].
+/// Underlay addresses of the hosts of [`one_host`] and [`two_hosts`].
 pub(crate) const H1: &str = "192.0.2.11";
 pub(crate) const H2: &str = "192.0.2.12";
 
-/// Two test-bed hosts `h1` ([`H1`]) and `h2` ([`H2`]) on one underlay, with `workloads` as
-/// (name, host) pairs: the cross-node test bed.
-pub(crate) fn two_hosts(tag: &str, workloads: Vec<(String, &str)>) -> anyhow::Result<Topology> {
-    let host = |name: &str, addr: &str| -> anyhow::Result<HostSpec> {
-        Ok(HostSpec {
-            name: name.into(),
-            underlay_addr: addr.parse()?,
-        })
-    };
+/// A test bed of `hosts` as (name, underlay address) pairs on one underlay, with `workloads` as
+/// (name, host) pairs; `tag` makes its namespace names unique.
+pub(crate) fn topology(
+    tag: &str,
+    hosts: impl IntoIterator<Item = (impl Into<String>, impl AsRef<str>)>,
+    workloads: impl IntoIterator<Item = (impl Into<String>, impl Into<String>)>,
+) -> anyhow::Result<Topology> {
     Ok(Topology {
         prefix: unique_prefix(tag),
-        hosts: vec![host("h1", H1)?, host("h2", H2)?],
+        hosts: hosts
+            .into_iter()
+            .map(|(name, addr)| {
+                Ok(HostSpec {
+                    name: name.into(),
+                    underlay_addr: addr.as_ref().parse()?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
         workloads: workloads
             .into_iter()
             .map(|(name, host)| WorkloadSpec {
-                name,
+                name: name.into(),
                 host: host.into(),
             })
             .collect(),
         address_hosts: vec![],
     })
+}
+
+/// One test-bed host `h1` ([`H1`]) with `workloads`: the same-node test bed.
+pub(crate) fn one_host(tag: &str, workloads: impl IntoIterator<Item = String>) -> anyhow::Result<Topology> {
+    topology(tag, [("h1", H1)], workloads.into_iter().map(|w| (w, "h1")))
+}
+
+/// Two test-bed hosts `h1` ([`H1`]) and `h2` ([`H2`]) on one underlay, with `workloads` as
+/// (name, host) pairs: the cross-node test bed.
+pub(crate) fn two_hosts(tag: &str, workloads: Vec<(String, &str)>) -> anyhow::Result<Topology> {
+    topology(tag, [("h1", H1), ("h2", H2)], workloads)
 }
 
 /// Runs `f` on a test bed built from `topology` and tears the bed down afterwards, also when `f`
@@ -115,6 +180,40 @@ pub(crate) fn quiet(c: &mut Command) {
         .stderr(Stdio::inherit());
 }
 
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `nsm registry` on a free local port with its data under `dir`; the process and its URL.
+pub(crate) fn spawn_registry(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
+    let url = format!("tcp://127.0.0.1:{}", free_port()?);
+    let mut c = Command::new(bin);
+    c.args(["registry", "--listen", &url]).arg("--data-dir").arg(dir);
+    quiet(&mut c);
+    let registry = Proc(c.spawn().with_context(|| format!("cannot start {}", bin.display()))?);
+    Ok((registry, url))
+}
+
+/// Waits until node `name` has registered: its Node resource exists (other nodes need it to reach
+/// this one).
+pub(crate) async fn wait_registered(res: &mut ResourceServiceClient<Channel>, name: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let r = v1::ResourceRef {
+        kind: v1::Kind::Node as i32,
+        namespace: String::new(),
+        name: name.into(),
+    };
+    while res.get(v1::GetRequest { r#ref: Some(r.clone()) }).await.is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("node {name} did not register within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A channel to `url`, retried every 20 ms for up to 20 s while the server starts.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Channel> {
     let start = Instant::now();
     loop {
@@ -224,6 +323,12 @@ pub(crate) fn pings_us(bed: &Testbed, from: &str, to: IpAddr, count: u32) -> any
         bail!("no ping replies from {from} to {to}");
     }
     Ok(v)
+}
+
+/// The `p` quantile of sorted samples (nearest rank).
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// The median of samples (the mean of the middle two for an even count).

@@ -6,6 +6,9 @@
 //!
 //! `nsm-bench vwire` measures vWires against bare kernel wiring in the same run (see `vwire.rs`).
 //!
+//! `nsm-bench vl3` measures a vL3 across nodes against the same topology wired by hand (see
+//! `vl3.rs`).
+//!
 //! `nsm-bench wireguard` compares nsm's WIREGUARD vWire with stock userspace WireGuard and with
 //! nsm's clear-text VXLAN vWire on one two-host test bed (see `wireguard.rs`).
 
@@ -19,6 +22,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use nsm_api::registry::{self as reg, network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient};
 use tonic::transport::Channel;
+
+use crate::common::percentile;
 
 mod common;
 mod vl3;
@@ -51,6 +56,15 @@ enum Cmd {
 enum StoreKind {
     Embedded,
     Etcd,
+}
+
+impl StoreKind {
+    fn name(self) -> &'static str {
+        match self {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Etcd => "etcd",
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -119,13 +133,7 @@ impl RegistryProc {
     }
 
     fn rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0.0);
-        kb / 1024.0
+        common::rss_mb(self.child.id())
     }
 
     fn kill9(&mut self) {
@@ -138,10 +146,6 @@ impl Drop for RegistryProc {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Waits until `name` can be found, returning how long that took.
@@ -192,12 +196,6 @@ fn endpoint(i: usize) -> reg::NetworkServiceEndpoint {
     }
 }
 
-/// The `p` quantile of sorted samples (nearest rank).
-pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 struct Row {
     store: &'static str,
     n: usize,
@@ -219,18 +217,11 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
     let store_arg = etcd
         .as_ref()
         .map_or("embedded".to_string(), |e| format!("etcd://{}", e.endpoint()));
-    let port = free_port()?;
+    let port = common::free_port()?;
     let mut proc = RegistryProc::spawn(bin, args.registry_cpus.as_deref(), port, dir.path(), &store_arg)?;
     let url = proc.url.clone();
     // Wait for the listener.
-    let start = Instant::now();
-    let ch = loop {
-        match nsm_transport::connect(&url, Duration::from_millis(200)).await {
-            Ok(ch) => break ch,
-            Err(e) if start.elapsed() > Duration::from_secs(20) => bail!("registry did not start: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let ch = common::connect(&url).await.context("registry did not start")?;
 
     // Register N endpoints with `clients` concurrent callers over 8 HTTP/2 connections.
     let mut channels = vec![ch];
@@ -315,7 +306,7 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
     drop(proc2);
     drop(etcd);
     Ok(Row {
-        store: if store == StoreKind::Etcd { "etcd" } else { "embedded" },
+        store: store.name(),
         n,
         reg_per_s: n as f64 / reg_elapsed.as_secs_f64(),
         find_p50: percentile(&lat, 0.5),
@@ -327,7 +318,11 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
     })
 }
 
-fn default_bin() -> anyhow::Result<PathBuf> {
+/// `--nsm-bin`, or the `nsm` binary next to this one.
+fn nsm_bin(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(b) = given {
+        return Ok(b.clone());
+    }
     let me = std::env::current_exe()?;
     let bin = me.with_file_name("nsm");
     if !bin.exists() {
@@ -340,10 +335,7 @@ fn default_bin() -> anyhow::Result<PathBuf> {
 }
 
 async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
-    let bin = match &args.nsm_bin {
-        Some(b) => b.clone(),
-        None => default_bin()?,
-    };
+    let bin = nsm_bin(args.nsm_bin.as_ref())?;
     println!(
         "| store | endpoints | Register/s ({} clients) | Find p50 | Find p99 | health-check p50 / p99 (floor) | RSS after load | kill -9 → serving |",
         args.clients
@@ -351,11 +343,7 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for &store in &args.store {
         for &n in &args.endpoints {
-            eprintln!(
-                "measuring {} endpoints on {} …",
-                n,
-                if store == StoreKind::Etcd { "etcd" } else { "embedded" }
-            );
+            eprintln!("measuring {n} endpoints on {} …", store.name());
             let r = measure(&args, &bin, store, n).await?;
             println!(
                 "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} / {:.0} µs | {:.0} MB | {:.0} ms |",
@@ -381,24 +369,15 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Cmd::Registry(a) => registry(a).await,
             Cmd::Vwire(a) => {
-                let bin = match &a.nsm_bin {
-                    Some(b) => b.clone(),
-                    None => default_bin()?,
-                };
+                let bin = nsm_bin(a.nsm_bin.as_ref())?;
                 vwire::run(a, bin).await
             }
             Cmd::Vl3(a) => {
-                let bin = match &a.nsm_bin {
-                    Some(b) => b.clone(),
-                    None => default_bin()?,
-                };
+                let bin = nsm_bin(a.nsm_bin.as_ref())?;
                 vl3::run(a, bin).await
             }
             Cmd::Wireguard(a) => {
-                let bin = match &a.nsm_bin {
-                    Some(b) => b.clone(),
-                    None => default_bin()?,
-                };
+                let bin = nsm_bin(a.nsm_bin.as_ref())?;
                 wireguard::run(a, bin).await
             }
         }

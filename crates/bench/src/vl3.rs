@@ -41,21 +41,15 @@ use nsm_api::nsm::v1::{
     self as v1, node_service_client::NodeServiceClient, resource_service_client::ResourceServiceClient,
 };
 use nsm_dataplane::{NetNs, Netlink};
-use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use nsm_testbed::{Testbed, Topology};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::common::{
-    Proc, Verdict, connect, iperf, median, meta, ms, on_bed, pings_us, print_summary, quiet, range, rss_mb, verdict,
-};
-use crate::{free_port, percentile};
+use crate::common::{VXLAN_MTU, VXLAN_PORT, Verdict, ms, on_bed, percentile, rss_mb, run_parts, verdict};
+use crate::vwire::{self, alternate, client, client_status, first_addr, watch_clients};
 
 /// UDP port of the members' probe sockets.
 const PORT: u16 = 7999;
-/// Underlay MTU 1500 less 50 bytes of VXLAN over IPv4: nsm's member and peer-link MTU.
-const MTU: u32 = 1450;
-/// The IANA VXLAN port, which nsm uses.
-const VXLAN_PORT: u16 = 4789;
 /// Pool of the hand-built floor (a /24 per host).
 const FLOOR_NET: [u8; 2] = [10, 201];
 /// Pool of the vWire service of the throughput comparison.
@@ -118,24 +112,10 @@ pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
     if args.nodes < 2 {
         bail!("--nodes: a vL3 across nodes needs at least 2");
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut summary = Vec::new();
-    for part in [Part::Join, Part::Throughput, Part::Latency, Part::Scale] {
-        if !args.only.contains(&part) {
-            continue;
-        }
-        eprintln!("=== {part:?} ===");
-        // Interrupted: the part's processes, router namespaces and test bed go when its future is
-        // dropped.
-        let rows = tokio::select! {
-            r = run_part(part, &args, &bin) => r?,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-            _ = term.recv() => bail!("terminated"),
-        };
-        summary.extend(rows);
-    }
-    print_summary(&summary);
-    Ok(())
+    // Interrupted: the part's processes, router namespaces and test bed go when its future is
+    // dropped.
+    let all = [Part::Join, Part::Throughput, Part::Latency, Part::Scale];
+    run_parts(&all, &args.only, async |part| run_part(part, &args, &bin).await).await
 }
 
 async fn run_part(part: Part, args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
@@ -157,26 +137,11 @@ fn host(i: usize) -> (String, String) {
 
 /// A topology of `nodes` hosts and the given workloads (name, host index).
 fn topology(tag: &str, nodes: usize, workloads: &[(String, usize)]) -> anyhow::Result<Topology> {
-    Ok(Topology {
-        prefix: unique_prefix(tag),
-        hosts: (0..nodes)
-            .map(|i| {
-                let (name, addr) = host(i);
-                Ok(HostSpec {
-                    name,
-                    underlay_addr: addr.parse()?,
-                })
-            })
-            .collect::<anyhow::Result<_>>()?,
-        workloads: workloads
-            .iter()
-            .map(|(name, h)| WorkloadSpec {
-                name: name.clone(),
-                host: host(*h).0,
-            })
-            .collect(),
-        address_hosts: vec![],
-    })
+    crate::common::topology(
+        tag,
+        (0..nodes).map(host),
+        workloads.iter().map(|(name, h)| (name.clone(), host(*h).0)),
+    )
 }
 
 /// Deletes, when dropped, the router namespaces (`nsm-vl3-<node>-<hash>` under /run/netns) that
@@ -216,124 +181,56 @@ struct Node {
     pid: u32,
 }
 
-/// A registry and node daemons, as processes. Fields drop in order: the nodes stop, then their
-/// router namespaces go, then the registry stops.
+/// A registry and one node daemon per test-bed host, as processes. Fields drop in order: the
+/// daemons stop, then the router namespaces their nodes made go.
 struct Mesh {
-    procs: Vec<Proc>,
+    daemons: vwire::Mesh,
     _routers: RouterCleanup,
-    _registry: Proc,
     nodes: Vec<Node>,
-    res: ResourceServiceClient<Channel>,
-    dir: tempfile::TempDir,
 }
 
 impl Mesh {
     /// A registry and one `nsm node` per test-bed host (`tag` makes the node names, and so their
     /// router namespaces, unique to this run and part).
     async fn start(bin: &Path, bed: &Testbed, nodes: usize, tag: &str) -> anyhow::Result<Mesh> {
-        let dir = tempfile::tempdir()?;
-        let reg_url = format!("tcp://127.0.0.1:{}", free_port()?);
-        let mut c = Command::new(bin);
-        c.args(["registry", "--listen", &reg_url])
-            .arg("--data-dir")
-            .arg(dir.path().join("reg"));
-        quiet(&mut c);
-        let registry = Proc(c.spawn().with_context(|| format!("cannot start {}", bin.display()))?);
         let names: Vec<String> = (0..nodes)
             .map(|i| format!("b{}-{tag}-{i}", std::process::id()))
             .collect();
-        let mut mesh = Mesh {
-            procs: Vec::new(),
-            _routers: RouterCleanup(names.clone()),
-            _registry: registry,
-            nodes: Vec::new(),
-            res: ResourceServiceClient::new(connect(&reg_url).await?),
-            dir,
-        };
-        for (i, name) in names.iter().enumerate() {
+        // Dropped after `daemons` also when a node fails to start.
+        let routers = RouterCleanup(names.clone());
+        let mut daemons = vwire::Mesh::start(bin).await?;
+        let mut started = Vec::with_capacity(nodes);
+        for (i, name) in names.into_iter().enumerate() {
             let (h, underlay) = host(i);
-            let sock = format!("unix://{}", mesh.dir.path().join(format!("{name}.sock")).display());
-            let mut c = Command::new(bin);
-            c.args(["node", "--name", name, "--registry", &reg_url])
-                .args(["--underlay-address", &underlay, "--listen", &sock])
-                .args(["--listen", &format!("tcp://127.0.0.1:{}", free_port()?)])
-                .arg("--host-netns")
-                .arg(bed.netns_path(&h))
-                .arg("--data-dir")
-                .arg(mesh.dir.path().join(name));
-            quiet(&mut c);
-            let p = Proc(c.spawn()?);
-            let pid = p.0.id();
-            mesh.procs.push(p);
-            let api = NodeServiceClient::new(connect(&sock).await?);
-            mesh.nodes.push(Node {
-                name: name.clone(),
-                api,
-                pid,
+            let node = daemons
+                .node(&name, &underlay, Some(&bed.netns_path(&h)), true, None)
+                .await?;
+            started.push(Node {
+                name,
+                api: node.api,
+                pid: node.pid,
             });
         }
-        // Registered: other nodes need each one's Node resource to reach it.
-        for name in &names {
-            let start = Instant::now();
-            let r = v1::ResourceRef {
-                kind: v1::Kind::Node as i32,
-                namespace: String::new(),
-                name: name.clone(),
-            };
-            while mesh.res.get(v1::GetRequest { r#ref: Some(r.clone()) }).await.is_err() {
-                if start.elapsed() > Duration::from_secs(20) {
-                    bail!("node {name} did not register within 20 s");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Ok(mesh)
-    }
-
-    async fn create(&mut self, kind: v1::resource::Kind) -> anyhow::Result<()> {
-        self.res
-            .create(v1::CreateRequest {
-                resource: Some(v1::Resource { kind: Some(kind) }),
-            })
-            .await?;
-        Ok(())
+        Ok(Mesh {
+            daemons,
+            _routers: routers,
+            nodes: started,
+        })
     }
 
     /// Creates vL3 `name` with pool `cidr` (`nsmctl ns create NAME --type vl3 --cidr CIDR`).
     async fn vl3(&mut self, name: &str, cidr: &str) -> anyhow::Result<()> {
-        self.create(v1::resource::Kind::NetworkService(v1::NetworkService {
-            metadata: meta(name),
-            spec: Some(v1::NetworkServiceSpec {
-                r#type: v1::ServiceType::Vl3 as i32,
-                cidr: cidr.into(),
-                ..Default::default()
-            }),
-        }))
-        .await
+        let spec = v1::NetworkServiceSpec {
+            r#type: v1::ServiceType::Vl3 as i32,
+            cidr: cidr.into(),
+            ..Default::default()
+        };
+        self.daemons.service_spec(name, spec).await
     }
 
     /// The RSS of each node daemon, MB.
     fn rss_mb(&self) -> Vec<f64> {
         self.nodes.iter().map(|n| rss_mb(n.pid)).collect()
-    }
-}
-
-/// A `CreateClient` request: client `name` of `service` in namespace `netns`, pinned to `endpoint`
-/// unless empty; the node names the interface.
-fn client(name: &str, service: &str, netns: &Path, endpoint: &str) -> v1::CreateRequest {
-    v1::CreateRequest {
-        resource: Some(v1::Resource {
-            kind: Some(v1::resource::Kind::Client(v1::Client {
-                metadata: meta(name),
-                spec: Some(v1::ClientSpec {
-                    network_service: service.into(),
-                    endpoint: endpoint.into(),
-                    netns: netns.display().to_string(),
-                    ..Default::default()
-                }),
-                status: None,
-            })),
-        }),
     }
 }
 
@@ -353,14 +250,7 @@ struct Statuses {
 
 impl Statuses {
     async fn watch(res: &ResourceServiceClient<Channel>) -> anyhow::Result<Statuses> {
-        let mut stream = res
-            .clone()
-            .watch(v1::WatchRequest {
-                kind: v1::Kind::Client as i32,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut stream = watch_clients(&mut res.clone()).await?;
         let seen: Arc<Mutex<HashMap<String, Seen>>> = Arc::default();
         let s = seen.clone();
         let task = tokio::spawn(async move {
@@ -374,12 +264,7 @@ impl Statuses {
                 let mut seen = s.lock().expect("not poisoned");
                 let e = seen.entry(name).or_default();
                 if st.phase == v1::client_status::Phase::Ready as i32 {
-                    let addr = st
-                        .src_ip_addrs
-                        .first()
-                        .and_then(|a| a.parse::<IpNet>().ok())
-                        .map(|n| n.addr());
-                    if let (None, Some(a)) = (e.ready, addr) {
+                    if let (None, Ok(a)) = (e.ready, first_addr(&st.src_ip_addrs)) {
                         e.ready = Some((a, at));
                     }
                 } else if st.phase == v1::client_status::Phase::Failed as i32 {
@@ -435,19 +320,22 @@ impl Drop for Statuses {
     }
 }
 
-/// Creates clients (name, service, netns, node index) through their nodes' APIs, `concurrency`
-/// calls in flight.
+/// Creates clients of `service`, each (name, node index) in the workload of its name, through their
+/// nodes' APIs, `concurrency` calls in flight.
 async fn create_all(
     mesh: &Mesh,
-    clients: Vec<(String, String, PathBuf, usize)>,
+    bed: &Testbed,
+    service: &str,
+    clients: Vec<(String, usize)>,
     concurrency: usize,
 ) -> anyhow::Result<()> {
     let apis: Vec<NodeServiceClient<Channel>> = mesh.nodes.iter().map(|n| n.api.clone()).collect();
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(clients)
-        .map(|(name, service, netns, node)| {
+        .map(|(name, node)| {
             let mut api = apis[node].clone();
+            let request = client(&name, service, &bed.netns_path(&name), "", "");
             async move {
-                api.create_client(client(&name, &service, &netns, ""))
+                api.create_client(request)
                     .await
                     .with_context(|| format!("CreateClient {name}"))?;
                 Ok(())
@@ -680,7 +568,7 @@ impl Floor {
                         local.parse()?,
                         remote,
                         VXLAN_PORT,
-                        MTU,
+                        VXLAN_MTU,
                     )
                     .await?;
                     rnl.set_up(&link).await?;
@@ -705,7 +593,7 @@ impl Floor {
         let gw = floor_gw(h);
         let peer = format!("b{}", self.members.len());
         let cnl = Netlink::connect(bed.ns(ns)).await?;
-        cnl.create_veth("bare0", &peer, bed.ns(rname), MTU).await?;
+        cnl.create_veth("bare0", &peer, bed.ns(rname), VXLAN_MTU).await?;
         cnl.add_address("bare0", IpNet::from(addr)).await?;
         rnl.add_address(&peer, IpNet::from(gw)).await?;
         cnl.set_up("bare0").await?;
@@ -805,18 +693,14 @@ async fn join(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
         // nsm.
         let mut mesh = Mesh::start(bin, bed, nodes, "j").await?;
         mesh.vl3("bench", &args.pool).await?;
-        let statuses = Statuses::watch(&mesh.res).await?;
-        let clients: Vec<(String, String, PathBuf, usize)> = names
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.clone(), "bench".to_string(), bed.netns_path(m), i % nodes))
-            .collect();
+        let statuses = Statuses::watch(&mesh.daemons.res).await?;
+        let clients: Vec<(String, usize)> = names.iter().enumerate().map(|(i, m)| (m.clone(), i % nodes)).collect();
         eprintln!(
             "nsm: {n} CreateClient calls ({} in flight), then {pairs} pairs …",
             args.concurrency
         );
         let t0 = Instant::now();
-        let creating = create_all(&mesh, clients, args.concurrency);
+        let creating = create_all(&mesh, bed, "bench", clients, args.concurrency);
         let names_ref = &names;
         let probing = probes.all_pairs(
             &all,
@@ -862,10 +746,7 @@ async fn join(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
             "| one probe pass over {pairs} answering pairs, ms | {:.0} | | |",
             ms(probe_pass)
         );
-        println!(
-            "| node RSS after, MB | | {} | |",
-            rss.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / ")
-        );
+        println!("| node RSS after, MB | | {} | |", mbs(&rss));
         print_router_state(&state);
         Ok(vec![verdict(
             format!("join: {nodes}×{per} members, first create → all {pairs} pairs reachable ≤ 5 s"),
@@ -886,117 +767,51 @@ async fn throughput(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
     let workloads = vec![("x".to_string(), 0), ("y".to_string(), 1)];
     on_bed(topology("vl3t", 2, &workloads)?, async |bed: &Testbed| {
         let mut mesh = Mesh::start(bin, bed, 2, "t").await?;
-        let statuses = Statuses::watch(&mesh.res).await?;
+        let statuses = Statuses::watch(&mesh.daemons.res).await?;
         mesh.vl3("bench", &args.pool).await?;
         // The vWire: client in x on node 0, endpoint in y on node 1.
-        mesh.create(v1::resource::Kind::NetworkService(v1::NetworkService {
-            metadata: meta("wire"),
-            spec: Some(v1::NetworkServiceSpec {
-                cidr: VWIRE_POOL.into(),
-                ..Default::default()
-            }),
-        }))
-        .await?;
-        mesh.create(v1::resource::Kind::Endpoint(v1::Endpoint {
-            metadata: meta("ep-y"),
-            spec: Some(v1::EndpointSpec {
-                network_services: vec!["wire".into()],
-                netns: bed.netns_path("y").display().to_string(),
-                node: mesh.nodes[1].name.clone(),
-                ..Default::default()
-            }),
-        }))
-        .await?;
+        mesh.daemons.service("wire", VWIRE_POOL).await?;
+        mesh.daemons
+            .endpoint("ep-y", "wire", &bed.netns_path("y"), &mesh.nodes[1].name)
+            .await?;
         let (x, y) = (bed.netns_path("x"), bed.netns_path("y"));
-        mesh.nodes[0].api.create_client(client("vx", "bench", &x, "")).await?;
-        mesh.nodes[1].api.create_client(client("vy", "bench", &y, "")).await?;
         mesh.nodes[0]
             .api
-            .create_client(client("wx", "wire", &x, "ep-y"))
+            .create_client(client("vx", "bench", &x, "", ""))
+            .await?;
+        mesh.nodes[1]
+            .api
+            .create_client(client("vy", "bench", &y, "", ""))
+            .await?;
+        mesh.nodes[0]
+            .api
+            .create_client(client("wx", "wire", &x, "ep-y", ""))
             .await?;
         let names = ["vx", "vy", "wx"].map(String::from);
         statuses.all_ready(&names, Duration::from_secs(20)).await?;
         let vl3_dst = statuses.get("vy").ready.context("vy")?.0;
         // The vWire's far address: the endpoint's side, from the client's status.
-        let wire_dst = wire_peer(&mut mesh.res, "wx").await?;
+        let wire_status = client_status(&mut mesh.daemons.res, "wx")
+            .await?
+            .context("wx: no status")?;
+        let wire_dst = first_addr(&wire_status.dst_ip_addrs)?;
         eprintln!(
             "vL3 x → {vl3_dst} (y), vWire x → {wire_dst} (y); {} × (iperf3 1 and 4 streams, {} s) alternating …",
             args.reps, args.seconds
         );
-        // [vWire, vL3] × [1 stream, 4 streams].
-        let mut tput: [[Vec<f64>; 2]; 2] = Default::default();
-        let mut rtt: [Vec<f64>; 2] = Default::default();
-        let dsts = [wire_dst, vl3_dst];
-        for r in 0..args.reps {
-            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
-            for (si, streams) in [1u32, 4].into_iter().enumerate() {
-                for w in order {
-                    let g = iperf(bed, "y", "x", dsts[w], streams, args.seconds)?;
-                    eprintln!("  rep {r} {} {streams} stream(s): {g:.2} Gbit/s", ["vWire", "vL3  "][w]);
-                    tput[w][si].push(g);
-                }
-            }
-            for w in order {
-                rtt[w].extend(pings_us(bed, "x", dsts[w], 50)?);
-            }
-        }
+        let labels = ["vWire", "vL3  "];
+        let a = alternate(bed, "y", "x", [wire_dst, vl3_dst], labels, args.reps, args.seconds)?;
         drop(statuses);
         drop(mesh);
 
         println!("\nvL3 member → member across two nodes vs a cross-node VXLAN vWire between the same namespaces:\n");
         println!("| measurement | vWire (floor) | vL3 | vL3 ÷ vWire | target |");
         println!("|---|---:|---:|---:|---|");
-        let mut out = Vec::new();
-        for (si, streams) in ["1 stream", "4 streams"].into_iter().enumerate() {
-            let (b, v) = (&tput[0][si], &tput[1][si]);
-            let ratio = median(v) / median(b);
-            println!(
-                "| TCP {streams}, Gbit/s, median of {} (range) | {:.2} ({}) | {:.2} ({}) | {ratio:.3} | ≥ 0.90 |",
-                b.len(),
-                median(b),
-                range(b),
-                median(v),
-                range(v)
-            );
-            out.push(verdict(
-                format!("throughput: vL3 ÷ cross-node vWire, TCP {streams} ≥ 0.90"),
-                format!("{ratio:.3} ({:.2} ÷ {:.2} Gbit/s)", median(v), median(b)),
-                Some(ratio >= 0.9),
-            ));
-        }
-        let (b, v) = (median(&rtt[0]), median(&rtt[1]));
-        println!(
-            "| RTT median of {} pings, µs | {b:.0} | {v:.0} | {:+.0} µs | |",
-            rtt[0].len(),
-            v - b
-        );
-        Ok(out)
+        Ok(a.report([0.90, 0.90], |s, _| {
+            format!("throughput: vL3 ÷ cross-node vWire, TCP {s} ≥ 0.90")
+        }))
     })
     .await
-}
-
-/// The far address of vWire client `name` (its status's first dst address).
-async fn wire_peer(res: &mut ResourceServiceClient<Channel>, name: &str) -> anyhow::Result<IpAddr> {
-    let got = res
-        .get(v1::GetRequest {
-            r#ref: Some(v1::ResourceRef {
-                kind: v1::Kind::Client as i32,
-                namespace: "default".into(),
-                name: name.into(),
-            }),
-        })
-        .await?
-        .into_inner();
-    let Some(v1::resource::Kind::Client(c)) = got.kind else {
-        bail!("{name} is not a client");
-    };
-    let st = c.status.context("no status")?;
-    Ok(st
-        .dst_ip_addrs
-        .first()
-        .context("no dst address")?
-        .parse::<IpNet>()?
-        .addr())
 }
 
 /// `latency`: joins onto an existing vL3 spread over the nodes, create → reaches every other
@@ -1053,19 +868,10 @@ async fn latency(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
         // nsm: seeds first, all pairs answering, then the joins one at a time.
         let mut mesh = Mesh::start(bin, bed, nodes, "l").await?;
         mesh.vl3("bench", &args.pool).await?;
-        let statuses = Statuses::watch(&mesh.res).await?;
+        let statuses = Statuses::watch(&mesh.daemons.res).await?;
         eprintln!("nsm: {seeds} members on {nodes} nodes, then {joins} joins …");
-        let seed_clients = (0..seeds)
-            .map(|i| {
-                (
-                    names[i].clone(),
-                    "bench".to_string(),
-                    bed.netns_path(&names[i]),
-                    on_host(i),
-                )
-            })
-            .collect();
-        create_all(&mesh, seed_clients, args.concurrency).await?;
+        let seed_clients = (0..seeds).map(|i| (names[i].clone(), on_host(i))).collect();
+        create_all(&mesh, bed, "bench", seed_clients, args.concurrency).await?;
         statuses.all_ready(&names[..seeds], Duration::from_secs(30)).await?;
         let seeded = probes
             .all_pairs(
@@ -1087,7 +893,7 @@ async fn latency(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
             let node = on_host(i);
             let t = Instant::now();
             let mut api = mesh.nodes[node].api.clone();
-            api.create_client(client(&names[i], "bench", &bed.netns_path(&names[i]), ""))
+            api.create_client(client(&names[i], "bench", &bed.netns_path(&names[i]), "", ""))
                 .await?;
             let Some(done) = probes.reach_all(i, &members, period, timeout).await else {
                 let s = statuses.get(&names[i]);
@@ -1161,10 +967,26 @@ struct MeshState {
     routers: Vec<RouterState>,
 }
 
+impl MeshState {
+    /// (members on `r`'s node, prefixes that node leases, prefixes the other nodes lease).
+    fn counts(&self, r: &RouterState) -> (usize, usize, usize) {
+        let prefixes: usize = self.per_node.values().map(|(_, p)| p).sum();
+        let (members, own) = self.per_node.get(&r.node).copied().unwrap_or_default();
+        (members, own, prefixes - own)
+    }
+
+    /// The IPv4 routes router `r` should hold: one per member on its node, and per peer prefix its
+    /// router's address and the prefix behind it.
+    fn expected_routes(&self, r: &RouterState) -> usize {
+        let (members, _, peer) = self.counts(r);
+        members + 2 * peer
+    }
+}
+
 /// Reads the routers of a mesh: IPv4 routes of the main table and permanent neighbours (netlink /
 /// `ip neigh`), nftables set elements (`nft -j list table inet nsmvl3`).
 async fn router_state(mesh: &Mesh) -> anyhow::Result<MeshState> {
-    let mut res = mesh.res.clone();
+    let mut res = mesh.daemons.res.clone();
     let list = |kind: v1::Kind| v1::ListRequest {
         kind: kind as i32,
         ..Default::default()
@@ -1226,8 +1048,12 @@ async fn router_state(mesh: &Mesh) -> anyhow::Result<MeshState> {
     Ok(MeshState { per_node, routers })
 }
 
+/// Each node's RSS, MB, as `a / b / …`.
+fn mbs(v: &[f64]) -> String {
+    v.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / ")
+}
+
 fn print_router_state(s: &MeshState) {
-    let prefixes: usize = s.per_node.values().map(|(_, p)| p).sum();
     println!(
         "\nRouter state (routes = IPv4 main table; expected = members on the node + 2 per peer prefix: \
          its router's address and the prefix behind it):\n"
@@ -1237,14 +1063,13 @@ fn print_router_state(s: &MeshState) {
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &s.routers {
-        let (members, own) = s.per_node.get(&r.node).copied().unwrap_or_default();
-        let peer = prefixes - own;
+        let (members, own, peer) = s.counts(r);
         println!(
             "| {} | {} | {members} | {own} | {peer} | {} | {} | {} | {} | {} |",
             r.node,
             r.netns,
             r.routes,
-            members + 2 * peer,
+            s.expected_routes(r),
             r.neighbours,
             r.set_elements,
             r.links
@@ -1264,16 +1089,11 @@ async fn scale(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
         let mut probes = Probes::open(bed, &names).await?;
         let mut mesh = Mesh::start(bin, bed, nodes, "s").await?;
         mesh.vl3("bench", &args.pool).await?;
-        let statuses = Statuses::watch(&mesh.res).await?;
+        let statuses = Statuses::watch(&mesh.daemons.res).await?;
         let rss_before = mesh.rss_mb();
-        let clients = names
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.clone(), "bench".to_string(), bed.netns_path(m), i % nodes))
-            .collect();
         eprintln!("nsm: {n} CreateClient calls ({} in flight) …", args.concurrency);
         let t0 = Instant::now();
-        create_all(&mesh, clients, args.concurrency).await?;
+        create_all(&mesh, bed, "bench", workloads.clone(), args.concurrency).await?;
         let created = t0.elapsed();
         let ready = statuses.all_ready(&names, Duration::from_secs(600)).await?;
         let all_ready = ready.iter().map(|(_, t)| *t).max().unwrap_or(t0).duration_since(t0);
@@ -1309,7 +1129,6 @@ async fn scale(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
         drop(statuses);
         drop(mesh);
 
-        let mb = |v: &[f64]| v.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / ");
         println!("\nvL3 scale: {n} members on {nodes} nodes ({} CreateClient calls in flight):\n", args.concurrency);
         println!("| measurement | nsm |");
         println!("|---|---:|");
@@ -1318,13 +1137,9 @@ async fn scale(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
         println!(
             "| reachability sample (each member → next member on another node and one on its own) | {sample_ok}/{sample_ok} pairs |"
         );
-        println!("| node RSS before → after, MB | {} → {} |", mb(&rss_before), mb(&rss));
+        println!("| node RSS before → after, MB | {} → {} |", mbs(&rss_before), mbs(&rss));
         print_router_state(&state);
-        let bounded = state.routers.iter().all(|r| {
-            let (members, own) = state.per_node.get(&r.node).copied().unwrap_or_default();
-            let prefixes: usize = state.per_node.values().map(|(_, p)| p).sum();
-            r.routes == members + 2 * (prefixes - own)
-        });
+        let bounded = state.routers.iter().all(|r| r.routes == state.expected_routes(r));
         Ok(vec![
             verdict(
                 format!("scale: {n} members on {nodes} nodes, first create → all Ready"),
@@ -1333,7 +1148,7 @@ async fn scale(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
             ),
             verdict(
                 "scale: node RSS",
-                format!("{} MB", mb(&rss)),
+                format!("{} MB", mbs(&rss)),
                 None,
             ),
             verdict(

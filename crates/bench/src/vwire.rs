@@ -31,6 +31,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ipnet::IpNet;
 use nsm_api::nsm::v1::{
     self as v1, node_service_client::NodeServiceClient, resource_service_client::ResourceServiceClient,
 };
@@ -38,8 +39,10 @@ use nsm_dataplane::{NetNs, Netlink};
 use nsm_testbed::Testbed;
 use tonic::transport::Channel;
 
-use crate::common::{Proc, Verdict, connect, iperf, median, meta, pings_us, print_summary, quiet, range, verdict};
-use crate::free_port;
+use crate::common::{
+    Proc, Verdict, connect, free_port, iperf, median, meta, ms, percentile, pings_us, quiet, range, run_parts,
+    spawn_registry, verdict, wait_registered,
+};
 
 /// Parts of `nsm-bench vwire`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -103,23 +106,8 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut summary = Vec::new();
-    for part in [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal] {
-        if !args.only.contains(&part) {
-            continue;
-        }
-        eprintln!("=== {part:?} ===");
-        // Interrupted: each part's test bed and processes are torn down when its future is dropped.
-        let rows = tokio::select! {
-            r = run_part(part, &args, &bin) => r?,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-            _ = term.recv() => bail!("terminated"),
-        };
-        summary.extend(rows);
-    }
-    print_summary(&summary);
-    Ok(())
+    let all = [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal];
+    run_parts(&all, &args.only, async |part| run_part(part, &args, &bin).await).await
 }
 
 async fn run_part(part: Part, args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
@@ -152,13 +140,7 @@ pub(crate) struct NodeHandle {
 impl Mesh {
     pub(crate) async fn start(bin: &Path) -> anyhow::Result<Mesh> {
         let dir = tempfile::tempdir()?;
-        let reg_url = format!("tcp://127.0.0.1:{}", free_port()?);
-        let mut c = Command::new(bin);
-        c.args(["registry", "--listen", &reg_url])
-            .arg("--data-dir")
-            .arg(dir.path().join("reg"));
-        quiet(&mut c);
-        let registry = Proc(c.spawn().with_context(|| format!("cannot start {}", bin.display()))?);
+        let (registry, reg_url) = spawn_registry(bin, &dir.path().join("reg"))?;
         let res = ResourceServiceClient::new(connect(&reg_url).await?);
         Ok(Mesh {
             bin: bin.to_path_buf(),
@@ -209,19 +191,7 @@ impl Mesh {
         let pid = p.pid();
         self.nodes.push(p);
         let api = NodeServiceClient::new(connect(&sock).await?);
-        // Registered: its Node resource exists (other nodes need it to reach this one).
-        let start = Instant::now();
-        let r = v1::ResourceRef {
-            kind: v1::Kind::Node as i32,
-            namespace: String::new(),
-            name: name.into(),
-        };
-        while self.res.get(v1::GetRequest { r#ref: Some(r.clone()) }).await.is_err() {
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!("node {name} did not register within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_registered(&mut self.res, name).await?;
         Ok(NodeHandle { api, pid })
     }
 
@@ -318,7 +288,19 @@ pub(crate) async fn client_status(
 
 /// The first address of a status address list.
 pub(crate) fn first_addr(v: &[String]) -> anyhow::Result<IpAddr> {
-    Ok(v.first().context("no address")?.parse::<ipnet::IpNet>()?.addr())
+    Ok(v.first().context("no address")?.parse::<IpNet>()?.addr())
+}
+
+/// Client `name`'s (src, dst) addresses once `st` says it is Ready; None before, an error once it
+/// has failed.
+fn ready_addrs(name: &str, st: &v1::ClientStatus) -> anyhow::Result<Option<(IpAddr, IpAddr)>> {
+    if st.phase == v1::client_status::Phase::Ready as i32 {
+        return Ok(Some((first_addr(&st.src_ip_addrs)?, first_addr(&st.dst_ip_addrs)?)));
+    }
+    if st.phase == v1::client_status::Phase::Failed as i32 {
+        bail!("client {name} failed: {}", st.reason);
+    }
+    Ok(None)
 }
 
 /// Polls client `name` every 2 ms until it is Ready; returns its (src, dst) addresses.
@@ -328,13 +310,10 @@ pub(crate) async fn wait_ready(
 ) -> anyhow::Result<(IpAddr, IpAddr)> {
     let start = Instant::now();
     loop {
-        if let Some(st) = client_status(res, name).await? {
-            if st.phase == v1::client_status::Phase::Ready as i32 {
-                return Ok((first_addr(&st.src_ip_addrs)?, first_addr(&st.dst_ip_addrs)?));
-            }
-            if st.phase == v1::client_status::Phase::Failed as i32 {
-                bail!("client {name} failed: {}", st.reason);
-            }
+        if let Some(st) = client_status(res, name).await?
+            && let Some(addrs) = ready_addrs(name, &st)?
+        {
+            return Ok(addrs);
         }
         if start.elapsed() > Duration::from_secs(20) {
             bail!("client {name} not ready within 20 s");
@@ -347,16 +326,20 @@ pub(crate) async fn wait_ready(
 /// without polling.
 pub(crate) struct ReadyWatch(tonic::Streaming<v1::WatchEvent>);
 
+/// Every event on clients, as the registry sends them.
+pub(crate) async fn watch_clients(
+    res: &mut ResourceServiceClient<Channel>,
+) -> anyhow::Result<tonic::Streaming<v1::WatchEvent>> {
+    let watch = v1::WatchRequest {
+        kind: v1::Kind::Client as i32,
+        ..Default::default()
+    };
+    Ok(res.watch(watch).await?.into_inner())
+}
+
 impl ReadyWatch {
     pub(crate) async fn start(res: &mut ResourceServiceClient<Channel>) -> anyhow::Result<ReadyWatch> {
-        let s = res
-            .watch(v1::WatchRequest {
-                kind: v1::Kind::Client as i32,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        Ok(ReadyWatch(s))
+        Ok(ReadyWatch(watch_clients(res).await?))
     }
 
     /// Waits until client `name` is Ready; returns its (src, dst) addresses. Other clients' events
@@ -371,12 +354,10 @@ impl ReadyWatch {
                 if c.metadata.as_ref().is_none_or(|m| m.name != name) {
                     continue;
                 }
-                let Some(st) = c.status else { continue };
-                if st.phase == v1::client_status::Phase::Ready as i32 {
-                    return Ok((first_addr(&st.src_ip_addrs)?, first_addr(&st.dst_ip_addrs)?));
-                }
-                if st.phase == v1::client_status::Phase::Failed as i32 {
-                    bail!("client {name} failed: {}", st.reason);
+                if let Some(st) = c.status
+                    && let Some(addrs) = ready_addrs(name, &st)?
+                {
+                    return Ok(addrs);
                 }
             }
         };
@@ -468,13 +449,7 @@ pub(crate) async fn echo_probe(ns: &NetNs, dst: IpAddr, timeout: Duration) -> an
 
 /// A veth pair `name` from `a` into `b` with host addresses, routes and static neighbours, as nsm
 /// wires a same-node vWire.
-pub(crate) async fn wire_bare(
-    a: &NetNs,
-    b: &NetNs,
-    name: &str,
-    src: ipnet::IpNet,
-    dst: ipnet::IpNet,
-) -> anyhow::Result<()> {
+pub(crate) async fn wire_bare(a: &NetNs, b: &NetNs, name: &str, src: IpNet, dst: IpNet) -> anyhow::Result<()> {
     let an = Netlink::connect(a).await?;
     let bn = Netlink::connect(b).await?;
     an.create_veth(name, name, b, 1500).await?;
@@ -494,19 +469,21 @@ pub(crate) async fn wire_bare(
 /// Alternating throughput and RTT runs over two wirings between the same two namespaces.
 #[derive(Default)]
 pub(crate) struct Alternating {
-    /// Gbit/s per run: [bare, nsm] × [1 stream, 4 streams].
+    /// Gbit/s per run: [floor, measured] × [1 stream, 4 streams].
     pub(crate) tput: [[Vec<f64>; 2]; 2],
-    /// RTT samples, µs: [bare, nsm].
+    /// RTT samples, µs: [floor, measured].
     pub(crate) rtt: [Vec<f64>; 2],
 }
 
-/// `reps` rounds of iperf3 (1 and 4 streams) and 50 pings from `client` to `server` over the bare
-/// wiring (`dsts[0]`) and nsm's (`dsts[1]`), alternating which goes first.
+/// `reps` rounds of iperf3 (1 and 4 streams) and 50 pings from `client` to `server` over the floor's
+/// wiring (`dsts[0]`) and the one measured against it (`dsts[1]`), alternating which goes first;
+/// `labels` name the two in the progress lines.
 pub(crate) fn alternate(
     bed: &Testbed,
     server: &str,
     client: &str,
     dsts: [IpAddr; 2],
+    labels: [&str; 2],
     reps: usize,
     seconds: u32,
 ) -> anyhow::Result<Alternating> {
@@ -516,7 +493,7 @@ pub(crate) fn alternate(
         for (si, streams) in [1u32, 4].into_iter().enumerate() {
             for w in order {
                 let g = iperf(bed, server, client, dsts[w], streams, seconds)?;
-                eprintln!("  rep {r} {} {streams} stream(s): {g:.2} Gbit/s", ["bare", "nsm "][w]);
+                eprintln!("  rep {r} {} {streams} stream(s): {g:.2} Gbit/s", labels[w]);
                 a.tput[w][si].push(g);
             }
         }
@@ -528,8 +505,9 @@ pub(crate) fn alternate(
 }
 
 impl Alternating {
-    /// Table rows and verdicts; `what` names the floor ("bare veth", "hand-built VXLAN").
-    pub(crate) fn report(&self, what: &str, targets: [f64; 2]) -> Vec<Verdict> {
+    /// Table rows and verdicts: the measured wiring's median throughput over the floor's at least
+    /// `targets` (1 stream, 4 streams); `target(streams, target)` words a verdict's target.
+    pub(crate) fn report(&self, targets: [f64; 2], target: impl Fn(&str, f64) -> String) -> Vec<Verdict> {
         let mut out = Vec::new();
         let n = self.tput[0][0].len();
         for (si, streams) in ["1 stream", "4 streams"].into_iter().enumerate() {
@@ -544,7 +522,7 @@ impl Alternating {
                 targets[si]
             );
             out.push(verdict(
-                format!("{what}: TCP {streams} nsm ÷ floor ≥ {:.2}", targets[si]),
+                target(streams, targets[si]),
                 format!("{ratio:.3} ({:.2} ÷ {:.2} Gbit/s)", median(v), median(b)),
                 Some(ratio >= targets[si]),
             ));
@@ -557,6 +535,71 @@ impl Alternating {
         );
         out
     }
+}
+
+/// Set-up latency of nsm clients one after another: for each (client, workload), `CreateClient`
+/// through `node` (a client of `service` pinned to `endpoint`) until a first round trip from the
+/// workload is answered. In the order given.
+pub(crate) async fn setup_latency(
+    bed: &Testbed,
+    node: &mut NodeHandle,
+    watch: &mut ReadyWatch,
+    service: &str,
+    endpoint: &str,
+    clients: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut setup = Vec::new();
+    for (name, workload) in clients {
+        let t = Instant::now();
+        node.api
+            .create_client(client(&name, service, &bed.netns_path(&workload), endpoint, "nsm-1"))
+            .await?;
+        let (_, d) = watch.ready(&name).await?;
+        if crate::common::debug() {
+            eprintln!("{name}: ready after {:?}", t.elapsed());
+        }
+        if !probe(bed.ns(&workload), d, Duration::from_secs(5))? {
+            bail!("client {name}: no answer");
+        }
+        setup.push(t.elapsed());
+    }
+    Ok(setup)
+}
+
+/// Prints the set-up p50 and p99 rows (floor | nsm | nsm ÷ floor | target) of nsm's set-ups
+/// (`setup`) against the floor's (both sorted); returns the verdict
+/// `{what}: set-up p50 ≤ {target_ms} ms`.
+pub(crate) fn setup_rows(what: &str, floor: &[Duration], setup: &[Duration], target_ms: f64) -> Verdict {
+    let n = setup.len();
+    let (f50, s50) = (ms(percentile(floor, 0.5)), ms(percentile(setup, 0.5)));
+    let (f99, s99) = (ms(percentile(floor, 0.99)), ms(percentile(setup, 0.99)));
+    println!(
+        "| set-up p50 over {n}, ms | {f50:.2} | {s50:.2} | {:.1}× | ≤ {target_ms} ms |",
+        s50 / f50
+    );
+    println!(
+        "| set-up p99 over {n}, ms | {f99:.2} | {s99:.2} | {:.1}× | |",
+        s99 / f99
+    );
+    verdict(
+        format!("{what}: set-up p50 ≤ {target_ms} ms"),
+        format!("{s50:.2} ms (floor {f50:.2} ms)"),
+        Some(s50 <= target_ms),
+    )
+}
+
+/// The `i`-th floor pair's two /32 addresses in 10.`net`.0.0/16 (100 pairs per /24).
+pub(crate) fn nth_pair(net: u8, i: usize) -> anyhow::Result<(IpNet, IpNet)> {
+    let (c, d) = (i / 100, 2 * (i % 100));
+    Ok((
+        format!("10.{net}.{c}.{}/32", d + 1).parse()?,
+        format!("10.{net}.{c}.{}/32", d + 2).parse()?,
+    ))
+}
+
+/// The addresses of a floor's one pair that stands beside nsm's: 198.51.100.1 and .2.
+pub(crate) fn floor_pair() -> anyhow::Result<(IpNet, IpNet)> {
+    Ok(("198.51.100.1/32".parse()?, "198.51.100.2/32".parse()?))
 }
 
 /// Table header of the throughput tables.

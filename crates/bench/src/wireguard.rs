@@ -31,8 +31,8 @@ use nsm_dataplane::Netlink;
 use nsm_testbed::Testbed;
 
 use crate::common::{
-    H1, H2, Proc, Verdict, cpu_time, iperf_client, iperf_server, median, on_bed, pings_us, print_summary, range, ticks,
-    two_hosts, verdict,
+    H1, H2, Proc, Signals, Verdict, cpu_time, iperf_client, iperf_server, median, on_bed, pings_us, print_summary,
+    range, ticks, two_hosts, verdict,
 };
 use crate::vwire::{Mesh, client, client_status, wait_ready};
 
@@ -110,13 +110,8 @@ pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
     for line in versions(&bin, boringtun.as_deref()) {
         println!("- {line}");
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Interrupted: the test bed, daemons and nodes go when the future is dropped.
-    let summary = tokio::select! {
-        r = measure(&args, &bin, boringtun.as_deref()) => r?,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-        _ = term.recv() => bail!("terminated"),
-    };
+    let summary = Signals::new()?.run(measure(&args, &bin, boringtun.as_deref())).await?;
     print_summary(&summary);
     Ok(())
 }

@@ -10,14 +10,11 @@ use ipnet::IpNet;
 use nsm_dataplane::{NetNs, Netlink};
 use nsm_testbed::Testbed;
 
-use super::{Args, Mesh, ReadyWatch, alternate, client, probe, tput_header, wait_ready};
-use crate::common::{H1, H2, Verdict, ms, on_bed, two_hosts, verdict};
-use crate::percentile;
-
-/// The IANA VXLAN port, which nsm uses.
-const VXLAN_PORT: u16 = 4789;
-/// Underlay MTU 1500 less 50 bytes of VXLAN over IPv4, as nsm sets it.
-const VXLAN_MTU: u32 = 1450;
+use super::{
+    Args, Mesh, ReadyWatch, alternate, client, floor_pair, nth_pair, probe, setup_latency, setup_rows, tput_header,
+    wait_ready,
+};
+use crate::common::{H1, H2, VXLAN_MTU, VXLAN_PORT, Verdict, ms, on_bed, percentile, two_hosts};
 
 /// How a hand-built VXLAN end gets into the workload's namespace.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,10 +83,7 @@ async fn vxlan_pair(
 async fn floor(bed: &Testbed, m: usize, build: Build) -> anyhow::Result<Vec<Duration>> {
     let mut floor = Vec::with_capacity(m);
     for i in 0..m {
-        let (s, d): (IpNet, IpNet) = (
-            format!("10.94.{}.{}/32", i / 100, 2 * (i % 100) + 1).parse()?,
-            format!("10.94.{}.{}/32", i / 100, 2 * (i % 100) + 2).parse()?,
-        );
+        let (s, d) = nth_pair(94, i)?;
         let (name, q) = (format!("bf{i}"), format!("q{i}"));
         let t = Instant::now();
         vxlan_pair(build, bed, &name, 0x00b1_0000 + i as u32, &q, "y", s, d).await?;
@@ -119,7 +113,7 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
     on_bed(topo, async |bed: &Testbed| {
         // The floor's pair between x and y, built the way the issue describes (created in the
         // host's namespace, moved into the workload's), left standing beside nsm's.
-        let (src, dst): (IpNet, IpNet) = ("198.51.100.1/32".parse()?, "198.51.100.2/32".parse()?);
+        let (src, dst) = floor_pair()?;
         vxlan_pair(Build::Moved, bed, "bx0", 0x00b0_0001, "x", "y", src, dst).await?;
 
         let mut mesh = Mesh::start(bin).await?;
@@ -141,7 +135,8 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
             "cross node: {} × (iperf3 1 and 4 streams, {} s), hand-built VXLAN and nsm vWire alternating …",
             args.reps, args.seconds
         );
-        let a = alternate(bed, "y", "x", [dst.addr(), vdst], args.reps, args.seconds)?;
+        let labels = ["bare", "nsm "];
+        let a = alternate(bed, "y", "x", [dst.addr(), vdst], labels, args.reps, args.seconds)?;
 
         // Set-up latency: the floor builds the same pair by hand as nsm does (and, for
         // comparison, the way that moves each end), then nsm clients.
@@ -150,40 +145,20 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
         let floor_moved = floor(bed, m, Build::Moved).await?;
         eprintln!("cross-node set-up: {m} nsm clients (CreateClient → first round trip) …");
         let mut watch = ReadyWatch::start(&mut mesh.res).await?;
-        let mut setup = Vec::with_capacity(m);
-        for i in 0..m {
-            let q = format!("q{i}");
-            let name = format!("xc{i}");
-            let t = Instant::now();
-            node_a
-                .api
-                .create_client(client(&name, "xbench", &bed.netns_path(&q), "ep-y", "nsm-1"))
-                .await?;
-            let (_, d) = watch.ready(&name).await?;
-            if !probe(bed.ns(&q), d, Duration::from_secs(5))? {
-                bail!("client {name}: no answer");
-            }
-            setup.push(t.elapsed());
-        }
+        let clients = (0..m).map(|i| (format!("xc{i}"), format!("q{i}")));
+        let mut setup = setup_latency(bed, &mut node_a, &mut watch, "xbench", "ep-y", clients).await?;
         setup.sort_unstable();
-        let (f50, s50) = (ms(percentile(&floor_in_place, 0.5)), ms(percentile(&setup, 0.5)));
-        let (f99, s99) = (ms(percentile(&floor_in_place, 0.99)), ms(percentile(&setup, 0.99)));
 
         println!("\nCross-node VXLAN vWire vs a hand-built kernel VXLAN pair between the same hosts:\n");
         println!("{}", tput_header("hand-built VXLAN"));
-        let mut v = a.report("cross node", [0.95, 0.95]);
-        println!("| set-up p50 over {m}, ms | {f50:.2} | {s50:.2} | {:.1}× | ≤ 25 ms |", s50 / f50);
-        println!("| set-up p99 over {m}, ms | {f99:.2} | {s99:.2} | {:.1}× | |", s99 / f99);
+        let mut v = a.report([0.95, 0.95], |s, t| format!("cross node: TCP {s} nsm ÷ floor ≥ {t:.2}"));
+        let setup_verdict = setup_rows("cross node", &floor_in_place, &setup, 25.0);
         println!(
             "| set-up p50 / p99 over {m}, ms, floor's ends created in the host namespace and moved | {:.2} / {:.2} | | | |",
             ms(percentile(&floor_moved, 0.5)),
             ms(percentile(&floor_moved, 0.99))
         );
-        v.push(verdict(
-            "cross node: set-up p50 ≤ 25 ms",
-            format!("{s50:.2} ms (floor {f50:.2} ms)"),
-            Some(s50 <= 25.0),
-        ));
+        v.push(setup_verdict);
         Ok(v)
     })
     .await

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nsm_api::nsm::v1;
 use nsm_dataplane::Netlink;
-use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use nsm_testbed::Testbed;
 
-use super::{Args, Echo, Mesh, client, client_status, echo_once, first_addr, udp_in, wait_ready, wire_bare};
-use crate::common::{Verdict, ms, on_bed, verdict};
-use crate::percentile;
+use super::{
+    Args, Echo, Mesh, client, client_status, echo_once, first_addr, floor_pair, udp_in, wait_ready, wire_bare,
+};
+use crate::common::{H1, Verdict, ms, on_bed, one_host, percentile, verdict};
 
 /// Endpoint name → its workload namespace.
 const ENDPOINTS: [(&str, &str); 2] = [("ep1", "e1"), ("ep2", "e2")];
@@ -56,21 +57,7 @@ async fn until_answered_by(
 
 pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
     let trials = args.heal_trials;
-    let topo = Topology {
-        prefix: unique_prefix("heal"),
-        hosts: vec![HostSpec {
-            name: "h1".into(),
-            underlay_addr: "192.0.2.11".parse()?,
-        }],
-        workloads: ["hc", "e1", "e2"]
-            .into_iter()
-            .map(|w| WorkloadSpec {
-                name: w.into(),
-                host: "h1".into(),
-            })
-            .collect(),
-        address_hosts: vec![],
-    };
+    let topo = one_host("heal", ["hc", "e1", "e2"].map(String::from))?;
     on_bed(topo, async |bed: &Testbed| {
         let _echo: Vec<Echo> = vec![
             Echo::start(bed.ns("e1"), "ep1").await?,
@@ -81,7 +68,7 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
         // Floor: the same move by hand — delete the veth pair to one endpoint's namespace, wire one
         // to the other's, until the other answers.
         eprintln!("heal: {trials} re-wirings by hand …");
-        let (src, dst): (ipnet::IpNet, ipnet::IpNet) = ("198.51.100.1/32".parse()?, "198.51.100.2/32".parse()?);
+        let (src, dst) = floor_pair()?;
         let hc = Netlink::connect(bed.ns("hc")).await?;
         wire_bare(bed.ns("hc"), bed.ns("e1"), "bare0", src, dst).await?;
         let mut cur = "ep1";
@@ -98,7 +85,7 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
 
         let mut mesh = Mesh::start(bin).await?;
         let mut node = mesh
-            .node("bench-node", "192.0.2.11", None, false, args.node_resync.as_deref())
+            .node("bench-node", H1, None, false, args.node_resync.as_deref())
             .await?;
         mesh.service("heal", "10.97.0.0/24").await?;
         for (ep, w) in ENDPOINTS {

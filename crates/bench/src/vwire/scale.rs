@@ -8,34 +8,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use nsm_api::nsm::v1;
-use nsm_testbed::{HostSpec, Testbed, Topology, WorkloadSpec, unique_prefix};
+use nsm_testbed::Testbed;
 
-use super::{Args, Echo, Mesh, client, echo_probe, first_addr};
-use crate::common::{Verdict, cpu_time, on_bed, proc_usage, verdict};
+use super::{Args, Echo, Mesh, client, echo_probe, first_addr, watch_clients};
+use crate::common::{H1, Verdict, cpu_time, on_bed, one_host, proc_usage, verdict};
 
 pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
     let n = args.scale;
-    let mut workloads = vec![WorkloadSpec {
-        name: "e".into(),
-        host: "h1".into(),
-    }];
-    workloads.extend((0..n).map(|i| WorkloadSpec {
-        name: format!("s{i}"),
-        host: "h1".into(),
-    }));
-    let topo = Topology {
-        prefix: unique_prefix("scale"),
-        hosts: vec![HostSpec {
-            name: "h1".into(),
-            underlay_addr: "192.0.2.11".parse()?,
-        }],
-        workloads,
-        address_hosts: vec![],
-    };
+    let workloads = || std::iter::once("e".to_string()).chain((0..n).map(|i| format!("s{i}")));
+    let topo = one_host("scale", workloads())?;
     on_bed(topo, async |bed: &Testbed| {
         let mut mesh = Mesh::start(bin).await?;
         let node = mesh
-            .node("bench-node", "192.0.2.11", None, false, args.node_resync.as_deref())
+            .node("bench-node", H1, None, false, args.node_resync.as_deref())
             .await?;
         mesh.service("scale", "10.96.0.0/12").await?;
         mesh.endpoint("ep-e", "scale", &bed.netns_path("e"), "bench-node").await?;
@@ -43,14 +28,7 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
         let (rss0, fds0, _) = proc_usage(node.pid);
 
         // Follow every client's status from the registry, then create them all.
-        let mut watch = mesh
-            .res
-            .watch(v1::WatchRequest {
-                kind: v1::Kind::Client as i32,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
+        let mut watch = watch_clients(&mut mesh.res).await?;
         eprintln!(
             "scale: {n} clients, {} CreateClient calls in flight …",
             args.scale_concurrency
@@ -134,7 +112,7 @@ pub(crate) async fn run(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>>
         let pids = [node.pid, mesh.registry.pid()];
         let idle = Duration::from_secs(args.idle_seconds);
         let after = idle_window(&mut watch, pids, idle).await?;
-        for w in std::iter::once("e".to_string()).chain((0..n).map(|i| format!("s{i}"))) {
+        for w in workloads() {
             bed.ns(&w)
                 .run_async(|| std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1\n"))
                 .await??;
