@@ -65,6 +65,17 @@ pub enum DataplaneError {
         /// `nft`'s own message.
         detail: String,
     },
+    /// A `bpf(2)` call failed; a program the verifier rejected carries the verifier's log.
+    #[error("{op}: {source}{}", if .log.is_empty() { String::new() } else { format!("; verifier: {}", .log) })]
+    Bpf {
+        /// The operation, e.g. `load bpf program`.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+        /// The verifier's log (empty unless a program was rejected).
+        log: String,
+    },
     /// An argument was rejected before anything was sent to the kernel.
     #[error("{op}: {reason}")]
     InvalidArgument {
@@ -80,7 +91,9 @@ impl DataplaneError {
     /// can branch on kernel semantics without parsing text.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Self::Namespace { source, .. } | Self::Netlink { source, .. } => source.raw_os_error(),
+            Self::Namespace { source, .. } | Self::Netlink { source, .. } | Self::Bpf { source, .. } => {
+                source.raw_os_error()
+            }
             Self::LinkNotFound { .. } => Some(nix::libc::ENODEV),
             Self::NotANetns { .. } | Self::InvalidArgument { .. } | Self::Nft { .. } => None,
         }

@@ -13,7 +13,7 @@ use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeade
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
-use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
@@ -70,6 +70,17 @@ pub struct RouteInfo {
     pub gateway: Option<IpAddr>,
     /// Output device name, if the route has one.
     pub dev: Option<String>,
+}
+
+/// A permanent neighbour entry (one nsm set: it resolves addresses without ARP/ND).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighbourInfo {
+    /// Interface index the entry is on.
+    pub index: u32,
+    /// The neighbour's address.
+    pub ip: IpAddr,
+    /// Its link-layer address.
+    pub mac: Vec<u8>,
 }
 
 /// An rtnetlink handle whose socket lives in one namespace: every request acts on that namespace,
@@ -392,6 +403,39 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| self.nl_err(OP, format!("{ip} on {name}"), e))
+    }
+
+    /// The permanent neighbour entries of this namespace (IPv4 and IPv6).
+    pub async fn permanent_neighbours(&self) -> Result<Vec<NeighbourInfo>> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.nl_err("list neighbours", "(all)".to_string(), e))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.state == NeighbourState::Permanent)
+            .filter_map(|m| {
+                let mut ip = None;
+                let mut mac = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
+                        NeighbourAttribute::LinkLayerAddress(l) => mac = Some(l.clone()),
+                        _ => {}
+                    }
+                }
+                Some(NeighbourInfo {
+                    index: m.header.ifindex,
+                    ip: ip?,
+                    mac: mac?,
+                })
+            })
+            .collect())
     }
 
     /// Deletes link `name` (for a veth, both ends go); `false` if it did not exist.

@@ -688,6 +688,7 @@ impl Reconciler {
 
     async fn teardown(&mut self, key: &(String, String)) {
         let Some(w) = self.wired.remove(key) else { return };
+        self.vl3.member_gone(&w.endpoint, w.src.addr());
         match unwire(&w, &self.host_netns, self.wg.as_deref()).await {
             Ok(()) => tracing::info!(client = ?key, interface = %w.interface, "vWire removed"),
             Err(e) => tracing::warn!(client = ?key, error = %e, "removing vWire"),

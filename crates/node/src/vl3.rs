@@ -19,6 +19,12 @@
 //! point-to-point VXLAN link (VNI and names derived from V and the two node names, so both agree
 //! without talking) and routes the peer's prefixes over it. No central router exists.
 //!
+//! Delivery: packets from peer routers for this router's members skip the router's stack and the
+//! member's veth queue ([`nsm_dataplane::delivery`], an eBPF program at ingress of each peer link),
+//! where the sending router's filter is the whole check: IPv4 vL3s whose filter tracks no
+//! connections. Everything else (IPv6, one-way reach, a kernel that refuses the program) takes
+//! the routed path.
+//!
 //! Isolation: every router's forward chain admits a packet only when its source's service may
 //! reach its destination's (own service, the vL3's shared members, or the service's `reach`),
 //! recognised by the leased prefixes; strict reverse-path filtering stops a member from borrowing
@@ -32,6 +38,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use nsm_api::ipam::{PrefixRequest, Type, ipam_client::IpamClient};
 use nsm_api::service_names::{IPAM_MEMBER_HEADER, IPAM_NODE_HEADER, IPAM_VL3_HEADER};
+use nsm_dataplane::delivery::{self, Delivery};
 use nsm_dataplane::{NetNs, Netlink};
 use nsm_model::{pb, upstream};
 use tonic::transport::Channel;
@@ -114,6 +121,10 @@ pub(crate) struct Router {
     gateways: BTreeSet<IpNet>,
     /// The filter last applied.
     filter: String,
+    /// Direct delivery to members, while it is on (see the module's doc).
+    delivery: Option<Delivery>,
+    /// Why direct delivery is off, as last logged.
+    delivery_off: Option<String>,
     dns_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -225,8 +236,7 @@ pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Ve
     // Replies need connection tracking only when some service reaches one that may not reach it
     // back. Without a `ct` rule the kernel tracks nothing in the router's namespace: no per-packet
     // conntrack lookup and no table to fill.
-    let others: BTreeSet<&str> = members.keys().map(String::as_str).filter(|m| *m != vl3.name).collect();
-    if !reach_is_symmetric(&others, services) {
+    if tracks_connections(vl3, leases, services) {
         s += "    ct state established,related accept\n";
     }
     let shared = &set_of[vl3.name.as_str()];
@@ -247,6 +257,15 @@ pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Ve
     }
     s += "  }\n}\n";
     s
+}
+
+/// Whether a router's filter needs connection tracking: some member service reaches another
+/// that may not reach it back.
+fn tracks_connections(vl3: &Vl3, leases: &[Lease], services: &[(String, Vec<String>)]) -> bool {
+    let mut names: BTreeSet<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
+    names.extend(leases.iter().map(|l| l.member.as_str()));
+    names.remove(vl3.name.as_str());
+    !reach_is_symmetric(&names, services)
 }
 
 /// Whether, among the member services `names` (not the shared members, who reach and are reached
@@ -373,6 +392,8 @@ impl Vl3Plane {
                     peers: HashMap::new(),
                     gateways: BTreeSet::new(),
                     filter: String::new(),
+                    delivery: None,
+                    delivery_off: None,
                     dns_stop,
                 },
             );
@@ -464,7 +485,11 @@ impl Vl3Plane {
             .cloned()
             .collect::<Vec<_>>()
         {
-            let _ = router.nl.delete_link(&link_name("vx-", &gone)).await;
+            let link = link_name("vx-", &gone);
+            let _ = router.nl.delete_link(&link).await;
+            if let Some(d) = router.delivery.as_mut() {
+                d.detach(&link);
+            }
             router.peers.remove(&gone);
             tracing::info!(vl3 = %vl3.name, peer = %gone, "vL3 peer link removed");
         }
@@ -497,7 +522,41 @@ impl Vl3Plane {
                 .map_err(e)?;
             router.filter = filter;
         }
+        let direct = if vl3.pool.addr().is_ipv6() {
+            Err("IPv6 vL3s take the routed path")
+        } else if tracks_connections(vl3, leases, services) {
+            Err("a service reaches another one-way, so replies need the router's connection tracking")
+        } else {
+            Ok(())
+        };
+        sync_delivery(router, &vl3.name, direct).await;
         Ok(())
+    }
+
+    /// Delivers packets from peers for member `addr` straight through the router's veth end `end`
+    /// to the member's end (MAC `member_mac`), if direct delivery is on.
+    pub(crate) async fn member_ready(&self, vl3: &str, addr: IpAddr, end: &str, member_mac: &[u8]) {
+        let Some(router) = self.routers.get(vl3) else { return };
+        let (Some(d), IpAddr::V4(v4)) = (router.delivery.as_ref(), addr) else {
+            return;
+        };
+        let set = match router.nl.link(end).await {
+            Ok(Some(l)) => delivery_entry(l.index, member_mac, &l.mac).map(|m| d.set(v4, m)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        };
+        match set {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::warn!(%vl3, member = %addr, error = %e, "vL3 direct delivery"),
+            None => tracing::debug!(%vl3, member = %addr, %end, "vL3 member's veth end not found"),
+        }
+    }
+
+    /// Stops direct delivery to member `addr` (its veth pair is going).
+    pub(crate) fn member_gone(&self, vl3: &str, addr: IpAddr) {
+        if let (Some(d), IpAddr::V4(v4)) = (self.routers.get(vl3).and_then(|r| r.delivery.as_ref()), addr) {
+            let _ = d.remove(v4);
+        }
     }
 
     /// One peer's link, routes and gateway addresses.
@@ -585,6 +644,106 @@ impl Vl3Plane {
     /// vL3s whose routers this node runs.
     pub(crate) fn router_names(&self) -> Vec<String> {
         self.routers.keys().cloned().collect()
+    }
+}
+
+/// A delivery table entry, if both MACs are Ethernet addresses.
+fn delivery_entry(ifindex: u32, member_mac: &[u8], router_mac: &[u8]) -> Option<delivery::Member> {
+    Some(delivery::Member {
+        ifindex,
+        member_mac: member_mac.try_into().ok()?,
+        router_mac: router_mac.try_into().ok()?,
+    })
+}
+
+/// Turns direct delivery on or off (`direct` says why not), attaches it to every peer link, and
+/// rebuilds its member table from the router's kernel state: a host route through a veth end
+/// and the permanent neighbour entry behind it make a member (so members adopted after a restart
+/// count too).
+async fn sync_delivery(router: &mut Router, vl3: &str, direct: Result<(), &str>) {
+    if let Err(why) = direct {
+        if router.delivery.take().is_some() || router.delivery_off.is_none() {
+            tracing::info!(%vl3, reason = why, "vL3 direct delivery off");
+        }
+        router.delivery_off = Some(why.to_owned());
+        return;
+    }
+    if router.delivery.is_none() {
+        match Delivery::new() {
+            Ok(d) => {
+                router.delivery = Some(d);
+                router.delivery_off = None;
+                tracing::info!(%vl3, "vL3 direct delivery on");
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if router.delivery_off.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(%vl3, error = %why, "vL3 direct delivery unavailable; packets from peers take the routed path");
+                }
+                router.delivery_off = Some(why);
+                return;
+            }
+        }
+    }
+    let state = async {
+        let links = router.nl.links().await?;
+        let routes = router.nl.routes().await?;
+        let neighbours = router.nl.permanent_neighbours().await?;
+        Ok::<_, nsm_dataplane::DataplaneError>((links, routes, neighbours))
+    };
+    let (links, routes, neighbours) = match state.await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%vl3, error = %e, "vL3 direct delivery: reading the router's state");
+            return;
+        }
+    };
+    let d = router.delivery.as_mut().expect("on");
+    for peer in router.peers.keys() {
+        let name = link_name("vx-", peer);
+        if let Some(l) = links.iter().find(|l| l.name == name)
+            && let Err(e) = d.attach(&router.ns, &name, l.index).await
+        {
+            tracing::warn!(%vl3, link = %name, error = %e, "vL3 direct delivery: attaching");
+        }
+    }
+    let mut wanted: HashMap<std::net::Ipv4Addr, delivery::Member> = HashMap::new();
+    for r in &routes {
+        let (IpAddr::V4(addr), None, Some(dev)) = (r.dst.addr(), r.gateway, r.dev.as_deref()) else {
+            continue;
+        };
+        if r.dst.prefix_len() != 32 {
+            continue;
+        }
+        let Some(end) = links
+            .iter()
+            .find(|l| l.name == dev && l.kind.as_deref() == Some("veth"))
+        else {
+            continue;
+        };
+        let Some(n) = neighbours
+            .iter()
+            .find(|n| n.index == end.index && n.ip == IpAddr::V4(addr))
+        else {
+            continue;
+        };
+        if let Some(m) = delivery_entry(end.index, &n.mac, &end.mac) {
+            wanted.insert(addr, m);
+        }
+    }
+    let result = (|| {
+        for (addr, _) in d.members()? {
+            if !wanted.contains_key(&addr) {
+                d.remove(addr)?;
+            }
+        }
+        for (addr, m) in &wanted {
+            d.set(*addr, *m)?;
+        }
+        Ok::<_, nsm_dataplane::DataplaneError>(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(%vl3, error = %e, "vL3 direct delivery: member table");
     }
 }
 

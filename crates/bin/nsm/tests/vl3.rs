@@ -180,6 +180,26 @@ fn all_pairs(bed: &Testbed, members: &[(&str, IpAddr)]) -> Vec<String> {
     failed
 }
 
+/// Packets the veth ends in router namespace `ns` sent towards their members.
+async fn member_ends_sent(ns: &str) -> u64 {
+    let ns = nsm_dataplane::NetNs::open_named(ns).unwrap();
+    let nl = nsm_dataplane::Netlink::connect(&ns).await.unwrap();
+    let links = nl.links().await.unwrap();
+    links
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("veth"))
+        .map(|l| l.stats.tx_packets)
+        .sum()
+}
+
+/// Whether pings from `from` to `to` (on another node, behind router namespace `router`) reach
+/// it by direct delivery: the router's veth ends send (next to) none of them.
+async fn delivered_directly(bed: &Testbed, from: &str, to: IpAddr, router: &str) -> bool {
+    let before = member_ends_sent(router).await;
+    assert!(bed.ping(from, to, 10), "{from} -> {to}");
+    member_ends_sent(router).await - before < 5
+}
+
 /// Router namespaces the nodes made for this test's mesh (named after the node names).
 fn router_netns(hosts: &[&str]) -> Vec<String> {
     std::fs::read_dir("/run/netns")
@@ -252,6 +272,13 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
             "forwarded from {from}"
         );
     }
+    // Packets from other nodes skip the router's stack and the member's veth queue.
+    let router_b = router_netns(&["vlb"]);
+    assert!(
+        delivered_directly(&mesh.bed, "a1", addrs["b1"], &router_b[0]).await,
+        "direct delivery on node b\n{}",
+        mesh.logs()
+    );
     let j = mesh.status("a1", "default");
     assert_eq!(j["status"]["dnsName"], "a1.mesh.");
     assert_eq!(j["status"]["searchDomains"], serde_json::json!(["mesh."]));
@@ -269,6 +296,16 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
         assert_eq!(mesh.ready(name, "default").0, addrs[name], "{name} kept its address");
     }
     assert!(all_pairs(&mesh.bed, &members).is_empty());
+    // The restarted daemon delivers directly again (its program went with the old process).
+    let router_a = router_netns(&["vla"]);
+    assert!(
+        eventually(10, || async {
+            delivered_directly(&mesh.bed, "b1", addrs["a1"], &router_a[0]).await
+        })
+        .await,
+        "direct delivery on node a after its restart\n{}",
+        mesh.nodes["vla"].log()
+    );
 
     // The router itself dies (its namespace goes): the node rebuilds it, members keep addresses.
     let router_a = router_netns(&["vla"]);
@@ -396,6 +433,9 @@ async fn services_share_a_vl3_isolated_until_opened() {
     );
     assert!(!reach("i1", l1), "istio -> linkerd on one node is blocked");
     assert!(!reach("i1", l2) && !reach("l2", i2), "and across nodes, both ways");
+    // All of that with direct delivery on: the sending router's filter is the check.
+    let router_b = router_netns(&["isb"]);
+    assert!(delivered_directly(&mesh.bed, "i1", i2, &router_b[0]).await);
     // Names resolve for all (isolation is about traffic).
     let dns = mesh.ready("i1", "istio-system").1;
     assert_eq!(resolve(&mesh.bed, "i1", dns, "l2.linkerd.", RecordType::A), vec![l2]);
@@ -421,6 +461,8 @@ async fn services_share_a_vl3_isolated_until_opened() {
     );
     assert!(reach("l2", i1));
     assert!(!reach("i1", l2), "istio -> linkerd still closed");
+    // Replies of one-way reach need each router's connection tracking: no direct delivery.
+    assert!(!delivered_directly(&mesh.bed, "l1", i2, &router_b[0]).await);
     // Istio reaches everyone.
     ok(nsmctl(r, &["delete", "ns", "istio", "-n", "istio-system"]));
     ok(nsmctl(

@@ -301,6 +301,9 @@ impl Reconciler {
                     wire(&w, &router_path, &peer_name(&uid)).await.map_err(failed)?;
                     tracing::info!(client = ?key, vl3 = %vl3.name, address = %src, "vL3 member ready");
                 }
+                if let Some(mac) = member_mac(&w).await {
+                    self.vl3.member_ready(&vl3.name, addr, &peer_name(&uid), &mac).await;
+                }
                 self.wired.insert(key.clone(), w.clone());
                 let stats = live_stats(&w).await.unwrap_or_default();
                 (w, stats)
@@ -334,6 +337,12 @@ impl Reconciler {
             ..Default::default()
         })
     }
+}
+
+/// The MAC of the member's end of its veth pair.
+async fn member_mac(w: &Wired) -> Option<Vec<u8>> {
+    let (_ns, nl) = netlink_in(&w.netns).await.ok()?;
+    nl.link(&w.interface).await.ok()?.map(|l| l.mac)
 }
 
 /// True if the member's interface stands with its address (an earlier run built it).
