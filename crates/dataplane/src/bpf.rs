@@ -18,6 +18,9 @@ const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_LINK_CREATE: u32 = 28;
 const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+/// Required of LPM tries: entries are allocated as they are added.
+const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 /// `BPF_TCX_INGRESS` (kernel ≥ 6.6): tc ingress without a qdisc, detached when its link closes.
 const BPF_TCX_INGRESS: u32 = 46;
@@ -94,26 +97,44 @@ fn err(op: &'static str, source: io::Error) -> DataplaneError {
     }
 }
 
-/// A `BPF_MAP_TYPE_HASH` with fixed-size keys and values; closed with its last fd (and program).
+/// A map with fixed-size keys and values; closed with its last fd (and the programs using it).
 #[derive(Debug)]
-pub struct HashMap {
+pub struct Map {
     fd: OwnedFd,
     key_size: usize,
     value_size: usize,
 }
 
-impl HashMap {
-    /// Creates a map holding up to `max_entries` entries.
-    pub fn create(name: &str, key_size: usize, value_size: usize, max_entries: u32) -> Result<HashMap> {
+impl Map {
+    /// Creates a hash map holding up to `max_entries` entries.
+    pub fn hash(name: &str, key_size: usize, value_size: usize, max_entries: u32) -> Result<Map> {
+        Map::create(BPF_MAP_TYPE_HASH, 0, name, key_size, value_size, max_entries)
+    }
+
+    /// Creates a longest-prefix-match map: keys are a 4-byte prefix length (host order) followed
+    /// by `addr_size` address bytes; a lookup with the full length finds the longest prefix.
+    pub fn lpm_trie(name: &str, addr_size: usize, value_size: usize, max_entries: u32) -> Result<Map> {
+        Map::create(
+            BPF_MAP_TYPE_LPM_TRIE,
+            BPF_F_NO_PREALLOC,
+            name,
+            4 + addr_size,
+            value_size,
+            max_entries,
+        )
+    }
+
+    fn create(kind: u32, flags: u32, name: &str, key_size: usize, value_size: usize, max_entries: u32) -> Result<Map> {
         let fd = Attr::new()
-            .u32(0, BPF_MAP_TYPE_HASH)
+            .u32(0, kind)
             .u32(4, key_size as u32)
             .u32(8, value_size as u32)
             .u32(12, max_entries)
+            .u32(16, flags)
             .name(28, name)
             .call_fd(BPF_MAP_CREATE)
             .map_err(|e| err("create bpf map", e))?;
-        Ok(HashMap {
+        Ok(Map {
             fd,
             key_size,
             value_size,
@@ -317,7 +338,7 @@ impl Insn {
         Insn::new(JMP | 0x90, 0, 0, 0, 0)
     }
     /// `dst = map` (two instruction slots: `BPF_LD | BPF_IMM | BPF_DW` with `BPF_PSEUDO_MAP_FD`).
-    pub fn load_map(dst: Reg, map: &HashMap) -> [Insn; 2] {
+    pub fn load_map(dst: Reg, map: &Map) -> [Insn; 2] {
         [Insn::new(0x18, dst, 1, 0, map.fd.as_raw_fd()), Insn::new(0, 0, 0, 0, 0)]
     }
 

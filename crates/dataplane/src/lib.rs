@@ -7,13 +7,13 @@
 //! [`NetNs::run`]); a [`Netlink`] handle is a socket opened that way and then driven from any task.
 //!
 //! Also the eBPF program that hands a vL3 router's incoming packets straight to its members
-//! ([`delivery`]), loaded with the raw syscall ([`bpf`]): no compiler or loader library needed.
+//! ([`fastpath`]), loaded with the raw syscall ([`bpf`]): no compiler or loader library needed.
 //!
 //! Everything here needs `CAP_NET_ADMIN` (and `CAP_SYS_ADMIN` to create or delete namespaces).
 
 pub mod bpf;
-pub mod delivery;
 mod error;
+pub mod fastpath;
 mod nat;
 mod netlink;
 mod netns;
@@ -23,4 +23,4 @@ pub use error::{DataplaneError, Result};
 pub use nat::{NAT_TABLE, add_masquerade, ensure_masquerade, nft_script, remove_masquerade};
 pub use netlink::{LinkInfo, LinkStats, MAX_LINK_NAME, NeighbourInfo, Netlink, RouteInfo};
 pub use netns::{NETNS_RUN_DIR, NetNs, identity as netns_identity, named_path};
-pub use sysctl::{enable_ip_forwarding, set_ip_forwarding, write_sysctl};
+pub use sysctl::{enable_ip_forwarding, ipv4_forwarded, set_ip_forwarding, write_sysctl};

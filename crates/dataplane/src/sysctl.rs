@@ -54,3 +54,22 @@ pub fn write_sysctl(ns: &NetNs, key: &str, value: &str) -> Result<()> {
         })
     })?
 }
+
+/// IPv4 datagrams `ns`'s stack has forwarded since it was created (`Ip: ForwDatagrams` of
+/// `/proc/net/snmp`): shows whether a router namespace's traffic takes its stack.
+pub fn ipv4_forwarded(ns: &NetNs) -> Result<u64> {
+    const FILE: &str = "/proc/thread-self/net/snmp";
+    let text = ns.run(|| std::fs::read_to_string(FILE))?;
+    let bad = |source: std::io::Error| DataplaneError::Namespace {
+        op: "read IP counters",
+        path: Path::new(FILE).to_path_buf(),
+        source,
+    };
+    let text = text.map_err(bad)?;
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let found = ip.next().zip(ip.next()).and_then(|(names, values)| {
+        let i = names.split_whitespace().position(|n| n == "ForwDatagrams")?;
+        values.split_whitespace().nth(i)?.parse().ok()
+    });
+    found.ok_or_else(|| bad(std::io::Error::other("no Ip: ForwDatagrams counter")))
+}

@@ -19,11 +19,12 @@
 //! point-to-point VXLAN link (VNI and names derived from V and the two node names, so both agree
 //! without talking) and routes the peer's prefixes over it. No central router exists.
 //!
-//! Delivery: packets from peer routers for this router's members skip the router's stack and the
-//! member's veth queue ([`nsm_dataplane::delivery`], an eBPF program at ingress of each peer link),
-//! where the sending router's filter is the whole check: IPv4 vL3s whose filter tracks no
-//! connections. Everything else (IPv6, one-way reach, a kernel that refuses the program) takes
-//! the routed path.
+//! Fast path: a member's IPv4 packets to and from other nodes skip the router's stack
+//! ([`nsm_dataplane::fastpath`], eBPF at ingress of each peer link and each member's veth end),
+//! with tables the router keeps beside its routes and filter: its members, the peers' prefixes,
+//! and the pairs of services the filter lets through. Only IPv4 vL3s whose filter tracks no
+//! connections use it; everything else (IPv6, one-way reach, a kernel that refuses the programs,
+//! a daemon that is not running) takes the routed path, which stays complete underneath.
 //!
 //! Isolation: every router's forward chain admits a packet only when its source's service may
 //! reach its destination's (own service, the vL3's shared members, or the service's `reach`),
@@ -38,7 +39,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use nsm_api::ipam::{PrefixRequest, Type, ipam_client::IpamClient};
 use nsm_api::service_names::{IPAM_MEMBER_HEADER, IPAM_NODE_HEADER, IPAM_VL3_HEADER};
-use nsm_dataplane::delivery::{self, Delivery};
+use nsm_dataplane::fastpath::{self, Direction, FastPath};
 use nsm_dataplane::{NetNs, Netlink};
 use nsm_model::{pb, upstream};
 use tonic::transport::Channel;
@@ -121,10 +122,12 @@ pub(crate) struct Router {
     gateways: BTreeSet<IpNet>,
     /// The filter last applied.
     filter: String,
-    /// Direct delivery to members, while it is on (see the module's doc).
-    delivery: Option<Delivery>,
-    /// Why direct delivery is off, as last logged.
-    delivery_off: Option<String>,
+    /// The fast path, while it is on (see the module's doc).
+    fast: Option<FastPath>,
+    /// Why the fast path is off, as last logged.
+    fast_off: Option<String>,
+    /// Service numbers of the fast path's tables, by member service name.
+    service_ids: HashMap<String, u32>,
     dns_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -257,6 +260,16 @@ pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Ve
     }
     s += "  }\n}\n";
     s
+}
+
+/// Whether members of service `from` may reach members of `to` on vL3 `vl3`: exactly what
+/// [`filter_script`]'s rules admit (the fast path's reach table is built from it).
+fn reaches(vl3: &str, services: &[(String, Vec<String>)], from: &str, to: &str) -> bool {
+    from == vl3
+        || to == vl3
+        || services
+            .iter()
+            .any(|(s, r)| s == from && (from == to || r.iter().any(|x| x == "*" || x == to)))
 }
 
 /// Whether a router's filter needs connection tracking: some member service reaches another
@@ -392,8 +405,9 @@ impl Vl3Plane {
                     peers: HashMap::new(),
                     gateways: BTreeSet::new(),
                     filter: String::new(),
-                    delivery: None,
-                    delivery_off: None,
+                    fast: None,
+                    fast_off: None,
+                    service_ids: HashMap::new(),
                     dns_stop,
                 },
             );
@@ -487,8 +501,8 @@ impl Vl3Plane {
         {
             let link = link_name("vx-", &gone);
             let _ = router.nl.delete_link(&link).await;
-            if let Some(d) = router.delivery.as_mut() {
-                d.detach(&link);
+            if let Some(f) = router.fast.as_mut() {
+                f.detach(&link);
             }
             router.peers.remove(&gone);
             tracing::info!(vl3 = %vl3.name, peer = %gone, "vL3 peer link removed");
@@ -529,33 +543,40 @@ impl Vl3Plane {
         } else {
             Ok(())
         };
-        sync_delivery(router, &vl3.name, direct).await;
+        sync_fast_path(router, vl3, leases, services, direct).await;
         Ok(())
     }
 
-    /// Delivers packets from peers for member `addr` straight through the router's veth end `end`
-    /// to the member's end (MAC `member_mac`), if direct delivery is on.
-    pub(crate) async fn member_ready(&self, vl3: &str, addr: IpAddr, end: &str, member_mac: &[u8]) {
-        let Some(router) = self.routers.get(vl3) else { return };
-        let (Some(d), IpAddr::V4(v4)) = (router.delivery.as_ref(), addr) else {
+    /// Puts member `addr` of service `service`, behind the router's veth end `end`, on the fast
+    /// path (if it is on; else the next pass does, when it is).
+    pub(crate) async fn member_ready(&mut self, vl3: &str, addr: IpAddr, end: &str, member_mac: &[u8], service: &str) {
+        let Some(router) = self.routers.get_mut(vl3) else {
             return;
         };
-        let set = match router.nl.link(end).await {
-            Ok(Some(l)) => delivery_entry(l.index, member_mac, &l.mac).map(|m| d.set(v4, m)),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
+        let (Some(id), IpAddr::V4(v4)) = (router.service_ids.get(service).copied(), addr) else {
+            return;
         };
-        match set {
-            Some(Ok(())) => {}
-            Some(Err(e)) => tracing::warn!(%vl3, member = %addr, error = %e, "vL3 direct delivery"),
-            None => tracing::debug!(%vl3, member = %addr, %end, "vL3 member's veth end not found"),
+        let ns = router.ns.clone();
+        let Some(fast) = router.fast.as_mut() else { return };
+        let done = async {
+            let Some(l) = router.nl.link(end).await? else {
+                return Ok(());
+            };
+            if let Some(m) = member_entry(l.index, member_mac, &l.mac, id) {
+                fast.attach(&ns, end, l.index, Direction::Send).await?;
+                fast.set_member(v4, m)?;
+            }
+            Ok::<_, nsm_dataplane::DataplaneError>(())
+        };
+        if let Err(e) = done.await {
+            tracing::warn!(%vl3, member = %addr, error = %e, "vL3 fast path");
         }
     }
 
-    /// Stops direct delivery to member `addr` (its veth pair is going).
+    /// Takes member `addr` off the fast path (its veth pair is going).
     pub(crate) fn member_gone(&self, vl3: &str, addr: IpAddr) {
-        if let (Some(d), IpAddr::V4(v4)) = (self.routers.get(vl3).and_then(|r| r.delivery.as_ref()), addr) {
-            let _ = d.remove(v4);
+        if let (Some(f), IpAddr::V4(v4)) = (self.routers.get(vl3).and_then(|r| r.fast.as_ref()), addr) {
+            let _ = f.remove_member(v4);
         }
     }
 
@@ -647,41 +668,63 @@ impl Vl3Plane {
     }
 }
 
-/// A delivery table entry, if both MACs are Ethernet addresses.
-fn delivery_entry(ifindex: u32, member_mac: &[u8], router_mac: &[u8]) -> Option<delivery::Member> {
-    Some(delivery::Member {
+/// A member table entry, if both MACs are Ethernet addresses.
+fn member_entry(ifindex: u32, member_mac: &[u8], router_mac: &[u8], service: u32) -> Option<fastpath::Member> {
+    Some(fastpath::Member {
         ifindex,
         member_mac: member_mac.try_into().ok()?,
         router_mac: router_mac.try_into().ok()?,
+        service,
     })
 }
 
-/// Turns direct delivery on or off (`direct` says why not), attaches it to every peer link, and
-/// rebuilds its member table from the router's kernel state: a host route through a veth end
-/// and the permanent neighbour entry behind it make a member (so members adopted after a restart
-/// count too).
-async fn sync_delivery(router: &mut Router, vl3: &str, direct: Result<(), &str>) {
+/// Turns the fast path on or off (`direct` says why not) and rebuilds its tables and attachments
+/// from the router's kernel state and the vL3's leases and services: a host route through a veth
+/// end with the permanent neighbour entry behind it makes a member (so members adopted after a
+/// restart count too); the routes to each peer make its prefixes; [`reaches`] makes the pairs.
+async fn sync_fast_path(
+    router: &mut Router,
+    vl3: &Vl3,
+    leases: &[Lease],
+    services: &[(String, Vec<String>)],
+    direct: Result<(), &str>,
+) {
+    let name = vl3.name.as_str();
     if let Err(why) = direct {
-        if router.delivery.take().is_some() || router.delivery_off.is_none() {
-            tracing::info!(%vl3, reason = why, "vL3 direct delivery off");
+        if router.fast.take().is_some() || router.fast_off.is_none() {
+            tracing::info!(vl3 = %name, reason = why, "vL3 fast path off");
         }
-        router.delivery_off = Some(why.to_owned());
+        router.fast_off = Some(why.to_owned());
         return;
     }
-    if router.delivery.is_none() {
-        match Delivery::new() {
-            Ok(d) => {
-                router.delivery = Some(d);
-                router.delivery_off = None;
-                tracing::info!(%vl3, "vL3 direct delivery on");
+    if router.fast.is_none() {
+        match FastPath::new() {
+            Ok(f) => {
+                router.fast = Some(f);
+                router.fast_off = None;
+                tracing::info!(vl3 = %name, "vL3 fast path on");
             }
             Err(e) => {
                 let why = e.to_string();
-                if router.delivery_off.as_deref() != Some(why.as_str()) {
-                    tracing::warn!(%vl3, error = %why, "vL3 direct delivery unavailable; packets from peers take the routed path");
+                if router.fast_off.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(vl3 = %name, error = %why, "vL3 fast path unavailable; all traffic takes the routed path");
                 }
-                router.delivery_off = Some(why);
+                router.fast_off = Some(why);
                 return;
+            }
+        }
+    }
+    // Service numbers: every member service, the vL3's own (shared members) included.
+    let mut names: BTreeSet<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
+    names.extend(leases.iter().map(|l| l.member.as_str()));
+    names.insert(name);
+    router.service_ids = names.iter().zip(1..).map(|(n, i)| ((*n).to_owned(), i)).collect();
+    let ids = &router.service_ids;
+    let mut pairs = BTreeSet::new();
+    for a in &names {
+        for b in &names {
+            if reaches(name, services, a, b) {
+                pairs.insert((ids[*a], ids[*b]));
             }
         }
     }
@@ -694,27 +737,38 @@ async fn sync_delivery(router: &mut Router, vl3: &str, direct: Result<(), &str>)
     let (links, routes, neighbours) = match state.await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(%vl3, error = %e, "vL3 direct delivery: reading the router's state");
+            tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: reading the router's state");
             return;
         }
     };
-    let d = router.delivery.as_mut().expect("on");
+    let fast = router.fast.as_mut().expect("on");
+    let mut attach: Vec<(String, u32, Direction)> = Vec::new();
+    let mut prefixes: HashMap<ipnet::Ipv4Net, fastpath::PeerPrefix> = HashMap::new();
     for peer in router.peers.keys() {
-        let name = link_name("vx-", peer);
-        if let Some(l) = links.iter().find(|l| l.name == name)
-            && let Err(e) = d.attach(&router.ns, &name, l.index).await
-        {
-            tracing::warn!(%vl3, link = %name, error = %e, "vL3 direct delivery: attaching");
-        }
-    }
-    let mut wanted: HashMap<std::net::Ipv4Addr, delivery::Member> = HashMap::new();
-    for r in &routes {
-        let (IpAddr::V4(addr), None, Some(dev)) = (r.dst.addr(), r.gateway, r.dev.as_deref()) else {
+        let link = link_name("vx-", peer);
+        let Some(l) = links.iter().find(|l| l.name == link) else {
             continue;
         };
-        if r.dst.prefix_len() != 32 {
-            continue;
+        attach.push((link, l.index, Direction::Deliver));
+        for lease in leases.iter().filter(|x| &x.node == peer) {
+            if let (IpNet::V4(p), IpAddr::V4(gateway)) = (lease.prefix, lease.gateway().addr()) {
+                prefixes.insert(
+                    p,
+                    fastpath::PeerPrefix {
+                        ifindex: l.index,
+                        gateway,
+                        service: ids[lease.member.as_str()],
+                    },
+                );
+            }
         }
+    }
+    let mut members: HashMap<std::net::Ipv4Addr, fastpath::Member> = HashMap::new();
+    for r in &routes {
+        let (IpAddr::V4(addr), None, Some(dev), 32) = (r.dst.addr(), r.gateway, r.dev.as_deref(), r.dst.prefix_len())
+        else {
+            continue;
+        };
         let Some(end) = links
             .iter()
             .find(|l| l.name == dev && l.kind.as_deref() == Some("veth"))
@@ -727,23 +781,44 @@ async fn sync_delivery(router: &mut Router, vl3: &str, direct: Result<(), &str>)
         else {
             continue;
         };
-        if let Some(m) = delivery_entry(end.index, &n.mac, &end.mac) {
-            wanted.insert(addr, m);
+        let Some(lease) = leases.iter().find(|l| l.prefix.contains(&IpAddr::V4(addr))) else {
+            continue;
+        };
+        if let Some(m) = member_entry(end.index, &n.mac, &end.mac, ids[lease.member.as_str()]) {
+            members.insert(addr, m);
+            attach.push((end.name.clone(), end.index, Direction::Send));
         }
     }
-    let result = (|| {
-        for (addr, _) in d.members()? {
-            if !wanted.contains_key(&addr) {
-                d.remove(addr)?;
+    fast.retain(|l| attach.iter().any(|(n, _, _)| n == l));
+    for (link, index, direction) in &attach {
+        if let Err(e) = fast.attach(&router.ns, link, *index, *direction).await {
+            tracing::warn!(vl3 = %name, %link, error = %e, "vL3 fast path: attaching");
+        }
+    }
+    let tables = (|| {
+        // Pairs first when narrowing, entries first when widening: no moment admits more than
+        // either the old or the new state.
+        fast.set_reach(&pairs)?;
+        for (addr, _) in fast.members()? {
+            if !members.contains_key(&addr) {
+                fast.remove_member(addr)?;
             }
         }
-        for (addr, m) in &wanted {
-            d.set(*addr, *m)?;
+        for (addr, m) in &members {
+            fast.set_member(*addr, *m)?;
+        }
+        for (p, _) in fast.prefixes()? {
+            if !prefixes.contains_key(&p) {
+                fast.remove_prefix(p)?;
+            }
+        }
+        for (p, e) in &prefixes {
+            fast.set_prefix(*p, *e)?;
         }
         Ok::<_, nsm_dataplane::DataplaneError>(())
     })();
-    if let Err(e) = result {
-        tracing::warn!(%vl3, error = %e, "vL3 direct delivery: member table");
+    if let Err(e) = tables {
+        tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: tables");
     }
 }
 
@@ -906,6 +981,24 @@ mod tests {
         assert!(filter_script(&v6, &[], &services).contains("ip6 saddr"));
         // linkerd reaches istio but not back: replies need connection tracking.
         assert!(f.contains("ct state established,related accept"), "{f}");
+    }
+
+    #[test]
+    fn reach_pairs_are_what_the_filter_admits() {
+        let services = vec![
+            ("istio".to_owned(), vec![]),
+            ("linkerd".to_owned(), vec!["istio".to_owned()]),
+            ("admin".to_owned(), vec!["*".to_owned()]),
+        ];
+        let r = |a: &str, b: &str| reaches("mesh", &services, a, b);
+        assert!(r("istio", "istio") && r("linkerd", "linkerd"), "own service");
+        assert!(r("linkerd", "istio") && !r("istio", "linkerd"), "one way");
+        assert!(r("admin", "istio") && !r("istio", "admin"), "* reaches all, not back");
+        assert!(r("mesh", "istio") && r("istio", "mesh"), "shared members both ways");
+        // A lease whose service is gone: the filter has no rule for it but the shared ones.
+        assert!(!r("gone", "gone") && !r("gone", "istio") && r("gone", "mesh"));
+        let f = filter_script(&vl3(), &[], &services);
+        assert!(!f.contains("@m1 ip daddr @m0"), "{f}");
     }
 
     #[test]

@@ -180,24 +180,18 @@ fn all_pairs(bed: &Testbed, members: &[(&str, IpAddr)]) -> Vec<String> {
     failed
 }
 
-/// Packets the veth ends in router namespace `ns` sent towards their members.
-async fn member_ends_sent(ns: &str) -> u64 {
-    let ns = nsm_dataplane::NetNs::open_named(ns).unwrap();
-    let nl = nsm_dataplane::Netlink::connect(&ns).await.unwrap();
-    let links = nl.links().await.unwrap();
-    links
-        .iter()
-        .filter(|l| l.kind.as_deref() == Some("veth"))
-        .map(|l| l.stats.tx_packets)
-        .sum()
-}
-
-/// Whether pings from `from` to `to` (on another node, behind router namespace `router`) reach
-/// it by direct delivery: the router's veth ends send (next to) none of them.
-async fn delivered_directly(bed: &Testbed, from: &str, to: IpAddr, router: &str) -> bool {
-    let before = member_ends_sent(router).await;
+/// Whether pings from `from` to `to` cross the vL3 on its fast path: neither the sending nor
+/// the receiving router's stack (namespaces `routers`) forwards (next to) any of them or their replies.
+fn on_fast_path(bed: &Testbed, from: &str, to: IpAddr, routers: &[&str]) -> bool {
+    let forwarded = || -> u64 {
+        routers
+            .iter()
+            .map(|r| nsm_dataplane::ipv4_forwarded(&nsm_dataplane::NetNs::open_named(r).unwrap()).unwrap())
+            .sum()
+    };
+    let before = forwarded();
     assert!(bed.ping(from, to, 10), "{from} -> {to}");
-    member_ends_sent(router).await - before < 5
+    forwarded() - before < 5
 }
 
 /// Router namespaces the nodes made for this test's mesh (named after the node names).
@@ -272,11 +266,12 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
             "forwarded from {from}"
         );
     }
-    // Packets from other nodes skip the router's stack and the member's veth queue.
-    let router_b = router_netns(&["vlb"]);
+    // Member to member across nodes, both ways: past both routers' stacks.
+    let routers_ab = router_netns(&["vla", "vlb"]);
+    let routers_ab: Vec<&str> = routers_ab.iter().map(String::as_str).collect();
     assert!(
-        delivered_directly(&mesh.bed, "a1", addrs["b1"], &router_b[0]).await,
-        "direct delivery on node b\n{}",
+        on_fast_path(&mesh.bed, "a1", addrs["b1"], &routers_ab),
+        "fast path between nodes a and b\n{}",
         mesh.logs()
     );
     let j = mesh.status("a1", "default");
@@ -296,14 +291,10 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
         assert_eq!(mesh.ready(name, "default").0, addrs[name], "{name} kept its address");
     }
     assert!(all_pairs(&mesh.bed, &members).is_empty());
-    // The restarted daemon delivers directly again (its program went with the old process).
-    let router_a = router_netns(&["vla"]);
+    // The restarted daemon puts the fast path back (its programs went with the old process).
     assert!(
-        eventually(10, || async {
-            delivered_directly(&mesh.bed, "b1", addrs["a1"], &router_a[0]).await
-        })
-        .await,
-        "direct delivery on node a after its restart\n{}",
+        eventually(10, || async { on_fast_path(&mesh.bed, "b1", addrs["a1"], &routers_ab) }).await,
+        "fast path after node a's restart\n{}",
         mesh.nodes["vla"].log()
     );
 
@@ -433,9 +424,10 @@ async fn services_share_a_vl3_isolated_until_opened() {
     );
     assert!(!reach("i1", l1), "istio -> linkerd on one node is blocked");
     assert!(!reach("i1", l2) && !reach("l2", i2), "and across nodes, both ways");
-    // All of that with direct delivery on: the sending router's filter is the check.
-    let router_b = router_netns(&["isb"]);
-    assert!(delivered_directly(&mesh.bed, "i1", i2, &router_b[0]).await);
+    // All of that with the fast path on (its reach table holds only what the filter admits).
+    let routers = router_netns(&["isa", "isb"]);
+    let routers: Vec<&str> = routers.iter().map(String::as_str).collect();
+    assert!(on_fast_path(&mesh.bed, "i1", i2, &routers));
     // Names resolve for all (isolation is about traffic).
     let dns = mesh.ready("i1", "istio-system").1;
     assert_eq!(resolve(&mesh.bed, "i1", dns, "l2.linkerd.", RecordType::A), vec![l2]);
@@ -461,8 +453,8 @@ async fn services_share_a_vl3_isolated_until_opened() {
     );
     assert!(reach("l2", i1));
     assert!(!reach("i1", l2), "istio -> linkerd still closed");
-    // Replies of one-way reach need each router's connection tracking: no direct delivery.
-    assert!(!delivered_directly(&mesh.bed, "l1", i2, &router_b[0]).await);
+    // Replies of one-way reach need each router's connection tracking: no fast path.
+    assert!(!on_fast_path(&mesh.bed, "l1", i2, &routers));
     // Istio reaches everyone.
     ok(nsmctl(r, &["delete", "ns", "istio", "-n", "istio-system"]));
     ok(nsmctl(

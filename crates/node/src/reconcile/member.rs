@@ -302,7 +302,9 @@ impl Reconciler {
                     tracing::info!(client = ?key, vl3 = %vl3.name, address = %src, "vL3 member ready");
                 }
                 if let Some(mac) = member_mac(&w).await {
-                    self.vl3.member_ready(&vl3.name, addr, &peer_name(&uid), &mac).await;
+                    self.vl3
+                        .member_ready(&vl3.name, addr, &peer_name(&uid), &mac, &member_service)
+                        .await;
                 }
                 self.wired.insert(key.clone(), w.clone());
                 let stats = live_stats(&w).await.unwrap_or_default();

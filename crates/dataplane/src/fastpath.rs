@@ -1,0 +1,443 @@
+//! The fast path through a vL3 router: two eBPF programs at tc ingress that move a member's IPv4
+//! packets between its veth pair and the router's peer links without the router's IP stack.
+//!
+//! - **deliver**, on each peer link: a packet for one of the router's members goes straight into
+//!   the member's namespace (`bpf_redirect_peer`), skipping the router's forwarding and a second
+//!   trip through the CPU's backlog queue on the member's veth.
+//! - **send**, on each member's veth end: a packet from the member (its own address, on its own
+//!   veth) to a prefix routed to a peer router, between services that may reach each other, goes
+//!   straight out of that peer's link (`bpf_redirect_neigh`, whose neighbour lookup of the peer's
+//!   gateway address fills in the Ethernet header).
+//!
+//! Both do what the kernel's forwarding would: Ethernet addresses rewritten, TTL decremented with
+//! the header checksum updated as `ip_decrease_ttl` does. Whatever they do not know or may not
+//! decide — other EtherTypes, a TTL about to expire, an unknown address, a source that is not the
+//! member's, a pair of services the reach table does not hold — continues up the router's stack
+//! unchanged, where the router's filter and routes decide. The tables must only ever admit what
+//! that filter admits; they suit routers that need no connection tracking.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+
+use crate::bpf::{Cond, Insn, Link, Map, Program, Size};
+use crate::error::Result;
+use crate::netns::NetNs;
+
+/// Helper numbers (`enum bpf_func_id`, include/uapi/linux/bpf.h).
+const MAP_LOOKUP_ELEM: i32 = 1;
+const REDIRECT_NEIGH: i32 = 152;
+const REDIRECT_PEER: i32 = 155;
+/// `struct __sk_buff` offsets (include/uapi/linux/bpf.h).
+const SKB_IFINDEX: i16 = 40;
+const SKB_DATA: i16 = 76;
+const SKB_DATA_END: i16 = 80;
+/// tc's "no verdict": the packet goes on up the stack (`TC_ACT_UNSPEC`, `TCX_NEXT`).
+const PASS: i32 = -1;
+/// Ethernet (14) and the fixed IPv4 header (20); the fields used, at their frame offsets.
+const HEADERS: i32 = 34;
+const TTL: i16 = 22;
+const CHECKSUM: i16 = 24;
+const SADDR: i16 = 26;
+const DADDR: i16 = 30;
+/// `AF_INET`, the `nh_family` of `struct bpf_redir_neigh`.
+const AF_INET: i32 = 2;
+/// Jump offset standing for "to the pass exit" until a program is complete.
+const TO_PASS: i16 = i16::MIN;
+/// Most members, peer prefixes and service pairs one router's tables hold.
+const MAX_MEMBERS: u32 = 65_536;
+const MAX_PREFIXES: u32 = 65_536;
+const MAX_PAIRS: u32 = 65_536;
+
+/// A member of the router: where its packets go in, and which service it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Interface index of the router's end of the member's veth pair.
+    pub ifindex: u32,
+    /// MAC of the member's end: the new destination of frames delivered to it.
+    pub member_mac: [u8; 6],
+    /// MAC of the router's end: their new source.
+    pub router_mac: [u8; 6],
+    /// The member's service (a number the reach table uses).
+    pub service: u32,
+}
+
+impl Member {
+    const SIZE: usize = 20;
+
+    fn encode(&self) -> [u8; Self::SIZE] {
+        let mut v = [0u8; Self::SIZE];
+        v[..4].copy_from_slice(&self.ifindex.to_ne_bytes());
+        v[4..10].copy_from_slice(&self.member_mac);
+        v[10..16].copy_from_slice(&self.router_mac);
+        v[16..].copy_from_slice(&self.service.to_ne_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Member {
+        let u32_at = |i: usize| u32::from_ne_bytes(v[i..i + 4].try_into().expect("20-byte value"));
+        let mut m = Member {
+            ifindex: u32_at(0),
+            member_mac: [0; 6],
+            router_mac: [0; 6],
+            service: u32_at(16),
+        };
+        m.member_mac.copy_from_slice(&v[4..10]);
+        m.router_mac.copy_from_slice(&v[10..16]);
+        m
+    }
+}
+
+/// A prefix routed to a peer router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerPrefix {
+    /// Interface index of the link to the peer.
+    pub ifindex: u32,
+    /// The peer's gateway address in the prefix (the route's next hop).
+    pub gateway: Ipv4Addr,
+    /// The service whose members hold the prefix.
+    pub service: u32,
+}
+
+impl PeerPrefix {
+    const SIZE: usize = 12;
+
+    fn encode(&self) -> [u8; Self::SIZE] {
+        let mut v = [0u8; Self::SIZE];
+        v[..4].copy_from_slice(&self.ifindex.to_ne_bytes());
+        v[4..8].copy_from_slice(&self.gateway.octets());
+        v[8..].copy_from_slice(&self.service.to_ne_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> PeerPrefix {
+        PeerPrefix {
+            ifindex: u32::from_ne_bytes(v[..4].try_into().expect("12-byte value")),
+            gateway: Ipv4Addr::new(v[4], v[5], v[6], v[7]),
+            service: u32::from_ne_bytes(v[8..12].try_into().expect("12-byte value")),
+        }
+    }
+}
+
+fn prefix_key(p: Ipv4Net) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&u32::from(p.prefix_len()).to_ne_bytes());
+    k[4..].copy_from_slice(&p.network().octets());
+    k
+}
+
+fn pair_key(from: u32, to: u32) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&from.to_ne_bytes());
+    k[4..].copy_from_slice(&to.to_ne_bytes());
+    k
+}
+
+/// Which of the two programs an attachment runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// On a peer link: packets from the peer to members.
+    Deliver,
+    /// On a member's veth end: packets from the member to peers.
+    Send,
+}
+
+/// One router's programs, tables and attachments. Dropping it detaches everything: the router's
+/// stack carries all traffic again.
+#[derive(Debug)]
+pub struct FastPath {
+    members: Map,
+    prefixes: Map,
+    reach: Map,
+    deliver: Arc<Program>,
+    send: Arc<Program>,
+    /// Attachments by link name; the link's index tells a replaced link from the one attached.
+    links: HashMap<String, (u32, Direction, Link)>,
+}
+
+impl FastPath {
+    /// Creates the tables and loads the programs (needs `CAP_BPF` and `CAP_NET_ADMIN`).
+    pub fn new() -> Result<FastPath> {
+        let members = Map::hash("nsm_vl3_members", 4, Member::SIZE, MAX_MEMBERS)?;
+        let prefixes = Map::lpm_trie("nsm_vl3_peers", 4, PeerPrefix::SIZE, MAX_PREFIXES)?;
+        let reach = Map::hash("nsm_vl3_reach", 8, 4, MAX_PAIRS)?;
+        let deliver = Arc::new(Program::load_tc("nsm_vl3_deliver", &deliver(&members))?);
+        let send = Arc::new(Program::load_tc("nsm_vl3_send", &send(&members, &prefixes, &reach))?);
+        Ok(FastPath {
+            members,
+            prefixes,
+            reach,
+            deliver,
+            send,
+            links: HashMap::new(),
+        })
+    }
+
+    /// Attaches the program for `direction` at ingress of link `name` (index `ifindex`) of
+    /// namespace `ns`, unless it is attached there already.
+    pub async fn attach(&mut self, ns: &NetNs, name: &str, ifindex: u32, direction: Direction) -> Result<()> {
+        if self
+            .links
+            .get(name)
+            .is_some_and(|(i, d, _)| *i == ifindex && *d == direction)
+        {
+            return Ok(());
+        }
+        let program = match direction {
+            Direction::Deliver => self.deliver.clone(),
+            Direction::Send => self.send.clone(),
+        };
+        let link = ns.run_async(move || program.attach_tc_ingress(ifindex)).await??;
+        self.links.insert(name.to_owned(), (ifindex, direction, link));
+        Ok(())
+    }
+
+    /// Detaches from link `name` (gone or going).
+    pub fn detach(&mut self, name: &str) {
+        self.links.remove(name);
+    }
+
+    /// Detaches from every link not in `keep`.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.links.retain(|name, _| keep(name));
+    }
+
+    /// Links a program is attached to, with its direction.
+    pub fn attached(&self) -> impl Iterator<Item = (&str, Direction)> {
+        self.links.iter().map(|(n, (_, d, _))| (n.as_str(), *d))
+    }
+
+    /// Sets member `addr`.
+    pub fn set_member(&self, addr: Ipv4Addr, member: Member) -> Result<()> {
+        self.members.set(&addr.octets(), &member.encode())
+    }
+
+    /// Removes member `addr`: its packets take the router's stack; `false` if it was not known.
+    pub fn remove_member(&self, addr: Ipv4Addr) -> Result<bool> {
+        self.members.remove(&addr.octets())
+    }
+
+    /// The member table.
+    pub fn members(&self) -> Result<Vec<(Ipv4Addr, Member)>> {
+        let mut out = Vec::new();
+        for k in self.members.keys()? {
+            if let Some(v) = self.members.get(&k)? {
+                out.push((Ipv4Addr::new(k[0], k[1], k[2], k[3]), Member::decode(&v)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Routes `prefix` to a peer.
+    pub fn set_prefix(&self, prefix: Ipv4Net, peer: PeerPrefix) -> Result<()> {
+        self.prefixes.set(&prefix_key(prefix.trunc()), &peer.encode())
+    }
+
+    /// Stops routing `prefix` on the fast path; `false` if it was not known.
+    pub fn remove_prefix(&self, prefix: Ipv4Net) -> Result<bool> {
+        self.prefixes.remove(&prefix_key(prefix.trunc()))
+    }
+
+    /// The peer prefix table.
+    pub fn prefixes(&self) -> Result<Vec<(Ipv4Net, PeerPrefix)>> {
+        let mut out = Vec::new();
+        for k in self.prefixes.keys()? {
+            if let Some(v) = self.prefixes.get(&k)? {
+                let len = u32::from_ne_bytes(k[..4].try_into().expect("8-byte key"));
+                let addr = Ipv4Addr::new(k[4], k[5], k[6], k[7]);
+                if let Ok(p) = Ipv4Net::new(addr, len as u8) {
+                    out.push((p, PeerPrefix::decode(&v)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the reach table exactly `pairs`: (from, to) services whose members' packets may
+    /// take the fast path.
+    pub fn set_reach(&self, pairs: &BTreeSet<(u32, u32)>) -> Result<()> {
+        for k in self.reach.keys()? {
+            let from = u32::from_ne_bytes(k[..4].try_into().expect("8-byte key"));
+            let to = u32::from_ne_bytes(k[4..].try_into().expect("8-byte key"));
+            if !pairs.contains(&(from, to)) {
+                self.reach.remove(&k)?;
+            }
+        }
+        for (from, to) in pairs {
+            self.reach.set(&pair_key(*from, *to), &1u32.to_ne_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that the packet holds Ethernet + IPv4 headers with a TTL that will not expire here,
+/// leaving `data` in r2. Clobbers r3–r5.
+fn ipv4_headers() -> Vec<Insn> {
+    use Insn as I;
+    vec![
+        I::load(Size::W, 2, 6, SKB_DATA),
+        I::load(Size::W, 3, 6, SKB_DATA_END),
+        I::mov(4, 2),
+        I::add_imm(4, HEADERS),
+        I::jump(Cond::Gt, 4, 3, TO_PASS),
+        // EtherType 0x0800, read as a little-endian u16.
+        I::load(Size::H, 5, 2, 12),
+        I::jump_imm(Cond::Ne, 5, 0x0008, TO_PASS),
+        I::load(Size::B, 5, 2, TTL),
+        I::jump_imm(Cond::Lt, 5, 2, TO_PASS),
+    ]
+}
+
+/// TTL - 1 and the checksum (as stored, little-endian) + htons(0x0100) with end-around carry, on
+/// the packet at r2. Clobbers r5.
+fn decrement_ttl() -> Vec<Insn> {
+    use Insn as I;
+    vec![
+        I::load(Size::B, 5, 2, TTL),
+        I::add_imm(5, -1),
+        I::store(Size::B, 2, TTL, 5),
+        I::load(Size::H, 5, 2, CHECKSUM),
+        I::add_imm(5, 1),
+        I::jump_imm(Cond::Lt, 5, 0xffff, 1),
+        I::add_imm(5, 1),
+        I::store(Size::H, 2, CHECKSUM, 5),
+    ]
+}
+
+/// r0 = lookup(`map`, key at r10 + `key`); to the pass exit if absent.
+fn lookup(map: &Map, key: i32) -> Vec<Insn> {
+    use Insn as I;
+    let mut p = I::load_map(1, map).to_vec();
+    p.extend([
+        I::mov(2, 10),
+        I::add_imm(2, key),
+        I::call(MAP_LOOKUP_ELEM),
+        I::jump_imm(Cond::Eq, 0, 0, TO_PASS),
+    ]);
+    p
+}
+
+/// Ends a program: the pass exit, and every jump to it resolved.
+fn finish(mut p: Vec<Insn>) -> Vec<Insn> {
+    let pass = p.len();
+    p.extend([Insn::mov_imm(0, PASS), Insn::exit()]);
+    for (i, insn) in p.iter_mut().enumerate() {
+        insn.resolve(TO_PASS, i, pass);
+    }
+    p
+}
+
+/// The deliver program (r6 the context, r7 the member's entry).
+fn deliver(members: &Map) -> Vec<Insn> {
+    use Insn as I;
+    let mut p = vec![I::mov(6, 1)];
+    p.extend(ipv4_headers());
+    p.extend([I::load(Size::W, 5, 2, DADDR), I::store(Size::W, 10, -4, 5)]);
+    p.extend(lookup(members, -4));
+    p.push(I::mov(7, 0));
+    // Packet pointers do not survive a call: load and check them again.
+    p.extend(ipv4_headers());
+    p.extend([
+        // Destination and source MAC from the entry (bytes 4..16) over the frame's first 12.
+        I::load(Size::W, 5, 7, 4),
+        I::store(Size::W, 2, 0, 5),
+        I::load(Size::W, 5, 7, 8),
+        I::store(Size::W, 2, 4, 5),
+        I::load(Size::W, 5, 7, 12),
+        I::store(Size::W, 2, 8, 5),
+    ]);
+    p.extend(decrement_ttl());
+    p.extend([
+        // Into the member's namespace, past its backlog queue.
+        I::load(Size::W, 1, 7, 0),
+        I::mov_imm(2, 0),
+        I::call(REDIRECT_PEER),
+        I::exit(),
+    ]);
+    finish(p)
+}
+
+/// The send program (r6 the context, r8 the source's service, r9 the destination's prefix entry).
+fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
+    use Insn as I;
+    let mut p = vec![I::mov(6, 1)];
+    p.extend(ipv4_headers());
+    p.extend([
+        I::load(Size::W, 5, 2, SADDR),
+        I::store(Size::W, 10, -4, 5),
+        I::load(Size::W, 5, 2, DADDR),
+        I::store(Size::W, 10, -8, 5),
+    ]);
+    // The source is a member, sending on its own veth.
+    p.extend(lookup(members, -4));
+    p.extend([
+        I::load(Size::W, 1, 0, 0),
+        I::load(Size::W, 2, 6, SKB_IFINDEX),
+        I::jump(Cond::Ne, 1, 2, TO_PASS),
+        I::load(Size::W, 8, 0, 16),
+        // The destination is in a peer's prefix: an LPM key { 32, daddr } at r10 - 16.
+        I::mov_imm(1, 32),
+        I::store(Size::W, 10, -16, 1),
+        I::load(Size::W, 1, 10, -8),
+        I::store(Size::W, 10, -12, 1),
+    ]);
+    p.extend(lookup(prefixes, -16));
+    p.extend([
+        I::mov(9, 0),
+        // The source's service may reach the destination's: key { from, to } at r10 - 24.
+        I::store(Size::W, 10, -24, 8),
+        I::load(Size::W, 1, 9, 8),
+        I::store(Size::W, 10, -20, 1),
+    ]);
+    p.extend(lookup(reach, -24));
+    p.extend(ipv4_headers());
+    p.extend(decrement_ttl());
+    p.extend([
+        // struct bpf_redir_neigh { nh_family = AF_INET, ipv4_nh = the peer's gateway } at r10 - 48.
+        I::mov_imm(1, AF_INET),
+        I::store(Size::W, 10, -48, 1),
+        I::load(Size::W, 1, 9, 4),
+        I::store(Size::W, 10, -44, 1),
+        I::mov_imm(1, 0),
+        I::store(Size::W, 10, -40, 1),
+        I::store(Size::W, 10, -36, 1),
+        I::store(Size::W, 10, -32, 1),
+        // Out of the peer's link, Ethernet header from the neighbour table.
+        I::load(Size::W, 1, 9, 0),
+        I::mov(2, 10),
+        I::add_imm(2, -48),
+        I::mov_imm(3, 20),
+        I::mov_imm(4, 0),
+        I::call(REDIRECT_NEIGH),
+        I::exit(),
+    ]);
+    finish(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_entries_round_trip() {
+        let m = Member {
+            ifindex: 7,
+            member_mac: [2, 0, 0, 0, 0, 1],
+            router_mac: [2, 0, 0, 0, 0, 2],
+            service: 3,
+        };
+        assert_eq!(Member::decode(&m.encode()), m);
+        let p = PeerPrefix {
+            ifindex: 9,
+            gateway: Ipv4Addr::new(10, 0, 1, 0),
+            service: 4,
+        };
+        assert_eq!(PeerPrefix::decode(&p.encode()), p);
+        assert_eq!(
+            prefix_key("10.0.1.7/24".parse::<Ipv4Net>().unwrap().trunc()),
+            [24, 0, 0, 0, 10, 0, 1, 0]
+        );
+    }
+}
