@@ -1,11 +1,11 @@
-//! The few eBPF objects nsm needs — a hash map, a `sched_cls` program, a tcx link — made with the
+//! The few eBPF objects nsm needs — hash and LPM maps, `sched_cls` programs — made with the
 //! raw `bpf(2)` syscall. Programs are small and written as instructions ([`Insn`]), so nsm needs
 //! no compiler, ELF loader or libbpf at build or run time. This module holds the crate's only
 //! `unsafe` code: the syscall itself.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::error::{DataplaneError, Result};
 
@@ -16,14 +16,11 @@ const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_MAP_DELETE_ELEM: u32 = 3;
 const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_PROG_LOAD: u32 = 5;
-const BPF_LINK_CREATE: u32 = 28;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 /// Required of LPM tries: entries are allocated as they are added.
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-/// `BPF_TCX_INGRESS` (kernel ≥ 6.6): tc ingress without a qdisc, detached when its link closes.
-const BPF_TCX_INGRESS: u32 = 46;
 
 /// Size of the attribute block passed to every command: larger than any layout used here, and
 /// zero past what each command reads (the kernel rejects non-zero bytes it does not know).
@@ -83,7 +80,7 @@ impl Attr {
 
     fn call_fd(self, cmd: u32) -> io::Result<OwnedFd> {
         let fd = self.call(cmd)?;
-        // SAFETY: for the object-creating commands used here (MAP_CREATE, PROG_LOAD, LINK_CREATE) a
+        // SAFETY: for the object-creating commands used here (MAP_CREATE, PROG_LOAD) a
         // non-negative result is a new file descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
@@ -398,24 +395,10 @@ impl Program {
         }
     }
 
-    /// Attaches the program at tc ingress of link `ifindex` in the calling thread's namespace
-    /// (see [`crate::NetNs::run`]). It stays attached while the returned link is open, and goes
-    /// with the device.
-    pub fn attach_tc_ingress(&self, ifindex: u32) -> Result<Link> {
-        Attr::new()
-            .u32(0, self.fd.as_raw_fd() as u32)
-            .u32(4, ifindex)
-            .u32(8, BPF_TCX_INGRESS)
-            .call_fd(BPF_LINK_CREATE)
-            .map(|fd| Link { _fd: fd })
-            .map_err(|e| err("attach bpf program at tc ingress", e))
+    /// The program's fd, to attach it (see [`crate::Netlink::attach_tc_ingress`]).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
-}
-
-/// An attachment of a program; closing it detaches the program.
-#[derive(Debug)]
-pub struct Link {
-    _fd: OwnedFd,
 }
 
 #[cfg(test)]

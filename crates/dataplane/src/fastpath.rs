@@ -18,13 +18,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
-use crate::bpf::{Cond, Insn, Link, Map, Program, Size};
+use crate::bpf::{Cond, Insn, Map, Program, Size};
 use crate::error::Result;
-use crate::netns::NetNs;
+use crate::netlink::Netlink;
 
 /// Helper numbers (`enum bpf_func_id`, include/uapi/linux/bpf.h).
 const MAP_LOOKUP_ELEM: i32 = 1;
@@ -144,17 +143,19 @@ pub enum Direction {
     Send,
 }
 
-/// One router's programs, tables and attachments. Dropping it detaches everything: the router's
-/// stack carries all traffic again.
+/// One router's programs, tables and attachments. Programs stay attached (tc filters) when this
+/// is dropped or the process exits, with their tables as they were, so traffic keeps its path
+/// while the daemon restarts; a new one's [`FastPath::attach`] replaces them, and turning the fast
+/// path off means [`FastPath::detach_all`].
 #[derive(Debug)]
 pub struct FastPath {
     members: Map,
     prefixes: Map,
     reach: Map,
-    deliver: Arc<Program>,
-    send: Arc<Program>,
-    /// Attachments by link name; the link's index tells a replaced link from the one attached.
-    links: HashMap<String, (u32, Direction, Link)>,
+    deliver: Program,
+    send: Program,
+    /// Links this instance's programs are attached to: name -> (index, direction).
+    links: HashMap<String, (u32, Direction)>,
 }
 
 impl FastPath {
@@ -163,8 +164,8 @@ impl FastPath {
         let members = Map::hash("nsm_vl3_members", 4, Member::SIZE, MAX_MEMBERS)?;
         let prefixes = Map::lpm_trie("nsm_vl3_peers", 4, PeerPrefix::SIZE, MAX_PREFIXES)?;
         let reach = Map::hash("nsm_vl3_reach", 8, 4, MAX_PAIRS)?;
-        let deliver = Arc::new(Program::load_tc("nsm_vl3_deliver", &deliver(&members))?);
-        let send = Arc::new(Program::load_tc("nsm_vl3_send", &send(&members, &prefixes, &reach))?);
+        let deliver = Program::load_tc("nsm_vl3_deliver", &deliver(&members))?;
+        let send = Program::load_tc("nsm_vl3_send", &send(&members, &prefixes, &reach))?;
         Ok(FastPath {
             members,
             prefixes,
@@ -175,38 +176,46 @@ impl FastPath {
         })
     }
 
-    /// Attaches the program for `direction` at ingress of link `name` (index `ifindex`) of
-    /// namespace `ns`, unless it is attached there already.
-    pub async fn attach(&mut self, ns: &NetNs, name: &str, ifindex: u32, direction: Direction) -> Result<()> {
-        if self
-            .links
-            .get(name)
-            .is_some_and(|(i, d, _)| *i == ifindex && *d == direction)
-        {
+    /// Attaches the program for `direction` at ingress of link `name` (index `ifindex`) of `nl`'s
+    /// namespace, replacing whatever program nsm left there, unless this one is attached already.
+    pub async fn attach(&mut self, nl: &Netlink, name: &str, ifindex: u32, direction: Direction) -> Result<()> {
+        if self.links.get(name) == Some(&(ifindex, direction)) {
             return Ok(());
         }
-        let program = match direction {
-            Direction::Deliver => self.deliver.clone(),
-            Direction::Send => self.send.clone(),
+        let (program, label) = match direction {
+            Direction::Deliver => (&self.deliver, "nsm_vl3_deliver"),
+            Direction::Send => (&self.send, "nsm_vl3_send"),
         };
-        let link = ns.run_async(move || program.attach_tc_ingress(ifindex)).await??;
-        self.links.insert(name.to_owned(), (ifindex, direction, link));
+        nl.attach_tc_ingress(name, program.fd(), label).await?;
+        self.links.insert(name.to_owned(), (ifindex, direction));
         Ok(())
     }
 
-    /// Detaches from link `name` (gone or going).
-    pub fn detach(&mut self, name: &str) {
-        self.links.remove(name);
+    /// Detaches from link `name`, if it is still there.
+    pub async fn detach(&mut self, nl: &Netlink, name: &str) -> Result<()> {
+        if self.links.remove(name).is_some() {
+            nl.detach_tc_ingress(name).await?;
+        }
+        Ok(())
     }
 
-    /// Detaches from every link not in `keep`.
-    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
-        self.links.retain(|name, _| keep(name));
+    /// Forgets links not in `keep` (gone with their devices), detaching what is still there.
+    pub async fn detach_others(&mut self, nl: &Netlink, keep: impl Fn(&str) -> bool) -> Result<()> {
+        let gone: Vec<String> = self.links.keys().filter(|n| !keep(n)).cloned().collect();
+        for name in gone {
+            self.detach(nl, &name).await?;
+        }
+        Ok(())
+    }
+
+    /// Detaches from every link this instance attached to: all traffic takes the router's stack.
+    pub async fn detach_all(&mut self, nl: &Netlink) -> Result<()> {
+        self.detach_others(nl, |_| false).await
     }
 
     /// Links a program is attached to, with its direction.
     pub fn attached(&self) -> impl Iterator<Item = (&str, Direction)> {
-        self.links.iter().map(|(n, (_, d, _))| (n.as_str(), *d))
+        self.links.iter().map(|(n, (_, d))| (n.as_str(), *d))
     }
 
     /// Sets member `addr`.

@@ -106,10 +106,8 @@ async fn fast_path_both_ways_and_back_to_the_stack() {
     let r0 = nr.link("nsm-r0").await.unwrap().unwrap();
     let rm = nr.link("nsm-rm").await.unwrap().unwrap();
     let m0 = nm.link("nsm-m0").await.unwrap().unwrap();
-    fp.attach(&router, "nsm-r0", r0.index, Direction::Deliver)
-        .await
-        .unwrap();
-    fp.attach(&router, "nsm-rm", rm.index, Direction::Send).await.unwrap();
+    fp.attach(&nr, "nsm-r0", r0.index, Direction::Deliver).await.unwrap();
+    fp.attach(&nr, "nsm-rm", rm.index, Direction::Send).await.unwrap();
     let entry = |ifindex: u32| Member {
         ifindex,
         member_mac: m0.mac.clone().try_into().unwrap(),
@@ -171,11 +169,25 @@ async fn fast_path_both_ways_and_back_to_the_stack() {
 
     // Detached, the tables no longer matter.
     fp.set_prefix("192.0.2.0/24".parse().unwrap(), remote).unwrap();
-    fp.retain(|n| n != "nsm-r0");
+    fp.detach_others(&nr, |n| n != "nsm-r0").await.unwrap();
     assert_eq!(fp.attached().collect::<Vec<_>>(), vec![("nsm-rm", Direction::Send)]);
     assert_eq!(through(&router, &peer, &member, to_member, 20), (20, 20));
     assert_eq!(through(&router, &member, &peer, to_remote, 20), (20, 0));
+    fp.attach(&nr, "nsm-r0", r0.index, Direction::Deliver).await.unwrap();
+
+    // The programs outlive their owner (a daemon restarting), tables as they were...
     drop(fp);
-    assert_eq!(through(&router, &member, &peer, to_remote, 20), (20, 20));
+    assert_eq!(
+        through(&router, &member, &peer, to_remote, 20),
+        (20, 0),
+        "after the owner is gone"
+    );
+    // ...until a new owner's attach replaces them: its tables are empty, so the stack routes.
+    let mut fp = FastPath::new().unwrap();
+    fp.attach(&nr, "nsm-r0", r0.index, Direction::Deliver).await.unwrap();
+    fp.attach(&nr, "nsm-rm", rm.index, Direction::Send).await.unwrap();
+    assert_eq!(through(&router, &member, &peer, to_remote, 20), (20, 20), "replaced");
+    fp.detach_all(&nr).await.unwrap();
+    assert!(!nr.detach_tc_ingress("nsm-rm").await.unwrap(), "nothing left to detach");
     c.finish();
 }

@@ -502,7 +502,7 @@ impl Vl3Plane {
             let link = link_name("vx-", &gone);
             let _ = router.nl.delete_link(&link).await;
             if let Some(f) = router.fast.as_mut() {
-                f.detach(&link);
+                let _ = f.detach(&router.nl, &link).await;
             }
             router.peers.remove(&gone);
             tracing::info!(vl3 = %vl3.name, peer = %gone, "vL3 peer link removed");
@@ -556,15 +556,15 @@ impl Vl3Plane {
         let (Some(id), IpAddr::V4(v4)) = (router.service_ids.get(service).copied(), addr) else {
             return;
         };
-        let ns = router.ns.clone();
         let Some(fast) = router.fast.as_mut() else { return };
+        let nl = &router.nl;
         let done = async {
-            let Some(l) = router.nl.link(end).await? else {
+            let Some(l) = nl.link(end).await? else {
                 return Ok(());
             };
             if let Some(m) = member_entry(l.index, member_mac, &l.mac, id) {
-                fast.attach(&ns, end, l.index, Direction::Send).await?;
                 fast.set_member(v4, m)?;
+                fast.attach(nl, end, l.index, Direction::Send).await?;
             }
             Ok::<_, nsm_dataplane::DataplaneError>(())
         };
@@ -691,10 +691,27 @@ async fn sync_fast_path(
 ) {
     let name = vl3.name.as_str();
     if let Err(why) = direct {
-        if router.fast.take().is_some() || router.fast_off.is_none() {
+        if router.fast_off.as_deref() != Some(why) {
+            // Programs stay attached without their owner (a daemon before a restart may have
+            // left some), so every link of the router is cleared, not only those known here.
+            let cleared = match router.nl.links().await {
+                Ok(links) => {
+                    let mut r = Ok(());
+                    for l in links.iter().filter(|l| l.kind.is_some()) {
+                        r = r.and(router.nl.detach_tc_ingress(&l.name).await.map(drop));
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = cleared {
+                tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: detaching");
+                return;
+            }
+            router.fast = None;
+            router.fast_off = Some(why.to_owned());
             tracing::info!(vl3 = %name, reason = why, "vL3 fast path off");
         }
-        router.fast_off = Some(why.to_owned());
         return;
     }
     if router.fast.is_none() {
@@ -789,15 +806,10 @@ async fn sync_fast_path(
             attach.push((end.name.clone(), end.index, Direction::Send));
         }
     }
-    fast.retain(|l| attach.iter().any(|(n, _, _)| n == l));
-    for (link, index, direction) in &attach {
-        if let Err(e) = fast.attach(&router.ns, link, *index, *direction).await {
-            tracing::warn!(vl3 = %name, %link, error = %e, "vL3 fast path: attaching");
-        }
-    }
+    // Tables before attachments: a program that a restarted daemon's replaces finds its entries.
     let tables = (|| {
-        // Pairs first when narrowing, entries first when widening: no moment admits more than
-        // either the old or the new state.
+        // The reach table first: a pair the filter stopped admitting leaves before any entry
+        // changes.
         fast.set_reach(&pairs)?;
         for (addr, _) in fast.members()? {
             if !members.contains_key(&addr) {
@@ -819,6 +831,17 @@ async fn sync_fast_path(
     })();
     if let Err(e) = tables {
         tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: tables");
+    }
+    if let Err(e) = fast
+        .detach_others(&router.nl, |l| attach.iter().any(|(n, _, _)| n == l))
+        .await
+    {
+        tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: detaching");
+    }
+    for (link, index, direction) in &attach {
+        if let Err(e) = fast.attach(&router.nl, link, *index, *direction).await {
+            tracing::warn!(vl3 = %name, %link, error = %e, "vL3 fast path: attaching");
+        }
     }
 }
 
