@@ -85,11 +85,13 @@ pub(crate) struct Args {
     #[arg(long, default_value = "10.200.0.0/16")]
     pool: String,
     /// Repetitions of each throughput measurement; vL3 and vWire runs alternate, medians are
-    /// compared. Fewer than ~15 leave the ratio at the mercy of this machine's noise.
-    #[arg(long, default_value_t = 15)]
+    /// compared.
+    #[arg(long, default_value_t = 9)]
     reps: usize,
-    /// Seconds per iperf3 run.
-    #[arg(long, default_value_t = 3)]
+    /// Seconds per iperf3 run. Runs of 3 s let TCP's ramp and the scheduler's bursts decide
+    /// 4-stream figures on a 2-CPU machine (the vWire floor alone ranged 7.3–20.3 Gbit/s over 15
+    /// of them); 10 s, as iperf3's default, halves that spread.
+    #[arg(long, default_value_t = 10)]
     seconds: u32,
     /// Joins measured by `latency` (spread over the nodes in turn).
     #[arg(long, default_value_t = 30)]
