@@ -18,7 +18,7 @@ const BPF_MAP_GET_NEXT_KEY: u32 = 4;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
-/// Required of LPM tries: entries are allocated as they are added.
+/// Entries allocated as they are added (required of LPM tries).
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
@@ -103,9 +103,18 @@ pub struct Map {
 }
 
 impl Map {
-    /// Creates a hash map holding up to `max_entries` entries.
+    /// Creates a hash map holding up to `max_entries` entries, allocated as they are added (a
+    /// preallocated one would pin `max_entries` entries of kernel memory from the start: ~5 MB for
+    /// 65,536 small entries, per map).
     pub fn hash(name: &str, key_size: usize, value_size: usize, max_entries: u32) -> Result<Map> {
-        Map::create(BPF_MAP_TYPE_HASH, 0, name, key_size, value_size, max_entries)
+        Map::create(
+            BPF_MAP_TYPE_HASH,
+            BPF_F_NO_PREALLOC,
+            name,
+            key_size,
+            value_size,
+            max_entries,
+        )
     }
 
     /// Creates a longest-prefix-match map: keys are a 4-byte prefix length (host order) followed
