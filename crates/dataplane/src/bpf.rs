@@ -4,12 +4,13 @@
 //! `unsafe` code: the syscall itself.
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::error::{DataplaneError, Result};
 
-// Commands, map and program types and attach types of `bpf(2)` (include/uapi/linux/bpf.h).
+// Commands, map types and program types of `bpf(2)` (include/uapi/linux/bpf.h).
 const BPF_MAP_CREATE: u32 = 0;
 const BPF_MAP_LOOKUP_ELEM: u32 = 1;
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
@@ -205,6 +206,22 @@ impl Map {
         }
     }
 
+    /// Makes the map hold exactly `entries` (key → value), writing only what differs: keys it
+    /// lacks are removed first, then new and changed values set.
+    pub fn replace_all(&self, entries: &HashMap<Vec<u8>, Vec<u8>>) -> Result<()> {
+        for k in self.keys()? {
+            if !entries.contains_key(&k) {
+                self.remove(&k)?;
+            }
+        }
+        for (k, v) in entries {
+            if self.get(k)?.as_ref() != Some(v) {
+                self.set(k, v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every key the map holds.
     pub fn keys(&self) -> Result<Vec<Vec<u8>>> {
         let mut out: Vec<Vec<u8>> = Vec::new();
@@ -331,10 +348,6 @@ impl Insn {
     pub fn jump(cond: Cond, dst: Reg, src: Reg, off: i16) -> Insn {
         Insn::new(JMP | cond.bits() | X, dst, src, off, 0)
     }
-    /// `goto +off`
-    pub fn goto(off: i16) -> Insn {
-        Insn::new(JMP, 0, 0, off, 0)
-    }
     /// Calls helper number `id` (arguments in r1–r5, result in r0).
     pub fn call(id: i32) -> Insn {
         Insn::new(JMP | 0x80, 0, 0, 0, id)
@@ -365,7 +378,8 @@ impl Insn {
     }
 }
 
-/// A loaded `sched_cls` program (tc, direct action); unloaded with its last fd and link.
+/// A loaded `sched_cls` program (tc, direct action); unloaded when its last fd and the last tc
+/// filter running it are gone.
 #[derive(Debug)]
 pub struct Program {
     fd: OwnedFd,
@@ -376,7 +390,6 @@ impl Program {
     pub fn load_tc(name: &str, insns: &[Insn]) -> Result<Program> {
         let code: Vec<u64> = insns.iter().map(|i| i.encode()).collect();
         let license = c"GPL";
-        let mut log = vec![0u8; 64 * 1024];
         let attr = || {
             Attr::new()
                 .u32(0, BPF_PROG_TYPE_SCHED_CLS)
@@ -389,6 +402,7 @@ impl Program {
             Ok(fd) => Ok(Program { fd }),
             Err(source) => {
                 // Again, with the verifier's log, to say why.
+                let mut log = vec![0u8; 64 * 1024];
                 let again = attr()
                     .u32(24, 1)
                     .u32(28, log.len() as u32)

@@ -45,6 +45,9 @@ const DADDR: i16 = 30;
 const AF_INET: i32 = 2;
 /// Jump offset standing for "to the pass exit" until a program is complete.
 const TO_PASS: i16 = i16::MIN;
+/// The programs' names (`tc filter show`, `bpftool prog`).
+const DELIVER: &str = "nsm_vl3_deliver";
+const SEND: &str = "nsm_vl3_send";
 /// Most members, peer prefixes and service pairs one router's tables hold.
 const MAX_MEMBERS: u32 = 65_536;
 const MAX_PREFIXES: u32 = 65_536;
@@ -164,8 +167,8 @@ impl FastPath {
         let members = Map::hash("nsm_vl3_members", 4, Member::SIZE, MAX_MEMBERS)?;
         let prefixes = Map::lpm_trie("nsm_vl3_peers", 4, PeerPrefix::SIZE, MAX_PREFIXES)?;
         let reach = Map::hash("nsm_vl3_reach", 8, 4, MAX_PAIRS)?;
-        let deliver = Program::load_tc("nsm_vl3_deliver", &deliver(&members))?;
-        let send = Program::load_tc("nsm_vl3_send", &send(&members, &prefixes, &reach))?;
+        let deliver = Program::load_tc(DELIVER, &deliver(&members))?;
+        let send = Program::load_tc(SEND, &send(&members, &prefixes, &reach))?;
         Ok(FastPath {
             members,
             prefixes,
@@ -183,8 +186,8 @@ impl FastPath {
             return Ok(());
         }
         let (program, label) = match direction {
-            Direction::Deliver => (&self.deliver, "nsm_vl3_deliver"),
-            Direction::Send => (&self.send, "nsm_vl3_send"),
+            Direction::Deliver => (&self.deliver, DELIVER),
+            Direction::Send => (&self.send, SEND),
         };
         nl.attach_tc_ingress(name, program.fd(), label).await?;
         self.links.insert(name.to_owned(), (ifindex, direction));
@@ -264,20 +267,35 @@ impl FastPath {
         Ok(out)
     }
 
+    /// Makes the member table exactly `members`, changing only what differs.
+    pub fn set_members(&self, members: &HashMap<Ipv4Addr, Member>) -> Result<()> {
+        self.members.replace_all(
+            &members
+                .iter()
+                .map(|(a, m)| (a.octets().to_vec(), m.encode().to_vec()))
+                .collect(),
+        )
+    }
+
+    /// Makes the peer prefix table exactly `prefixes`, changing only what differs.
+    pub fn set_prefixes(&self, prefixes: &HashMap<Ipv4Net, PeerPrefix>) -> Result<()> {
+        self.prefixes.replace_all(
+            &prefixes
+                .iter()
+                .map(|(p, e)| (prefix_key(p.trunc()).to_vec(), e.encode().to_vec()))
+                .collect(),
+        )
+    }
+
     /// Makes the reach table exactly `pairs`: (from, to) services whose members' packets may
     /// take the fast path.
     pub fn set_reach(&self, pairs: &BTreeSet<(u32, u32)>) -> Result<()> {
-        for k in self.reach.keys()? {
-            let from = u32::from_ne_bytes(k[..4].try_into().expect("8-byte key"));
-            let to = u32::from_ne_bytes(k[4..].try_into().expect("8-byte key"));
-            if !pairs.contains(&(from, to)) {
-                self.reach.remove(&k)?;
-            }
-        }
-        for (from, to) in pairs {
-            self.reach.set(&pair_key(*from, *to), &1u32.to_ne_bytes())?;
-        }
-        Ok(())
+        self.reach.replace_all(
+            &pairs
+                .iter()
+                .map(|(from, to)| (pair_key(*from, *to).to_vec(), 1u32.to_ne_bytes().to_vec()))
+                .collect(),
+        )
     }
 }
 
@@ -376,8 +394,9 @@ fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
     p.extend([
         I::load(Size::W, 5, 2, SADDR),
         I::store(Size::W, 10, -4, 5),
+        // The destination, already where the LPM key { 32, daddr } at r10 - 16 wants it.
         I::load(Size::W, 5, 2, DADDR),
-        I::store(Size::W, 10, -8, 5),
+        I::store(Size::W, 10, -12, 5),
     ]);
     // The source is a member, sending on its own veth.
     p.extend(lookup(members, -4));
@@ -386,11 +405,9 @@ fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
         I::load(Size::W, 2, 6, SKB_IFINDEX),
         I::jump(Cond::Ne, 1, 2, TO_PASS),
         I::load(Size::W, 8, 0, 16),
-        // The destination is in a peer's prefix: an LPM key { 32, daddr } at r10 - 16.
+        // The destination is in a peer's prefix.
         I::mov_imm(1, 32),
         I::store(Size::W, 10, -16, 1),
-        I::load(Size::W, 1, 10, -8),
-        I::store(Size::W, 10, -12, 1),
     ]);
     p.extend(lookup(prefixes, -16));
     p.extend([

@@ -1172,7 +1172,9 @@ impl Reconciler {
         encryption: Encryption,
     ) -> Result<Wired, String> {
         match far {
-            Far::Local { netns } => wire(&w, netns, peer).await?,
+            Far::Local { netns } => {
+                wire(&w, netns, peer).await?;
+            }
             Far::Gateway { nat, target } => {
                 if *nat {
                     self.ensure_gateway(*target).await?;
@@ -1610,8 +1612,9 @@ fn prune_netlink_cache() {
 
 /// Builds a veth vWire from the client's namespace into `endpoint_netns` (an endpoint's, this
 /// host's as a gateway, or a vL3 router's), with /32 (/128) addresses, host routes to each other,
-/// and the client's route to what lies beyond the peer (`w.route`). All or nothing.
-async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String> {
+/// and the client's route to what lies beyond the peer (`w.route`). All or nothing. Returns the
+/// MAC of the client's end.
+async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<Vec<u8>, String> {
     let (_cns, cnl) = netlink_in(&w.netns).await.map_err(|e| format!("client netns: {e}"))?;
     let (ens, enl) = netlink_in(endpoint_netns)
         .await
@@ -1647,14 +1650,16 @@ async fn wire(w: &Wired, endpoint_netns: &str, peer: &str) -> Result<(), String>
                 }
             },
         )?;
-        Ok::<_, nsm_dataplane::DataplaneError>(())
+        Ok::<_, nsm_dataplane::DataplaneError>(cmac)
     }
     .await;
-    if let Err(e) = configured {
-        let _ = cnl.delete_link(&w.interface).await;
-        return Err(e.to_string());
+    match configured {
+        Ok(client_mac) => Ok(client_mac),
+        Err(e) => {
+            let _ = cnl.delete_link(&w.interface).await;
+            Err(e.to_string())
+        }
     }
-    Ok(())
 }
 
 /// The MAC of link `name` (empty if it has none).

@@ -780,55 +780,36 @@ async fn sync_fast_path(
             }
         }
     }
+    let veth_ends: HashMap<&str, &nsm_dataplane::LinkInfo> = links
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("veth"))
+        .map(|l| (l.name.as_str(), l))
+        .collect();
+    let macs: HashMap<(u32, IpAddr), &[u8]> = neighbours.iter().map(|n| ((n.index, n.ip), &n.mac[..])).collect();
     let mut members: HashMap<std::net::Ipv4Addr, fastpath::Member> = HashMap::new();
     for r in &routes {
         let (IpAddr::V4(addr), None, Some(dev), 32) = (r.dst.addr(), r.gateway, r.dev.as_deref(), r.dst.prefix_len())
         else {
             continue;
         };
-        let Some(end) = links
-            .iter()
-            .find(|l| l.name == dev && l.kind.as_deref() == Some("veth"))
-        else {
-            continue;
-        };
-        let Some(n) = neighbours
-            .iter()
-            .find(|n| n.index == end.index && n.ip == IpAddr::V4(addr))
-        else {
+        let Some(end) = veth_ends.get(dev) else { continue };
+        let Some(mac) = macs.get(&(end.index, IpAddr::V4(addr))) else {
             continue;
         };
         let Some(lease) = leases.iter().find(|l| l.prefix.contains(&IpAddr::V4(addr))) else {
             continue;
         };
-        if let Some(m) = member_entry(end.index, &n.mac, &end.mac, ids[lease.member.as_str()]) {
+        if let Some(m) = member_entry(end.index, mac, &end.mac, ids[lease.member.as_str()]) {
             members.insert(addr, m);
             attach.push((end.name.clone(), end.index, Direction::Send));
         }
     }
     // Tables before attachments: a program that a restarted daemon's replaces finds its entries.
-    let tables = (|| {
-        // The reach table first: a pair the filter stopped admitting leaves before any entry
-        // changes.
-        fast.set_reach(&pairs)?;
-        for (addr, _) in fast.members()? {
-            if !members.contains_key(&addr) {
-                fast.remove_member(addr)?;
-            }
-        }
-        for (addr, m) in &members {
-            fast.set_member(*addr, *m)?;
-        }
-        for (p, _) in fast.prefixes()? {
-            if !prefixes.contains_key(&p) {
-                fast.remove_prefix(p)?;
-            }
-        }
-        for (p, e) in &prefixes {
-            fast.set_prefix(*p, *e)?;
-        }
-        Ok::<_, nsm_dataplane::DataplaneError>(())
-    })();
+    // The reach table first: a pair the filter stopped admitting leaves before any entry changes.
+    let tables = fast
+        .set_reach(&pairs)
+        .and_then(|()| fast.set_members(&members))
+        .and_then(|()| fast.set_prefixes(&prefixes));
     if let Err(e) = tables {
         tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: tables");
     }

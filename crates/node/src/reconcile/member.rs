@@ -295,17 +295,19 @@ impl Reconciler {
                     mechanism: "KERNEL",
                     wg_id: None,
                 };
-                if !adopt_member(&w).await {
-                    // A veth pair into the router: the member's address, a route to the gateway and
-                    // the pool through it, permanent neighbours both ways.
-                    wire(&w, &router_path, &peer_name(&uid)).await.map_err(failed)?;
-                    tracing::info!(client = ?key, vl3 = %vl3.name, address = %src, "vL3 member ready");
-                }
-                if let Some(mac) = member_mac(&w).await {
-                    self.vl3
-                        .member_ready(&vl3.name, addr, &peer_name(&uid), &mac, &member_service)
-                        .await;
-                }
+                let mac = match adopt_member(&w).await {
+                    Some(mac) => mac,
+                    None => {
+                        // A veth pair into the router: the member's address, a route to the
+                        // gateway and the pool through it, permanent neighbours both ways.
+                        let mac = wire(&w, &router_path, &peer_name(&uid)).await.map_err(failed)?;
+                        tracing::info!(client = ?key, vl3 = %vl3.name, address = %src, "vL3 member ready");
+                        mac
+                    }
+                };
+                self.vl3
+                    .member_ready(&vl3.name, addr, &peer_name(&uid), &mac, &member_service)
+                    .await;
                 self.wired.insert(key.clone(), w.clone());
                 let stats = live_stats(&w).await.unwrap_or_default();
                 (w, stats)
@@ -341,19 +343,10 @@ impl Reconciler {
     }
 }
 
-/// The MAC of the member's end of its veth pair.
-async fn member_mac(w: &Wired) -> Option<Vec<u8>> {
+/// The MAC of the member's interface if it stands with its address (an earlier run built it).
+async fn adopt_member(w: &Wired) -> Option<Vec<u8>> {
     let (_ns, nl) = netlink_in(&w.netns).await.ok()?;
-    nl.link(&w.interface).await.ok()?.map(|l| l.mac)
-}
-
-/// True if the member's interface stands with its address (an earlier run built it).
-async fn adopt_member(w: &Wired) -> bool {
-    let Ok((_ns, nl)) = netlink_in(&w.netns).await else {
-        return false;
-    };
-    let Ok(Some(link)) = nl.link(&w.interface).await else {
-        return false;
-    };
-    link.lower_up && nl.addresses(&w.interface).await.is_ok_and(|a| a.contains(&w.src))
+    let link = nl.link(&w.interface).await.ok()??;
+    let standing = link.lower_up && nl.addresses(&w.interface).await.is_ok_and(|a| a.contains(&w.src));
+    standing.then_some(link.mac)
 }
