@@ -111,6 +111,11 @@ impl DataplaneError {
         }
     }
 
+    /// True when a port to bind is taken (`EADDRINUSE`).
+    pub fn is_addr_in_use(&self) -> bool {
+        self.raw_os_error() == Some(nix::libc::EADDRINUSE)
+    }
+
     /// True when the object to create already exists (`EEXIST`).
     pub fn is_already_exists(&self) -> bool {
         self.raw_os_error() == Some(nix::libc::EEXIST)

@@ -9,6 +9,8 @@
 //! Also the eBPF program that hands a vL3 router's incoming packets straight to its members
 //! ([`fastpath`]), loaded with the raw syscall ([`bpf`]): no compiler or loader library needed.
 //!
+//! Also the kernel's WireGuard ([`wg_set`], [`wg_get`]) where the kernel has it.
+//!
 //! Everything here needs `CAP_NET_ADMIN` (and `CAP_SYS_ADMIN` to create or delete namespaces).
 
 pub mod bpf;
@@ -18,9 +20,11 @@ mod nat;
 mod netlink;
 mod netns;
 mod sysctl;
+mod wireguard;
 
 pub use error::{DataplaneError, Result};
 pub use nat::{NAT_TABLE, add_masquerade, ensure_masquerade, nft_script, remove_masquerade};
 pub use netlink::{LinkInfo, LinkStats, MAX_LINK_NAME, NeighbourInfo, Netlink, RouteInfo};
 pub use netns::{NETNS_RUN_DIR, NetNs, identity as netns_identity, named_path};
 pub use sysctl::{enable_ip_forwarding, ipv4_forwarded, set_ip_forwarding, write_sysctl};
+pub use wireguard::{Key as WgKey, WgDevice, WgDeviceUpdate, WgPeer, WgPeerUpdate, wg_get, wg_set};

@@ -622,6 +622,15 @@ impl Netlink {
         }
     }
 
+    pub(crate) async fn add_link(&self, op: &'static str, object: String, msg: LinkMessage) -> Result<()> {
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| self.nl_err(op, object, e))
+    }
+
     async fn set_link(&self, op: &'static str, object: String, msg: LinkMessage) -> Result<()> {
         self.handle
             .link()
@@ -662,7 +671,7 @@ fn invalid(op: &'static str, reason: String) -> DataplaneError {
 }
 
 /// Rejects names the kernel would refuse, with a message that says why (the kernel says `EINVAL`).
-fn check_name(op: &'static str, name: &str) -> Result<()> {
+pub(crate) fn check_name(op: &'static str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_LINK_NAME || name.contains(['/', ' ', '\0', ':']) {
         return Err(invalid(
             op,

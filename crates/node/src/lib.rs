@@ -62,6 +62,21 @@ pub struct Config {
     pub wireguard_key_lifetime: Option<Duration>,
     /// Rotates the WireGuard key now when notified (the `nsm node` binary does on SIGUSR1).
     pub wireguard_rotate: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Where WIREGUARD vWires run: the kernel's WireGuard or nsm's userspace tunnel.
+    pub wireguard_backend: WireGuardBackend,
+}
+
+/// Where a node runs its WIREGUARD vWires. Both speak the same protocol with the same keys, so
+/// nodes of either kind connect to each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WireGuardBackend {
+    /// The kernel's WireGuard when the kernel has it (checked at start), else userspace.
+    #[default]
+    Auto,
+    /// The kernel's WireGuard; the daemon does not start without it.
+    Kernel,
+    /// nsm's userspace tunnel (a TUN device per vWire, served by this process).
+    Userspace,
 }
 
 /// Why the daemon stopped.
@@ -74,6 +89,10 @@ pub enum NodeError {
     /// The host namespace could not be opened.
     #[error("host namespace: {0}")]
     HostNetns(String),
+    /// The WireGuard set-up asked for cannot be had (a key file that cannot be read or written,
+    /// `--wireguard-backend kernel` on a kernel without WireGuard).
+    #[error("wireguard: {0}")]
+    WireGuard(String),
     /// A listener failed.
     #[error(transparent)]
     Transport(#[from] nsm_transport::TransportError),

@@ -256,9 +256,12 @@ pub async fn run(
     let wg = match &config.wireguard_ports {
         Some(ports) => {
             let key = wg::load_or_create_key(&config.data_dir)
-                .map_err(|e| NodeError::Registry(format!("WireGuard key in {}: {e}", config.data_dir.display())))?;
-            let wg = Wg::new(key, ports.clone(), config.data_dir.clone());
-            tracing::info!(public_key = %wg.public_key(), ?ports, "WireGuard vWires enabled");
+                .map_err(|e| NodeError::WireGuard(format!("key in {}: {e}", config.data_dir.display())))?;
+            let backend = wg::choose_backend(config.wireguard_backend, &host_netns)
+                .await
+                .map_err(NodeError::WireGuard)?;
+            let wg = Wg::new(key, ports.clone(), config.data_dir.clone(), backend);
+            tracing::info!(public_key = %wg.public_key(), ?ports, ?backend, "WireGuard vWires enabled");
             Some(Arc::new(wg))
         }
         None => None,
@@ -962,7 +965,7 @@ impl Reconciler {
                             // it in place; one answered with another port (the key file was lost,
                             // the port was taken) is built anew.
                             let changed = match (&self.wg, &w.wg_id) {
-                                (Some(wg), Some(id)) => !wg.refreshed(id, conn, &c),
+                                (Some(wg), Some(id)) => !wg.refreshed(id, conn, &c).await,
                                 _ => false,
                             };
                             w.remote = Some((url.clone(), c));

@@ -266,15 +266,23 @@ impl RemoteEnds {
             let id = crate::wg::endpoint_end_id(&conn.id);
             // Built already for this offer's address and port (a refresh): keep it, with the
             // offer's key (the client's node rotated its key: the tunnel moves to the new one in
-            // place). A restarted daemon has no tunnels (they lived in the old process), so it
-            // builds the end again.
-            let same = known
+            // place). A restarted daemon has no tunnels (a userspace one lived in the old
+            // process; a kernel link is adopted), so it builds the end again.
+            let mut same = known
                 .as_ref()
                 .and_then(|e| e.wg.clone())
-                .filter(|w| (&w.0, &w.1) == (&offer.0, &offer.1) && wg.has(&id))
-                .filter(|w| {
-                    w.2 == offer.2 || nsm_wireguard::decode_key(&offer.2).is_ok_and(|k| wg.set_peer_key(&id, k))
-                });
+                .filter(|w| (&w.0, &w.1) == (&offer.0, &offer.1) && wg.has(&id));
+            if let Some(w) = &same
+                && w.2 != offer.2
+            {
+                let moved = match nsm_wireguard::decode_key(&offer.2) {
+                    Ok(k) => wg.set_peer_key(&id, k).await,
+                    Err(_) => false,
+                };
+                if !moved {
+                    same = None;
+                }
+            }
             let port = match same {
                 Some(w) => w.3,
                 None => {

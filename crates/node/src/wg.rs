@@ -1,17 +1,20 @@
-//! Encrypted cross-node vWires: upstream's `WIREGUARD` mechanism over nsm-wireguard's userspace
-//! tunnels. Each node has one static key pair (kept in its data directory); each vWire end is one
-//! [`Tunnel`] whose TUN sits in the workload's namespace and whose UDP socket sits in the host
-//! namespace on the underlay, on a port of its own from the node's range. The tunnels live in this
-//! process: a restarted daemon builds them again.
+//! Encrypted cross-node vWires: upstream's `WIREGUARD` mechanism, run by the kernel's WireGuard
+//! where the kernel has it and by nsm-wireguard's userspace tunnels elsewhere (both speak the same
+//! protocol, so nodes of either kind connect). Each node has one static key pair (kept in its data
+//! directory); each vWire end is one WireGuard interface in the workload's namespace whose UDP
+//! socket sits in the host namespace on the underlay, on a port of its own from the node's range.
+//! A userspace tunnel lives in this process (a restarted daemon builds it again); a kernel link
+//! outlives the daemon, and a restarted daemon adopts it with its session.
 //!
 //! Key rotation: the node replaces its key when it is older than its lifetime, or when asked
 //! ([`Wg::spawn_rotation`]). The new key is on disk before anything uses it; every tunnel moves to
-//! it make-before-break (the old session carries traffic until the peer completes a handshake with
-//! the new key); and the peer learns the new public key the way it learnt the first one, in the
-//! mechanism parameters: `src_public_key` of the client node's refresh, `dst_public_key` of the
-//! endpoint node's answer. The node also publishes its public key in its registration, so the
-//! other nodes refresh their vWires to it as soon as they see it change. Each side changes its
-//! tunnel's peer key in place.
+//! it — make-before-break in userspace (the old session carries traffic until the peer completes a
+//! handshake with the new key); the kernel drops its sessions when its key changes, so a kernel
+//! end is without traffic until the peer has the new key — and the peer learns the new public key
+//! the way it learnt the first one, in the mechanism parameters: `src_public_key` of the client
+//! node's refresh, `dst_public_key` of the endpoint node's answer. The node also publishes its
+//! public key in its registration, so the other nodes refresh their vWires to it as soon as they
+//! see it change. Each side changes its tunnel's peer key in place.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -24,8 +27,10 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use nsm_api::connection::Connection;
-use nsm_dataplane::{NetNs, Netlink};
+use nsm_dataplane::{NetNs, Netlink, WgDeviceUpdate, WgPeerUpdate};
 use nsm_wireguard::{PeerConfig, Tunnel, TunnelConfig};
+
+use crate::WireGuardBackend;
 
 /// Upstream's mechanism type and its parameter keys (api:pkg/api/networkservice/mechanisms/wireguard;
 /// see shared/reference/nsm-upstream.md §1.7). `src_ip`, `dst_ip`, `src_port`, `dst_port` and
@@ -83,12 +88,75 @@ pub(crate) struct Wg {
     /// Where the key file lives.
     dir: PathBuf,
     ports: RangeInclusive<u16>,
-    tunnels: parking_lot::Mutex<HashMap<String, Tunnel>>,
+    /// Kernel or userspace (never `Auto`: decided at start).
+    backend: WireGuardBackend,
+    tunnels: parking_lot::Mutex<HashMap<String, Tun>>,
 }
 
 impl std::fmt::Debug for Wg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wg").field("public_key", &self.public_key()).finish()
+        f.debug_struct("Wg")
+            .field("public_key", &self.public_key())
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+/// One running vWire end.
+enum Tun {
+    /// nsm-wireguard's tunnel, served by this process.
+    User(Tunnel),
+    /// A kernel `wireguard` link; what is needed to change it later.
+    Kernel(KernelEnd),
+}
+
+struct KernelEnd {
+    netns: PathBuf,
+    name: String,
+    port: u16,
+    peer_key: [u8; 32],
+    peer_endpoint: SocketAddr,
+    allowed: Vec<IpNet>,
+}
+
+impl Tun {
+    fn port(&self) -> u16 {
+        match self {
+            Tun::User(t) => t.local_addr().port(),
+            Tun::Kernel(k) => k.port,
+        }
+    }
+}
+
+/// Which backend a node uses: `Auto` asks the kernel (by creating a `wireguard` link in the host
+/// namespace and deleting it). Fails only when `Kernel` was asked for and the kernel has none.
+pub(crate) async fn choose_backend(asked: WireGuardBackend, host: &NetNs) -> Result<WireGuardBackend, String> {
+    if asked == WireGuardBackend::Userspace {
+        return Ok(asked);
+    }
+    let probe = async {
+        Netlink::connect(host)
+            .await
+            .map_err(|e| e.to_string())?
+            .wireguard_supported()
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match (asked, probe) {
+        (_, Ok(true)) => Ok(WireGuardBackend::Kernel),
+        (WireGuardBackend::Kernel, Ok(false)) => {
+            Err("--wireguard-backend kernel: this kernel has no WireGuard (it refuses links of kind wireguard)".into())
+        }
+        (WireGuardBackend::Kernel, Err(e)) => Err(format!("--wireguard-backend kernel: {e}")),
+        (_, Ok(false)) => {
+            tracing::info!("the kernel has no WireGuard: WIREGUARD vWires use the userspace tunnel");
+            Ok(WireGuardBackend::Userspace)
+        }
+        (_, Err(e)) => {
+            tracing::warn!(error = %e, "could not ask the kernel for WireGuard: WIREGUARD vWires use the userspace tunnel");
+            Ok(WireGuardBackend::Userspace)
+        }
     }
 }
 
@@ -173,11 +241,17 @@ pub(crate) struct End<'a> {
 
 impl Wg {
     /// The node's WireGuard side with `private_key` (kept in `dir`).
-    pub(crate) fn new(private_key: [u8; 32], ports: RangeInclusive<u16>, dir: PathBuf) -> Wg {
+    pub(crate) fn new(
+        private_key: [u8; 32],
+        ports: RangeInclusive<u16>,
+        dir: PathBuf,
+        backend: WireGuardBackend,
+    ) -> Wg {
         Wg {
             keys: parking_lot::RwLock::new(Keys::new(private_key)),
             dir,
             ports,
+            backend,
             tunnels: parking_lot::Mutex::default(),
         }
     }
@@ -189,7 +263,7 @@ impl Wg {
 
     /// Replaces the node's key: a new one on disk first, then in every tunnel. Returns the new
     /// public key. The peers learn it at the next refresh of each vWire.
-    pub(crate) fn rotate(&self) -> std::io::Result<String> {
+    pub(crate) async fn rotate(&self) -> std::io::Result<String> {
         let key = nsm_wireguard::generate_private_key();
         write_key(&self.dir, &key)?;
         let public = {
@@ -197,8 +271,21 @@ impl Wg {
             *keys = Keys::new(key);
             keys.public.clone()
         };
+        let mut kernel = Vec::new();
         for t in self.tunnels.lock().values() {
-            t.set_private_key(key);
+            match t {
+                Tun::User(t) => t.set_private_key(key),
+                Tun::Kernel(k) => kernel.push((k.netns.clone(), k.name.clone())),
+            }
+        }
+        for (netns, name) in kernel {
+            let update = WgDeviceUpdate {
+                private_key: Some(key),
+                ..WgDeviceUpdate::default()
+            };
+            if let Err(e) = set_kernel(&netns, &name, update).await {
+                tracing::warn!(link = %name, netns = %netns.display(), error = %e, "could not give a WireGuard link the new key");
+            }
         }
         Ok(public)
     }
@@ -235,7 +322,7 @@ impl Wg {
                     () = due => "key lifetime reached",
                     () = asked => "asked to",
                 };
-                match wg.rotate() {
+                match wg.rotate().await {
                     Ok(public_key) => {
                         tracing::info!(%public_key, reason = why, "WireGuard key rotated");
                         rotated();
@@ -260,7 +347,7 @@ impl Wg {
     /// After the refresh of client-side tunnel `id`: a new `dst_public_key` (the endpoint's node
     /// rotated its key) goes into the tunnel in place. Returns false when the end must be built
     /// anew instead (another port, a key that does not parse, no such tunnel).
-    pub(crate) fn refreshed(&self, id: &str, before: &Connection, after: &Connection) -> bool {
+    pub(crate) async fn refreshed(&self, id: &str, before: &Connection, after: &Connection) -> bool {
         let param = |c: &Connection, k: &str| {
             c.mechanism
                 .as_ref()
@@ -275,7 +362,7 @@ impl Wg {
             return true;
         }
         match nsm_wireguard::decode_key(&key) {
-            Ok(k) => self.set_peer_key(id, k),
+            Ok(k) => self.set_peer_key(id, k).await,
             Err(_) => false,
         }
     }
@@ -283,16 +370,39 @@ impl Wg {
     /// Gives tunnel `id` a new peer public key (the peer's node rotated its key), keeping traffic
     /// on the old session until a handshake with the new key completes. False if there is no
     /// such tunnel.
-    pub(crate) fn set_peer_key(&self, id: &str, key: [u8; 32]) -> bool {
-        match self.tunnels.lock().get(id) {
-            Some(t) => {
-                if t.keys().1 != key {
-                    tracing::info!(tunnel = %id, peer_public_key = %nsm_wireguard::encode_key(&key), "WireGuard peer key changed");
-                    t.set_peer_public_key(key);
+    pub(crate) async fn set_peer_key(&self, id: &str, key: [u8; 32]) -> bool {
+        let kernel = {
+            let mut tunnels = self.tunnels.lock();
+            match tunnels.get_mut(id) {
+                Some(Tun::User(t)) => {
+                    if t.keys().1 != key {
+                        tracing::info!(tunnel = %id, peer_public_key = %nsm_wireguard::encode_key(&key), "WireGuard peer key changed");
+                        t.set_peer_public_key(key);
+                    }
+                    return true;
                 }
-                true
+                Some(Tun::Kernel(k)) if k.peer_key == key => return true,
+                Some(Tun::Kernel(k)) => {
+                    let old = std::mem::replace(&mut k.peer_key, key);
+                    (k.netns.clone(), k.name.clone(), old, k.peer_endpoint, k.allowed.clone())
+                }
+                None => return false,
             }
-            None => false,
+        };
+        // The kernel keys peers by public key: the old peer goes, the new one comes with the
+        // same endpoint and addresses (its first packet starts a handshake).
+        let (netns, name, old, endpoint, allowed) = kernel;
+        tracing::info!(tunnel = %id, peer_public_key = %nsm_wireguard::encode_key(&key), "WireGuard peer key changed");
+        let update = WgDeviceUpdate {
+            peers: vec![WgPeerUpdate::removal(old), WgPeerUpdate::new(key, endpoint, allowed)],
+            ..WgDeviceUpdate::default()
+        };
+        match set_kernel(&netns, &name, update).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(tunnel = %id, error = %e, "could not change a WireGuard link's peer key; rebuilding it");
+                false
+            }
         }
     }
 
@@ -306,7 +416,7 @@ impl Wg {
             .lock()
             .iter()
             .filter(|(k, _)| *k != id)
-            .map(|(_, t)| t.local_addr().port())
+            .map(|(_, t)| t.port())
             .collect();
         let first = crate::remote::stable_hash(id) % size;
         (0..size)
@@ -323,6 +433,9 @@ impl Wg {
     /// Starts a tunnel end and gives its TUN the addresses and the route to the peer. Returns the
     /// bound port. All or nothing.
     pub(crate) async fn build(&self, end: End<'_>) -> Result<u16, String> {
+        if self.backend == WireGuardBackend::Kernel {
+            return self.build_kernel(end).await;
+        }
         self.remove(&end.id).await;
         let mtu = u16::try_from(end.mtu).map_err(|_| format!("MTU {} too large", end.mtu))?;
         let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
@@ -390,17 +503,146 @@ impl Wg {
         if tunnel.keys().0 != nsm_wireguard::public_key(&private) {
             tunnel.set_private_key(private);
         }
-        tunnels.insert(end.id, tunnel);
+        tunnels.insert(end.id, Tun::User(tunnel));
         Ok(bound)
     }
 
-    /// Stops tunnel `id` (its TUN goes with it).
+    /// [`Wg::build`] with a kernel link. A `wireguard` link of that name already in the namespace
+    /// (an earlier daemon's) is adopted: configured in place, so a session with the same keys
+    /// survives the daemon's restart. All or nothing: on failure the link is gone.
+    async fn build_kernel(&self, end: End<'_>) -> Result<u16, String> {
+        self.remove_entry(&end.id).await;
+        let target = NetNs::open(end.netns).map_err(|e| e.to_string())?;
+        let nl = Netlink::connect(&target).await.map_err(|e| e.to_string())?;
+        let existing = nl.link(end.name).await.map_err(|e| e.to_string())?;
+        let adopted = existing
+            .as_ref()
+            .is_some_and(|l| l.kind.as_deref() == Some("wireguard"));
+        let result = async {
+            let stale = if adopted {
+                if existing.as_ref().is_some_and(|l| l.mtu != end.mtu) {
+                    nl.set_mtu(end.name, end.mtu).await.map_err(|e| e.to_string())?;
+                }
+                nsm_dataplane::wg_get(&target, end.name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .peers
+                    .into_iter()
+                    .map(|p| p.public_key)
+                    .filter(|k| *k != end.peer_key)
+                    .collect()
+            } else {
+                if existing.is_some() {
+                    nl.delete_link(end.name).await.map_err(|e| e.to_string())?;
+                }
+                let host = Netlink::connect(end.host).await.map_err(|e| e.to_string())?;
+                host.create_wireguard_in(&target, end.name, end.mtu)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Vec::new()
+            };
+            let mut peers: Vec<WgPeerUpdate> = stale.into_iter().map(WgPeerUpdate::removal).collect();
+            peers.push(WgPeerUpdate::new(end.peer_key, end.peer_endpoint, end.allowed.clone()));
+            let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
+            let mut port = end.port;
+            let mut bound = None;
+            for _ in 0..size.min(16) {
+                let update = WgDeviceUpdate {
+                    private_key: Some(self.keys.read().private),
+                    listen_port: Some(port),
+                    replace_peers: false,
+                    peers: peers.clone(),
+                };
+                match nsm_dataplane::wg_set(&target, end.name, update).await {
+                    Ok(()) => {
+                        bound = Some(port);
+                        break;
+                    }
+                    Err(e) if e.is_addr_in_use() => {
+                        port = if port >= *self.ports.end() {
+                            *self.ports.start()
+                        } else {
+                            port + 1
+                        };
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            let bound = bound.ok_or_else(|| "no free UDP port in the WireGuard range".to_owned())?;
+            nl.add_address(end.name, end.local_addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
+            nl.add_route(end.peer_addr, None, end.name)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(bound)
+        }
+        .await;
+        let port = match result {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = nl.delete_link(end.name).await;
+                return Err(e);
+            }
+        };
+        if adopted {
+            tracing::info!(tunnel = %end.id, link = %end.name, "kept the kernel WireGuard link of an earlier run");
+        }
+        let private = self.keys.read().private;
+        self.tunnels.lock().insert(
+            end.id.clone(),
+            Tun::Kernel(KernelEnd {
+                netns: end.netns.to_path_buf(),
+                name: end.name.to_owned(),
+                port,
+                peer_key: end.peer_key,
+                peer_endpoint: end.peer_endpoint,
+                allowed: end.allowed,
+            }),
+        );
+        // A rotation while the link was being built: it missed the new key.
+        if private != self.keys.read().private {
+            let update = WgDeviceUpdate {
+                private_key: Some(self.keys.read().private),
+                ..WgDeviceUpdate::default()
+            };
+            set_kernel(end.netns, end.name, update)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(port)
+    }
+
+    /// Stops tunnel `id`: a userspace tunnel's TUN goes with it, a kernel link is deleted.
     pub(crate) async fn remove(&self, id: &str) {
-        let t = self.tunnels.lock().remove(id);
-        if let Some(t) = t {
-            let _ = tokio::task::spawn_blocking(move || t.stop()).await;
+        if let Some(Tun::Kernel(k)) = self.remove_entry(id).await
+            && let Ok(ns) = NetNs::open(&k.netns)
+            && let Ok(nl) = Netlink::connect(&ns).await
+            && let Err(e) = nl.delete_link(&k.name).await
+        {
+            tracing::warn!(link = %k.name, netns = %k.netns.display(), error = %e, "could not delete a WireGuard link");
         }
     }
+
+    /// Forgets tunnel `id`, stopping it if it is a userspace one; a kernel end is returned (its
+    /// link left as it is).
+    async fn remove_entry(&self, id: &str) -> Option<Tun> {
+        let t = self.tunnels.lock().remove(id);
+        match t {
+            Some(Tun::User(t)) => {
+                let _ = tokio::task::spawn_blocking(move || t.stop()).await;
+                None
+            }
+            other => other,
+        }
+    }
+}
+
+/// Applies `update` to kernel WireGuard link `name` in the namespace at `netns`.
+async fn set_kernel(netns: &Path, name: &str, update: WgDeviceUpdate) -> nsm_dataplane::Result<()> {
+    let ns = NetNs::open(netns)?;
+    nsm_dataplane::wg_set(&ns, name, update).await
 }
 
 #[cfg(test)]
@@ -416,9 +658,9 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load_or_create_key(&dir).unwrap(), k1, "a second start keeps the key");
         // A rotation replaces the file (private again, no temporary left) and the offered key.
-        let wg = Wg::new(k1, 51820..=51829, dir.clone());
+        let wg = Wg::new(k1, 51820..=51829, dir.clone(), WireGuardBackend::Userspace);
         let before = wg.public_key();
-        let public = wg.rotate().unwrap();
+        let public = futures::executor::block_on(wg.rotate()).unwrap();
         assert_ne!(public, before);
         assert_eq!(wg.public_key(), public);
         let k2 = load_or_create_key(&dir).unwrap();
@@ -432,7 +674,12 @@ mod tests {
 
     #[test]
     fn ports_are_stable_and_in_range() {
-        let wg = Wg::new([1; 32], 51820..=51829, PathBuf::from("/nonexistent"));
+        let wg = Wg::new(
+            [1; 32],
+            51820..=51829,
+            PathBuf::from("/nonexistent"),
+            WireGuardBackend::Userspace,
+        );
         let p = wg.port_for(&client_end_id("abc"));
         assert!((51820..=51829).contains(&p));
         assert_eq!(wg.port_for(&client_end_id("abc")), p);

@@ -43,6 +43,12 @@ pub(crate) struct Args {
     /// encryption fails, one that prefers it gets VXLAN) and offer only VXLAN as a client's.
     #[arg(long)]
     no_wireguard: bool,
+    /// Where WIREGUARD vWires run: `kernel` (the kernel's WireGuard; the daemon does not start
+    /// without it), `userspace` (nsm's own tunnel, a TUN device per vWire served by this process)
+    /// or `auto` (the kernel's when it has WireGuard, checked at start, else userspace). Nodes of
+    /// either kind connect to each other.
+    #[arg(long, env = "NSM_WIREGUARD_BACKEND", default_value = "auto", value_parser = ["auto", "kernel", "userspace"])]
+    wireguard_backend: String,
     /// How long the node's WireGuard key is used before a new one replaces it (counted from when
     /// the key file was written, so restarts do not postpone it); 0: never. Every WIREGUARD vWire
     /// moves to the new key without a gap in traffic. SIGUSR1 rotates the key at once.
@@ -139,6 +145,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         wireguard_ports: (!args.no_wireguard).then_some(args.wireguard_ports),
         wireguard_key_lifetime: (!args.wireguard_key_lifetime.is_zero()).then_some(args.wireguard_key_lifetime),
         wireguard_rotate: Some(rotate.clone()),
+        wireguard_backend: match args.wireguard_backend.as_str() {
+            "kernel" => nsm_node::WireGuardBackend::Kernel,
+            "userspace" => nsm_node::WireGuardBackend::Userspace,
+            _ => nsm_node::WireGuardBackend::Auto,
+        },
     };
     for l in &listeners {
         println!("nsm node {} serving on {}", config.name, l.url());

@@ -77,12 +77,22 @@ async fn wireguard_required_vwire() {
     let mut a = NodeProc::start_with(
         &registry.url(),
         "node-a",
-        &node_args(&bed, "h1", "192.0.2.11", &["--wireguard-ports", "52000-52099"]),
+        &node_args(
+            &bed,
+            "h1",
+            "192.0.2.11",
+            &["--wireguard-ports", "52000-52099", "--wireguard-backend", "userspace"],
+        ),
     );
     let mut b = NodeProc::start_with(
         &registry.url(),
         "node-b",
-        &node_args(&bed, "h2", "192.0.2.12", &["--wireguard-ports", "52000-52099"]),
+        &node_args(
+            &bed,
+            "h2",
+            "192.0.2.12",
+            &["--wireguard-ports", "52000-52099", "--wireguard-backend", "userspace"],
+        ),
     );
     ok(nsmctl(
         &registry,
@@ -371,13 +381,25 @@ async fn wireguard_key_rotation_keeps_traffic() {
             &bed,
             "h1",
             "192.0.2.11",
-            &["--wireguard-ports", "52100-52199", "--resync", "40s"],
+            &[
+                "--wireguard-ports",
+                "52100-52199",
+                "--resync",
+                "40s",
+                "--wireguard-backend",
+                "userspace",
+            ],
         ),
     );
     let b = NodeProc::start_with(
         &registry.url(),
         "node-b",
-        &node_args(&bed, "h2", "192.0.2.12", &["--wireguard-ports", "52100-52199"]),
+        &node_args(
+            &bed,
+            "h2",
+            "192.0.2.12",
+            &["--wireguard-ports", "52100-52199", "--wireguard-backend", "userspace"],
+        ),
     );
     ok(nsmctl(
         &registry,
