@@ -17,7 +17,9 @@ rm -rf "$work/root" "$work/initrd.cpio"
 mkdir -p "$work/root" "$work/kernel"
 
 # 1. The guest kernel and its modules, from Debian's archive (kept between runs).
-pkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*\)$/\1/p' | head -n1)
+kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*\)$/\1/p' | head -n1; }
+pkg=$(kernel_pkg)
+if [ -z "$pkg" ]; then apt-get update -qq && pkg=$(kernel_pkg); fi
 [ -n "$pkg" ] || { echo "kernel-wg-test: cannot tell which linux-image-cloud-amd64 to use (apt-get update?)" >&2; exit 1; }
 ver=${pkg#linux-image-}
 if [ ! -f "$work/kernel/$ver/boot/vmlinuz-$ver" ]; then
@@ -28,14 +30,15 @@ if [ ! -f "$work/kernel/$ver/boot/vmlinuz-$ver" ]; then
 fi
 kroot="$work/kernel/$ver"
 
-# 2. The test binaries (tests that need root and the kernel's WireGuard) and the nsm binaries.
+# 2. The test binaries (tests that need root and the kernel's WireGuard) and the nsm binaries, from
+#    the same workspace build `scripts/test.sh` makes (so nothing is compiled twice).
 tests=()
 while IFS= read -r exe; do tests+=("$exe"); done < <(
-    cargo test --locked --no-run --message-format=json -p nsm-wireguard --test kernel -p nsm --test kernel_wireguard 2>/dev/null |
-        grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | grep -v '^$'
+    cargo test --workspace --locked --no-run --message-format=json 2>/dev/null |
+        grep -E '"src_path":"[^"]*/(crates/wireguard/tests/kernel\.rs|crates/bin/nsm/tests/kernel_wireguard\.rs)"' |
+        grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/'
 )
 [ "${#tests[@]}" -eq 2 ] || { echo "kernel-wg-test: expected 2 test binaries, got: ${tests[*]:-none}" >&2; exit 1; }
-cargo build --locked -q -p nsm --bins
 bins=("${tests[@]}" "$target/debug/nsm" "$target/debug/nsmctl" "$(command -v ip)")
 
 # 3. The initramfs: each binary (debug info stripped: the guest only runs them) with its shared
@@ -43,23 +46,23 @@ bins=("${tests[@]}" "$target/debug/nsm" "$target/debug/nsmctl" "$(command -v ip)
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,lib/modules}
 copy_with_libs() {
-    local f=$1
-    mkdir -p "$root$(dirname "$f")"
-    objcopy --strip-debug "$f" "$root$f" 2>/dev/null || cp "$f" "$root$f"
-    ldd "$f" | grep -o '/[^ ]*' | while read -r lib; do
+    local f=$1 to=${2:-$1}
+    mkdir -p "$root$(dirname "$to")"
+    objcopy --strip-debug "$f" "$root$to" 2>/dev/null || cp "$f" "$root$to"
+    { ldd "$f" 2>/dev/null || true; } | grep -o '/[^ ]*' | while read -r lib; do
         if [ ! -e "$root$lib" ]; then mkdir -p "$root$(dirname "$lib")" && cp -L "$lib" "$root$lib"; fi
     done
 }
 for b in "${bins[@]}"; do copy_with_libs "$b"; done
-cp "$(command -v busybox)" "$root/bin/busybox"
+copy_with_libs "$(command -v busybox)" /bin/busybox
 modules=(wireguard veth tun bridge)
-insmods=$(modprobe -d "$kroot" -S "$ver" --show-depends "${modules[@]}" | sed -n 's/^insmod \([^ ]*\).*/\1/p' | awk '!seen[$0]++')
+insmods=$(modprobe -a -d "$kroot" -S "$ver" --show-depends "${modules[@]}" | sed -n 's/^insmod \([^ ]*\).*/\1/p' | awk '!seen[$0]++')
 for m in $insmods; do mkdir -p "$root$(dirname "${m#"$kroot"}")" && cp "$m" "$root${m#"$kroot"}"; done
 echo "nameserver 127.0.0.1" > "$root/etc/resolv.conf"
 {
     echo '#!/bin/busybox sh'
     echo '/bin/busybox --install -s /bin'
-    echo 'export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root NSM_TEST_KERNEL_WIREGUARD=1 RUST_BACKTRACE=1'
+    echo 'export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root NSM_TEST_KERNEL_WIREGUARD=1 RUST_BACKTRACE=1'
     echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
     echo 'mount -t tmpfs tmp /tmp; mount -t tmpfs run /run; mkdir -p /run/netns'
     echo 'ip link set lo up'

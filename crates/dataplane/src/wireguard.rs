@@ -74,6 +74,18 @@ impl WgPeerUpdate {
         }
     }
 
+    /// A change of the peer's persistent keepalive only (0: off). Turning it on makes the kernel
+    /// send a keepalive at once, which starts a handshake when there is no session.
+    pub fn keepalive(public_key: Key, secs: u16) -> WgPeerUpdate {
+        WgPeerUpdate {
+            public_key,
+            remove: false,
+            endpoint: None,
+            keepalive: Some(secs),
+            allowed_ips: None,
+        }
+    }
+
     /// The removal of a peer.
     pub fn removal(public_key: Key) -> WgPeerUpdate {
         WgPeerUpdate {
@@ -151,7 +163,9 @@ impl Netlink {
 }
 
 /// Applies `update` to WireGuard link `name` of namespace `ns`. Atomic as the kernel makes it:
-/// a failure (a port in use: `EADDRINUSE`) can leave the parts set before it.
+/// a failure (a port in use: `EADDRINUSE`) can leave the parts set before it. A link that is
+/// down binds no socket: a taken port is reported here only for a link that is up (for one that
+/// is down, when it is brought up).
 pub async fn wg_set(ns: &NetNs, name: &str, update: WgDeviceUpdate) -> Result<()> {
     const OP: &str = "configure wireguard link";
     crate::netlink::check_name(OP, name)?;

@@ -43,6 +43,8 @@ pub(crate) const DST_PUBLIC_KEY: &str = "dst_public_key";
 /// the overhead is 60, so 20 bytes stay spare; one figure for both families keeps a vWire's MTU
 /// independent of the underlay's family.
 pub(crate) const OVERHEAD: u32 = 80;
+/// The keepalive interval (s) briefly set on a kernel peer to start a handshake with it.
+const KICK_KEEPALIVE: u16 = 25;
 /// The key file in the node's data directory.
 const KEY_FILE: &str = "wireguard.key";
 
@@ -397,7 +399,20 @@ impl Wg {
             peers: vec![WgPeerUpdate::removal(old), WgPeerUpdate::new(key, endpoint, allowed)],
             ..WgDeviceUpdate::default()
         };
-        match set_kernel(&netns, &name, update).await {
+        // Start the handshake now: the peer's node changed its key and is waiting to be reached
+        // with it; left to traffic, a handshake this end began before the change reached it
+        // would be retried only after REKEY_TIMEOUT (5 s). A keepalive turned on is sent at
+        // once, and without a session it begins a handshake; then it is turned off again.
+        let kick = |secs| WgDeviceUpdate {
+            peers: vec![WgPeerUpdate::keepalive(key, secs)],
+            ..WgDeviceUpdate::default()
+        };
+        let changed = async {
+            set_kernel(&netns, &name, update).await?;
+            set_kernel(&netns, &name, kick(KICK_KEEPALIVE)).await?;
+            set_kernel(&netns, &name, kick(0)).await
+        };
+        match changed.await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(tunnel = %id, error = %e, "could not change a WireGuard link's peer key; rebuilding it");
@@ -486,7 +501,6 @@ impl Wg {
             nl.add_address(end.name, end.local_addr)
                 .await
                 .map_err(|e| e.to_string())?;
-            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
             nl.add_route(end.peer_addr, None, end.name)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -541,6 +555,9 @@ impl Wg {
                     .map_err(|e| e.to_string())?;
                 Vec::new()
             };
+            // Up before the port is set: a link that is down binds no socket, so a taken port
+            // would show only when it is brought up; up, setting the port rebinds at once.
+            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
             let mut peers: Vec<WgPeerUpdate> = stale.into_iter().map(WgPeerUpdate::removal).collect();
             peers.push(WgPeerUpdate::new(end.peer_key, end.peer_endpoint, end.allowed.clone()));
             let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
@@ -572,7 +589,6 @@ impl Wg {
             nl.add_address(end.name, end.local_addr)
                 .await
                 .map_err(|e| e.to_string())?;
-            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
             nl.add_route(end.peer_addr, None, end.name)
                 .await
                 .map_err(|e| e.to_string())?;

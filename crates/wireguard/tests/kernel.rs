@@ -120,8 +120,10 @@ fn kernel_wireguard_configured_by_nsm_talks_to_our_tunnel() {
         std::io::ErrorKind::AddrInUse,
         "port taken in A"
     );
-    // A second link asking for the same port is told the port is taken.
+    // A second link (up: a link that is down binds no socket, and would only fail when brought
+    // up) asking for the same port is told the port is taken.
     rt.block_on(nl_a.create_wireguard_in(&wa.ns, "kwg1", 1420)).unwrap();
+    wa.ok(&["ip", "link", "set", "kwg1", "up"]);
     let e = rt
         .block_on(wg_set(
             &wa.ns,
