@@ -49,7 +49,7 @@ copy_with_libs() {
     local f=$1 to=${2:-$1}
     mkdir -p "$root$(dirname "$to")"
     objcopy --strip-debug "$f" "$root$to" 2>/dev/null || cp "$f" "$root$to"
-    { ldd "$f" 2>/dev/null || true; } | grep -o '/[^ ]*' | while read -r lib; do
+    { ldd "$f" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
         if [ ! -e "$root$lib" ]; then mkdir -p "$root$(dirname "$lib")" && cp -L "$lib" "$root$lib"; fi
     done
 }

@@ -453,6 +453,13 @@ impl Wg {
         }
         self.remove(&end.id).await;
         let mtu = u16::try_from(end.mtu).map_err(|_| format!("MTU {} too large", end.mtu))?;
+        // The end's name is ours in that namespace: a link left under it (a kernel end of a run
+        // with `--wireguard-backend kernel`) goes, or the TUN could not be made.
+        let ns = NetNs::open(end.netns).map_err(|e| e.to_string())?;
+        let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
+        if nl.delete_link(end.name).await.map_err(|e| e.to_string())? {
+            tracing::info!(tunnel = %end.id, link = %end.name, "deleted a link left under this end's name");
+        }
         let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
         let mut port = end.port;
         let mut tunnel = None;
@@ -496,11 +503,10 @@ impl Wg {
         let tunnel = tunnel.ok_or_else(|| format!("no free UDP port: {last_err}"))?;
         let bound = tunnel.local_addr().port();
         let configured = async {
-            let ns = NetNs::open(end.netns).map_err(|e| e.to_string())?;
-            let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
             nl.add_address(end.name, end.local_addr)
                 .await
                 .map_err(|e| e.to_string())?;
+            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
             nl.add_route(end.peer_addr, None, end.name)
                 .await
                 .map_err(|e| e.to_string())?;

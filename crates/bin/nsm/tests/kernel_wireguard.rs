@@ -1,7 +1,8 @@
 //! WIREGUARD vWires on the kernel's WireGuard, as root: two "hosts" of the test bed, a node daemon
 //! on each with `--wireguard-backend kernel`, a pod on one and an endpoint on the other. Both ends
 //! are `wireguard` links (no TUN, nothing served by the daemons); traffic; a restarted daemon adopts
-//! its link with the session (same link, no new handshake needed); a key rotation; deletion.
+//! its link with the session (same link, no new handshake needed); a key rotation; the endpoint's
+//! node restarted as a userspace node (its end becomes a TUN, talking to the kernel end); deletion.
 //!
 //! This machine's kernel has no WireGuard, so `scripts/kernel-wg-test.sh` runs this test in a QEMU
 //! guest whose kernel has it, with `NSM_TEST_KERNEL_WIREGUARD=1`. Elsewhere, on a kernel without
@@ -81,7 +82,7 @@ async fn wireguard_vwire_on_kernel_wireguard() {
         )
     };
     let mut a = NodeProc::start_with(&registry.url(), "node-a", &args("h1", "192.0.2.11"));
-    let b = NodeProc::start_with(&registry.url(), "node-b", &args("h2", "192.0.2.12"));
+    let mut b = NodeProc::start_with(&registry.url(), "node-b", &args("h2", "192.0.2.12"));
     ok(nsmctl(
         &registry,
         &[
@@ -177,7 +178,31 @@ async fn wireguard_vwire_on_kernel_wireguard() {
         t.elapsed()
     );
 
-    // Delete: both links go, and with them their sockets.
+    // node-b restarts as a userspace node: its end becomes a TUN in place of the kernel link (the
+    // name is the end's own), and node-a's kernel end talks to it.
+    b.kill9();
+    b.set_arg("--wireguard-backend", "userspace");
+    b.launch();
+    let t = Instant::now();
+    let tun = eventually(60, || async {
+        link_kind(&bed, "svc", &svc_links[1]).await.as_deref() == Some("tun")
+    })
+    .await;
+    assert!(tun, "node-b log:\n{}", b.log());
+    let back = eventually(60, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await;
+    assert!(back, "kernel end to userspace end; logs:\n{}\n{}", a.log(), b.log());
+    eprintln!(
+        "endpoint node back as userspace: traffic {:?} after launch",
+        t.elapsed()
+    );
+    let o = bed.exec("pod", &["ping", "-c", "2", "-W", "2", "-s", "1392", &dst]);
+    assert!(
+        o.status.success(),
+        "full-size packets: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    // Delete: both ends go, and with them their sockets.
     ok(nsmctl(&registry, &["delete", "client", "c1"]));
     let gone = eventually(30, || async {
         link_names(&bed, "pod").await == ["lo"] && link_names(&bed, "svc").await == ["lo"]

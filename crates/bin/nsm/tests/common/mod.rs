@@ -75,12 +75,17 @@ impl NodeProc {
 
     /// Sets the `--resync` of its next launch.
     pub fn set_resync(&mut self, every: &str) {
+        self.set_arg("--resync", every);
+    }
+
+    /// Sets flag `flag` (given at start) to `value` for its next launch.
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
         let i = self
             .args
             .iter()
-            .position(|a| a == "--resync")
-            .expect("started with --resync");
-        self.args[i + 1] = every.to_owned();
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("started with {flag}"));
+        self.args[i + 1] = value.to_owned();
     }
 
     pub fn kill9(&mut self) {
