@@ -460,6 +460,7 @@ async fn register_node(
                 url: config.url.clone().unwrap_or_default(),
                 started: Some(started),
                 wireguard_public_key: wg.map(Wg::public_key).unwrap_or_default(),
+                wireguard_backend: wg.map(Wg::backend_name).unwrap_or_default().to_owned(),
             }),
         })),
     };

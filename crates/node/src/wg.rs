@@ -258,6 +258,14 @@ impl Wg {
         }
     }
 
+    /// `kernel` or `userspace`, as the node's registration says.
+    pub(crate) fn backend_name(&self) -> &'static str {
+        match self.backend {
+            WireGuardBackend::Kernel => "kernel",
+            _ => "userspace",
+        }
+    }
+
     /// The node's public key as `wg` prints it (what it offers peers now).
     pub(crate) fn public_key(&self) -> String {
         self.keys.read().public.clone()

@@ -95,6 +95,12 @@ async fn wireguard_vwire_on_kernel_wireguard() {
             "required",
         ],
     ));
+    let d = ok(nsmctl(&registry, &["describe", "node", "node-a"]));
+    assert!(
+        d.lines()
+            .any(|l| l.contains("WireGuard backend") && l.contains("kernel")),
+        "{d}"
+    );
     endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
     let t0 = Instant::now();
     ok(nsmctl_in(

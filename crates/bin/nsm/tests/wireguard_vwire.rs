@@ -108,6 +108,12 @@ async fn wireguard_required_vwire() {
     ));
     let d = ok(nsmctl(&registry, &["describe", "ns", "orders"]));
     assert!(d.contains("required"), "{d}");
+    let d = ok(nsmctl(&registry, &["describe", "node", "node-a"]));
+    assert!(
+        d.lines()
+            .any(|l| l.contains("WireGuard backend") && l.contains("userspace")),
+        "{d}"
+    );
     endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
     let t0 = Instant::now();
     ok(nsmctl_in(

@@ -504,6 +504,7 @@ pub(crate) async fn describe(ctx: &mut Ctx, kind: Kind, name: &str) -> anyhow::R
                 .map_or("-".into(), |t| humantime::format_rfc3339_seconds(t).to_string());
             lines.push(("Daemon started".into(), started));
             lines.push(("WireGuard key".into(), none_if_empty(&spec.wireguard_public_key)));
+            lines.push(("WireGuard backend".into(), none_if_empty(&spec.wireguard_backend)));
             let eps = ctx.client.list(all(Kind::Endpoint)).await?.into_inner().items;
             let on: Vec<String> = eps
                 .iter()
