@@ -25,7 +25,7 @@ ver=${pkg#linux-image-}
 if [ ! -f "$work/kernel/$ver/boot/vmlinuz-$ver" ]; then
     echo "kernel-wg-test: fetching $pkg"
     rm -rf "$work/kernel/$ver" && mkdir -p "$work/kernel/$ver"
-    (cd "$work/kernel" && apt-get download -q "$pkg" && dpkg-deb -x "$pkg"_*.deb "$ver" && rm -f "$pkg"_*.deb)
+    (cd "$work/kernel" && apt-get download -q -o APT::Sandbox::User=root "$pkg" && dpkg-deb -x "$pkg"_*.deb "$ver" && rm -f "$pkg"_*.deb)
     depmod -b "$work/kernel/$ver" "$ver"
 fi
 kroot="$work/kernel/$ver"
@@ -64,7 +64,9 @@ echo "nameserver 127.0.0.1" > "$root/etc/resolv.conf"
     echo '/bin/busybox --install -s /bin'
     echo 'export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root NSM_TEST_KERNEL_WIREGUARD=1 RUST_BACKTRACE=1'
     echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
-    echo 'mount -t tmpfs tmp /tmp; mount -t tmpfs run /run; mkdir -p /run/netns'
+    # The initramfs root is writable already; nothing is mounted over /tmp, where the binaries
+    # may sit (a checkout under /tmp).
+    echo 'mkdir -p /tmp; mount -t tmpfs run /run; mkdir -p /run/netns'
     echo 'ip link set lo up'
     for m in $insmods; do echo "insmod ${m#"$kroot"} || echo 'NSM-KWG insmod failed: $m'"; done
     echo 'status=0'
