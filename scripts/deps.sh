@@ -9,7 +9,7 @@
 #   nftables           `nft`: the node's source NAT for gateway vWires to address endpoints
 #   wireguard-go       stock userspace WireGuard peer: interop tests and benchmarks of nsm-wireguard
 #   wireguard-tools    `wg`, to configure it
-#   qemu-system-x86, busybox-static, cpio, kmod, binutils
+#   qemu-system-x86, busybox-static, cpio, kmod, binutils, iproute2
 #                      a QEMU guest with a kernel that has WireGuard, for the kernel-WireGuard tests
 #                      (scripts/kernel-wg-test.sh; this machine's kernel has no WireGuard)
 set -euo pipefail
@@ -23,6 +23,7 @@ command -v nft >/dev/null 2>&1 || [[ -x /usr/sbin/nft ]] || need+=(nftables)
 command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
 command -v wg >/dev/null 2>&1 || need+=(wireguard-tools)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need+=(iproute2)
 [[ -x /bin/busybox || -x /usr/bin/busybox ]] || need+=(busybox-static)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v depmod >/dev/null 2>&1 || [[ -x /usr/sbin/depmod ]] || need+=(kmod)

@@ -7,10 +7,12 @@
 # find `nsm` and `nsmctl` by the path compiled into them). NSM_TEST_KERNEL_WIREGUARD=1 in the
 # guest makes a kernel without WireGuard a test failure rather than a skip.
 #
-# Needs: qemu-system-x86, busybox-static, kmod, cpio, binutils (scripts/deps.sh installs them).
+# Needs: qemu-system-x86, busybox-static, kmod, cpio, binutils, iproute2 (scripts/deps.sh installs
+# them), and Debian's archive (apt-get download) the first time.
 # Usage: scripts/kernel-wg-test.sh           (builds what it needs; exit status 0 = all passed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"
 target=$(realpath "${CARGO_TARGET_DIR:-target}")
 work="$target/kernel-wg"
 rm -rf "$work/root" "$work/initrd.cpio"
@@ -18,8 +20,8 @@ mkdir -p "$work/root" "$work/kernel"
 
 # 1. The guest kernel and its modules, from Debian's archive (kept between runs).
 kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*\)$/\1/p' | head -n1; }
-pkg=$(kernel_pkg)
-if [ -z "$pkg" ]; then apt-get update -qq && pkg=$(kernel_pkg); fi
+pkg=$(kernel_pkg || true)
+if [ -z "$pkg" ]; then apt-get update -qq && pkg=$(kernel_pkg || true); fi
 [ -n "$pkg" ] || { echo "kernel-wg-test: cannot tell which linux-image-cloud-amd64 to use (apt-get update?)" >&2; exit 1; }
 ver=${pkg#linux-image-}
 if [ ! -f "$work/kernel/$ver/boot/vmlinuz-$ver" ]; then
@@ -33,12 +35,17 @@ kroot="$work/kernel/$ver"
 # 2. The test binaries (tests that need root and the kernel's WireGuard) and the nsm binaries, from
 #    the same workspace build `scripts/test.sh` makes (so nothing is compiled twice).
 tests=()
+build_log="$work/build.log"
 while IFS= read -r exe; do tests+=("$exe"); done < <(
-    cargo test --workspace --locked --no-run --message-format=json 2>/dev/null |
+    cargo test --workspace --locked --no-run --message-format=json 2>"$build_log" |
         grep -E '"src_path":"[^"]*/(crates/wireguard/tests/kernel\.rs|crates/bin/nsm/tests/kernel_wireguard\.rs)"' |
         grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/'
 )
-[ "${#tests[@]}" -eq 2 ] || { echo "kernel-wg-test: expected 2 test binaries, got: ${tests[*]:-none}" >&2; exit 1; }
+if [ "${#tests[@]}" -ne 2 ]; then
+    echo "kernel-wg-test: expected 2 test binaries, got: ${tests[*]:-none}; cargo said:" >&2
+    tail -n 30 "$build_log" >&2
+    exit 1
+fi
 bins=("${tests[@]}" "$target/debug/nsm" "$target/debug/nsmctl" "$(command -v ip)")
 
 # 3. The initramfs: each binary (debug info stripped: the guest only runs them) with its shared
@@ -72,7 +79,7 @@ echo "nameserver 127.0.0.1" > "$root/etc/resolv.conf"
     echo 'status=0'
     for t in "${tests[@]}"; do
         echo "echo 'NSM-KWG running $t'"
-        echo "(cd /tmp && $t --test-threads=1 --nocapture) || status=1"
+        echo "(cd /tmp && '$t' --test-threads=1 --nocapture) || status=1"
     done
     echo 'echo "NSM-KWG-RESULT $status"'
     echo 'poweroff -f'

@@ -45,6 +45,9 @@ pub struct LinkInfo {
     pub lower_up: bool,
     /// Link-layer address (`IFLA_ADDRESS`; a MAC for veth and VXLAN), empty if it has none.
     pub mac: Vec<u8>,
+    /// Its alias (`IFLA_IFALIAS`, `ip link set NAME alias TEXT`), if it has one: nsm marks links
+    /// it may later adopt or delete by name.
+    pub alias: Option<String>,
     /// Traffic counters (`IFLA_STATS64`).
     pub stats: LinkStats,
 }
@@ -272,6 +275,15 @@ impl Netlink {
         let index = self.index(OP, name).await?;
         let object = format!("{name} to {new}");
         self.set_link(OP, object, LinkUnspec::new_with_index(index).name(new).build())
+            .await
+    }
+
+    /// Sets the alias of link `name` (`ip link set NAME alias ALIAS`).
+    pub async fn set_alias(&self, name: &str, alias: &str) -> Result<()> {
+        const OP: &str = "set alias of link";
+        let index = self.index(OP, name).await?;
+        let object = format!("{name} to {alias:?}");
+        self.set_link(OP, object, LinkUnspec::new_with_index(index).alias(alias).build())
             .await
     }
 
@@ -690,11 +702,13 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         up: msg.header.flags.contains(LinkFlags::Up),
         lower_up: msg.header.flags.contains(LinkFlags::LowerUp),
         mac: Vec::new(),
+        alias: None,
         stats: LinkStats::default(),
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => info.name.clone_from(n),
+            LinkAttribute::IfAlias(a) => info.alias = Some(a.clone()),
             LinkAttribute::Mtu(m) => info.mtu = *m,
             LinkAttribute::Address(a) => info.mac.clone_from(a),
             LinkAttribute::Stats64(s) => {

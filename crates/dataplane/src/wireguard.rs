@@ -22,8 +22,8 @@ use netlink_packet_wireguard::{
 };
 use rtnetlink::LinkMessageBuilder;
 use rtnetlink::packet_core::{
-    Emitable, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkMessage, NetlinkPayload,
-    NetlinkSerializable, ParseableParametrized,
+    Emitable, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkDeserializable, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable, ParseableParametrized,
 };
 use rtnetlink::sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_GENERIC};
 
@@ -60,6 +60,8 @@ pub struct WgPeerUpdate {
     pub keepalive: Option<u16>,
     /// Inner prefixes it may send from and is sent to; replaces the peer's current list.
     pub allowed_ips: Option<Vec<IpNet>>,
+    /// Change the peer only if the device has it; never add it.
+    pub update_only: bool,
 }
 
 impl WgPeerUpdate {
@@ -71,6 +73,7 @@ impl WgPeerUpdate {
             endpoint: Some(endpoint),
             keepalive: None,
             allowed_ips: Some(allowed_ips),
+            update_only: false,
         }
     }
 
@@ -83,6 +86,7 @@ impl WgPeerUpdate {
             endpoint: None,
             keepalive: Some(secs),
             allowed_ips: None,
+            update_only: true,
         }
     }
 
@@ -94,6 +98,7 @@ impl WgPeerUpdate {
             endpoint: None,
             keepalive: None,
             allowed_ips: None,
+            update_only: false,
         }
     }
 }
@@ -151,6 +156,8 @@ impl Netlink {
     pub async fn wireguard_supported(&self) -> Result<bool> {
         let name = format!("nsmwg{:x}", std::process::id());
         let ns = NetNs::open(self.ns_path())?;
+        // One left by a probe that died half-way (in a container the PID repeats).
+        self.delete_link(&name).await?;
         match self.create_wireguard_in(&ns, &name, 1420).await {
             Ok(()) => {
                 self.delete_link(&name).await?;
@@ -291,6 +298,9 @@ fn peer_attrs(p: &WgPeerUpdate) -> WireguardPeer {
     if p.remove {
         flags |= WireguardPeerFlags::RemoveMe;
     }
+    if p.update_only {
+        flags |= WireguardPeerFlags::UpdateOnly;
+    }
     if let Some(e) = p.endpoint {
         attrs.push(WireguardPeerAttribute::Endpoint(e));
     }
@@ -329,30 +339,53 @@ fn genl(msg: WireguardMessage, dump: bool) -> std::io::Result<Vec<WireguardMessa
     let mut socket = Socket::new(NETLINK_GENERIC)?;
     socket.bind_auto()?;
     socket.connect(&NlAddr::new(0, 0))?;
+    // The kernel answers at once; a reply that never comes must not hold the caller forever.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(GENL_TIMEOUT_SECS, 0),
+    )?;
     let ctrl = GenlCtrl {
         cmd: GenlCtrlCmd::GetFamily,
         nlas: vec![GenlCtrlAttrs::FamilyName(WireguardMessage::family_name().to_owned())],
     };
-    let family = exchange(&socket, 1, GenlMessage::from_payload(ctrl), NLM_F_REQUEST | NLM_F_ACK)?
-        .into_iter()
-        .flat_map(|m| m.payload.nlas)
-        .find_map(|a| match a {
-            GenlCtrlAttrs::FamilyId(id) => Some(id),
-            _ => None,
-        })
-        .ok_or_else(|| std::io::Error::other("the kernel did not say the wireguard family's id"))?;
-    let mut request = GenlMessage::from_payload(msg);
-    request.set_resolved_family_id(family);
+    let family = match exchange(&socket, 1, GenlMessage::from_payload(ctrl), NLM_F_REQUEST | NLM_F_ACK) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the kernel has no WireGuard (no wireguard generic-netlink family)",
+            ));
+        }
+        other => other?,
+    }
+    .into_iter()
+    .flat_map(|m| m.payload.nlas)
+    .find_map(|a| match a {
+        GenlCtrlAttrs::FamilyId(id) => Some(id),
+        _ => None,
+    })
+    .ok_or_else(|| std::io::Error::other("the kernel did not say the wireguard family's id"))?;
     let flags = if dump {
         NLM_F_REQUEST | NLM_F_DUMP
     } else {
         NLM_F_REQUEST | NLM_F_ACK
     };
-    Ok(exchange(&socket, 2, request, flags)?
-        .into_iter()
-        .map(|m| m.payload)
-        .collect())
+    // A dump that raced a change says so (NLM_F_DUMP_INTR) and is asked for again, as wg(8) does.
+    let mut seq = 2;
+    loop {
+        let mut request = GenlMessage::from_payload(msg.clone());
+        request.set_resolved_family_id(family);
+        match exchange(&socket, seq, request, flags) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && dump && seq < 2 + DUMP_RETRIES => seq += 1,
+            other => return other.map(|v| v.into_iter().map(|m| m.payload).collect()),
+        }
+    }
 }
+
+/// Seconds a generic-netlink request may wait for its reply.
+const GENL_TIMEOUT_SECS: i64 = 5;
+/// How often an interrupted dump is asked for again.
+const DUMP_RETRIES: u32 = 3;
 
 /// Sends `payload` and reads replies until the kernel acknowledges it (or ends the dump).
 fn exchange<F>(socket: &Socket, seq: u32, payload: GenlMessage<F>, flags: u16) -> std::io::Result<Vec<GenlMessage<F>>>
@@ -368,6 +401,7 @@ where
     nl.serialize(&mut buf);
     socket.send(&buf, 0)?;
     let mut out = Vec::new();
+    let mut interrupted = false;
     loop {
         let (bytes, _) = socket.recv_from_full()?;
         let mut at = 0;
@@ -385,6 +419,9 @@ where
             if reply.header.sequence_number != seq {
                 continue;
             }
+            if reply.header.flags & NLM_F_DUMP_INTR != 0 {
+                interrupted = true;
+            }
             match reply.payload {
                 NetlinkPayload::InnerMessage(m) => {
                     out.push(m);
@@ -393,6 +430,13 @@ where
                     }
                 }
                 NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::Done(d) if d.code != 0 => return Err(std::io::Error::from_raw_os_error(-d.code)),
+                NetlinkPayload::Error(_) | NetlinkPayload::Done(_) if interrupted => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "the dump was interrupted by a change",
+                    ));
+                }
                 NetlinkPayload::Error(_) | NetlinkPayload::Done(_) => return Ok(out),
                 _ => {}
             }

@@ -282,19 +282,22 @@ impl Wg {
             keys.public.clone()
         };
         let mut kernel = Vec::new();
-        for t in self.tunnels.lock().values() {
+        for (id, t) in self.tunnels.lock().iter() {
             match t {
                 Tun::User(t) => t.set_private_key(key),
-                Tun::Kernel(k) => kernel.push((k.netns.clone(), k.name.clone())),
+                Tun::Kernel(k) => kernel.push((id.clone(), k.netns.clone(), k.name.clone())),
             }
         }
-        for (netns, name) in kernel {
+        for (id, netns, name) in kernel {
             let update = WgDeviceUpdate {
                 private_key: Some(key),
                 ..WgDeviceUpdate::default()
             };
             if let Err(e) = set_kernel(&netns, &name, update).await {
-                tracing::warn!(link = %name, netns = %netns.display(), error = %e, "could not give a WireGuard link the new key");
+                // Its peer is about to move to the new key: the link goes, and the vWire's next
+                // refresh builds it again with the new key.
+                tracing::warn!(link = %name, netns = %netns.display(), error = %e, "could not give a WireGuard link the new key; deleting it to be rebuilt");
+                self.remove(&id).await;
             }
         }
         Ok(public)
@@ -461,12 +464,17 @@ impl Wg {
         }
         self.remove(&end.id).await;
         let mtu = u16::try_from(end.mtu).map_err(|_| format!("MTU {} too large", end.mtu))?;
-        // The end's name is ours in that namespace: a link left under it (a kernel end of a run
-        // with `--wireguard-backend kernel`) goes, or the TUN could not be made.
+        // A kernel end of a run with `--wireguard-backend kernel` left under this name goes, or
+        // the TUN could not be made; a link that is not nsm's is left alone, and the end fails.
         let ns = NetNs::open(end.netns).map_err(|e| e.to_string())?;
         let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
-        if nl.delete_link(end.name).await.map_err(|e| e.to_string())? {
-            tracing::info!(tunnel = %end.id, link = %end.name, "deleted a link left under this end's name");
+        match nl.link(end.name).await.map_err(|e| e.to_string())? {
+            Some(l) if is_ours(&l) => {
+                nl.delete_link(end.name).await.map_err(|e| e.to_string())?;
+                tracing::info!(tunnel = %end.id, link = %end.name, "deleted the kernel WireGuard link of an earlier run");
+            }
+            Some(_) => return Err(taken(end.name, end.netns)),
+            None => {}
         }
         let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
         let mut port = end.port;
@@ -543,9 +551,20 @@ impl Wg {
         let target = NetNs::open(end.netns).map_err(|e| e.to_string())?;
         let nl = Netlink::connect(&target).await.map_err(|e| e.to_string())?;
         let existing = nl.link(end.name).await.map_err(|e| e.to_string())?;
-        let adopted = existing
-            .as_ref()
-            .is_some_and(|l| l.kind.as_deref() == Some("wireguard"));
+        if existing.as_ref().is_some_and(|l| !is_ours(l)) {
+            return Err(taken(end.name, end.netns));
+        }
+        let adopted = existing.is_some();
+        if !adopted {
+            // Fails with nothing of ours created (a link of that name appearing meanwhile is not
+            // ours to delete).
+            let host = Netlink::connect(end.host).await.map_err(|e| e.to_string())?;
+            host.create_wireguard_in(&target, end.name, end.mtu)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        // The key the link gets; a rotation after this is caught up below.
+        let private = self.keys.read().private;
         let result = async {
             let stale = if adopted {
                 if existing.as_ref().is_some_and(|l| l.mtu != end.mtu) {
@@ -560,13 +579,7 @@ impl Wg {
                     .filter(|k| *k != end.peer_key)
                     .collect()
             } else {
-                if existing.is_some() {
-                    nl.delete_link(end.name).await.map_err(|e| e.to_string())?;
-                }
-                let host = Netlink::connect(end.host).await.map_err(|e| e.to_string())?;
-                host.create_wireguard_in(&target, end.name, end.mtu)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                nl.set_alias(end.name, LINK_ALIAS).await.map_err(|e| e.to_string())?;
                 Vec::new()
             };
             // Up before the port is set: a link that is down binds no socket, so a taken port
@@ -575,11 +588,12 @@ impl Wg {
             let mut peers: Vec<WgPeerUpdate> = stale.into_iter().map(WgPeerUpdate::removal).collect();
             peers.push(WgPeerUpdate::new(end.peer_key, end.peer_endpoint, end.allowed.clone()));
             let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
+            let tries = size.min(16);
             let mut port = end.port;
             let mut bound = None;
-            for _ in 0..size.min(16) {
+            for _ in 0..tries {
                 let update = WgDeviceUpdate {
-                    private_key: Some(self.keys.read().private),
+                    private_key: Some(private),
                     listen_port: Some(port),
                     replace_peers: false,
                     peers: peers.clone(),
@@ -599,7 +613,15 @@ impl Wg {
                     Err(e) => return Err(e.to_string()),
                 }
             }
-            let bound = bound.ok_or_else(|| "no free UDP port in the WireGuard range".to_owned())?;
+            let bound = bound.ok_or_else(|| {
+                format!(
+                    "WireGuard link {}: {tries} UDP ports of --wireguard-ports {}-{} from {} are all taken",
+                    end.name,
+                    self.ports.start(),
+                    self.ports.end(),
+                    end.port
+                )
+            })?;
             nl.add_address(end.name, end.local_addr)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -619,7 +641,6 @@ impl Wg {
         if adopted {
             tracing::info!(tunnel = %end.id, link = %end.name, "kept the kernel WireGuard link of an earlier run");
         }
-        let private = self.keys.read().private;
         self.tunnels.lock().insert(
             end.id.clone(),
             Tun::Kernel(KernelEnd {
@@ -632,14 +653,16 @@ impl Wg {
             }),
         );
         // A rotation while the link was being built: it missed the new key.
-        if private != self.keys.read().private {
+        let current = self.keys.read().private;
+        if private != current {
             let update = WgDeviceUpdate {
-                private_key: Some(self.keys.read().private),
+                private_key: Some(current),
                 ..WgDeviceUpdate::default()
             };
-            set_kernel(end.netns, end.name, update)
-                .await
-                .map_err(|e| e.to_string())?;
+            if let Err(e) = set_kernel(end.netns, end.name, update).await {
+                self.remove(&end.id).await;
+                return Err(format!("giving WireGuard link {} the rotated key: {e}", end.name));
+            }
         }
         Ok(port)
     }
@@ -667,6 +690,22 @@ impl Wg {
             other => other,
         }
     }
+}
+
+/// The alias nsm gives the kernel WireGuard links it creates: only links that carry it are
+/// adopted or deleted by name (a workload's own link of that name is never touched).
+const LINK_ALIAS: &str = "nsm wireguard vWire end";
+
+/// Whether link `l` is a kernel WireGuard end nsm created.
+fn is_ours(l: &nsm_dataplane::LinkInfo) -> bool {
+    l.kind.as_deref() == Some("wireguard") && l.alias.as_deref() == Some(LINK_ALIAS)
+}
+
+fn taken(name: &str, netns: &Path) -> String {
+    format!(
+        "a link named {name} that nsm did not create exists in {}; it is left alone",
+        netns.display()
+    )
 }
 
 /// Applies `update` to kernel WireGuard link `name` in the namespace at `netns`.

@@ -43,15 +43,13 @@ pub(crate) struct Args {
     /// encryption fails, one that prefers it gets VXLAN) and offer only VXLAN as a client's.
     #[arg(long)]
     no_wireguard: bool,
-    /// Where WIREGUARD vWires run: `kernel` (the kernel's WireGuard; the daemon does not start
-    /// without it), `userspace` (nsm's own tunnel, a TUN device per vWire served by this process)
-    /// or `auto` (the kernel's when it has WireGuard, checked at start, else userspace). Nodes of
-    /// either kind connect to each other.
-    #[arg(long, env = "NSM_WIREGUARD_BACKEND", default_value = "auto", value_parser = ["auto", "kernel", "userspace"])]
-    wireguard_backend: String,
+    /// Where WIREGUARD vWires run. Nodes of either kind connect to each other.
+    #[arg(long, env = "NSM_WIREGUARD_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    wireguard_backend: Backend,
     /// How long the node's WireGuard key is used before a new one replaces it (counted from when
     /// the key file was written, so restarts do not postpone it); 0: never. Every WIREGUARD vWire
-    /// moves to the new key without a gap in traffic. SIGUSR1 rotates the key at once.
+    /// moves to the new key: a userspace end without a gap in traffic, a kernel end after one
+    /// refresh round trip and a handshake. SIGUSR1 rotates the key at once.
     #[arg(long, env = "NSM_WIREGUARD_KEY_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
     wireguard_key_lifetime: Duration,
     /// How often every vWire is checked against the kernel, its counters refreshed into its
@@ -145,10 +143,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         wireguard_ports: (!args.no_wireguard).then_some(args.wireguard_ports),
         wireguard_key_lifetime: (!args.wireguard_key_lifetime.is_zero()).then_some(args.wireguard_key_lifetime),
         wireguard_rotate: Some(rotate.clone()),
-        wireguard_backend: match args.wireguard_backend.as_str() {
-            "kernel" => nsm_node::WireGuardBackend::Kernel,
-            "userspace" => nsm_node::WireGuardBackend::Userspace,
-            _ => nsm_node::WireGuardBackend::Auto,
+        wireguard_backend: match args.wireguard_backend {
+            Backend::Auto => nsm_node::WireGuardBackend::Auto,
+            Backend::Kernel => nsm_node::WireGuardBackend::Kernel,
+            Backend::Userspace => nsm_node::WireGuardBackend::Userspace,
         },
     };
     for l in &listeners {
@@ -181,4 +179,15 @@ fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
         return Err(format!("{s:?}: expected 1 <= FIRST <= LAST"));
     }
     Ok(a..=b)
+}
+
+/// `--wireguard-backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// The kernel's WireGuard when it has it (checked at start by creating a link), else userspace.
+    Auto,
+    /// The kernel's WireGuard; the daemon does not start without it.
+    Kernel,
+    /// nsm's own tunnel: a TUN device per vWire, served by this process.
+    Userspace,
 }

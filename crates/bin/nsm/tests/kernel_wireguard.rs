@@ -2,7 +2,8 @@
 //! on each with `--wireguard-backend kernel`, a pod on one and an endpoint on the other. Both ends
 //! are `wireguard` links (no TUN, nothing served by the daemons); traffic; a restarted daemon adopts
 //! its link with the session (same link, no new handshake needed); a key rotation; the endpoint's
-//! node restarted as a userspace node (its end becomes a TUN, talking to the kernel end); deletion.
+//! node restarted as a userspace node (its end becomes a TUN, talking to the kernel end); deletion;
+//! a link of the interface's name that nsm did not create is left alone.
 //!
 //! This machine's kernel has no WireGuard, so `scripts/kernel-wg-test.sh` runs this test in a QEMU
 //! guest whose kernel has it, with `NSM_TEST_KERNEL_WIREGUARD=1`. Elsewhere, on a kernel without
@@ -225,6 +226,32 @@ async fn wireguard_vwire_on_kernel_wireguard() {
         .run(move || std::net::UdpSocket::bind(("192.0.2.11", port)).map(drop))
         .unwrap();
     assert!(free.is_ok(), "{free:?}");
+
+    // A link of the client's interface name that nsm did not create (no nsm alias) is neither
+    // adopted nor deleted: the client fails, saying so, and the link stays.
+    let o = bed.exec("pod", &["ip", "link", "add", "nsm-1", "type", "wireguard"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c2", "--service=orders", "--endpoint=ep"],
+    ));
+    let j = wait(&registry, &[&a, &b], "c2", 60, |j| {
+        j["status"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("did not create"))
+    });
+    assert_ne!(phase(&j), "Ready", "{j:#}");
+    assert_eq!(link_kind(&bed, "pod", "nsm-1").await.as_deref(), Some("wireguard"));
+    ok(nsmctl(&registry, &["delete", "client", "c2"]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        link_kind(&bed, "pod", "nsm-1").await.as_deref(),
+        Some("wireguard"),
+        "left alone"
+    );
+    assert!(bed.exec("pod", &["ip", "link", "del", "nsm-1"]).status.success());
     drop((a, b));
     bed.down().await.unwrap();
 }
