@@ -17,31 +17,6 @@ mod common;
 use common::*;
 use nsm_testing::NsmRegistry;
 
-/// Polls the client until `pred` holds (`secs` at most: an emulated guest is slow).
-fn wait(
-    registry: &NsmRegistry,
-    logs: &[&NodeProc],
-    name: &str,
-    secs: u64,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let j = client_json(registry, name);
-        if pred(&j) {
-            return j;
-        }
-        if start.elapsed() > Duration::from_secs(secs) {
-            let logs: Vec<String> = logs.iter().map(|n| n.log()).collect();
-            panic!(
-                "client {name}: condition not reached; last: {j:#}\nnode logs:\n{}",
-                logs.join("\n---\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 async fn link_kind(bed: &nsm_testbed::Testbed, ns: &str, name: &str) -> Option<String> {
     let nl = nsm_dataplane::Netlink::connect(bed.ns(ns)).await.unwrap();
     nl.link(name).await.unwrap().and_then(|l| l.kind)
@@ -110,15 +85,11 @@ async fn wireguard_vwire_on_kernel_wireguard() {
         &a,
         &["client", "create", "c1", "--service=orders", "--endpoint=ep"],
     ));
-    let j = wait(&registry, &[&a, &b], "c1", 60, |j| phase(j) == "Ready");
+    let j = wait_client_for(&registry, &[&a, &b], "c1", "Ready", 60, |j| phase(j) == "Ready");
     eprintln!("kernel WIREGUARD client create -> Ready in {:?}", t0.elapsed());
     assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
     assert_eq!(j["status"]["mtu"], 1420);
-    let dst = j["status"]["dstIpAddrs"][0]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_owned();
+    let dst = dst_of(&j);
     assert!(
         bed.ping("pod", dst.parse().unwrap(), 5),
         "ping; logs:\n{}\n{}",
@@ -237,7 +208,7 @@ async fn wireguard_vwire_on_kernel_wireguard() {
         &a,
         &["client", "create", "c2", "--service=orders", "--endpoint=ep"],
     ));
-    let j = wait(&registry, &[&a, &b], "c2", 60, |j| {
+    let j = wait_client_for(&registry, &[&a, &b], "c2", "the refusal", 60, |j| {
         j["status"]["reason"]
             .as_str()
             .is_some_and(|r| r.contains("did not create"))

@@ -60,11 +60,7 @@ async fn same_node_vwire_lifecycle() {
     assert_eq!(j["status"]["endpoint"], "ep-a");
     assert_eq!(j["status"]["mechanism"], "KERNEL");
     assert_eq!(j["status"]["srcIpAddrs"][0], "10.60.0.1/32");
-    let dst = j["status"]["dstIpAddrs"][0]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_owned();
+    let dst = dst_of(&j);
     assert!(bed.ping("pod", dst.parse().unwrap(), 3), "ping over the vWire");
     eprintln!("client create -> Ready in {setup:?}");
 
@@ -112,11 +108,7 @@ async fn same_node_vwire_lifecycle() {
     let j = wait_client(&registry, &node, "c1", "healed to ep-b", |j| {
         phase(j) == "Ready" && j["status"]["endpoint"] == "ep-b"
     });
-    let dst = j["status"]["dstIpAddrs"][0]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_owned();
+    let dst = dst_of(&j);
     assert!(bed.ping("pod", dst.parse().unwrap(), 2), "traffic flows via ep-b");
     eprintln!("endpoint deleted -> healed in {:?}", t1.elapsed());
     assert_eq!(link_names(&bed, "epa").await, ["lo"], "nothing left in ep-a");
@@ -337,11 +329,7 @@ async fn endpoint_namespace_gone_heals_to_another() {
     let j = wait_client(&registry, &node, "c", "Ready on ep-y", |j| {
         phase(j) == "Ready" && j["status"]["endpoint"] == "ep-y"
     });
-    let dst = j["status"]["dstIpAddrs"][0]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_owned();
+    let dst = dst_of(&j);
     assert!(bed.ping("pod", dst.parse().unwrap(), 2), "traffic flows via ep-y");
     drop(node);
     bed.down().await.unwrap();
@@ -392,11 +380,7 @@ async fn cross_node_vxlan_vwire() {
         "underlay 1500 less 50 bytes of VXLAN over IPv4"
     );
     assert_eq!(j["status"]["path"], serde_json::json!(["c1", "node-a", "node-b", "ep"]));
-    let dst = j["status"]["dstIpAddrs"][0]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_owned();
+    let dst = dst_of(&j);
     assert!(
         bed.ping("pod", dst.parse().unwrap(), 3),
         "ping across hosts; node-b log:\n{}",

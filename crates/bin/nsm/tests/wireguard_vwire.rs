@@ -15,14 +15,6 @@ use common::*;
 use nsm_testbed::Testbed;
 use nsm_testing::NsmRegistry;
 
-fn dst_of(j: &serde_json::Value) -> String {
-    j["status"]["dstIpAddrs"][0]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_owned()
-}
-
 /// Sends `bytes` over TCP from `pod` to `dst:port` (a listener in `svc`) and says whether all arrived.
 fn tcp_transfer(bed: &Testbed, dst: &str, port: u16, bytes: usize) -> bool {
     let addr: std::net::SocketAddr = format!("{dst}:{port}").parse().unwrap();

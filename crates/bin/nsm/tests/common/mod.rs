@@ -166,20 +166,43 @@ pub fn wait_client(
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    wait_client_for(registry, &[node], name, what, 10, pred)
+}
+
+/// Polls the client until `pred` holds on its JSON, `secs` at most; on failure the panic shows the
+/// logs of `nodes`.
+pub fn wait_client_for(
+    registry: &NsmRegistry,
+    nodes: &[&NodeProc],
+    name: &str,
+    what: &str,
+    secs: u64,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let start = Instant::now();
     loop {
         let j = client_json(registry, name);
         if pred(&j) {
             return j;
         }
-        if start.elapsed() > Duration::from_secs(10) {
+        if start.elapsed() > Duration::from_secs(secs) {
+            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
             panic!(
-                "client {name}: {what} not reached; last: {j:#}\nnode log:\n{}",
-                node.log()
+                "client {name}: {what} not reached; last: {j:#}\nnode logs:\n{}",
+                logs.join("\n---\n")
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The first destination address of a client's status, without its prefix length.
+pub fn dst_of(j: &serde_json::Value) -> String {
+    j["status"]["dstIpAddrs"][0]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_owned()
 }
 
 pub fn phase(j: &serde_json::Value) -> &str {
