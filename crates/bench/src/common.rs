@@ -269,6 +269,27 @@ pub(crate) struct IperfRun {
     pub(crate) bytes: f64,
 }
 
+/// `--iperf-affinity`, for every iperf3 client run (iperf3 passes the server's part on).
+static IPERF_AFFINITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets `--iperf-affinity` (`CLIENT[,SERVER]`, CPU numbers), checked here so a typo fails at once.
+pub(crate) fn set_iperf_affinity(a: &str) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parts: Vec<&str> = a.split(',').collect();
+    if parts.is_empty() || parts.len() > 2 {
+        bail!("--iperf-affinity {a:?}: expected CLIENT or CLIENT,SERVER");
+    }
+    for p in parts {
+        match p.parse::<usize>() {
+            Ok(n) if n < cpus => {}
+            _ => bail!("--iperf-affinity {a:?}: {p:?} is not a CPU number below {cpus}"),
+        }
+    }
+    IPERF_AFFINITY
+        .set(a.to_owned())
+        .map_err(|_| anyhow::anyhow!("--iperf-affinity set twice"))
+}
+
 /// An iperf3 client in `client`'s namespace against a server started by [`iperf_server`].
 pub(crate) fn iperf_client(
     bed: &Testbed,
@@ -277,19 +298,12 @@ pub(crate) fn iperf_client(
     streams: u32,
     seconds: u32,
 ) -> anyhow::Result<IperfRun> {
-    let out = bed.exec(
-        client,
-        &[
-            "iperf3",
-            "-c",
-            &server_ip.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    );
+    let (ip, t, p) = (server_ip.to_string(), seconds.to_string(), streams.to_string());
+    let mut args = vec!["iperf3", "-c", &ip, "-t", &t, "-P", &p, "-J"];
+    if let Some(a) = IPERF_AFFINITY.get() {
+        args.extend(["-A", a]);
+    }
+    let out = bed.exec(client, &args);
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     let sum = &j["end"]["sum_received"];
     match (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) {

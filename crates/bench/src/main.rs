@@ -33,6 +33,11 @@ mod wireguard;
 #[derive(Parser)]
 #[command(name = "nsm-bench", about = "nsm benchmarks (see docs/BENCHMARKS.md)")]
 struct Cli {
+    /// Pin every iperf3 run to CPUs (iperf3's `-A CLIENT[,SERVER]`, e.g. `0,1`): the whole path's
+    /// softirq work then falls on the sender's CPU, so a wiring's extra per-packet cost shows in
+    /// its throughput instead of hiding in the other CPU's idle time. Default: not pinned.
+    #[arg(long, global = true, value_name = "CLIENT[,SERVER]")]
+    iperf_affinity: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -364,6 +369,9 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(a) = &cli.iperf_affinity {
+        common::set_iperf_affinity(a)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         match cli.command {
