@@ -276,7 +276,7 @@ static IPERF_AFFINITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 pub(crate) fn set_iperf_affinity(a: &str) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let parts: Vec<&str> = a.split(',').collect();
-    if parts.is_empty() || parts.len() > 2 {
+    if parts.len() > 2 {
         bail!("--iperf-affinity {a:?}: expected CLIENT or CLIENT,SERVER");
     }
     for p in parts {

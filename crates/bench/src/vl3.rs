@@ -88,9 +88,8 @@ pub(crate) struct Args {
     /// compared.
     #[arg(long, default_value_t = 9)]
     reps: usize,
-    /// Seconds per iperf3 run. Runs of 3 s let TCP's ramp and the scheduler's bursts decide
-    /// 4-stream figures on a 2-CPU machine (the vWire floor alone ranged 7.3–20.3 Gbit/s over 15
-    /// of them); 10 s, as iperf3's default, halves that spread.
+    /// Seconds per iperf3 run (iperf3's default): in shorter runs TCP's ramp and the scheduler's
+    /// bursts weigh more in each figure.
     #[arg(long, default_value_t = 10)]
     seconds: u32,
     /// Joins measured by `latency` (spread over the nodes in turn).

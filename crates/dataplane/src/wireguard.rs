@@ -68,12 +68,9 @@ impl WgPeerUpdate {
     /// A peer to add or update with these settings.
     pub fn new(public_key: Key, endpoint: SocketAddr, allowed_ips: Vec<IpNet>) -> WgPeerUpdate {
         WgPeerUpdate {
-            public_key,
-            remove: false,
             endpoint: Some(endpoint),
-            keepalive: None,
             allowed_ips: Some(allowed_ips),
-            update_only: false,
+            ..WgPeerUpdate::only(public_key)
         }
     }
 
@@ -81,20 +78,25 @@ impl WgPeerUpdate {
     /// send a keepalive at once, which starts a handshake when there is no session.
     pub fn keepalive(public_key: Key, secs: u16) -> WgPeerUpdate {
         WgPeerUpdate {
-            public_key,
-            remove: false,
-            endpoint: None,
             keepalive: Some(secs),
-            allowed_ips: None,
             update_only: true,
+            ..WgPeerUpdate::only(public_key)
         }
     }
 
     /// The removal of a peer.
     pub fn removal(public_key: Key) -> WgPeerUpdate {
         WgPeerUpdate {
-            public_key,
             remove: true,
+            ..WgPeerUpdate::only(public_key)
+        }
+    }
+
+    /// The peer named, nothing changed.
+    fn only(public_key: Key) -> WgPeerUpdate {
+        WgPeerUpdate {
+            public_key,
+            remove: false,
             endpoint: None,
             keepalive: None,
             allowed_ips: None,

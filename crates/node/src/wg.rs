@@ -45,6 +45,8 @@ pub(crate) const DST_PUBLIC_KEY: &str = "dst_public_key";
 pub(crate) const OVERHEAD: u32 = 80;
 /// The keepalive interval (s) briefly set on a kernel peer to start a handshake with it.
 const KICK_KEEPALIVE: u16 = 25;
+/// How many ports of the range an end tries before it fails.
+const PORT_TRIES: usize = 16;
 /// The key file in the node's data directory.
 const KEY_FILE: &str = "wireguard.key";
 
@@ -380,9 +382,10 @@ impl Wg {
         }
     }
 
-    /// Gives tunnel `id` a new peer public key (the peer's node rotated its key), keeping traffic
-    /// on the old session until a handshake with the new key completes. False if there is no
-    /// such tunnel.
+    /// Gives tunnel `id` a new peer public key (the peer's node rotated its key). A userspace
+    /// tunnel keeps traffic on the old session until a handshake with the new key completes; a
+    /// kernel link swaps the peer and starts that handshake at once. False if there is no such
+    /// tunnel, or the kernel refused the change (the caller rebuilds the end).
     pub(crate) async fn set_peer_key(&self, id: &str, key: [u8; 32]) -> bool {
         let kernel = {
             let mut tunnels = self.tunnels.lock();
@@ -403,25 +406,30 @@ impl Wg {
             }
         };
         // The kernel keys peers by public key: the old peer goes, the new one comes with the
-        // same endpoint and addresses (its first packet starts a handshake).
+        // same endpoint and addresses, and with a keepalive, which the kernel sends at once and
+        // which, without a session, begins a handshake: the peer's node changed its key and is
+        // waiting to be reached with it, and a handshake this end began before the change
+        // reached it would otherwise be retried only after REKEY_TIMEOUT (5 s). A second request
+        // turns the keepalive off again.
         let (netns, name, old, endpoint, allowed) = kernel;
         tracing::info!(tunnel = %id, peer_public_key = %nsm_wireguard::encode_key(&key), "WireGuard peer key changed");
-        let update = WgDeviceUpdate {
-            peers: vec![WgPeerUpdate::removal(old), WgPeerUpdate::new(key, endpoint, allowed)],
+        let swap = WgDeviceUpdate {
+            peers: vec![
+                WgPeerUpdate::removal(old),
+                WgPeerUpdate {
+                    keepalive: Some(KICK_KEEPALIVE),
+                    ..WgPeerUpdate::new(key, endpoint, allowed)
+                },
+            ],
             ..WgDeviceUpdate::default()
         };
-        // Start the handshake now: the peer's node changed its key and is waiting to be reached
-        // with it; left to traffic, a handshake this end began before the change reached it
-        // would be retried only after REKEY_TIMEOUT (5 s). A keepalive turned on is sent at
-        // once, and without a session it begins a handshake; then it is turned off again.
-        let kick = |secs| WgDeviceUpdate {
-            peers: vec![WgPeerUpdate::keepalive(key, secs)],
+        let quiet = WgDeviceUpdate {
+            peers: vec![WgPeerUpdate::keepalive(key, 0)],
             ..WgDeviceUpdate::default()
         };
         let changed = async {
-            set_kernel(&netns, &name, update).await?;
-            set_kernel(&netns, &name, kick(KICK_KEEPALIVE)).await?;
-            set_kernel(&netns, &name, kick(0)).await
+            set_kernel(&netns, &name, swap).await?;
+            set_kernel(&netns, &name, quiet).await
         };
         match changed.await {
             Ok(()) => true,
@@ -451,6 +459,14 @@ impl Wg {
             .unwrap_or(*self.ports.start())
     }
 
+    /// The ports an end tries to bind, in order: `first`, then the next ones of the range
+    /// (wrapping round), [`PORT_TRIES`] at most: a port something else holds costs a retry.
+    fn ports_from(&self, first: u16) -> impl Iterator<Item = u16> + use<> {
+        let (lo, hi) = (*self.ports.start(), *self.ports.end());
+        let size = usize::from(hi - lo) + 1;
+        std::iter::successors(Some(first), move |&p| Some(if p >= hi { lo } else { p + 1 })).take(size.min(PORT_TRIES))
+    }
+
     /// Whether tunnel `id` runs.
     pub(crate) fn has(&self, id: &str) -> bool {
         self.tunnels.lock().contains_key(id)
@@ -476,14 +492,12 @@ impl Wg {
             Some(_) => return Err(taken(end.name, end.netns)),
             None => {}
         }
-        let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
-        let mut port = end.port;
         let mut tunnel = None;
         let mut last_err = String::new();
-        for _ in 0..size.min(16) {
+        for port in self.ports_from(end.port) {
             let config = TunnelConfig {
                 name: end.name.to_owned(),
-                tun_netns: Some(NetNs::open(end.netns).map_err(|e| e.to_string())?),
+                tun_netns: Some(ns.try_clone().map_err(|e| e.to_string())?),
                 udp_netns: Some(NetNs::open(end.host.path()).map_err(|e| e.to_string())?),
                 listen: SocketAddr::new(end.listen, port),
                 private_key: self.keys.read().private,
@@ -505,14 +519,7 @@ impl Wg {
                     tunnel = Some(t);
                     break;
                 }
-                Err(e @ nsm_wireguard::WgError::Udp { .. }) => {
-                    last_err = e.to_string();
-                    port = if port >= *self.ports.end() {
-                        *self.ports.start()
-                    } else {
-                        port + 1
-                    };
-                }
+                Err(e @ nsm_wireguard::WgError::Udp { .. }) => last_err = e.to_string(),
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -587,11 +594,8 @@ impl Wg {
             nl.set_up(end.name).await.map_err(|e| e.to_string())?;
             let mut peers: Vec<WgPeerUpdate> = stale.into_iter().map(WgPeerUpdate::removal).collect();
             peers.push(WgPeerUpdate::new(end.peer_key, end.peer_endpoint, end.allowed.clone()));
-            let size = u32::from(*self.ports.end() - *self.ports.start()) + 1;
-            let tries = size.min(16);
-            let mut port = end.port;
             let mut bound = None;
-            for _ in 0..tries {
+            for port in self.ports_from(end.port) {
                 let update = WgDeviceUpdate {
                     private_key: Some(private),
                     listen_port: Some(port),
@@ -603,20 +607,15 @@ impl Wg {
                         bound = Some(port);
                         break;
                     }
-                    Err(e) if e.is_addr_in_use() => {
-                        port = if port >= *self.ports.end() {
-                            *self.ports.start()
-                        } else {
-                            port + 1
-                        };
-                    }
+                    Err(e) if e.is_addr_in_use() => {}
                     Err(e) => return Err(e.to_string()),
                 }
             }
             let bound = bound.ok_or_else(|| {
                 format!(
-                    "WireGuard link {}: {tries} UDP ports of --wireguard-ports {}-{} from {} are all taken",
+                    "WireGuard link {}: {} UDP ports of --wireguard-ports {}-{} from {} are all taken",
                     end.name,
+                    self.ports_from(end.port).count(),
                     self.ports.start(),
                     self.ports.end(),
                     end.port
@@ -752,6 +751,19 @@ mod tests {
         let p = wg.port_for(&client_end_id("abc"));
         assert!((51820..=51829).contains(&p));
         assert_eq!(wg.port_for(&client_end_id("abc")), p);
+        // Binding tries the hashed port, then the next ones, wrapping round, 16 at most.
+        assert_eq!(
+            wg.ports_from(51828).collect::<Vec<_>>(),
+            [51828, 51829, 51820, 51821, 51822, 51823, 51824, 51825, 51826, 51827]
+        );
+        let wide = Wg::new(
+            [1; 32],
+            51820..=52819,
+            PathBuf::from("/nonexistent"),
+            WireGuardBackend::Userspace,
+        );
+        assert_eq!(wide.ports_from(52819).count(), 16);
+        assert_eq!(wide.ports_from(52819).nth(1), Some(51820));
         assert_eq!(Encryption::effective("", "required"), Encryption::Required);
         assert_eq!(Encryption::effective("none", "required"), Encryption::None);
         assert_eq!(Encryption::effective("preferred", ""), Encryption::Preferred);
