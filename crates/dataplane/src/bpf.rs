@@ -361,10 +361,15 @@ impl Insn {
         [Insn::new(0x18, dst, 1, 0, map.fd.as_raw_fd()), Insn::new(0, 0, 0, 0, 0)]
     }
 
+    /// Whether this is a jump whose offset is the stand-in `placeholder`, not yet resolved.
+    pub fn jumps_to(&self, placeholder: i16) -> bool {
+        self.code & 0x07 == JMP && self.off == placeholder
+    }
+
     /// Points this instruction, at index `at`, to index `target` if it is a jump whose offset is
     /// the stand-in `placeholder` (programs are written before their labels' places are known).
     pub fn resolve(&mut self, placeholder: i16, at: usize, target: usize) {
-        if self.code & 0x07 == JMP && self.off == placeholder {
+        if self.jumps_to(placeholder) {
             self.off = i16::try_from(target as isize - at as isize - 1).expect("programs are short");
         }
     }

@@ -35,6 +35,11 @@ const SKB_DATA: i16 = 76;
 const SKB_DATA_END: i16 = 80;
 /// tc's "no verdict": the packet goes on up the stack (`TC_ACT_UNSPEC`, `TCX_NEXT`).
 const PASS: i32 = -1;
+/// tc's "drop" (`TC_ACT_SHOT`).
+const DROP: i32 = 2;
+/// Ethernet header length; the source address at its offset 6.
+const ETH_HEADER: i32 = 14;
+const ETH_SOURCE: i16 = 6;
 /// Ethernet (14) and the fixed IPv4 header (20); the fields used, at their frame offsets.
 const HEADERS: i32 = 34;
 const TTL: i16 = 22;
@@ -43,15 +48,19 @@ const SADDR: i16 = 26;
 const DADDR: i16 = 30;
 /// `AF_INET`, the `nh_family` of `struct bpf_redir_neigh`.
 const AF_INET: i32 = 2;
-/// Jump offset standing for "to the pass exit" until a program is complete.
+/// Jump offsets standing for "to the pass exit" and "to the drop exit" until a program is
+/// complete.
 const TO_PASS: i16 = i16::MIN;
+const TO_DROP: i16 = i16::MIN + 1;
 /// The programs' names (`tc filter show`, `bpftool prog`).
 const DELIVER: &str = "nsm_vl3_deliver";
 const SEND: &str = "nsm_vl3_send";
+const SHORTCUT: &str = "nsm_vl3_shortcut";
 /// Most members, peer prefixes and service pairs one router's tables hold.
 const MAX_MEMBERS: u32 = 65_536;
 const MAX_PREFIXES: u32 = 65_536;
 const MAX_PAIRS: u32 = 65_536;
+const MAX_LINKS: u32 = 4_096;
 
 /// A member of the router: where its packets go in, and which service it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,8 +164,11 @@ pub struct FastPath {
     members: Map,
     prefixes: Map,
     reach: Map,
+    /// Peer link index -> its own MAC (six bytes and two of padding).
+    link_macs: Map,
     deliver: Program,
     send: Program,
+    shortcut: Program,
     /// Links this instance's programs are attached to: name -> (index, direction).
     links: HashMap<String, (u32, Direction)>,
 }
@@ -167,26 +179,35 @@ impl FastPath {
         let members = Map::hash("nsm_vl3_members", 4, Member::SIZE, MAX_MEMBERS)?;
         let prefixes = Map::lpm_trie("nsm_vl3_peers", 4, PeerPrefix::SIZE, MAX_PREFIXES)?;
         let reach = Map::hash("nsm_vl3_reach", 8, 4, MAX_PAIRS)?;
+        let link_macs = Map::hash("nsm_vl3_links", 4, 8, MAX_LINKS)?;
         let deliver = Program::load_tc(DELIVER, &deliver(&members))?;
         let send = Program::load_tc(SEND, &send(&members, &prefixes, &reach))?;
+        let shortcut = Program::load_tc(SHORTCUT, &shortcut(&link_macs, &members, &prefixes, &reach))?;
         Ok(FastPath {
             members,
             prefixes,
             reach,
+            link_macs,
             deliver,
             send,
+            shortcut,
             links: HashMap::new(),
         })
     }
 
     /// Attaches the program for `direction` at ingress of link `name` (index `ifindex`) of `nl`'s
     /// namespace, replacing whatever program nsm left there, unless this one is attached already.
+    /// A peer link (`Deliver`) also gets the shortcut program at egress, first: a member's
+    /// shortcut onto the link must never find it unguarded.
     pub async fn attach(&mut self, nl: &Netlink, name: &str, ifindex: u32, direction: Direction) -> Result<()> {
         if self.links.get(name) == Some(&(ifindex, direction)) {
             return Ok(());
         }
         let (program, label) = match direction {
-            Direction::Deliver => (&self.deliver, DELIVER),
+            Direction::Deliver => {
+                nl.attach_tc_egress(name, self.shortcut.fd(), SHORTCUT).await?;
+                (&self.deliver, DELIVER)
+            }
             Direction::Send => (&self.send, SEND),
         };
         nl.attach_tc_ingress(name, program.fd(), label).await?;
@@ -194,10 +215,18 @@ impl FastPath {
         Ok(())
     }
 
+    /// Whether link `name` is guarded by the shortcut program (attached as a peer link).
+    pub fn guards(&self, name: &str) -> bool {
+        matches!(self.links.get(name), Some((_, Direction::Deliver)))
+    }
+
     /// Detaches from link `name`, if it is still there.
     pub async fn detach(&mut self, nl: &Netlink, name: &str) -> Result<()> {
-        if self.links.remove(name).is_some() {
+        if let Some((_, direction)) = self.links.remove(name) {
             nl.detach_tc_ingress(name).await?;
+            if direction == Direction::Deliver {
+                nl.detach_tc_egress(name).await?;
+            }
         }
         Ok(())
     }
@@ -287,6 +316,21 @@ impl FastPath {
         )
     }
 
+    /// Makes the peer links' MAC table exactly `macs` (link index -> its own MAC): what tells the
+    /// router's frames from its members' shortcut frames at egress of each link.
+    pub fn set_link_macs(&self, macs: &HashMap<u32, [u8; 6]>) -> Result<()> {
+        self.link_macs.replace_all(
+            &macs
+                .iter()
+                .map(|(i, m)| {
+                    let mut v = vec![0u8; 8];
+                    v[..6].copy_from_slice(m);
+                    (i.to_ne_bytes().to_vec(), v)
+                })
+                .collect(),
+        )
+    }
+
     /// Makes the reach table exactly `pairs`: (from, to) services whose members' packets may
     /// take the fast path.
     pub fn set_reach(&self, pairs: &BTreeSet<(u32, u32)>) -> Result<()> {
@@ -300,20 +344,34 @@ impl FastPath {
 }
 
 /// Checks that the packet holds Ethernet + IPv4 headers with a TTL that will not expire here,
-/// leaving `data` in r2. Clobbers r3–r5.
-fn ipv4_headers() -> Vec<Insn> {
+/// leaving `data` in r2; else to `fail`. Clobbers r3–r5.
+fn ipv4_headers(fail: i16) -> Vec<Insn> {
     use Insn as I;
     vec![
         I::load(Size::W, 2, 6, SKB_DATA),
         I::load(Size::W, 3, 6, SKB_DATA_END),
         I::mov(4, 2),
         I::add_imm(4, HEADERS),
-        I::jump(Cond::Gt, 4, 3, TO_PASS),
+        I::jump(Cond::Gt, 4, 3, fail),
         // EtherType 0x0800, read as a little-endian u16.
         I::load(Size::H, 5, 2, 12),
-        I::jump_imm(Cond::Ne, 5, 0x0008, TO_PASS),
+        I::jump_imm(Cond::Ne, 5, 0x0008, fail),
         I::load(Size::B, 5, 2, TTL),
-        I::jump_imm(Cond::Lt, 5, 2, TO_PASS),
+        I::jump_imm(Cond::Lt, 5, 2, fail),
+    ]
+}
+
+/// To `fail` unless the frame's (at r2) Ethernet source is the six bytes at `mac` off register
+/// `entry`. Clobbers r4, r5.
+fn source_is(entry: u8, mac: i16, fail: i16) -> Vec<Insn> {
+    use Insn as I;
+    vec![
+        I::load(Size::W, 4, 2, ETH_SOURCE),
+        I::load(Size::W, 5, entry, mac),
+        I::jump(Cond::Ne, 4, 5, fail),
+        I::load(Size::H, 4, 2, ETH_SOURCE + 4),
+        I::load(Size::H, 5, entry, mac + 4),
+        I::jump(Cond::Ne, 4, 5, fail),
     ]
 }
 
@@ -333,25 +391,54 @@ fn decrement_ttl() -> Vec<Insn> {
     ]
 }
 
-/// r0 = lookup(`map`, key at r10 + `key`); to the pass exit if absent.
-fn lookup(map: &Map, key: i32) -> Vec<Insn> {
+/// r0 = lookup(`map`, key at r10 + `key`); to `fail` if absent.
+fn lookup(map: &Map, key: i32, fail: i16) -> Vec<Insn> {
     use Insn as I;
     let mut p = I::load_map(1, map).to_vec();
     p.extend([
         I::mov(2, 10),
         I::add_imm(2, key),
         I::call(MAP_LOOKUP_ELEM),
-        I::jump_imm(Cond::Eq, 0, 0, TO_PASS),
+        I::jump_imm(Cond::Eq, 0, 0, fail),
     ]);
     p
 }
 
-/// Ends a program: the pass exit, and every jump to it resolved.
+/// `bpf_redirect_neigh(ifindex in r1, next hop = the IPv4 address in r3)`, returning its verdict;
+/// the `struct bpf_redir_neigh` goes at r10 - 48. Clobbers r1–r5.
+fn redirect_neigh() -> Vec<Insn> {
+    use Insn as I;
+    vec![
+        // { nh_family = AF_INET, ipv4_nh, zeroes }
+        I::mov_imm(2, AF_INET),
+        I::store(Size::W, 10, -48, 2),
+        I::store(Size::W, 10, -44, 3),
+        I::mov_imm(2, 0),
+        I::store(Size::W, 10, -40, 2),
+        I::store(Size::W, 10, -36, 2),
+        I::store(Size::W, 10, -32, 2),
+        I::mov(2, 10),
+        I::add_imm(2, -48),
+        I::mov_imm(3, 20),
+        I::mov_imm(4, 0),
+        I::call(REDIRECT_NEIGH),
+        I::exit(),
+    ]
+}
+
+/// Ends a program: the pass and drop exits that anything jumps to (the verifier refuses
+/// unreachable code), and every jump to them resolved.
 fn finish(mut p: Vec<Insn>) -> Vec<Insn> {
-    let pass = p.len();
-    p.extend([Insn::mov_imm(0, PASS), Insn::exit()]);
+    let (mut pass, mut drop) = (0, 0);
+    for (placeholder, verdict, at) in [(TO_PASS, PASS, &mut pass), (TO_DROP, DROP, &mut drop)] {
+        if p.iter().any(|i| i.jumps_to(placeholder)) {
+            *at = p.len();
+            p.extend([Insn::mov_imm(0, verdict), Insn::exit()]);
+        }
+    }
     for (i, insn) in p.iter_mut().enumerate() {
         insn.resolve(TO_PASS, i, pass);
+        insn.resolve(TO_DROP, i, drop);
     }
     p
 }
@@ -360,12 +447,12 @@ fn finish(mut p: Vec<Insn>) -> Vec<Insn> {
 fn deliver(members: &Map) -> Vec<Insn> {
     use Insn as I;
     let mut p = vec![I::mov(6, 1)];
-    p.extend(ipv4_headers());
+    p.extend(ipv4_headers(TO_PASS));
     p.extend([I::load(Size::W, 5, 2, DADDR), I::store(Size::W, 10, -4, 5)]);
-    p.extend(lookup(members, -4));
+    p.extend(lookup(members, -4, TO_PASS));
     p.push(I::mov(7, 0));
     // Packet pointers do not survive a call: load and check them again.
-    p.extend(ipv4_headers());
+    p.extend(ipv4_headers(TO_PASS));
     p.extend([
         // Destination and source MAC from the entry (bytes 4..16) over the frame's first 12.
         I::load(Size::W, 5, 7, 4),
@@ -390,7 +477,7 @@ fn deliver(members: &Map) -> Vec<Insn> {
 fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
     use Insn as I;
     let mut p = vec![I::mov(6, 1)];
-    p.extend(ipv4_headers());
+    p.extend(ipv4_headers(TO_PASS));
     p.extend([
         I::load(Size::W, 5, 2, SADDR),
         I::store(Size::W, 10, -4, 5),
@@ -399,7 +486,7 @@ fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
         I::store(Size::W, 10, -12, 5),
     ]);
     // The source is a member, sending on its own veth.
-    p.extend(lookup(members, -4));
+    p.extend(lookup(members, -4, TO_PASS));
     p.extend([
         I::load(Size::W, 1, 0, 0),
         I::load(Size::W, 2, 6, SKB_IFINDEX),
@@ -409,7 +496,7 @@ fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
         I::mov_imm(1, 32),
         I::store(Size::W, 10, -16, 1),
     ]);
-    p.extend(lookup(prefixes, -16));
+    p.extend(lookup(prefixes, -16, TO_PASS));
     p.extend([
         I::mov(9, 0),
         // The source's service may reach the destination's: key { from, to } at r10 - 24.
@@ -417,28 +504,84 @@ fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
         I::load(Size::W, 1, 9, 8),
         I::store(Size::W, 10, -20, 1),
     ]);
-    p.extend(lookup(reach, -24));
-    p.extend(ipv4_headers());
+    p.extend(lookup(reach, -24, TO_PASS));
+    p.extend(ipv4_headers(TO_PASS));
     p.extend(decrement_ttl());
+    // Out of the peer's link to its gateway, Ethernet header from the neighbour table.
+    p.extend([I::load(Size::W, 1, 9, 0), I::load(Size::W, 3, 9, 4)]);
+    p.extend(redirect_neigh());
+    finish(p)
+}
+
+/// The shortcut program, at egress of each peer link (r6 the context, r7 the link's entry, r8 the
+/// source member's entry, then its service, r9 the destination's prefix entry). Frames with the
+/// link's own source address are the router's and pass. Any other frame came from a member's
+/// shortcut and leaves only as the send program would let it: IPv4 from a member, with the
+/// member's own address *and* MAC (a member cannot pick another's unnoticed), to a prefix of this
+/// link's peer, between services that may reach each other; TTL decremented and Ethernet header
+/// from the router's neighbour table, as the router would. Everything else is dropped: a
+/// member's shortcut leads nowhere but to its peers' members.
+fn shortcut(links: &Map, members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
+    use Insn as I;
+    let mut p = vec![
+        I::mov(6, 1),
+        I::load(Size::W, 5, 6, SKB_IFINDEX),
+        I::store(Size::W, 10, -4, 5),
+    ];
+    p.extend(lookup(links, -4, TO_PASS));
     p.extend([
-        // struct bpf_redir_neigh { nh_family = AF_INET, ipv4_nh = the peer's gateway } at r10 - 48.
-        I::mov_imm(1, AF_INET),
-        I::store(Size::W, 10, -48, 1),
-        I::load(Size::W, 1, 9, 4),
-        I::store(Size::W, 10, -44, 1),
-        I::mov_imm(1, 0),
-        I::store(Size::W, 10, -40, 1),
-        I::store(Size::W, 10, -36, 1),
-        I::store(Size::W, 10, -32, 1),
-        // Out of the peer's link, Ethernet header from the neighbour table.
-        I::load(Size::W, 1, 9, 0),
-        I::mov(2, 10),
-        I::add_imm(2, -48),
-        I::mov_imm(3, 20),
-        I::mov_imm(4, 0),
-        I::call(REDIRECT_NEIGH),
+        I::mov(7, 0),
+        I::load(Size::W, 2, 6, SKB_DATA),
+        I::load(Size::W, 3, 6, SKB_DATA_END),
+        I::mov(4, 2),
+        I::add_imm(4, ETH_HEADER),
+        I::jump(Cond::Gt, 4, 3, TO_DROP),
+    ]);
+    // The router's own frame (the link's MAC as its source) passes; any other is a member's.
+    p.extend([
+        I::load(Size::W, 4, 2, ETH_SOURCE),
+        I::load(Size::W, 5, 7, 0),
+        I::jump(Cond::Ne, 4, 5, 5),
+        I::load(Size::H, 4, 2, ETH_SOURCE + 4),
+        I::load(Size::H, 5, 7, 4),
+        I::jump(Cond::Ne, 4, 5, 2),
+        I::mov_imm(0, PASS),
         I::exit(),
     ]);
+    p.extend(ipv4_headers(TO_DROP));
+    p.extend([
+        I::load(Size::W, 5, 2, SADDR),
+        I::store(Size::W, 10, -8, 5),
+        // The LPM key { 32, daddr } at r10 - 24.
+        I::load(Size::W, 5, 2, DADDR),
+        I::store(Size::W, 10, -20, 5),
+    ]);
+    p.extend(lookup(members, -8, TO_DROP));
+    p.push(I::mov(8, 0));
+    p.extend(ipv4_headers(TO_DROP));
+    p.extend(source_is(8, 4, TO_DROP));
+    p.extend([
+        I::load(Size::W, 8, 8, 16),
+        I::mov_imm(1, 32),
+        I::store(Size::W, 10, -24, 1),
+    ]);
+    p.extend(lookup(prefixes, -24, TO_DROP));
+    p.extend([
+        I::mov(9, 0),
+        // The prefix's peer is this link's.
+        I::load(Size::W, 1, 9, 0),
+        I::load(Size::W, 2, 6, SKB_IFINDEX),
+        I::jump(Cond::Ne, 1, 2, TO_DROP),
+        // Reach: key { from, to } at r10 - 32.
+        I::store(Size::W, 10, -32, 8),
+        I::load(Size::W, 1, 9, 8),
+        I::store(Size::W, 10, -28, 1),
+    ]);
+    p.extend(lookup(reach, -32, TO_DROP));
+    p.extend(ipv4_headers(TO_DROP));
+    p.extend(decrement_ttl());
+    p.extend([I::load(Size::W, 1, 6, SKB_IFINDEX), I::load(Size::W, 3, 9, 4)]);
+    p.extend(redirect_neigh());
     finish(p)
 }
 

@@ -12,15 +12,17 @@ use ipnet::IpNet;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage, MacVlanMode,
 };
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope};
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
 };
-use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use rtnetlink::{Handle, LinkMacVlan, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use crate::error::{DataplaneError, Result, netlink_errno, netlink_io};
 use crate::netns::NetNs;
@@ -232,6 +234,24 @@ impl Netlink {
             .map_err(|e| self.nl_err(OP, object, e))
     }
 
+    /// Creates a macvlan link `name` on link `lower` of this namespace, directly inside `target`,
+    /// in private mode (no traffic between macvlans of one lower link): what it sends leaves
+    /// through `lower`'s transmit path at once, with no queue or receive pass in between. It gets
+    /// link-layer address `mac`, no ARP (`IFF_NOARP`: its neighbours need no resolution) and is
+    /// left down.
+    pub async fn create_macvlan_in(&self, target: &NetNs, name: &str, lower: &str, mac: [u8; 6]) -> Result<()> {
+        const OP: &str = "create macvlan";
+        check_name(OP, name)?;
+        let index = self.index(OP, lower).await?;
+        let msg = LinkMacVlan::new(name, index, MacVlanMode::Private)
+            .address(mac.to_vec())
+            .arp(false)
+            .setns_by_fd(target.as_raw_fd())
+            .build();
+        let object = format!("{name} (on {lower}, in {})", target.path().display());
+        self.add_link(OP, object, msg).await
+    }
+
     /// Moves link `name` into `ns` (`ip link set NAME netns NS`). It arrives down there; a VXLAN
     /// keeps its UDP socket in the namespace it was created in.
     pub async fn move_to(&self, name: &str, ns: &NetNs) -> Result<()> {
@@ -388,6 +408,28 @@ impl Netlink {
             .map_err(|e| self.nl_err(OP, object, e))
     }
 
+    /// Adds (or replaces) a link-scope IPv4 route to `dst` out of `dev`, with preferred source
+    /// `src` (an address of another link: `dev` may have none).
+    pub async fn add_route_from(&self, dst: ipnet::Ipv4Net, dev: &str, src: Ipv4Addr) -> Result<()> {
+        const OP: &str = "add route";
+        let object = format!("{dst} dev {dev} src {src}");
+        let index = self.index(OP, dev).await?;
+        let dst = dst.trunc();
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .pref_source(src)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.nl_err(OP, object, e))
+    }
+
     /// Deletes the main-table route to `dst`; `false` if there was none.
     pub async fn delete_route(&self, dst: IpNet) -> Result<bool> {
         const OP: &str = "delete route";
@@ -457,9 +499,9 @@ impl Netlink {
 
     /// Runs eBPF program `prog` (a `sched_cls` program, named `name` in `tc filter show`) in
     /// direct-action mode at ingress of link `link`, replacing the one attached there before, and
-    /// makes the link's `ingress` qdisc first if it has none. A tc filter, not a tcx link: attaching
-    /// one costs no RCU grace period under the RTNL lock (tcx's does, ~15 ms), and it stays when
-    /// the process that attached it exits.
+    /// makes the link's `ingress` qdisc first if it has none (a `clsact` one serves as well). A tc
+    /// filter, not a tcx link: attaching one costs no RCU grace period under the RTNL lock (tcx's
+    /// does, ~15 ms), and it stays when the process that attached it exits.
     pub async fn attach_tc_ingress(&self, link: &str, prog: std::os::fd::BorrowedFd<'_>, name: &str) -> Result<()> {
         const OP: &str = "attach tc ingress program to";
         let index = self.index(OP, link).await?;
@@ -468,7 +510,60 @@ impl Netlink {
             Err(e) if netlink_errno(&e) == Some(nix::libc::EEXIST) => {}
             Err(e) => return Err(self.nl_err(OP, link.to_string(), e)),
         }
-        let mut msg = tc_ingress_filter(index);
+        self.attach_tc(OP, link, index, TcHandle::MIN_INGRESS, prog, name).await
+    }
+
+    /// Like [`Netlink::attach_tc_ingress`], at egress: the link's qdisc becomes `clsact`, which
+    /// has both hooks. An `ingress` qdisc standing there goes first, with its filters, so callers
+    /// attach their ingress program after this.
+    pub async fn attach_tc_egress(&self, link: &str, prog: std::os::fd::BorrowedFd<'_>, name: &str) -> Result<()> {
+        const OP: &str = "attach tc egress program to";
+        let index = self.index(OP, link).await?;
+        self.ensure_clsact(OP, link, index).await?;
+        self.attach_tc(OP, link, index, TcHandle::MIN_EGRESS, prog, name).await
+    }
+
+    async fn ensure_clsact(&self, op: &'static str, link: &str, index: u32) -> Result<()> {
+        let qdisc = |kind: &str| {
+            let mut msg = TcMessage::with_index(index as i32);
+            msg.header.parent = TcHandle::CLSACT;
+            msg.header.handle = TcHandle {
+                major: 0xffff,
+                minor: 0,
+            };
+            msg.attributes.push(TcAttribute::Kind(kind.to_string()));
+            msg
+        };
+        let add = || {
+            let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(qdisc("clsact")));
+            req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+            req
+        };
+        match self.tc_request(op, link, add()).await {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
+            other => return other,
+        }
+        // Something holds the hook: clsact already, or an `ingress` qdisc, which a delete that
+        // names its kind removes (the kernel refuses it with EINVAL for any other kind).
+        let mut del = NetlinkMessage::from(RouteNetlinkMessage::DelQueueDiscipline(qdisc("ingress")));
+        del.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        match self.tc_request(op, link, del).await {
+            Ok(()) => self.tc_request(op, link, add()).await,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn attach_tc(
+        &self,
+        op: &'static str,
+        link: &str,
+        index: u32,
+        hook: u16,
+        prog: std::os::fd::BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<()> {
+        let mut msg = tc_filter(index, hook);
         msg.attributes.push(TcAttribute::Kind(TcFilterBpf::KIND.to_string()));
         msg.attributes.push(TcAttribute::Options(vec![
             TcOption::Bpf(TcFilterBpfOption::ProgFd(prog.as_raw_fd() as u32)),
@@ -477,19 +572,30 @@ impl Netlink {
         ]));
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewTrafficFilter(msg));
         req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-        self.tc_request(OP, link, req).await
+        self.tc_request(op, link, req).await
     }
 
     /// Removes what [`Netlink::attach_tc_ingress`] attached at ingress of `link`; `false` if
     /// nothing (or no such link) was there.
     pub async fn detach_tc_ingress(&self, link: &str) -> Result<bool> {
-        const OP: &str = "detach tc ingress program from";
+        self.detach_tc("detach tc ingress program from", link, TcHandle::MIN_INGRESS)
+            .await
+    }
+
+    /// Removes what [`Netlink::attach_tc_egress`] attached at egress of `link`; `false` if
+    /// nothing (or no such link) was there.
+    pub async fn detach_tc_egress(&self, link: &str) -> Result<bool> {
+        self.detach_tc("detach tc egress program from", link, TcHandle::MIN_EGRESS)
+            .await
+    }
+
+    async fn detach_tc(&self, op: &'static str, link: &str, hook: u16) -> Result<bool> {
         let Some(l) = self.link(link).await? else {
             return Ok(false);
         };
-        let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelTrafficFilter(tc_ingress_filter(l.index)));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelTrafficFilter(tc_filter(l.index, hook)));
         req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        match self.tc_request(OP, link, req).await {
+        match self.tc_request(op, link, req).await {
             Ok(()) => Ok(true),
             Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ENOENT | nix::libc::EINVAL)) => Ok(false),
             Err(e) => Err(e),
@@ -663,12 +769,13 @@ impl Netlink {
 }
 
 /// The one ingress filter nsm keeps on a link: priority 1, handle 1, every protocol.
-fn tc_ingress_filter(index: u32) -> TcMessage {
+/// The one filter nsm keeps at a link's `hook` (`TcHandle::MIN_INGRESS` or `MIN_EGRESS`).
+fn tc_filter(index: u32, hook: u16) -> TcMessage {
     const ETH_P_ALL: u16 = 0x0003;
     let mut msg = TcMessage::with_index(index as i32);
     msg.header.parent = TcHandle {
         major: 0xffff,
-        minor: TcHandle::MIN_INGRESS,
+        minor: hook,
     };
     msg.header.handle = TcHandle { major: 0, minor: 1 };
     msg.header.info = u32::from(TcHandle {

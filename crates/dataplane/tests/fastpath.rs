@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
@@ -48,12 +48,23 @@ fn through(router: &NetNs, from: &NetNs, to: &NetNs, addr: SocketAddr, n: usize)
     (got, ipv4_forwarded(router).unwrap() - before)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fast_path_both_ways_and_back_to_the_stack() {
-    let mut c = Cleanup::new();
+/// The three namespaces, wired and routed through the router's stack.
+struct Bed {
+    peer_name: String,
+    router_name: String,
+    member_name: String,
+    peer: NetNs,
+    router: NetNs,
+    member: NetNs,
+    np: Netlink,
+    nr: Netlink,
+    nm: Netlink,
+}
+
+async fn bed(c: &mut Cleanup) -> Bed {
     let (peer_name, peer) = c.netns();
-    let (_, router) = c.netns();
-    let (_, member) = c.netns();
+    let (router_name, router) = c.netns();
+    let (member_name, member) = c.netns();
     let np = Netlink::connect(&peer).await.unwrap();
     let nr = Netlink::connect(&router).await.unwrap();
     let nm = Netlink::connect(&member).await.unwrap();
@@ -96,6 +107,31 @@ async fn fast_path_both_ways_and_back_to_the_stack() {
     )
     .await
     .unwrap();
+    Bed {
+        peer_name,
+        router_name,
+        member_name,
+        peer,
+        router,
+        member,
+        np,
+        nr,
+        nm,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_both_ways_and_back_to_the_stack() {
+    let mut c = Cleanup::new();
+    let Bed {
+        peer_name,
+        peer,
+        router,
+        member,
+        nr,
+        nm,
+        ..
+    } = bed(&mut c).await;
     let to_member = SocketAddr::new(IpAddr::V4(MEMBER), 7001);
     let to_remote = SocketAddr::new(IpAddr::V4(REMOTE), 7002);
     // Through the router's stack first: the paths work, neighbours are resolved.
@@ -189,5 +225,118 @@ async fn fast_path_both_ways_and_back_to_the_stack() {
     assert_eq!(through(&router, &member, &peer, to_remote, 20), (20, 20), "replaced");
     fp.detach_all(&nr).await.unwrap();
     assert!(!nr.detach_tc_ingress("nsm-rm").await.unwrap(), "nothing left to detach");
+    c.finish();
+}
+
+/// A member's shortcut: a macvlan on the router's peer link, in the member's namespace, through
+/// which the member sends straight out of the link. The shortcut program at the link's egress
+/// lets out exactly what the send program would have sent, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shortcut_sends_past_the_router_and_only_what_it_may() {
+    let mut c = Cleanup::new();
+    let Bed {
+        router_name,
+        member_name,
+        peer,
+        router,
+        member,
+        np,
+        nr,
+        nm,
+        ..
+    } = bed(&mut c).await;
+    let to_member = SocketAddr::new(IpAddr::V4(MEMBER), 7003);
+    let to_remote = SocketAddr::new(IpAddr::V4(REMOTE), 7004);
+    assert_eq!(through(&router, &member, &peer, to_remote, 3), (3, 3));
+
+    let mut fp = FastPath::new().expect("the verifier accepts the programs");
+    let r0 = nr.link("nsm-r0").await.unwrap().unwrap();
+    let rm = nr.link("nsm-rm").await.unwrap().unwrap();
+    let m0 = nm.link("nsm-m0").await.unwrap().unwrap();
+    let member_mac: [u8; 6] = m0.mac.clone().try_into().unwrap();
+    fp.attach(&nr, "nsm-r0", r0.index, Direction::Deliver).await.unwrap();
+    assert!(fp.guards("nsm-r0"));
+    fp.set_member(
+        MEMBER,
+        Member {
+            ifindex: rm.index,
+            member_mac,
+            router_mac: rm.mac.clone().try_into().unwrap(),
+            service: 1,
+        },
+    )
+    .unwrap();
+    fp.set_prefix(
+        "192.0.2.0/24".parse().unwrap(),
+        PeerPrefix {
+            ifindex: r0.index,
+            gateway: PEER_GW,
+            service: 2,
+        },
+    )
+    .unwrap();
+    fp.set_reach(&BTreeSet::from([(1, 2)])).unwrap();
+    fp.set_link_macs(&HashMap::from([(r0.index, r0.mac.clone().try_into().unwrap())]))
+        .unwrap();
+
+    // The shortcut, with the member's MAC, and the peer's prefix routed through it.
+    nr.create_macvlan_in(&member, "nsm-s0", "nsm-r0", member_mac)
+        .await
+        .unwrap();
+    nm.set_up("nsm-s0").await.unwrap();
+    nm.add_route_from("192.0.2.0/24".parse().unwrap(), "nsm-s0", MEMBER)
+        .await
+        .unwrap();
+    let sent = |nl: Netlink| async move { nl.link("nsm-s0").await.unwrap().unwrap().stats.tx_packets };
+    let before = sent(nm.clone()).await;
+    assert_eq!(
+        through(&router, &member, &peer, to_remote, 50),
+        (50, 0),
+        "past the router"
+    );
+    assert!(sent(nm.clone()).await - before >= 50, "through the shortcut");
+    // Replies come back the usual way (the deliver program); the router's own traffic on the
+    // link is untouched.
+    assert_eq!(through(&router, &peer, &member, to_member, 10), (10, 0));
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", &router_name, "ping", "-c", "1", "-W", "2"])
+        .arg(PEER_GW.to_string())
+        .status()
+        .unwrap();
+    assert!(ping.success(), "the router's own packets pass");
+
+    // Services that may not reach each other: dropped at the link, not routed either.
+    fp.set_reach(&BTreeSet::from([(2, 1)])).unwrap();
+    assert_eq!(through(&router, &member, &peer, to_remote, 20), (0, 0), "reach");
+    fp.set_reach(&BTreeSet::from([(1, 2)])).unwrap();
+    // A source MAC that is not the member's (a forged frame): dropped.
+    nm.set_down("nsm-s0").await.unwrap();
+    let forged = std::process::Command::new("ip")
+        .args(["netns", "exec", &member_name, "ip", "link", "set", "nsm-s0", "address"])
+        .arg("02:00:00:00:be:ef")
+        .status()
+        .unwrap();
+    assert!(forged.success());
+    nm.set_up("nsm-s0").await.unwrap();
+    nm.add_route_from("192.0.2.0/24".parse().unwrap(), "nsm-s0", MEMBER)
+        .await
+        .unwrap();
+    assert_eq!(through(&router, &member, &peer, to_remote, 20), (0, 0), "forged MAC");
+    // A destination that is no prefix of this link's peer: dropped.
+    np.add_address("lo", "192.0.2.6/32".parse().unwrap()).await.unwrap();
+    fp.remove_prefix("192.0.2.0/24".parse().unwrap()).unwrap();
+    fp.set_prefix(
+        "192.0.2.5/32".parse().unwrap(),
+        PeerPrefix {
+            ifindex: r0.index,
+            gateway: PEER_GW,
+            service: 2,
+        },
+    )
+    .unwrap();
+    let other = SocketAddr::new("192.0.2.6".parse().unwrap(), 7005);
+    assert_eq!(through(&router, &member, &peer, other, 10), (0, 0), "not the peer's");
+    fp.detach_all(&nr).await.unwrap();
+    assert!(!nr.detach_tc_egress("nsm-r0").await.unwrap(), "nothing left to detach");
     c.finish();
 }
