@@ -26,5 +26,5 @@ pub use error::{DataplaneError, Result};
 pub use nat::{NAT_TABLE, add_masquerade, ensure_masquerade, nft_script, remove_masquerade};
 pub use netlink::{LinkInfo, LinkStats, MAX_LINK_NAME, NeighbourInfo, Netlink, RouteInfo};
 pub use netns::{NETNS_RUN_DIR, NetNs, identity as netns_identity, named_path};
-pub use sysctl::{enable_ip_forwarding, ipv4_forwarded, set_ip_forwarding, write_sysctl};
+pub use sysctl::{enable_ip_forwarding, ipv4_forwarded, read_sysctl, set_ip_forwarding, write_sysctl};
 pub use wireguard::{Key as WgKey, WgDevice, WgDeviceUpdate, WgPeer, WgPeerUpdate, wg_get, wg_set};

@@ -73,3 +73,17 @@ pub fn ipv4_forwarded(ns: &NetNs) -> Result<u64> {
     });
     found.ok_or_else(|| bad(std::io::Error::other("no Ip: ForwDatagrams counter")))
 }
+
+/// Reads one sysctl (`net.ipv4.conf.all.rp_filter`) inside `ns`, trimmed.
+pub fn read_sysctl(ns: &NetNs, key: &str) -> Result<String> {
+    let file = format!("/proc/sys/{}", key.replace('.', "/"));
+    ns.run(move || {
+        std::fs::read_to_string(&file)
+            .map(|v| v.trim().to_owned())
+            .map_err(|source| DataplaneError::Namespace {
+                op: "read sysctl",
+                path: Path::new(&file).to_path_buf(),
+                source,
+            })
+    })?
+}

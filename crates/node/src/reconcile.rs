@@ -692,7 +692,7 @@ impl Reconciler {
 
     async fn teardown(&mut self, key: &(String, String)) {
         let Some(w) = self.wired.remove(key) else { return };
-        self.vl3.member_gone(&w.endpoint, w.src.addr());
+        self.vl3.member_gone(&w.endpoint, w.src.addr()).await;
         match unwire(&w, &self.host_netns, self.wg.as_deref()).await {
             Ok(()) => tracing::info!(client = ?key, interface = %w.interface, "vWire removed"),
             Err(e) => tracing::warn!(client = ?key, error = %e, "removing vWire"),
@@ -1588,7 +1588,7 @@ type NlCache = std::sync::Mutex<HashMap<String, ((u64, u64), Arc<NetNs>, Netlink
 
 static NL_CACHE: std::sync::LazyLock<NlCache> = std::sync::LazyLock::new(Default::default);
 
-async fn netlink_in(path: &str) -> Result<(Arc<NetNs>, Netlink), String> {
+pub(crate) async fn netlink_in(path: &str) -> Result<(Arc<NetNs>, Netlink), String> {
     let id = nsm_dataplane::netns_identity(path);
     if let Some(id) = id
         && let Some((cached_id, ns, nl)) = NL_CACHE.lock().expect("not poisoned").get(path).cloned()

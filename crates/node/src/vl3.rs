@@ -46,6 +46,8 @@ use tonic::transport::Channel;
 
 use crate::remote::{link_name, vxlan};
 
+mod shortcut;
+
 /// nftables table of a router's filter.
 const FILTER_TABLE: &str = "nsmvl3";
 
@@ -128,6 +130,13 @@ pub(crate) struct Router {
     fast_off: Option<String>,
     /// Service numbers of the fast path's tables, by member service name.
     service_ids: HashMap<String, u32>,
+    /// Members that may have shortcuts, by address (see [`shortcut`]).
+    shortcuts: HashMap<std::net::Ipv4Addr, shortcut::Member>,
+    /// What shortcuts are made from, as the fast path last synced it: the peer links guarded by
+    /// the shortcut program (index -> name), the peer prefix table and the reach pairs.
+    guarded: HashMap<u32, String>,
+    fast_prefixes: HashMap<ipnet::Ipv4Net, fastpath::PeerPrefix>,
+    fast_pairs: BTreeSet<(u32, u32)>,
     dns_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -408,6 +417,10 @@ impl Vl3Plane {
                     fast: None,
                     fast_off: None,
                     service_ids: HashMap::new(),
+                    shortcuts: HashMap::new(),
+                    guarded: HashMap::new(),
+                    fast_prefixes: HashMap::new(),
+                    fast_pairs: BTreeSet::new(),
                     dns_stop,
                 },
             );
@@ -548,12 +561,30 @@ impl Vl3Plane {
     }
 
     /// Puts member `addr` of service `service`, behind the router's veth end `end`, on the fast
-    /// path (if it is on; else the next pass does, when it is).
-    pub(crate) async fn member_ready(&mut self, vl3: &str, addr: IpAddr, end: &str, member_mac: &[u8], service: &str) {
+    /// path (if it is on; else the next pass does, when it is), and gives it its shortcuts; the
+    /// member's own end is `iface` in namespace `netns`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn member_ready(
+        &mut self,
+        vl3: &str,
+        addr: IpAddr,
+        end: &str,
+        member_mac: &[u8],
+        service: &str,
+        netns: &str,
+        iface: &str,
+    ) {
         let Some(router) = self.routers.get_mut(vl3) else {
             return;
         };
-        let (Some(id), IpAddr::V4(v4)) = (router.service_ids.get(service).copied(), addr) else {
+        let IpAddr::V4(v4) = addr else { return };
+        if let Ok(mac) = <[u8; 6]>::try_from(member_mac) {
+            let entry = shortcut::Member::new(netns.to_owned(), iface.to_owned(), mac, service.to_owned());
+            if !router.shortcuts.get(&v4).is_some_and(|m| m.same(&entry)) {
+                router.shortcuts.insert(v4, entry);
+            }
+        }
+        let Some(id) = router.service_ids.get(service).copied() else {
             return;
         };
         let Some(fast) = router.fast.as_mut() else { return };
@@ -570,13 +601,21 @@ impl Vl3Plane {
         };
         if let Err(e) = done.await {
             tracing::warn!(%vl3, member = %addr, error = %e, "vL3 fast path");
+            return;
         }
+        sync_shortcuts(router, vl3, Some(v4)).await;
     }
 
-    /// Takes member `addr` off the fast path (its veth pair is going).
-    pub(crate) fn member_gone(&self, vl3: &str, addr: IpAddr) {
-        if let (Some(f), IpAddr::V4(v4)) = (self.routers.get(vl3).and_then(|r| r.fast.as_ref()), addr) {
+    /// Takes member `addr` off the fast path and removes its shortcuts (its veth pair is going).
+    pub(crate) async fn member_gone(&mut self, vl3: &str, addr: IpAddr) {
+        let (Some(router), IpAddr::V4(v4)) = (self.routers.get_mut(vl3), addr) else {
+            return;
+        };
+        if let Some(f) = router.fast.as_ref() {
             let _ = f.remove_member(v4);
+        }
+        if let Some(mut m) = router.shortcuts.remove(&v4) {
+            shortcut::clear(vl3, &mut m).await;
         }
     }
 
@@ -692,6 +731,10 @@ async fn sync_fast_path(
     let name = vl3.name.as_str();
     if let Err(why) = direct {
         if router.fast_off.as_deref() != Some(why) {
+            // Shortcuts first: none may outlive the program that guards its link.
+            for m in router.shortcuts.values_mut() {
+                shortcut::clear(name, m).await;
+            }
             // Programs stay attached without their owner (a daemon before a restart may have
             // left some), so every link of the router is cleared, not only those known here.
             let cleared = match router.nl.links().await {
@@ -804,13 +847,23 @@ async fn sync_fast_path(
             attach.push((end.name.clone(), end.index, Direction::Send));
         }
     }
+    // Peer links' own MACs: what tells the router's frames from shortcut frames at their egress.
+    let macs: HashMap<u32, [u8; 6]> = attach
+        .iter()
+        .filter(|(_, _, d)| *d == Direction::Deliver)
+        .filter_map(|(_, index, _)| {
+            let l = links.iter().find(|l| l.index == *index)?;
+            Some((*index, <[u8; 6]>::try_from(l.mac.as_slice()).ok()?))
+        })
+        .collect();
     // Tables before attachments: a program that a restarted daemon's replaces finds its entries.
     // The reach table first: a pair the filter stopped admitting leaves before any entry changes.
     let tables = fast
         .set_reach(&pairs)
         .and_then(|()| fast.set_members(&members))
-        .and_then(|()| fast.set_prefixes(&prefixes));
-    if let Err(e) = tables {
+        .and_then(|()| fast.set_prefixes(&prefixes))
+        .and_then(|()| fast.set_link_macs(&macs));
+    if let Err(e) = &tables {
         tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: tables");
     }
     if let Err(e) = fast
@@ -822,6 +875,51 @@ async fn sync_fast_path(
     for (link, index, direction) in &attach {
         if let Err(e) = fast.attach(&router.nl, link, *index, *direction).await {
             tracing::warn!(vl3 = %name, %link, error = %e, "vL3 fast path: attaching");
+        }
+    }
+    let guarded: HashMap<u32, String> = if tables.is_ok() {
+        attach
+            .iter()
+            .filter(|(link, index, _)| fast.guards(link) && macs.contains_key(index))
+            .map(|(link, index, _)| (*index, link.clone()))
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    if guarded != router.guarded {
+        // Links came or went (and shortcuts on a deleted link with them): look again.
+        for m in router.shortcuts.values_mut() {
+            m.reread();
+        }
+        router.guarded = guarded;
+    }
+    router.fast_prefixes = prefixes;
+    router.fast_pairs = pairs;
+    sync_shortcuts(router, name, None).await;
+}
+
+/// Brings the shortcuts of every member (or only of `only`) in line with the fast path's tables.
+async fn sync_shortcuts(router: &mut Router, vl3: &str, only: Option<std::net::Ipv4Addr>) {
+    let on = router.fast.is_some();
+    let nobody = BTreeMap::new();
+    for (addr, m) in router
+        .shortcuts
+        .iter_mut()
+        .filter(|(a, _)| only.is_none_or(|o| o == **a))
+    {
+        let wanted = match router.service_ids.get(&m.service) {
+            Some(id) if on => shortcut::wanted(vl3, m, *id, &router.fast_prefixes, &router.fast_pairs, &router.guarded),
+            _ => nobody.clone(),
+        };
+        let outcome = shortcut::apply(vl3, &router.nl, m, *addr, &wanted).await.err();
+        if outcome != m.failure {
+            match &outcome {
+                Some(e) => {
+                    tracing::warn!(%vl3, member = %addr, error = %e, "vL3 shortcuts: this member's packets take its veth")
+                }
+                None => tracing::debug!(%vl3, member = %addr, shortcuts = wanted.len(), "vL3 shortcuts"),
+            }
+            m.failure = outcome;
         }
     }
 }

@@ -194,6 +194,25 @@ fn on_fast_path(bed: &Testbed, from: &str, to: IpAddr, routers: &[&str]) -> bool
     forwarded() - before < 5
 }
 
+/// Packets workload `w` has sent through its vL3 shortcuts (macvlans on its router's peer links,
+/// which nsm marks with an alias), and how many shortcuts it has.
+async fn shortcut_sent(bed: &Testbed, w: &str) -> (u64, usize) {
+    let nl = nsm_dataplane::Netlink::connect(bed.workload_ns(w)).await.unwrap();
+    let links = nl.links().await.unwrap();
+    let shortcuts: Vec<_> = links
+        .iter()
+        .filter(|l| l.alias.as_deref().is_some_and(|a| a.starts_with("nsm vL3 shortcut ")))
+        .collect();
+    (shortcuts.iter().map(|l| l.stats.tx_packets).sum(), shortcuts.len())
+}
+
+/// Whether pings from `from` to `to` leave through `from`'s shortcut (and arrive).
+async fn through_shortcut(bed: &Testbed, from: &str, to: IpAddr) -> bool {
+    let (before, _) = shortcut_sent(bed, from).await;
+    assert!(bed.ping(from, to, 5), "{from} -> {to}");
+    shortcut_sent(bed, from).await.0 - before >= 5
+}
+
 /// Router namespaces the nodes made for this test's mesh (named after the node names).
 fn router_netns(hosts: &[&str]) -> Vec<String> {
     std::fs::read_dir("/run/netns")
@@ -274,6 +293,19 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
         "fast path between nodes a and b\n{}",
         mesh.logs()
     );
+    // ...and past a1's own veth: it sends through its shortcut, one per peer node.
+    assert!(
+        through_shortcut(&mesh.bed, "a1", addrs["b1"]).await,
+        "a1's shortcut\n{}",
+        mesh.logs()
+    );
+    for name in ["a1", "a2", "b1", "c1"] {
+        assert_eq!(
+            shortcut_sent(&mesh.bed, name).await.1,
+            2,
+            "{name}: a shortcut per peer node"
+        );
+    }
     let j = mesh.status("a1", "default");
     assert_eq!(j["status"]["dnsName"], "a1.mesh.");
     assert_eq!(j["status"]["searchDomains"], serde_json::json!(["mesh."]));
@@ -297,6 +329,13 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
         "fast path after node a's restart\n{}",
         mesh.nodes["vla"].log()
     );
+    // The restarted daemon finds the shortcuts it made: used again, none doubled.
+    assert!(
+        eventually(10, || async { through_shortcut(&mesh.bed, "a1", addrs["c1"]).await }).await,
+        "a1's shortcut after the restart\n{}",
+        mesh.nodes["vla"].log()
+    );
+    assert_eq!(shortcut_sent(&mesh.bed, "a1").await.1, 2);
 
     // The router itself dies (its namespace goes): the node rebuilds it, members keep addresses.
     let router_a = router_netns(&["vla"]);
@@ -334,6 +373,13 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
     );
     let prefixes = ok(nsmctl(&mesh.registry, &["get", "prefixes"]));
     assert_eq!(prefixes.lines().count(), 4, "no duplicate lease:\n{prefixes}");
+    // Shortcuts to c went with its link, and come back with it (a2's router was rebuilt too).
+    assert!(
+        eventually(10, || async { through_shortcut(&mesh.bed, "a2", addrs["c1"]).await }).await,
+        "a2's shortcut to the returned node\n{}",
+        mesh.nodes["vla"].log()
+    );
+    assert_eq!(shortcut_sent(&mesh.bed, "a2").await.1, 2);
 
     // Leaving: delete a member, its interface goes.
     ok(nsmctl(&mesh.registry, &["delete", "client", "a2"]));
@@ -428,6 +474,13 @@ async fn services_share_a_vl3_isolated_until_opened() {
     let routers = router_netns(&["isa", "isb"]);
     let routers: Vec<&str> = routers.iter().map(String::as_str).collect();
     assert!(on_fast_path(&mesh.bed, "i1", i2, &routers));
+    // Members send to their own service's members on the other node through their shortcuts;
+    // what they may not reach is not routed there (and the link's guard would drop it).
+    assert!(through_shortcut(&mesh.bed, "i1", i2).await);
+    assert!(through_shortcut(&mesh.bed, "l1", s1).await, "to the shared member");
+    let (before, _) = shortcut_sent(&mesh.bed, "i1").await;
+    assert!(!reach("i1", l2));
+    assert_eq!(shortcut_sent(&mesh.bed, "i1").await.0, before, "no shortcut to linkerd");
     // Names resolve for all (isolation is about traffic).
     let dns = mesh.ready("i1", "istio-system").1;
     assert_eq!(resolve(&mesh.bed, "i1", dns, "l2.linkerd.", RecordType::A), vec![l2]);
@@ -453,8 +506,10 @@ async fn services_share_a_vl3_isolated_until_opened() {
     );
     assert!(reach("l2", i1));
     assert!(!reach("i1", l2), "istio -> linkerd still closed");
-    // Replies of one-way reach need each router's connection tracking: no fast path.
+    // Replies of one-way reach need each router's connection tracking: no fast path, and no
+    // shortcuts.
     assert!(!on_fast_path(&mesh.bed, "l1", i2, &routers));
+    assert_eq!(shortcut_sent(&mesh.bed, "l1").await.1, 0, "shortcuts removed");
     // Istio reaches everyone.
     ok(nsmctl(r, &["delete", "ns", "istio", "-n", "istio-system"]));
     ok(nsmctl(
@@ -472,6 +527,11 @@ async fn services_share_a_vl3_isolated_until_opened() {
     ));
     assert!(eventually(5, || async { reach("i1", l2) }).await, "istio -> everyone");
     assert!(reach("i2", l1));
+    // Two-way reach again (istio reaches all, linkerd istio): fast path and shortcuts are back.
+    assert!(
+        eventually(5, || async { through_shortcut(&mesh.bed, "i1", l2).await }).await,
+        "istio -> linkerd through the shortcut"
+    );
     mesh.down().await;
 }
 

@@ -306,7 +306,15 @@ impl Reconciler {
                     }
                 };
                 self.vl3
-                    .member_ready(&vl3.name, addr, &peer_name(&uid), &mac, &member_service)
+                    .member_ready(
+                        &vl3.name,
+                        addr,
+                        &peer_name(&uid),
+                        &mac,
+                        &member_service,
+                        &w.netns,
+                        &w.interface,
+                    )
                     .await;
                 self.wired.insert(key.clone(), w.clone());
                 let stats = live_stats(&w).await.unwrap_or_default();
