@@ -801,7 +801,15 @@ async fn throughput(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
             args.reps, args.seconds
         );
         let labels = ["vWire", "vL3  "];
+        let before = member_sent(bed, "x").await?;
         let a = alternate(bed, "y", "x", [wire_dst, vl3_dst], labels, args.reps, args.seconds)?;
+        let after = member_sent(bed, "x").await?;
+        // Which way the vL3's bytes left x: its shortcut to node 1 or its veth into its router.
+        eprintln!(
+            "x sent {:.1} GB through its vL3 shortcut(s), {:.1} GB through its vL3 veth",
+            (after.0 - before.0) as f64 / 1e9,
+            (after.1 - before.1) as f64 / 1e9
+        );
         drop(statuses);
         drop(mesh);
 
@@ -813,6 +821,24 @@ async fn throughput(args: &Args, bin: &Path) -> anyhow::Result<Vec<Verdict>> {
         }))
     })
     .await
+}
+
+/// Bytes namespace `w` has sent through its vL3 shortcuts (links nsm marks with an alias) and
+/// through its veth links.
+async fn member_sent(bed: &Testbed, w: &str) -> anyhow::Result<(u64, u64)> {
+    let nl = nsm_dataplane::Netlink::connect(bed.workload_ns(w)).await?;
+    let (mut shortcut, mut veth) = (0, 0);
+    for l in nl.links().await? {
+        if l.alias
+            .as_deref()
+            .is_some_and(nsm_dataplane::fastpath::is_shortcut_alias)
+        {
+            shortcut += l.stats.tx_bytes;
+        } else if l.kind.as_deref() == Some("veth") {
+            veth += l.stats.tx_bytes;
+        }
+    }
+    Ok((shortcut, veth))
 }
 
 /// `latency`: joins onto an existing vL3 spread over the nodes, create → reaches every other

@@ -62,6 +62,19 @@ const MAX_PREFIXES: u32 = 65_536;
 const MAX_PAIRS: u32 = 65_536;
 const MAX_LINKS: u32 = 4_096;
 
+/// What a member's shortcut onto a peer link of vL3 `vl3` (a macvlan in the member's namespace)
+/// carries as its alias, so that nsm, and whoever looks, can tell it from the workload's links.
+pub fn shortcut_alias(vl3: &str) -> String {
+    format!("{SHORTCUT_ALIAS_PREFIX}{vl3}")
+}
+
+/// Whether `alias` marks a member's shortcut (of any vL3).
+pub fn is_shortcut_alias(alias: &str) -> bool {
+    alias.starts_with(SHORTCUT_ALIAS_PREFIX)
+}
+
+const SHORTCUT_ALIAS_PREFIX: &str = "nsm vL3 shortcut ";
+
 /// A member of the router: where its packets go in, and which service it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Member {

@@ -201,7 +201,11 @@ async fn shortcut_sent(bed: &Testbed, w: &str) -> (u64, usize) {
     let links = nl.links().await.unwrap();
     let shortcuts: Vec<_> = links
         .iter()
-        .filter(|l| l.alias.as_deref().is_some_and(|a| a.starts_with("nsm vL3 shortcut ")))
+        .filter(|l| {
+            l.alias
+                .as_deref()
+                .is_some_and(nsm_dataplane::fastpath::is_shortcut_alias)
+        })
         .collect();
     (shortcuts.iter().map(|l| l.stats.tx_packets).sum(), shortcuts.len())
 }

@@ -23,15 +23,10 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use nsm_dataplane::Netlink;
-use nsm_dataplane::fastpath::PeerPrefix;
+use nsm_dataplane::fastpath::{PeerPrefix, shortcut_alias as alias};
 
 use crate::reconcile::netlink_in;
 use crate::remote::link_name;
-
-/// The alias that marks a link as a shortcut nsm made for vL3 `vl3`.
-fn alias(vl3: &str) -> String {
-    format!("nsm vL3 shortcut {vl3}")
-}
 
 /// A member that may have shortcuts.
 #[derive(Clone, Debug)]
