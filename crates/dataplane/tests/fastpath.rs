@@ -249,6 +249,21 @@ async fn shortcut_sends_past_the_router_and_only_what_it_may() {
     let to_remote = SocketAddr::new(IpAddr::V4(REMOTE), 7004);
     assert_eq!(through(&router, &member, &peer, to_remote, 3), (3, 3));
 
+    // An `ingress` qdisc, as an earlier nsm left on its peer links, gives way to clsact.
+    let tc = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &router_name, "tc"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    tc(&["qdisc", "add", "dev", "nsm-r0", "ingress"]);
     let mut fp = FastPath::new().expect("the verifier accepts the programs");
     let r0 = nr.link("nsm-r0").await.unwrap().unwrap();
     let rm = nr.link("nsm-rm").await.unwrap().unwrap();
@@ -256,6 +271,11 @@ async fn shortcut_sends_past_the_router_and_only_what_it_may() {
     let member_mac: [u8; 6] = m0.mac.clone().try_into().unwrap();
     fp.attach(&nr, "nsm-r0", r0.index, Direction::Deliver).await.unwrap();
     assert!(fp.guards("nsm-r0"));
+    let qdiscs = tc(&["qdisc", "show", "dev", "nsm-r0"]);
+    assert!(
+        qdiscs.contains("clsact") && !qdiscs.contains("qdisc ingress"),
+        "{qdiscs}"
+    );
     fp.set_member(
         MEMBER,
         Member {

@@ -456,7 +456,11 @@ async fn services_share_a_vl3_isolated_until_opened() {
     mesh.join("i2", "istio", "i2", "istio-system");
     mesh.join("l1", "linkerd", "l1", "linkerd");
     mesh.join("l2", "linkerd", "l2", "linkerd");
-    // A shared endpoint placed on the vL3 itself.
+    // A shared endpoint placed on the vL3 itself, in a namespace that filters reverse paths
+    // strictly: it gets no shortcuts (replies to it would arrive on its veth and be dropped), and
+    // its traffic takes its veth.
+    let strict = mesh.bed.exec("s1", &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"]);
+    assert!(strict.status.success());
     mesh.join("s1", "mesh-net", "s1", "default");
     let a = |n: &str, ns: &str| mesh.ready(n, ns).0;
     let (i1, i2, l1, l2, s1) = (
@@ -468,10 +472,8 @@ async fn services_share_a_vl3_isolated_until_opened() {
     );
     let reach = |from: &str, to: IpAddr| mesh.bed.ping(from, to, 1);
     assert!(reach("i1", i2) && reach("l1", l2), "own service across nodes");
-    assert!(
-        reach("i1", s1) && reach("l2", s1) && reach("s1", i1),
-        "everyone reaches the shared member"
-    );
+    let seen = (reach("i1", s1), reach("l2", s1), reach("s1", i1));
+    assert_eq!(seen, (true, true, true), "everyone reaches the shared member");
     assert!(!reach("i1", l1), "istio -> linkerd on one node is blocked");
     assert!(!reach("i1", l2) && !reach("l2", i2), "and across nodes, both ways");
     // All of that with the fast path on (its reach table holds only what the filter admits).
@@ -482,6 +484,12 @@ async fn services_share_a_vl3_isolated_until_opened() {
     // what they may not reach is not routed there (and the link's guard would drop it).
     assert!(through_shortcut(&mesh.bed, "i1", i2).await);
     assert!(through_shortcut(&mesh.bed, "l1", s1).await, "to the shared member");
+    assert_eq!(
+        shortcut_sent(&mesh.bed, "s1").await.1,
+        0,
+        "strict rp_filter: no shortcut"
+    );
+    assert!(reach("s1", i1) && reach("s1", l1));
     let (before, _) = shortcut_sent(&mesh.bed, "i1").await;
     assert!(!reach("i1", l2));
     assert_eq!(shortcut_sent(&mesh.bed, "i1").await.0, before, "no shortcut to linkerd");

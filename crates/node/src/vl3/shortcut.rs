@@ -41,6 +41,8 @@ pub(crate) struct Member {
     applied: Option<BTreeMap<String, BTreeSet<Ipv4Net>>>,
     /// The last failure logged, so a lasting one is logged once.
     pub(crate) failure: Option<String>,
+    /// Its namespace filters reverse paths strictly, as last read (with `applied`).
+    strict: bool,
 }
 
 impl Member {
@@ -52,6 +54,7 @@ impl Member {
             service,
             applied: None,
             failure: None,
+            strict: false,
         }
     }
 
@@ -108,15 +111,21 @@ pub(crate) async fn apply(
     let applied = match member.applied.take() {
         Some(a) => a,
         None => {
-            if !wanted.is_empty() && strict_reverse_paths(&ns, &member.iface) {
-                member.applied = Some(BTreeMap::new());
-                return Err("the member's namespace filters reverse paths strictly (rp_filter 1)".into());
-            }
+            member.strict = strict_reverse_paths(&ns, &member.iface);
             standing(vl3, &nl).await.map_err(|e| e.to_string())?
         }
     };
-    let mut now = BTreeMap::new();
     let mut result = Ok(());
+    let none = BTreeMap::new();
+    let wanted = if member.strict {
+        if !wanted.is_empty() {
+            result = Err("the member's namespace filters reverse paths strictly (rp_filter 1)".to_owned());
+        }
+        &none
+    } else {
+        wanted
+    };
+    let mut now = BTreeMap::new();
     for (name, routes) in applied {
         if !wanted.contains_key(&name) {
             let _ = nl.delete_link(&name).await;
