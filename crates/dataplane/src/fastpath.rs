@@ -1,5 +1,5 @@
-//! The fast path through a vL3 router: two eBPF programs at tc ingress that move a member's IPv4
-//! packets between its veth pair and the router's peer links without the router's IP stack.
+//! The fast path through a vL3 router: eBPF programs that move a member's IPv4 packets between
+//! the member and the router's peer links without the router's IP stack.
 //!
 //! - **deliver**, on each peer link: a packet for one of the router's members goes straight into
 //!   the member's namespace (`bpf_redirect_peer`), skipping the router's forwarding and a second
@@ -8,6 +8,9 @@
 //!   veth) to a prefix routed to a peer router, between services that may reach each other, goes
 //!   straight out of that peer's link (`bpf_redirect_neigh`, whose neighbour lookup of the peer's
 //!   gateway address fills in the Ethernet header).
+//! - **shortcut**, at *egress* of each peer link: the guard of members' shortcuts (macvlans on the
+//!   link, in the members' namespaces, which skip the veth pair altogether). The router's own
+//!   frames pass; a member's leave only as **send** would move them, and are dropped otherwise.
 //!
 //! Both do what the kernel's forwarding would: Ethernet addresses rewritten, TTL decremented with
 //! the header checksum updated as `ip_decrease_ttl` does. Whatever they do not know or may not

@@ -12,7 +12,8 @@ use ipnet::IpNet;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage, MacVlanMode,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags,
+    LinkInfo as NlLinkInfo, LinkMessage, MacVlanMode,
 };
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope};
@@ -304,6 +305,24 @@ impl Netlink {
         let index = self.index(OP, name).await?;
         let object = format!("{name} to {alias:?}");
         self.set_link(OP, object, LinkUnspec::new_with_index(index).alias(alias).build())
+            .await
+    }
+
+    /// Brings link `name` up with alias `alias` and no IPv6 addresses of its own (address
+    /// generation mode `none`: no link-local address, so no duplicate address detection, router
+    /// solicitations or MLD from it): for a link that carries only IPv4. Two requests, because the
+    /// kernel brings a link up before it applies the mode of the same request.
+    pub async fn set_up_ipv4_only(&self, name: &str, alias: &str) -> Result<()> {
+        const OP: &str = "bring up (IPv4 only)";
+        let index = self.index(OP, name).await?;
+        let msg = LinkUnspec::new_with_index(index)
+            .alias(alias)
+            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![
+                AfSpecInet6::AddrGenMode(In6AddrGenMode::None),
+            ])]))
+            .build();
+        self.set_link(OP, name.to_string(), msg).await?;
+        self.set_link(OP, name.to_string(), LinkUnspec::new_with_index(index).up().build())
             .await
     }
 

@@ -303,7 +303,24 @@ async fn shortcut_sends_past_the_router_and_only_what_it_may() {
     nr.create_macvlan_in(&member, "nsm-s0", "nsm-r0", member_mac)
         .await
         .unwrap();
-    nm.set_up("nsm-s0").await.unwrap();
+    let alias = nsm_dataplane::fastpath::shortcut_alias("v");
+    nm.set_up_ipv4_only("nsm-s0", &alias).await.unwrap();
+    let s0 = nm.link("nsm-s0").await.unwrap().unwrap();
+    assert_eq!(
+        (s0.kind.as_deref(), s0.up, s0.mac.as_slice()),
+        (Some("macvlan"), true, &member_mac[..])
+    );
+    assert!(
+        s0.alias
+            .as_deref()
+            .is_some_and(nsm_dataplane::fastpath::is_shortcut_alias)
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        nm.addresses("nsm-s0").await.unwrap(),
+        vec![],
+        "no IPv6 link-local address"
+    );
     nm.add_route_from("192.0.2.0/24".parse().unwrap(), "nsm-s0", MEMBER)
         .await
         .unwrap();

@@ -21,6 +21,7 @@
 //!
 //! Fast path: a member's IPv4 packets to and from other nodes skip the router's stack
 //! ([`nsm_dataplane::fastpath`], eBPF at ingress of each peer link and each member's veth end),
+//! and on their way out its veth pair too, through the member's shortcuts ([`shortcut`]),
 //! with tables the router keeps beside its routes and filter: its members, the peers' prefixes,
 //! and the pairs of services the filter lets through. Only IPv4 vL3s whose filter tracks no
 //! connections use it; everything else (IPv6, one-way reach, a kernel that refuses the programs,
@@ -562,7 +563,8 @@ impl Vl3Plane {
 
     /// Puts member `addr` of service `service`, behind the router's veth end `end`, on the fast
     /// path (if it is on; else the next pass does, when it is), and gives it its shortcuts; the
-    /// member's own end is `iface` in namespace `netns`.
+    /// member's own end is `iface` in namespace `netns`, made just now if `fresh` (else adopted
+    /// from an earlier run, shortcuts perhaps with it).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn member_ready(
         &mut self,
@@ -573,13 +575,14 @@ impl Vl3Plane {
         service: &str,
         netns: &str,
         iface: &str,
+        fresh: bool,
     ) {
         let Some(router) = self.routers.get_mut(vl3) else {
             return;
         };
         let IpAddr::V4(v4) = addr else { return };
         if let Ok(mac) = <[u8; 6]>::try_from(member_mac) {
-            let entry = shortcut::Member::new(netns.to_owned(), iface.to_owned(), mac, service.to_owned());
+            let entry = shortcut::Member::new(netns.to_owned(), iface.to_owned(), mac, service.to_owned(), fresh);
             if !router.shortcuts.get(&v4).is_some_and(|m| m.same(&entry)) {
                 router.shortcuts.insert(v4, entry);
             }

@@ -295,14 +295,14 @@ impl Reconciler {
                     mechanism: "KERNEL",
                     wg_id: None,
                 };
-                let mac = match adopt_member(&w).await {
-                    Some(mac) => mac,
+                let (mac, fresh) = match adopt_member(&w).await {
+                    Some(mac) => (mac, false),
                     None => {
                         // A veth pair into the router: the member's address, a route to the
                         // gateway and the pool through it, permanent neighbours both ways.
                         let mac = wire(&w, &router_path, &peer_name(&uid)).await.map_err(failed)?;
                         tracing::info!(client = ?key, vl3 = %vl3.name, address = %src, "vL3 member ready");
-                        mac
+                        (mac, true)
                     }
                 };
                 self.vl3
@@ -314,6 +314,7 @@ impl Reconciler {
                         &member_service,
                         &w.netns,
                         &w.interface,
+                        fresh,
                     )
                     .await;
                 self.wired.insert(key.clone(), w.clone());

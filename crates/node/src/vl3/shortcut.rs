@@ -41,20 +41,21 @@ pub(crate) struct Member {
     applied: Option<BTreeMap<String, BTreeSet<Ipv4Net>>>,
     /// The last failure logged, so a lasting one is logged once.
     pub(crate) failure: Option<String>,
-    /// Its namespace filters reverse paths strictly, as last read (with `applied`).
-    strict: bool,
+    /// Its namespace filters reverse paths strictly, as last read; `None`: to be read.
+    strict: Option<bool>,
 }
 
 impl Member {
-    pub(crate) fn new(netns: String, iface: String, mac: [u8; 6], service: String) -> Member {
+    /// A member; `fresh` if its interface was just made (so it has no shortcuts yet).
+    pub(crate) fn new(netns: String, iface: String, mac: [u8; 6], service: String, fresh: bool) -> Member {
         Member {
             netns,
             iface,
             mac,
             service,
-            applied: None,
+            applied: fresh.then(BTreeMap::new),
             failure: None,
-            strict: false,
+            strict: None,
         }
     }
 
@@ -66,6 +67,7 @@ impl Member {
     /// Forgets what was applied: the next sync reads it from the namespace again.
     pub(crate) fn reread(&mut self) {
         self.applied = None;
+        self.strict = None;
     }
 }
 
@@ -110,14 +112,15 @@ pub(crate) async fn apply(
     let (ns, nl) = netlink_in(&member.netns).await?;
     let applied = match member.applied.take() {
         Some(a) => a,
-        None => {
-            member.strict = strict_reverse_paths(&ns, &member.iface);
-            standing(vl3, &nl).await.map_err(|e| e.to_string())?
-        }
+        None => standing(vl3, &nl).await.map_err(|e| e.to_string())?,
+    };
+    let strict = match member.strict {
+        Some(s) => s,
+        None => *member.strict.insert(strict_reverse_paths(&ns, &member.iface)),
     };
     let mut result = Ok(());
     let none = BTreeMap::new();
-    let wanted = if member.strict {
+    let wanted = if strict {
         if !wanted.is_empty() {
             result = Err("the member's namespace filters reverse paths strictly (rp_filter 1)".to_owned());
         }
@@ -138,20 +141,22 @@ pub(crate) async fn apply(
             let mut routes = match now.remove(name) {
                 Some(r) => r,
                 None => {
-                    router
-                        .create_macvlan_in(&ns, name, link, member.mac)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    if router.create_macvlan_in(&ns, name, link, member.mac).await.is_err() {
+                        // One left behind under its name (a member re-wired while the daemon
+                        // was down) goes, and the create is tried once more.
+                        let _ = nl.delete_link(name).await;
+                        router
+                            .create_macvlan_in(&ns, name, link, member.mac)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
                     BTreeSet::new()
                 }
             };
             let setup = async {
                 if routes.is_empty() {
-                    nl.set_alias(name, &alias(vl3)).await?;
-                    // It carries IPv4 to peers only: no IPv6 addresses, router solicitations or
-                    // duplicate address detection (the guard would drop them anyway).
-                    let _ = nsm_dataplane::write_sysctl(&ns, &format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
-                    nl.set_up(name).await?;
+                    // It carries IPv4 to peers only (the guard would drop anything else).
+                    nl.set_up_ipv4_only(name, &alias(vl3)).await?;
                 }
                 for p in prefixes.difference(&routes.clone()) {
                     nl.add_route_from(*p, name, addr).await?;
@@ -245,7 +250,13 @@ mod tests {
 
     #[test]
     fn one_shortcut_per_guarded_link_with_the_reachable_prefixes() {
-        let m = Member::new("/run/netns/a".into(), "nsm0".into(), [2, 0, 0, 0, 0, 1], "s".into());
+        let m = Member::new(
+            "/run/netns/a".into(),
+            "nsm0".into(),
+            [2, 0, 0, 0, 0, 1],
+            "s".into(),
+            true,
+        );
         let prefixes = HashMap::from([
             prefix("10.0.1.0/24", 7, 1),
             prefix("10.0.2.0/24", 7, 2),
@@ -276,7 +287,13 @@ mod tests {
         assert_eq!(w2.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
         assert_eq!(w2.values().map(|(_, p)| p.len()).sum::<usize>(), 3);
         // Names differ by vL3 and by interface (one namespace may hold several members).
-        let other = Member::new("/run/netns/a".into(), "nsm1".into(), [2, 0, 0, 0, 0, 1], "s".into());
+        let other = Member::new(
+            "/run/netns/a".into(),
+            "nsm1".into(),
+            [2, 0, 0, 0, 0, 1],
+            "s".into(),
+            true,
+        );
         let w3 = wanted("v", &other, 1, &prefixes, &BTreeSet::from([(1, 1)]), &guarded);
         assert!(w3.keys().all(|n| !w.contains_key(n)));
         let w4 = wanted("u", &m, 1, &prefixes, &BTreeSet::from([(1, 1)]), &guarded);
