@@ -377,20 +377,6 @@ fn ipv4_headers(fail: i16) -> Vec<Insn> {
     ]
 }
 
-/// To `fail` unless the frame's (at r2) Ethernet source is the six bytes at `mac` off register
-/// `entry`. Clobbers r4, r5.
-fn source_is(entry: u8, mac: i16, fail: i16) -> Vec<Insn> {
-    use Insn as I;
-    vec![
-        I::load(Size::W, 4, 2, ETH_SOURCE),
-        I::load(Size::W, 5, entry, mac),
-        I::jump(Cond::Ne, 4, 5, fail),
-        I::load(Size::H, 4, 2, ETH_SOURCE + 4),
-        I::load(Size::H, 5, entry, mac + 4),
-        I::jump(Cond::Ne, 4, 5, fail),
-    ]
-}
-
 /// TTL - 1 and the checksum (as stored, little-endian) + htons(0x0100) with end-around carry, on
 /// the packet at r2. Clobbers r5.
 fn decrement_ttl() -> Vec<Insn> {
@@ -489,18 +475,50 @@ fn deliver(members: &Map) -> Vec<Insn> {
     finish(p)
 }
 
+/// Stores the packet's (at r2) source address at r10 - 4 and its destination where the LPM key
+/// { 32, daddr } at r10 - 16 wants it. Clobbers r5.
+fn addresses() -> Vec<Insn> {
+    use Insn as I;
+    vec![
+        I::load(Size::W, 5, 2, SADDR),
+        I::store(Size::W, 10, -4, 5),
+        I::load(Size::W, 5, 2, DADDR),
+        I::store(Size::W, 10, -12, 5),
+    ]
+}
+
+/// From the source member's service in r8: r9 = the destination's peer prefix entry, to `fail`
+/// unless there is one and the reach table pairs the two services. Key { from, to } at r10 - 24.
+fn to_peer(prefixes: &Map, reach: &Map, fail: i16) -> Vec<Insn> {
+    use Insn as I;
+    let mut p = vec![I::mov_imm(1, 32), I::store(Size::W, 10, -16, 1)];
+    p.extend(lookup(prefixes, -16, fail));
+    p.extend([
+        I::mov(9, 0),
+        I::store(Size::W, 10, -24, 8),
+        I::load(Size::W, 1, 9, 8),
+        I::store(Size::W, 10, -20, 1),
+    ]);
+    p.extend(lookup(reach, -24, fail));
+    p
+}
+
+/// Out of link r1 to the prefix entry's (r9) gateway, TTL decremented and the Ethernet header
+/// from the neighbour table: what the router's forwarding would do.
+fn forward(fail: i16) -> Vec<Insn> {
+    let mut p = ipv4_headers(fail);
+    p.extend(decrement_ttl());
+    p.push(Insn::load(Size::W, 3, 9, 4));
+    p.extend(redirect_neigh());
+    p
+}
+
 /// The send program (r6 the context, r8 the source's service, r9 the destination's prefix entry).
 fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
     use Insn as I;
     let mut p = vec![I::mov(6, 1)];
     p.extend(ipv4_headers(TO_PASS));
-    p.extend([
-        I::load(Size::W, 5, 2, SADDR),
-        I::store(Size::W, 10, -4, 5),
-        // The destination, already where the LPM key { 32, daddr } at r10 - 16 wants it.
-        I::load(Size::W, 5, 2, DADDR),
-        I::store(Size::W, 10, -12, 5),
-    ]);
+    p.extend(addresses());
     // The source is a member, sending on its own veth.
     p.extend(lookup(members, -4, TO_PASS));
     p.extend([
@@ -508,24 +526,11 @@ fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
         I::load(Size::W, 2, 6, SKB_IFINDEX),
         I::jump(Cond::Ne, 1, 2, TO_PASS),
         I::load(Size::W, 8, 0, 16),
-        // The destination is in a peer's prefix.
-        I::mov_imm(1, 32),
-        I::store(Size::W, 10, -16, 1),
     ]);
-    p.extend(lookup(prefixes, -16, TO_PASS));
-    p.extend([
-        I::mov(9, 0),
-        // The source's service may reach the destination's: key { from, to } at r10 - 24.
-        I::store(Size::W, 10, -24, 8),
-        I::load(Size::W, 1, 9, 8),
-        I::store(Size::W, 10, -20, 1),
-    ]);
-    p.extend(lookup(reach, -24, TO_PASS));
-    p.extend(ipv4_headers(TO_PASS));
-    p.extend(decrement_ttl());
-    // Out of the peer's link to its gateway, Ethernet header from the neighbour table.
-    p.extend([I::load(Size::W, 1, 9, 0), I::load(Size::W, 3, 9, 4)]);
-    p.extend(redirect_neigh());
+    p.extend(to_peer(prefixes, reach, TO_PASS));
+    // Out of the peer's link.
+    p.push(I::load(Size::W, 1, 9, 0));
+    p.extend(forward(TO_PASS));
     finish(p)
 }
 
@@ -552,9 +557,7 @@ fn shortcut(links: &Map, members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn
         I::mov(4, 2),
         I::add_imm(4, ETH_HEADER),
         I::jump(Cond::Gt, 4, 3, TO_DROP),
-    ]);
-    // The router's own frame (the link's MAC as its source) passes; any other is a member's.
-    p.extend([
+        // The router's own frame (the link's MAC as its source) passes; any other is a member's.
         I::load(Size::W, 4, 2, ETH_SOURCE),
         I::load(Size::W, 5, 7, 0),
         I::jump(Cond::Ne, 4, 5, 5),
@@ -565,39 +568,28 @@ fn shortcut(links: &Map, members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn
         I::exit(),
     ]);
     p.extend(ipv4_headers(TO_DROP));
-    p.extend([
-        I::load(Size::W, 5, 2, SADDR),
-        I::store(Size::W, 10, -8, 5),
-        // The LPM key { 32, daddr } at r10 - 24.
-        I::load(Size::W, 5, 2, DADDR),
-        I::store(Size::W, 10, -20, 5),
-    ]);
-    p.extend(lookup(members, -8, TO_DROP));
+    p.extend(addresses());
+    p.extend(lookup(members, -4, TO_DROP));
     p.push(I::mov(8, 0));
+    // The member's own MAC as the source (entry bytes 4..10), not only its address.
     p.extend(ipv4_headers(TO_DROP));
-    p.extend(source_is(8, 4, TO_DROP));
     p.extend([
+        I::load(Size::W, 4, 2, ETH_SOURCE),
+        I::load(Size::W, 5, 8, 4),
+        I::jump(Cond::Ne, 4, 5, TO_DROP),
+        I::load(Size::H, 4, 2, ETH_SOURCE + 4),
+        I::load(Size::H, 5, 8, 8),
+        I::jump(Cond::Ne, 4, 5, TO_DROP),
         I::load(Size::W, 8, 8, 16),
-        I::mov_imm(1, 32),
-        I::store(Size::W, 10, -24, 1),
     ]);
-    p.extend(lookup(prefixes, -24, TO_DROP));
+    p.extend(to_peer(prefixes, reach, TO_DROP));
     p.extend([
-        I::mov(9, 0),
         // The prefix's peer is this link's.
         I::load(Size::W, 1, 9, 0),
         I::load(Size::W, 2, 6, SKB_IFINDEX),
         I::jump(Cond::Ne, 1, 2, TO_DROP),
-        // Reach: key { from, to } at r10 - 32.
-        I::store(Size::W, 10, -32, 8),
-        I::load(Size::W, 1, 9, 8),
-        I::store(Size::W, 10, -28, 1),
     ]);
-    p.extend(lookup(reach, -32, TO_DROP));
-    p.extend(ipv4_headers(TO_DROP));
-    p.extend(decrement_ttl());
-    p.extend([I::load(Size::W, 1, 6, SKB_IFINDEX), I::load(Size::W, 3, 9, 4)]);
-    p.extend(redirect_neigh());
+    p.extend(forward(TO_DROP));
     finish(p)
 }
 

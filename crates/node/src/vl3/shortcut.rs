@@ -250,13 +250,16 @@ mod tests {
 
     #[test]
     fn one_shortcut_per_guarded_link_with_the_reachable_prefixes() {
-        let m = Member::new(
-            "/run/netns/a".into(),
-            "nsm0".into(),
-            [2, 0, 0, 0, 0, 1],
-            "s".into(),
-            true,
-        );
+        let member = |iface: &str| {
+            Member::new(
+                "/run/netns/a".into(),
+                iface.into(),
+                [2, 0, 0, 0, 0, 1],
+                "s".into(),
+                true,
+            )
+        };
+        let m = member("nsm0");
         let prefixes = HashMap::from([
             prefix("10.0.1.0/24", 7, 1),
             prefix("10.0.2.0/24", 7, 2),
@@ -287,13 +290,7 @@ mod tests {
         assert_eq!(w2.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
         assert_eq!(w2.values().map(|(_, p)| p.len()).sum::<usize>(), 3);
         // Names differ by vL3 and by interface (one namespace may hold several members).
-        let other = Member::new(
-            "/run/netns/a".into(),
-            "nsm1".into(),
-            [2, 0, 0, 0, 0, 1],
-            "s".into(),
-            true,
-        );
+        let other = member("nsm1");
         let w3 = wanted("v", &other, 1, &prefixes, &BTreeSet::from([(1, 1)]), &guarded);
         assert!(w3.keys().all(|n| !w.contains_key(n)));
         let w4 = wanted("u", &m, 1, &prefixes, &BTreeSet::from([(1, 1)]), &guarded);
