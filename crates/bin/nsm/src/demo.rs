@@ -438,9 +438,19 @@ impl Demo {
         let (_, web_dns, _) = members["web"].clone();
         for to in ["vm-app", "db", "billing"] {
             let (addr, _, name) = members[to].clone();
-            let got = resolve(self.bed().ns("web"), web_dns, &name)?;
-            if got != Some(addr) {
-                bail!("{name} resolved to {got:?} from web, expected {addr}");
+            // A member Ready on another node has its name on web's router once web's node has
+            // seen that status in its watch: moments later, not necessarily before the registry
+            // told us.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let got = resolve(self.bed().ns("web"), web_dns, &name)?;
+                if got == Some(addr) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{name} resolved to {got:?} from web for 3 s, expected {addr}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let ok = self.ping("web", addr);
             println!(
