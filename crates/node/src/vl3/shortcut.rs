@@ -138,8 +138,8 @@ pub(crate) async fn apply(
     }
     for (name, (link, prefixes)) in wanted {
         let done = async {
-            let mut routes = match now.remove(name) {
-                Some(r) => r,
+            let (mut routes, new) = match now.remove(name) {
+                Some(r) => (r, false),
                 None => {
                     if router.create_macvlan_in(&ns, name, link, member.mac).await.is_err() {
                         // One left behind under its name (a member re-wired while the daemon
@@ -150,21 +150,25 @@ pub(crate) async fn apply(
                             .await
                             .map_err(|e| e.to_string())?;
                     }
-                    BTreeSet::new()
+                    (BTreeSet::new(), true)
                 }
             };
             let setup = async {
-                if routes.is_empty() {
+                if new {
                     // It carries IPv4 to peers only (the guard would drop anything else).
                     nl.set_up_ipv4_only(name, &alias(vl3)).await?;
                 }
-                for p in prefixes.difference(&routes.clone()) {
-                    nl.add_route_from(*p, name, addr).await?;
-                    routes.insert(*p);
+                let (add, gone): (Vec<Ipv4Net>, Vec<Ipv4Net>) = (
+                    prefixes.difference(&routes).copied().collect(),
+                    routes.difference(prefixes).copied().collect(),
+                );
+                for p in add {
+                    nl.add_route_from(p, name, addr).await?;
+                    routes.insert(p);
                 }
-                for p in routes.clone().difference(prefixes) {
-                    nl.delete_route((*p).into()).await?;
-                    routes.remove(p);
+                for p in gone {
+                    nl.delete_route(p.into()).await?;
+                    routes.remove(&p);
                 }
                 Ok::<_, nsm_dataplane::DataplaneError>(())
             };
