@@ -11,6 +11,9 @@
 //! - **shortcut**, at *egress* of each peer link: the guard of members' shortcuts (macvlans on the
 //!   link, in the members' namespaces, which skip the veth pair altogether). The router's own
 //!   frames pass; a member's leave only as **send** would move them, and are dropped otherwise.
+//!   A member's frame that may leave gets the link's and its peer's MACs written in and goes on
+//!   through the link's transmit as it is, with no redirect: a second pass through the device's
+//!   transmit path and this program would cost the sender a few per cent of its CPU.
 //!
 //! Both do what the kernel's forwarding would: Ethernet addresses rewritten, TTL decremented with
 //! the header checksum updated as `ip_decrease_ttl` does. Whatever they do not know or may not
@@ -40,6 +43,8 @@ const SKB_DATA_END: i16 = 80;
 const PASS: i32 = -1;
 /// tc's "drop" (`TC_ACT_SHOT`).
 const DROP: i32 = 2;
+/// tc's "carry on as it is" (`TC_ACT_OK`): at egress, on to the device's transmit.
+const ACCEPT: i32 = 0;
 /// Ethernet header length; the source address at its offset 6.
 const ETH_HEADER: i32 = 14;
 const ETH_SOURCE: i16 = 6;
@@ -148,6 +153,28 @@ impl PeerPrefix {
     }
 }
 
+/// A peer link's Ethernet addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkMacs {
+    /// The link's own: the source of the router's frames, and of members' frames once guarded.
+    pub own: [u8; 6],
+    /// The far end's (the peer router's link): the destination of members' frames. Both ends
+    /// derive it, so no neighbour lookup is needed per frame.
+    pub peer: [u8; 6],
+}
+
+impl LinkMacs {
+    /// Own at 0, peer at 8, each padded to 8 bytes so the program's loads are aligned.
+    const SIZE: usize = 16;
+
+    fn encode(&self) -> [u8; Self::SIZE] {
+        let mut v = [0u8; Self::SIZE];
+        v[..6].copy_from_slice(&self.own);
+        v[8..14].copy_from_slice(&self.peer);
+        v
+    }
+}
+
 fn prefix_key(p: Ipv4Net) -> [u8; 8] {
     let mut k = [0u8; 8];
     k[..4].copy_from_slice(&u32::from(p.prefix_len()).to_ne_bytes());
@@ -180,7 +207,7 @@ pub struct FastPath {
     members: Map,
     prefixes: Map,
     reach: Map,
-    /// Peer link index -> its own MAC (six bytes and two of padding).
+    /// Peer link index -> [`LinkMacs`].
     link_macs: Map,
     deliver: Program,
     send: Program,
@@ -195,7 +222,7 @@ impl FastPath {
         let members = Map::hash("nsm_vl3_members", 4, Member::SIZE, MAX_MEMBERS)?;
         let prefixes = Map::lpm_trie("nsm_vl3_peers", 4, PeerPrefix::SIZE, MAX_PREFIXES)?;
         let reach = Map::hash("nsm_vl3_reach", 8, 4, MAX_PAIRS)?;
-        let link_macs = Map::hash("nsm_vl3_links", 4, 8, MAX_LINKS)?;
+        let link_macs = Map::hash("nsm_vl3_links", 4, LinkMacs::SIZE, MAX_LINKS)?;
         let deliver = Program::load_tc(DELIVER, &deliver(&members))?;
         let send = Program::load_tc(SEND, &send(&members, &prefixes, &reach))?;
         let shortcut = Program::load_tc(SHORTCUT, &shortcut(&link_macs, &members, &prefixes, &reach))?;
@@ -332,17 +359,14 @@ impl FastPath {
         )
     }
 
-    /// Makes the peer links' MAC table exactly `macs` (link index -> its own MAC): what tells the
-    /// router's frames from its members' shortcut frames at egress of each link.
-    pub fn set_link_macs(&self, macs: &HashMap<u32, [u8; 6]>) -> Result<()> {
+    /// Makes the peer links' MAC table exactly `macs` (link index -> its MACs): what tells the
+    /// router's frames from its members' shortcut frames at egress of each link, and addresses
+    /// the members' frames that may leave.
+    pub fn set_link_macs(&self, macs: &HashMap<u32, LinkMacs>) -> Result<()> {
         self.link_macs.replace_all(
             &macs
                 .iter()
-                .map(|(i, m)| {
-                    let mut v = vec![0u8; 8];
-                    v[..6].copy_from_slice(m);
-                    (i.to_ne_bytes().to_vec(), v)
-                })
+                .map(|(i, m)| (i.to_ne_bytes().to_vec(), m.encode().to_vec()))
                 .collect(),
         )
     }
@@ -539,9 +563,9 @@ fn send(members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
 /// link's own source address are the router's and pass. Any other frame came from a member's
 /// shortcut and leaves only as the send program would let it: IPv4 from a member, with the
 /// member's own address *and* MAC (a member cannot pick another's unnoticed), to a prefix of this
-/// link's peer, between services that may reach each other; TTL decremented and Ethernet header
-/// from the router's neighbour table, as the router would. Everything else is dropped: a
-/// member's shortcut leads nowhere but to its peers' members.
+/// link's peer, between services that may reach each other; TTL decremented and the link's and
+/// its peer's MACs written in, as the router would, and on through the link's transmit.
+/// Everything else is dropped: a member's shortcut leads nowhere but to its peers' members.
 fn shortcut(links: &Map, members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn> {
     use Insn as I;
     let mut p = vec![
@@ -589,7 +613,22 @@ fn shortcut(links: &Map, members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn
         I::load(Size::W, 2, 6, SKB_IFINDEX),
         I::jump(Cond::Ne, 1, 2, TO_DROP),
     ]);
-    p.extend(forward(TO_DROP));
+    // Packet pointers do not survive the lookups: load and check them again.
+    p.extend(ipv4_headers(TO_DROP));
+    p.extend(decrement_ttl());
+    p.extend([
+        // Destination: the peer's MAC (entry bytes 8..14); source: the link's own (0..6).
+        I::load(Size::W, 5, 7, 8),
+        I::store(Size::W, 2, 0, 5),
+        I::load(Size::H, 5, 7, 12),
+        I::store(Size::H, 2, 4, 5),
+        I::load(Size::W, 5, 7, 0),
+        I::store(Size::W, 2, ETH_SOURCE, 5),
+        I::load(Size::H, 5, 7, 4),
+        I::store(Size::H, 2, ETH_SOURCE + 4, 5),
+        I::mov_imm(0, ACCEPT),
+        I::exit(),
+    ]);
     finish(p)
 }
 

@@ -299,6 +299,20 @@ impl Netlink {
             .await
     }
 
+    /// Sets the link-layer address of link `name` (`ip link set NAME address MAC`); the link may
+    /// be up if its kind allows (VXLAN, veth, bridge do).
+    pub async fn set_mac(&self, name: &str, mac: [u8; 6]) -> Result<()> {
+        const OP: &str = "set address of link";
+        let index = self.index(OP, name).await?;
+        let object = format!("{name} to {}", format_mac(&mac));
+        self.set_link(
+            OP,
+            object,
+            LinkUnspec::new_with_index(index).address(mac.to_vec()).build(),
+        )
+        .await
+    }
+
     /// Sets the alias of link `name` (`ip link set NAME alias ALIAS`).
     pub async fn set_alias(&self, name: &str, alias: &str) -> Result<()> {
         const OP: &str = "set alias of link";
@@ -802,6 +816,11 @@ fn tc_filter(index: u32, hook: u16) -> TcMessage {
         minor: ETH_P_ALL.to_be(),
     });
     msg
+}
+
+/// `aa:bb:cc:dd:ee:ff`, for messages.
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn invalid(op: &'static str, reason: String) -> DataplaneError {

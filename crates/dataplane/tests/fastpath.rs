@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::Cleanup;
-use nsm_dataplane::fastpath::{Direction, FastPath, Member, PeerPrefix};
+use nsm_dataplane::fastpath::{Direction, FastPath, LinkMacs, Member, PeerPrefix};
 use nsm_dataplane::{NetNs, Netlink, ipv4_forwarded, set_ip_forwarding};
 
 const MEMBER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -296,8 +296,17 @@ async fn shortcut_sends_past_the_router_and_only_what_it_may() {
     )
     .unwrap();
     fp.set_reach(&BTreeSet::from([(1, 2)])).unwrap();
-    fp.set_link_macs(&HashMap::from([(r0.index, r0.mac.clone().try_into().unwrap())]))
-        .unwrap();
+    let p0 = np.link("nsm-p0").await.unwrap().unwrap();
+    let macs = |peer: [u8; 6]| {
+        HashMap::from([(
+            r0.index,
+            LinkMacs {
+                own: r0.mac.clone().try_into().unwrap(),
+                peer,
+            },
+        )])
+    };
+    fp.set_link_macs(&macs(p0.mac.clone().try_into().unwrap())).unwrap();
 
     // The shortcut, with the member's MAC, and the peer's prefix routed through it.
     nr.create_macvlan_in(&member, "nsm-s0", "nsm-r0", member_mac)
@@ -332,6 +341,11 @@ async fn shortcut_sends_past_the_router_and_only_what_it_may() {
         "past the router"
     );
     assert!(sent(nm.clone()).await - before >= 50, "through the shortcut");
+    // Addressed to the peer by the table, not by a neighbour lookup: another peer MAC there and
+    // the peer's stack no longer takes the frames.
+    fp.set_link_macs(&macs([0x02, 0, 0, 0, 0x0b, 0xad])).unwrap();
+    assert_eq!(through(&router, &member, &peer, to_remote, 10), (0, 0), "peer MAC");
+    fp.set_link_macs(&macs(p0.mac.clone().try_into().unwrap())).unwrap();
     // Replies come back the usual way (the deliver program); the router's own traffic on the
     // link is untouched.
     assert_eq!(through(&router, &peer, &member, to_member, 10), (10, 0));

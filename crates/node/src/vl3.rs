@@ -45,7 +45,7 @@ use nsm_dataplane::{NetNs, Netlink};
 use nsm_model::{pb, upstream};
 use tonic::transport::Channel;
 
-use crate::remote::{link_name, vxlan};
+use crate::remote::{link_name, stable_hash, vxlan};
 
 mod shortcut;
 
@@ -168,6 +168,14 @@ fn peer_vni(vl3: &str, a: &str, b: &str) -> u32 {
     let h = u64::from_str_radix(&link_name("", &format!("vl3/{vl3}/{lo}/{hi}")), 16).unwrap_or(1);
     // Fold all 40 bits of the hash into 24, so names differing in one byte differ in VNI.
     (((h ^ (h >> 24)) & 0x00ff_ffff) as u32).max(1)
+}
+
+/// The MAC of `node`'s router's links to its peers in vL3 `vl3`: derived, not learned, so that a
+/// peer's members' shortcut frames can be addressed to it with no neighbour lookup. Locally
+/// administered and unicast; every link of one router has it (each is its own segment).
+fn peer_link_mac(vl3: &str, node: &str) -> [u8; 6] {
+    let h = stable_hash(&format!("vl3-mac/{vl3}/{node}")).to_be_bytes();
+    [(h[0] & 0xfc) | 0x02, h[1], h[2], h[3], h[4], h[5]]
 }
 
 /// The router namespace's name for vL3 `vl3` on `node` (under /run/netns, so it outlives the
@@ -640,19 +648,22 @@ impl Vl3Plane {
                 if router.nl.link(&link).await.map_err(e)?.is_some() && known.is_some() {
                     let _ = router.nl.delete_link(&link).await;
                 }
-                if router.nl.link(&link).await.map_err(e)?.is_none() {
-                    build_peer_link(
-                        host,
-                        &router.ns,
-                        &router.nl,
-                        &link,
-                        peer_vni(vl3, node, &peer),
-                        underlay,
-                        remote,
-                        mtu,
-                    )
-                    .await?;
-                    tracing::info!(%vl3, %peer, %remote, "vL3 peer link ready");
+                let mac = peer_link_mac(vl3, node);
+                match router.nl.link(&link).await.map_err(e)? {
+                    None => {
+                        let ends = LinkEnds {
+                            vni: peer_vni(vl3, node, &peer),
+                            mac,
+                            local: underlay,
+                            remote,
+                            mtu,
+                        };
+                        build_peer_link(host, &router.ns, &router.nl, &link, &ends).await?;
+                        tracing::info!(%vl3, %peer, %remote, "vL3 peer link ready");
+                    }
+                    // Built by a daemon that let the kernel pick its MAC.
+                    Some(l) if l.mac != mac => router.nl.set_mac(&link, mac).await.map_err(e)?,
+                    Some(_) => {}
                 }
                 router
                     .peers
@@ -807,12 +818,19 @@ async fn sync_fast_path(
     let fast = router.fast.as_mut().expect("on");
     let mut attach: Vec<(String, u32, Direction)> = Vec::new();
     let mut prefixes: HashMap<ipnet::Ipv4Net, fastpath::PeerPrefix> = HashMap::new();
+    // Peer links' MACs: the link's own tells the router's frames from shortcut frames at their
+    // egress; the peer's addresses the shortcut frames that may leave.
+    let mut link_macs: HashMap<u32, fastpath::LinkMacs> = HashMap::new();
     for peer in router.peers.keys() {
         let link = link_name("vx-", peer);
         let Some(l) = links.iter().find(|l| l.name == link) else {
             continue;
         };
         attach.push((link, l.index, Direction::Deliver));
+        if let Ok(own) = <[u8; 6]>::try_from(l.mac.as_slice()) {
+            let peer = peer_link_mac(name, peer);
+            link_macs.insert(l.index, fastpath::LinkMacs { own, peer });
+        }
         for lease in leases.iter().filter(|x| &x.node == peer) {
             if let (IpNet::V4(p), IpAddr::V4(gateway)) = (lease.prefix, lease.gateway().addr()) {
                 prefixes.insert(
@@ -850,22 +868,13 @@ async fn sync_fast_path(
             attach.push((end.name.clone(), end.index, Direction::Send));
         }
     }
-    // Peer links' own MACs: what tells the router's frames from shortcut frames at their egress.
-    let macs: HashMap<u32, [u8; 6]> = attach
-        .iter()
-        .filter(|(_, _, d)| *d == Direction::Deliver)
-        .filter_map(|(_, index, _)| {
-            let l = links.iter().find(|l| l.index == *index)?;
-            Some((*index, <[u8; 6]>::try_from(l.mac.as_slice()).ok()?))
-        })
-        .collect();
     // Tables before attachments: a program that a restarted daemon's replaces finds its entries.
     // The reach table first: a pair the filter stopped admitting leaves before any entry changes.
     let tables = fast
         .set_reach(&pairs)
         .and_then(|()| fast.set_members(&members))
         .and_then(|()| fast.set_prefixes(&prefixes))
-        .and_then(|()| fast.set_link_macs(&macs));
+        .and_then(|()| fast.set_link_macs(&link_macs));
     if let Err(e) = &tables {
         tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: tables");
     }
@@ -883,7 +892,7 @@ async fn sync_fast_path(
     let guarded: HashMap<u32, String> = if tables.is_ok() {
         attach
             .iter()
-            .filter(|(link, index, _)| fast.guards(link) && macs.contains_key(index))
+            .filter(|(link, index, _)| fast.guards(link) && link_macs.contains_key(index))
             .map(|(link, index, _)| (*index, link.clone()))
             .collect()
     } else {
@@ -937,24 +946,28 @@ struct PeerLink<'a> {
     mtu: u32,
 }
 
-/// Builds one end of a router-to-router link: a VXLAN link whose UDP socket stays in the host
-/// namespace, inside the router namespace.
-#[allow(clippy::too_many_arguments)]
-async fn build_peer_link(
-    host: &NetNs,
-    router: &NetNs,
-    rnl: &Netlink,
-    name: &str,
+/// What one end of a router-to-router link is built with.
+struct LinkEnds {
     vni: u32,
+    mac: [u8; 6],
     local: IpAddr,
     remote: IpAddr,
     mtu: u32,
-) -> Result<(), String> {
+}
+
+/// Builds one end of a router-to-router link: a VXLAN link whose UDP socket stays in the host
+/// namespace, inside the router namespace.
+async fn build_peer_link(host: &NetNs, router: &NetNs, rnl: &Netlink, name: &str, l: &LinkEnds) -> Result<(), String> {
     let hnl = Netlink::connect(host).await.map_err(|e| e.to_string())?;
-    hnl.create_vxlan_in(router, name, vni, local, remote, vxlan::PORT, mtu)
+    hnl.create_vxlan_in(router, name, l.vni, l.local, l.remote, vxlan::PORT, l.mtu)
         .await
         .map_err(|e| e.to_string())?;
-    if let Err(e) = rnl.set_up(name).await {
+    if let Err(e) = async {
+        rnl.set_mac(name, l.mac).await?;
+        rnl.set_up(name).await
+    }
+    .await
+    {
         let _ = rnl.delete_link(name).await;
         return Err(e.to_string());
     }
@@ -983,6 +996,15 @@ mod tests {
             prefix_len: 24,
             dns_template: "{client}.{service}.".into(),
         }
+    }
+
+    #[test]
+    fn peer_link_macs_are_local_unicast_and_differ_by_node_and_vl3() {
+        let m = peer_link_mac("mesh", "node-a");
+        assert_eq!(m[0] & 0x03, 0x02, "locally administered, unicast: {m:02x?}");
+        assert_eq!(m, peer_link_mac("mesh", "node-a"), "both ends derive the same");
+        assert_ne!(m, peer_link_mac("mesh", "node-b"));
+        assert_ne!(m, peer_link_mac("other", "node-a"));
     }
 
     #[test]

@@ -310,6 +310,13 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
             "{name}: a shortcut per peer node"
         );
     }
+    // A shortcut's frames carry the peer router's MAC, which both ends derive: b's router
+    // itself (its DNS address) answers a1, and its stack takes only frames addressed to it.
+    assert!(
+        through_shortcut(&mesh.bed, "a1", servers["b1"]).await,
+        "b's router through a1's shortcut\n{}",
+        mesh.logs()
+    );
     let j = mesh.status("a1", "default");
     assert_eq!(j["status"]["dnsName"], "a1.mesh.");
     assert_eq!(j["status"]["searchDomains"], serde_json::json!(["mesh."]));
@@ -340,6 +347,7 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
         mesh.nodes["vla"].log()
     );
     assert_eq!(shortcut_sent(&mesh.bed, "a1").await.1, 2);
+    assert!(through_shortcut(&mesh.bed, "a1", servers["c1"]).await, "c's router");
 
     // The router itself dies (its namespace goes): the node rebuilds it, members keep addresses.
     let router_a = router_netns(&["vla"]);
