@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use reconcile::run;
-pub use remote::MAX_RESYNC;
+pub use remote::{MAX_RESYNC, REMOTE_LIFETIME};
 
 /// How the daemon runs.
 #[derive(Clone)]
@@ -42,6 +42,10 @@ pub struct Config {
     pub tls: Option<nsm_transport::ClientTls>,
     /// How often counters are refreshed into client statuses and failed clients are retried.
     pub resync: Duration,
+    /// How long an end this node built for another node's client lives without a refresh (its
+    /// client's node refreshes every resync); also the grace an end left by an earlier daemon
+    /// gets at start-up. [`REMOTE_LIFETIME`] by default.
+    pub remote_lifetime: Duration,
     /// The URL other nodes reach this daemon's NetworkService API at (tcp://HOST:PORT).
     pub url: Option<String>,
     /// The host's network namespace, where tunnels leave on the underlay (default: the daemon's

@@ -278,6 +278,7 @@ pub async fn run(
         config.underlay_mtu,
         monitor.clone(),
         wg.clone(),
+        config.remote_lifetime,
     );
     let upstream_conns = crate::local::upstream_kernel::Connections::default();
     let interfaces = crate::local::Interfaces::default();
@@ -389,6 +390,26 @@ pub async fn run(
             r.interfaces.seeded();
         }
         Err(nr) => tracing::warn!(reason = %nr.reason, "cannot list clients; learning addresses from the watch"),
+    }
+    // Ends an earlier daemon built for other nodes' clients: in this node's endpoints'
+    // namespaces, or its host's (endpoints at its address).
+    match r.list(Kind::Endpoint).await {
+        Ok(items) => {
+            let mut namespaces = std::collections::BTreeSet::from([r.host_netns.path().to_path_buf()]);
+            for res in items.iter() {
+                if let Some(pb::resource::Kind::Endpoint(e)) = &res.kind
+                    && let Some(spec) = &e.spec
+                    && spec.node == r.config.name
+                    && !spec.netns.is_empty()
+                {
+                    namespaces.insert(std::path::PathBuf::from(&spec.netns));
+                }
+            }
+            ends.adopt_leftovers(namespaces).await;
+        }
+        Err(nr) => {
+            tracing::warn!(reason = %nr.reason, "cannot list endpoints; ends an earlier daemon left are not looked for")
+        }
     }
     tokio::pin!(shutdown);
     let result = loop {
@@ -1305,7 +1326,7 @@ impl Reconciler {
         dst: IpNet,
     ) -> Connection {
         let expires = Some(prost_types::Timestamp::from(
-            SystemTime::now() + remote::REMOTE_LIFETIME,
+            SystemTime::now() + self.config.remote_lifetime,
         ));
         let seg = |name: String| PathSegment {
             name,

@@ -42,7 +42,7 @@ pub(crate) mod vxlan {
 /// Lifetime of a remote connection that is not refreshed. Client nodes refresh every resync
 /// (30 s by default, at most `MAX_RESYNC`), so an end outlives two missed refreshes; upstream's
 /// tokens live 10 min (NSM_MAX_TOKEN_LIFETIME), which keeps a dead client's end far longer.
-pub(crate) const REMOTE_LIFETIME: Duration = Duration::from_secs(120);
+pub const REMOTE_LIFETIME: Duration = Duration::from_secs(120);
 
 /// The longest `--resync` that still refreshes remote ends well before they expire.
 pub const MAX_RESYNC: Duration = Duration::from_secs(40);
@@ -58,10 +58,27 @@ struct End {
     wg: Option<(String, String, String, u16)>,
 }
 
+/// The alias of an endpoint-side VXLAN end, so that a restarted daemon can tell the ends an
+/// earlier one built from anything else in an endpoint's namespace.
+const END_ALIAS: &str = "nsm remote vWire end";
+
+/// An end found at start-up in an endpoint's namespace, built by an earlier daemon for a
+/// connection this one does not know: it goes at `expires` unless a request claims it first.
+#[derive(Clone, Debug)]
+struct Leftover {
+    netns: PathBuf,
+    expires: SystemTime,
+}
+
 /// The endpoint side's state, shared by the gRPC service and the expiry sweep.
 #[derive(Clone)]
 pub struct RemoteEnds {
     inner: Arc<Mutex<HashMap<String, End>>>,
+    /// Link name -> an end an earlier daemon left (see [`RemoteEnds::adopt_leftovers`]). Locked
+    /// only while `inner` is.
+    leftovers: Arc<Mutex<HashMap<String, Leftover>>>,
+    /// How long an end lives without a refresh.
+    lifetime: Duration,
     pub(crate) registry: ResourceServiceClient<Channel>,
     pub(crate) node: String,
     underlay: IpAddr,
@@ -100,7 +117,9 @@ pub(crate) fn vni_of(id: &str) -> u32 {
 }
 
 impl RemoteEnds {
-    /// State for node `node` whose tunnels leave from `underlay` in `host_netns`.
+    /// State for node `node` whose tunnels leave from `underlay` in `host_netns`; ends live
+    /// `lifetime` without a refresh.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         registry: ResourceServiceClient<Channel>,
         node: String,
@@ -109,9 +128,12 @@ impl RemoteEnds {
         underlay_mtu: u32,
         monitor: crate::monitor::Monitor,
         wg: Option<Arc<crate::wg::Wg>>,
+        lifetime: Duration,
     ) -> Self {
         RemoteEnds {
             inner: Arc::default(),
+            leftovers: Arc::default(),
+            lifetime,
             registry,
             node,
             underlay,
@@ -140,6 +162,56 @@ impl RemoteEnds {
             tracing::info!(connection = %id, "remote connection expired");
             self.remove_end(&id, &end).await;
             self.monitor.delete(&id);
+        }
+        // Under `inner`'s lock, so that no request claims a leftover while it is deleted.
+        let _ends = self.inner.lock().await;
+        let gone: Vec<(String, Leftover)> = {
+            let mut l = self.leftovers.lock().await;
+            let names: Vec<String> = l
+                .iter()
+                .filter(|(_, e)| e.expires < now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            names.into_iter().filter_map(|n| l.remove(&n).map(|e| (n, e))).collect()
+        };
+        for (link, left) in gone {
+            tracing::info!(%link, netns = %left.netns.display(), "removed a vWire end an earlier daemon left and no client node asked for again");
+            remove_link(&left.netns, &link).await;
+        }
+    }
+
+    /// Finds the ends an earlier daemon built in `namespaces` (the namespaces of this node's
+    /// endpoints, and its host's): VXLAN links with this module's alias and kernel WireGuard
+    /// links nsm made, under the names ends get. This daemon does not know their connections
+    /// (the client may have been deleted while it was down, so no one will close them); each
+    /// gets one lifetime for its client's node to ask for it again, and then goes, with the UDP
+    /// port a kernel WireGuard end holds.
+    pub(crate) async fn adopt_leftovers(&self, namespaces: impl IntoIterator<Item = PathBuf>) {
+        let expires = SystemTime::now() + self.lifetime;
+        let mut found = Vec::new();
+        for netns in namespaces {
+            let Ok(ns) = NetNs::open(&netns) else { continue };
+            let Ok(nl) = Netlink::connect(&ns).await else { continue };
+            let Ok(links) = nl.links().await else { continue };
+            for l in links.iter().filter(|l| is_leftover(l)) {
+                found.push((l.name.clone(), netns.clone()));
+            }
+        }
+        if found.is_empty() {
+            return;
+        }
+        tracing::info!(
+            ends = found.len(),
+            lifetime = ?self.lifetime,
+            "found vWire ends an earlier daemon built; each goes unless its client's node asks for it within its lifetime"
+        );
+        // Requests served meanwhile built or claimed their ends: those are not left over.
+        let ends = self.inner.lock().await;
+        let mut l = self.leftovers.lock().await;
+        for (link, netns) in found {
+            if !ends.values().any(|e| e.link == link && e.netns == netns) {
+                l.insert(link, Leftover { netns, expires });
+            }
         }
     }
 
@@ -258,8 +330,10 @@ impl RemoteEnds {
         };
         let mtu = self.underlay_mtu - overhead;
         let link = link_name("nsm-", &conn.id);
-        let expires = SystemTime::now() + REMOTE_LIFETIME;
+        let expires = SystemTime::now() + self.lifetime;
         let mut ends = self.inner.lock().await;
+        // An end an earlier daemon left for this connection is this connection's again.
+        self.leftovers.lock().await.remove(&link);
         let known = ends.get(&conn.id).cloned();
         let mut wg_state = None;
         if let (Some(offer), Some(wg)) = (&wg_offer, &self.wg) {
@@ -289,7 +363,7 @@ impl RemoteEnds {
                     if let Some(old) = &known
                         && old.wg.is_none()
                     {
-                        remove_link(old).await;
+                        remove_link(&old.netns, &old.link).await;
                     }
                     let peer_key = nsm_wireguard::decode_key(&offer.2).map_err(|e| bad(e.to_string()))?;
                     let peer_port: u16 = offer.1.parse().unwrap_or_default();
@@ -332,6 +406,10 @@ impl RemoteEnds {
             )
             .await
             .map_err(|e| Status::internal(format!("building the endpoint side: {e}")))?;
+            if let Err(e) = set_end_alias(&netns, &link).await {
+                remove_link(&netns, &link).await;
+                return Err(Status::internal(format!("building the endpoint side: {e}")));
+            }
             tracing::info!(connection = %conn.id, endpoint = %endpoint_name, %vni, "remote vWire end ready");
         }
         let dst_port = wg_state.as_ref().map_or(vxlan::PORT, |w| w.3);
@@ -405,16 +483,37 @@ impl RemoteEnds {
             wg.remove(&crate::wg::endpoint_end_id(id)).await;
             return;
         }
-        remove_link(end).await;
+        remove_link(&end.netns, &end.link).await;
     }
 }
 
-async fn remove_link(end: &End) {
-    if let Ok(ns) = NetNs::open(&end.netns)
+async fn remove_link(netns: &Path, link: &str) {
+    if let Ok(ns) = NetNs::open(netns)
         && let Ok(nl) = Netlink::connect(&ns).await
     {
-        let _ = nl.delete_link(&end.link).await;
+        let _ = nl.delete_link(link).await;
     }
+}
+
+async fn set_end_alias(netns: &Path, link: &str) -> Result<(), String> {
+    let ns = NetNs::open(netns).map_err(|e| e.to_string())?;
+    let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
+    nl.set_alias(link, END_ALIAS).await.map_err(|e| e.to_string())
+}
+
+/// Whether `l` is an endpoint-side end nsm built: named as ends are (`nsm-` and ten hex digits)
+/// and a VXLAN link with [`END_ALIAS`] or a kernel WireGuard link nsm made.
+fn is_leftover(l: &nsm_dataplane::LinkInfo) -> bool {
+    let named = l
+        .name
+        .strip_prefix("nsm-")
+        .is_some_and(|h| h.len() == 10 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    let ours = match l.kind.as_deref() {
+        Some("vxlan") => l.alias.as_deref() == Some(END_ALIAS),
+        Some("wireguard") => crate::wg::is_ours(l),
+        _ => false,
+    };
+    named && ours
 }
 
 /// Creates a VXLAN link named `name` directly inside `target`, its UDP socket in `host` (on the

@@ -696,7 +696,7 @@ impl Wg {
 const LINK_ALIAS: &str = "nsm wireguard vWire end";
 
 /// Whether link `l` is a kernel WireGuard end nsm created.
-fn is_ours(l: &nsm_dataplane::LinkInfo) -> bool {
+pub(crate) fn is_ours(l: &nsm_dataplane::LinkInfo) -> bool {
     l.kind.as_deref() == Some("wireguard") && l.alias.as_deref() == Some(LINK_ALIAS)
 }
 

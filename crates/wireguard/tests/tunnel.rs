@@ -263,3 +263,44 @@ fn peer_restart_rehandshakes_and_traffic_resumes() {
     assert_eq!(ta.peer_endpoint(), Some(lb));
     drop((ta, tb));
 }
+
+/// Over an IPv6 underlay: both sockets on IPv6 addresses, the peer's endpoint learnt as one, and
+/// bulk TCP (UDP segmentation and coalescing over IPv6 where the kernel has them) arrives intact.
+#[test]
+fn ipv6_underlay_carries_traffic() {
+    if skip() {
+        return;
+    }
+    tracing();
+    let p = pair("t6", 76);
+    let (va, vb) = (format!("v{}a", tag("t6")), format!("v{}b", tag("t6")));
+    // `nodad`: usable at once, no duplicate address detection to wait for.
+    p.a.ok(&["ip", "addr", "add", "fd00:76::1/64", "dev", &va, "nodad"]);
+    p.b.ok(&["ip", "addr", "add", "fd00:76::2/64", "dev", &vb, "nodad"]);
+    let (ka, kb) = (
+        Side {
+            key: generate_private_key(),
+        },
+        Side {
+            key: generate_private_key(),
+        },
+    );
+    let la: SocketAddr = "[fd00:76::1]:51820".parse().unwrap();
+    let lb: SocketAddr = "[fd00:76::2]:51820".parse().unwrap();
+    let (na, nb) = (format!("w{}a", tag("t6")), format!("w{}b", tag("t6")));
+    // B knows no endpoint: it learns A's IPv6 address from A's handshake.
+    let ta = Tunnel::start(config(&na, &p.a, &p.a, la, &ka, &kb, Some(lb), "10.176.0.2/32")).unwrap();
+    let tb = Tunnel::start(config(&nb, &p.b, &p.b, lb, &kb, &ka, None, "10.176.0.1/32")).unwrap();
+    addr(&p.a, &na, "10.176.0.1/24");
+    addr(&p.b, &nb, "10.176.0.2/24");
+    assert!(p.a.ping("10.176.0.2", 10), "ping through the tunnel over IPv6");
+    assert_eq!(ta.local_addr(), la);
+    assert_eq!(tb.peer_endpoint(), Some(la), "A's IPv6 endpoint, learnt");
+    tcp_transfer(&p.a, &p.b, "10.176.0.2:5206".parse().unwrap(), 20 << 20);
+    tcp_transfer(&p.b, &p.a, "10.176.0.1:5207".parse().unwrap(), 20 << 20);
+    let (sa, sb) = (ta.stats(), tb.stats());
+    eprintln!("offloads: {:?}\nA {sa:?}\nB {sb:?}", ta.offloads());
+    assert!(sa.tx_bytes > 20 << 20 && sb.rx_bytes > 20 << 20);
+    assert_eq!(sa.dropped.auth_failed + sb.dropped.auth_failed, 0);
+    drop((ta, tb));
+}

@@ -58,6 +58,12 @@ pub(crate) struct Args {
     /// at once, and clients that are not Ready are retried every 2 s, whatever this says.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     resync: Duration,
+    /// How long an end this node built for another node's client lives without a refresh: the
+    /// ends of a client node that went away go after it. Client nodes refresh every --resync, so
+    /// it must be more than twice that. Ends an earlier daemon left (their client deleted while
+    /// this one was down, say) get it as their grace at start-up.
+    #[arg(long, env = "NSM_REMOTE_LIFETIME", default_value = "120s", value_parser = humantime::parse_duration)]
+    remote_lifetime: Duration,
     /// DNS servers (IP or IP:PORT, repeatable) to which vL3 routers forward names they do not
     /// know. Default: the nameservers of /etc/resolv.conf.
     #[arg(long, value_delimiter = ',')]
@@ -80,6 +86,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             "--resync {}: must be longer than zero and at most {} (remote ends expire without a refresh)",
             humantime::format_duration(args.resync),
             humantime::format_duration(nsm_node::MAX_RESYNC)
+        );
+    }
+    if args.remote_lifetime <= args.resync * 2 {
+        anyhow::bail!(
+            "--remote-lifetime {}: must be more than twice --resync ({}), or ends expire between refreshes",
+            humantime::format_duration(args.remote_lifetime),
+            humantime::format_duration(args.resync)
         );
     }
     std::fs::create_dir_all(&args.data_dir)
@@ -136,6 +149,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         underlay: args.underlay_address,
         tls,
         resync: args.resync,
+        remote_lifetime: args.remote_lifetime,
         url: advertise,
         host_netns: args.host_netns,
         underlay_mtu: args.underlay_mtu,

@@ -601,3 +601,81 @@ async fn upstream_client_requests_a_kernel_vwire() {
     drop(node);
     bed.down().await.unwrap();
 }
+
+/// Ends the endpoint's node built for clients that were deleted while it was down: no one closes
+/// them or asks for them again. The restarted daemon finds them by their alias, gives each one
+/// `--remote-lifetime` and then removes them; an end whose client still exists is asked for again
+/// at once (its node sees the restart) and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ends_left_by_an_earlier_daemon_go_unless_asked_for() {
+    let bed = two_hosts("lf").await;
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let quick = ["--resync", "4s", "--remote-lifetime", "10s"];
+    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &quick));
+    let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &quick));
+    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.72.0.0/24"]));
+    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
+    let mut dst = Vec::new();
+    for c in ["c1", "c2"] {
+        ok(nsmctl_in(
+            &registry,
+            &path("pod"),
+            &a,
+            &["client", "create", c, "--service=orders", "--endpoint=ep"],
+        ));
+        dst.push(dst_of(&wait_client(&registry, &a, c, "Ready", |j| phase(j) == "Ready")));
+    }
+    assert_eq!(link_names(&bed, "svc").await.len(), 3, "lo and two ends");
+
+    // node-b dies, and c1 is deleted meanwhile: node-a removes its side; its Close reaches no one.
+    b.kill9();
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
+    assert!(
+        eventually(5, || async { link_names(&bed, "pod").await.len() == 2 }).await,
+        "{:?}",
+        link_names(&bed, "pod").await
+    );
+    assert_eq!(link_names(&bed, "svc").await.len(), 3, "c1's end left behind");
+    b.launch();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        link_names(&bed, "svc").await.len(),
+        3,
+        "within the lifetime, both ends stay; node-b log:\n{}",
+        b.log()
+    );
+    assert!(
+        eventually(20, || async { link_names(&bed, "svc").await.len() == 2 }).await,
+        "c1's end goes after the lifetime; node-b log:\n{}",
+        b.log()
+    );
+    eprintln!("left-over end removed {:?} after node-b's restart", t.elapsed());
+    assert!(b.log().contains("removed a vWire end an earlier daemon left"));
+    assert!(bed.ping("pod", dst[1].parse().unwrap(), 3), "c2's vWire stays");
+    drop((a, b));
+    bed.down().await.unwrap();
+}
+
+/// Flags that cannot work stop the daemon at once, naming the flag and why.
+#[test]
+fn node_refuses_timers_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let o = Command::new(NSM)
+            .args(["node", "--name", "n", "--underlay-address", "192.0.2.1", "--registry"])
+            .arg("tcp://127.0.0.1:1")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (ok, err) = run(&["--resync", "30s", "--remote-lifetime", "60s"]);
+    assert!(!ok && err.contains("--remote-lifetime 1m") && err.contains("twice --resync (30s)"), "{err}");
+    let (ok, err) = run(&["--resync", "0s"]);
+    assert!(!ok && err.contains("--resync 0s"), "{err}");
+    assert!(!dir.path().join("data").exists(), "nothing created");
+}

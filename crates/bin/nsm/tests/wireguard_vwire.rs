@@ -213,6 +213,66 @@ async fn wireguard_required_vwire() {
     bed.down().await.unwrap();
 }
 
+/// A WIREGUARD vWire between nodes whose underlay addresses are IPv6: both tunnel sockets on
+/// them, IPv4 inside, full-size packets and bulk TCP through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_vwire_over_ipv6_underlay() {
+    let bed = two_hosts("wg6").await;
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    for (host, addr) in [("h1", "fd00:12::11/64"), ("h2", "fd00:12::12/64")] {
+        // `nodad`: usable at once, no duplicate address detection to wait for.
+        let o = bed.exec(host, &["ip", "addr", "add", addr, "dev", "eth0", "nodad"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let flags = ["--wireguard-ports", "52100-52199", "--wireguard-backend", "userspace"];
+    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "fd00:12::11", &flags));
+    let b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "fd00:12::12", &flags));
+    ok(nsmctl(
+        &registry,
+        &[
+            "ns",
+            "create",
+            "orders6",
+            "--cidr",
+            "10.76.0.0/24",
+            "--encryption",
+            "required",
+        ],
+    ));
+    endpoint_in(&registry, "ep6", "orders6", &path("svc"), "node-b");
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c6", "--service=orders6", "--endpoint=ep6"],
+    ));
+    let j = wait_client(&registry, &a, "c6", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}\nnode-b log:\n{}", b.log());
+    assert_eq!(
+        j["status"]["mtu"], 1420,
+        "underlay 1500 less 80 bytes of WireGuard over IPv6"
+    );
+    let dst = dst_of(&j);
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 3),
+        "ping; node-a log:\n{}",
+        a.log()
+    );
+    let o = bed.exec("pod", &["ping", "-c", "2", "-W", "2", "-M", "do", "-s", "1392", &dst]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(tcp_transfer(&bed, &dst, 5206, 16 << 20), "16 MiB over TCP");
+    // The tunnels' sockets are on the IPv6 underlay addresses, and nothing on IPv4 carries them.
+    let h1 = udp_listeners(&bed, "h1");
+    assert!(h1.contains("[fd00:12::11]:521"), "{h1}");
+    let h2 = udp_listeners(&bed, "h2");
+    assert!(h2.contains("[fd00:12::12]:521"), "{h2}");
+    assert!(!h1.contains("192.0.2.11:521") && !h2.contains("192.0.2.12:521"));
+    ok(nsmctl(&registry, &["delete", "client", "c6"]));
+    drop((a, b));
+    bed.down().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_node_without_wireguard() {
     let bed = two_hosts("wgno").await;
