@@ -3,7 +3,8 @@
 //! are `wireguard` links (no TUN, nothing served by the daemons); traffic; a restarted daemon adopts
 //! its link with the session (same link, no new handshake needed); a key rotation; the endpoint's
 //! node restarted as a userspace node (its end becomes a TUN, talking to the kernel end); deletion;
-//! a link of the interface's name that nsm did not create is left alone.
+//! a link of the interface's name that nsm did not create is left alone; an end a dead daemon left
+//! for a deleted client is removed by the restarted one after `--remote-lifetime`, port and all.
 //!
 //! This machine's kernel has no WireGuard, so `scripts/kernel-wg-test.sh` runs this test in a QEMU
 //! guest whose kernel has it, with `NSM_TEST_KERNEL_WIREGUARD=1`. Elsewhere, on a kernel without
@@ -54,7 +55,17 @@ async fn wireguard_vwire_on_kernel_wireguard() {
             &bed,
             host,
             addr,
-            &["--wireguard-ports", "52000-52099", "--wireguard-backend", "kernel"],
+            &[
+                "--wireguard-ports",
+                "52000-52099",
+                "--wireguard-backend",
+                "kernel",
+                // The defaults, given so that the end of the test can shorten them.
+                "--resync",
+                "30s",
+                "--remote-lifetime",
+                "120s",
+            ],
         )
     };
     let mut a = NodeProc::start_with(&registry.url(), "node-a", &args("h1", "192.0.2.11"));
@@ -223,6 +234,40 @@ async fn wireguard_vwire_on_kernel_wireguard() {
         "left alone"
     );
     assert!(bed.exec("pod", &["ip", "link", "del", "nsm-1"]).status.success());
+
+    // A kernel end an earlier daemon left: node-b (kernel again) builds c3's end and dies; c3 is
+    // deleted meanwhile, so no one closes the end or asks for it again. The restarted node-b
+    // finds the link and removes it after --remote-lifetime, and its UDP port is free again.
+    b.kill9();
+    b.set_arg("--wireguard-backend", "kernel");
+    b.launch();
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c3", "--service=orders", "--endpoint=ep"],
+    ));
+    wait_client_for(&registry, &[&a, &b], "c3", "Ready", 60, |j| phase(j) == "Ready");
+    let svc_end = link_names(&bed, "svc").await.into_iter().find(|l| l != "lo").unwrap();
+    assert_eq!(link_kind(&bed, "svc", &svc_end).await.as_deref(), Some("wireguard"));
+    let b_port = nsm_dataplane::wg_get(bed.ns("svc"), &svc_end)
+        .await
+        .unwrap()
+        .listen_port;
+    b.kill9();
+    ok(nsmctl(&registry, &["delete", "client", "c3"]));
+    assert!(eventually(30, || async { link_names(&bed, "pod").await == ["lo"] }).await);
+    b.set_arg("--resync", "4s");
+    b.set_arg("--remote-lifetime", "10s");
+    b.launch();
+    let swept = eventually(90, || async { link_names(&bed, "svc").await == ["lo"] }).await;
+    assert!(swept, "node-b log:\n{}", b.log());
+    assert!(b.log().contains("removed a vWire end an earlier daemon left"));
+    let free = bed
+        .ns("h2")
+        .run(move || std::net::UdpSocket::bind(("192.0.2.12", b_port)).map(drop))
+        .unwrap();
+    assert!(free.is_ok(), "{free:?}");
     drop((a, b));
     bed.down().await.unwrap();
 }

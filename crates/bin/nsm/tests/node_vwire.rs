@@ -674,7 +674,10 @@ fn node_refuses_timers_that_cannot_work() {
         (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let (ok, err) = run(&["--resync", "30s", "--remote-lifetime", "60s"]);
-    assert!(!ok && err.contains("--remote-lifetime 1m") && err.contains("twice --resync (30s)"), "{err}");
+    assert!(
+        !ok && err.contains("--remote-lifetime 1m") && err.contains("twice --resync (30s)"),
+        "{err}"
+    );
     let (ok, err) = run(&["--resync", "0s"]);
     assert!(!ok && err.contains("--resync 0s"), "{err}");
     assert!(!dir.path().join("data").exists(), "nothing created");
