@@ -417,6 +417,22 @@ fn decrement_ttl() -> Vec<Insn> {
     ]
 }
 
+/// The frame's (at r2) destination and source MACs from the table entry at `entry`: six bytes at
+/// its offsets `dst` and `src`. Clobbers r5.
+fn ethernet_addresses(entry: u8, dst: i16, src: i16) -> Vec<Insn> {
+    use Insn as I;
+    let mut p = Vec::new();
+    for (from, to) in [(dst, 0), (src, ETH_SOURCE)] {
+        p.extend([
+            I::load(Size::W, 5, entry, from),
+            I::store(Size::W, 2, to, 5),
+            I::load(Size::H, 5, entry, from + 4),
+            I::store(Size::H, 2, to + 4, 5),
+        ]);
+    }
+    p
+}
+
 /// r0 = lookup(`map`, key at r10 + `key`); to `fail` if absent.
 fn lookup(map: &Map, key: i32, fail: i16) -> Vec<Insn> {
     use Insn as I;
@@ -479,15 +495,8 @@ fn deliver(members: &Map) -> Vec<Insn> {
     p.push(I::mov(7, 0));
     // Packet pointers do not survive a call: load and check them again.
     p.extend(ipv4_headers(TO_PASS));
-    p.extend([
-        // Destination and source MAC from the entry (bytes 4..16) over the frame's first 12.
-        I::load(Size::W, 5, 7, 4),
-        I::store(Size::W, 2, 0, 5),
-        I::load(Size::W, 5, 7, 8),
-        I::store(Size::W, 2, 4, 5),
-        I::load(Size::W, 5, 7, 12),
-        I::store(Size::W, 2, 8, 5),
-    ]);
+    // Destination: the member's MAC (entry bytes 4..10); source: the router's end's (10..16).
+    p.extend(ethernet_addresses(7, 4, 10));
     p.extend(decrement_ttl());
     p.extend([
         // Into the member's namespace, past its backlog queue.
@@ -616,19 +625,9 @@ fn shortcut(links: &Map, members: &Map, prefixes: &Map, reach: &Map) -> Vec<Insn
     // Packet pointers do not survive the lookups: load and check them again.
     p.extend(ipv4_headers(TO_DROP));
     p.extend(decrement_ttl());
-    p.extend([
-        // Destination: the peer's MAC (entry bytes 8..14); source: the link's own (0..6).
-        I::load(Size::W, 5, 7, 8),
-        I::store(Size::W, 2, 0, 5),
-        I::load(Size::H, 5, 7, 12),
-        I::store(Size::H, 2, 4, 5),
-        I::load(Size::W, 5, 7, 0),
-        I::store(Size::W, 2, ETH_SOURCE, 5),
-        I::load(Size::H, 5, 7, 4),
-        I::store(Size::H, 2, ETH_SOURCE + 4, 5),
-        I::mov_imm(0, ACCEPT),
-        I::exit(),
-    ]);
+    // Destination: the peer's MAC (entry bytes 8..14); source: the link's own (0..6).
+    p.extend(ethernet_addresses(7, 8, 0));
+    p.extend([I::mov_imm(0, ACCEPT), I::exit()]);
     finish(p)
 }
 

@@ -332,8 +332,6 @@ impl RemoteEnds {
         let link = link_name("nsm-", &conn.id);
         let expires = SystemTime::now() + self.lifetime;
         let mut ends = self.inner.lock().await;
-        // An end an earlier daemon left for this connection is this connection's again.
-        self.leftovers.lock().await.remove(&link);
         let known = ends.get(&conn.id).cloned();
         let mut wg_state = None;
         if let (Some(offer), Some(wg)) = (&wg_offer, &self.wg) {
@@ -413,6 +411,8 @@ impl RemoteEnds {
             tracing::info!(connection = %conn.id, endpoint = %endpoint_name, %vni, "remote vWire end ready");
         }
         let dst_port = wg_state.as_ref().map_or(vxlan::PORT, |w| w.3);
+        // An end an earlier daemon left under this name is this connection's again.
+        self.leftovers.lock().await.remove(&link);
         ends.insert(
             conn.id.clone(),
             End {
