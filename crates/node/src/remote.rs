@@ -409,6 +409,12 @@ impl RemoteEnds {
                 return Err(Status::internal(format!("building the endpoint side: {e}")));
             }
             tracing::info!(connection = %conn.id, endpoint = %endpoint_name, %vni, "remote vWire end ready");
+        } else if known.is_none() && wg_state.is_none() {
+            // Adopted from an earlier daemon, which may have been one that did not mark its ends:
+            // marked now, so that a later restart finds it if its client goes meanwhile.
+            if let Err(e) = set_end_alias(&netns, &link).await {
+                tracing::debug!(connection = %conn.id, error = %e, "marking an adopted end");
+            }
         }
         let dst_port = wg_state.as_ref().map_or(vxlan::PORT, |w| w.3);
         // An end an earlier daemon left under this name is this connection's again.

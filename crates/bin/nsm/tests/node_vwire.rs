@@ -397,7 +397,13 @@ async fn cross_node_vxlan_vwire() {
     // daemon adopts its end on the next refresh instead of rebuilding it (so Close still finds it).
     let svc_end = link_names(&bed, "svc").await.into_iter().find(|l| l != "lo").unwrap();
     let svc_index = link_index(&bed, "svc", &svc_end).await;
+    let nl = nsm_dataplane::Netlink::connect(bed.ns("svc")).await.unwrap();
+    let alias = async |link: &str| nl.link(link).await.unwrap().unwrap().alias.unwrap_or_default();
+    assert_eq!(alias(&svc_end).await, "nsm remote vWire end");
     b.kill9();
+    // As a daemon from before ends were marked would have left it: unmarked.
+    let o = bed.exec("svc", &["ip", "link", "set", "dev", &svc_end, "alias", ""]);
+    assert!(o.status.success() && alias(&svc_end).await.is_empty());
     assert!(
         bed.ping("pod", dst.parse().unwrap(), 2),
         "forwarding while node-b is down"
@@ -413,6 +419,7 @@ async fn cross_node_vxlan_vwire() {
         svc_index,
         "adopted, not rebuilt"
     );
+    assert_eq!(alias(&svc_end).await, "nsm remote vWire end", "marked on adoption");
     assert_eq!(phase(&client_json(&registry, "c1")), "Ready");
 
     ok(nsmctl(&registry, &["delete", "client", "c1"]));
