@@ -97,6 +97,9 @@ pub enum NodeError {
     /// `--wireguard-backend kernel` on a kernel without WireGuard).
     #[error("wireguard: {0}")]
     WireGuard(String),
+    /// The data directory cannot hold the node's records.
+    #[error("data directory: {0}")]
+    DataDir(String),
     /// A listener failed.
     #[error(transparent)]
     Transport(#[from] nsm_transport::TransportError),

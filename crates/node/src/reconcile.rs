@@ -1,6 +1,7 @@
 //! The reconcile loop.
 
 mod member;
+mod records;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -358,6 +359,8 @@ pub async fn run(
         channel,
         config.dns_forward.clone(),
     );
+    let records = records::Records::open(&config.data_dir)
+        .map_err(|e| NodeError::DataDir(format!("{}: {e}", config.data_dir.join("wired").display())))?;
     let mut r = Reconciler {
         wg,
         vl3,
@@ -368,6 +371,7 @@ pub async fn run(
         monitor: monitor.clone(),
         clients: HashMap::new(),
         wired: HashMap::new(),
+        records,
         status_addrs: HashMap::new(),
         snapshot: None,
         reports: HashMap::new(),
@@ -381,13 +385,18 @@ pub async fn run(
     // initial events may still be queued behind a client that needs one).
     match r.list(Kind::Client).await {
         Ok(items) => {
+            let mut ours = HashSet::new();
             for res in items.iter() {
                 if let Some(pb::resource::Kind::Client(c)) = &res.kind {
                     r.note_status(&key_of(c), c.status.as_ref());
                     r.interfaces.note(&r.config.name, c);
+                    if c.spec.as_ref().is_some_and(|s| s.node == r.config.name) {
+                        ours.insert(key_of(c));
+                    }
                 }
             }
             r.interfaces.seeded();
+            r.remove_unclaimed(&ours).await;
         }
         Err(nr) => tracing::warn!(reason = %nr.reason, "cannot list clients; learning addresses from the watch"),
     }
@@ -554,6 +563,8 @@ struct Reconciler {
     /// Clients assigned to this node, as last seen.
     clients: HashMap<(String, String), pb::Client>,
     wired: HashMap<(String, String), Wired>,
+    /// `wired`, as far as removing it needs, on disk (see [`records`]).
+    records: records::Records,
     /// The addresses in every client's status (all nodes' clients), kept from the client watch:
     /// what allocation must avoid, without listing every client per allocation.
     status_addrs: HashMap<(String, String), Vec<IpAddr>>,
@@ -711,7 +722,51 @@ impl Reconciler {
         }
     }
 
+    /// Removes what an earlier daemon wired for clients that are no longer this node's (deleted
+    /// while it was down, say): nothing else would, since no event names them any more.
+    async fn remove_unclaimed(&mut self, ours: &HashSet<(String, String)>) {
+        for r in self.records.all() {
+            if ours.contains(&r.key) {
+                continue;
+            }
+            if let (Some(route), Ok(src)) = (
+                r.nat_route.as_deref().and_then(|x| x.parse::<IpNet>().ok()),
+                r.src.parse::<IpNet>(),
+            ) && let Err(e) = nsm_dataplane::remove_masquerade(&self.host_netns, src.addr(), route.addr()).await
+            {
+                tracing::warn!(client = ?r.key, error = %e, "removing the NAT pair");
+            }
+            // A namespace that is gone took the interface with it.
+            if let Ok((_ns, nl)) = netlink_in(&r.netns).await {
+                match nl.delete_link(&r.interface).await {
+                    Ok(true) => {
+                        tracing::info!(client = ?r.key, interface = %r.interface, netns = %r.netns, "removed the vWire of a client that is gone (deleted while this daemon was down)");
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(client = ?r.key, interface = %r.interface, error = %e, "removing a vWire an earlier daemon left");
+                        continue;
+                    }
+                }
+            }
+            self.records.forget(&r.key);
+        }
+    }
+
+    /// Records what stands for client `key`.
+    fn set_wired(&mut self, key: &(String, String), w: &Wired) {
+        self.wired.insert(key.clone(), w.clone());
+        self.records.save(records::Record {
+            key: key.clone(),
+            netns: w.netns.clone(),
+            interface: w.interface.clone(),
+            src: w.src.to_string(),
+            nat_route: w.route.filter(|_| w.nat).map(|r| r.to_string()),
+        });
+    }
+
     async fn teardown(&mut self, key: &(String, String)) {
+        self.records.forget(key);
         let Some(w) = self.wired.remove(key) else { return };
         self.vl3.member_gone(&w.endpoint, w.src.addr()).await;
         match unwire(&w, &self.host_netns, self.wg.as_deref()).await {
@@ -992,7 +1047,7 @@ impl Reconciler {
                             };
                             w.remote = Some((url.clone(), c));
                             if changed {
-                                self.wired.insert(key.clone(), w.clone());
+                                self.set_wired(key, &w);
                                 self.teardown(key).await;
                                 return Err(pending(
                                     "the endpoint's node changed its WireGuard key or port; rebuilding",
@@ -1001,7 +1056,7 @@ impl Reconciler {
                         }
                         Err(e) => tracing::warn!(client = ?key, error = %e, "refreshing the remote end failed"),
                     }
-                    self.wired.insert(key.clone(), w.clone());
+                    self.set_wired(key, &w);
                 }
                 (w, stats)
             }
@@ -1082,7 +1137,7 @@ impl Reconciler {
                         w
                     }
                 };
-                self.wired.insert(key.clone(), w.clone());
+                self.set_wired(key, &w);
                 let stats = live_stats(&w).await.unwrap_or_default();
                 (w, stats)
             }

@@ -689,3 +689,45 @@ fn node_refuses_timers_that_cannot_work() {
     assert!(!ok && err.contains("--resync 0s"), "{err}");
     assert!(!dir.path().join("data").exists(), "nothing created");
 }
+
+/// A client deleted while its node's daemon is down: the restarted daemon no longer finds it in the
+/// registry, and removes its interface from the record it kept; a client that still exists keeps
+/// its vWire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_deleted_while_its_node_is_down_leaves_nothing() {
+    let bed = two_hosts("cd").await;
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let mut a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
+    let b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &[]));
+    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.74.0.0/24"]));
+    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
+    let mut dst = Vec::new();
+    for c in ["c1", "c2"] {
+        ok(nsmctl_in(
+            &registry,
+            &path("pod"),
+            &a,
+            &["client", "create", c, "--service=orders", "--endpoint=ep"],
+        ));
+        dst.push(dst_of(&wait_client(&registry, &a, c, "Ready", |j| phase(j) == "Ready")));
+    }
+    assert_eq!(link_names(&bed, "pod").await.len(), 3, "lo and two vWires");
+    a.kill9();
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
+    assert_eq!(
+        link_names(&bed, "pod").await.len(),
+        3,
+        "nothing removes c1's interface meanwhile"
+    );
+    a.launch();
+    assert!(
+        eventually(10, || async { link_names(&bed, "pod").await.len() == 2 }).await,
+        "c1's interface removed; node-a log:\n{}",
+        a.log()
+    );
+    assert!(a.log().contains("removed the vWire of a client that is gone"));
+    assert!(bed.ping("pod", dst[1].parse().unwrap(), 3), "c2's vWire stays");
+    drop((a, b));
+    bed.down().await.unwrap();
+}

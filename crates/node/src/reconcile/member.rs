@@ -317,7 +317,7 @@ impl Reconciler {
                         fresh,
                     )
                     .await;
-                self.wired.insert(key.clone(), w.clone());
+                self.set_wired(key, &w);
                 let stats = live_stats(&w).await.unwrap_or_default();
                 (w, stats)
             }
