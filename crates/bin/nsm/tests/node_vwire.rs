@@ -609,19 +609,27 @@ async fn upstream_client_requests_a_kernel_vwire() {
     bed.down().await.unwrap();
 }
 
-/// Ends the endpoint's node built for clients that were deleted while it was down: no one closes
-/// them or asks for them again. The restarted daemon finds them by their alias, gives each one
-/// `--remote-lifetime` and then removes them; an end whose client still exists is asked for again
-/// at once (its node sees the restart) and stays.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ends_left_by_an_earlier_daemon_go_unless_asked_for() {
-    let bed = two_hosts("lf").await;
+/// Two hosts with a node each (`node_flags` for both), service `orders` on `cidr` with endpoint
+/// `ep` in `svc` on node-b, and clients c1 and c2 in `pod` on node-a, Ready; their far addresses.
+async fn two_clients_across(
+    tag: &str,
+    cidr: &str,
+    node_flags: &[&str],
+) -> (Testbed, NsmRegistry, NodeProc, NodeProc, Vec<String>) {
+    let bed = two_hosts(tag).await;
     let path = |n: &str| bed.netns_path(n).display().to_string();
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
-    let quick = ["--resync", "4s", "--remote-lifetime", "10s"];
-    let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &quick));
-    let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &quick));
-    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.72.0.0/24"]));
+    let a = NodeProc::start_with(
+        &registry.url(),
+        "node-a",
+        &node_args(&bed, "h1", "192.0.2.11", node_flags),
+    );
+    let b = NodeProc::start_with(
+        &registry.url(),
+        "node-b",
+        &node_args(&bed, "h2", "192.0.2.12", node_flags),
+    );
+    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", cidr]));
     endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
     let mut dst = Vec::new();
     for c in ["c1", "c2"] {
@@ -633,6 +641,17 @@ async fn ends_left_by_an_earlier_daemon_go_unless_asked_for() {
         ));
         dst.push(dst_of(&wait_client(&registry, &a, c, "Ready", |j| phase(j) == "Ready")));
     }
+    (bed, registry, a, b, dst)
+}
+
+/// Ends the endpoint's node built for clients that were deleted while it was down: no one closes
+/// them or asks for them again. The restarted daemon finds them by their alias, gives each one
+/// `--remote-lifetime` and then removes them; an end whose client still exists is asked for again
+/// at once (its node sees the restart) and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ends_left_by_an_earlier_daemon_go_unless_asked_for() {
+    let quick = ["--resync", "4s", "--remote-lifetime", "10s"];
+    let (bed, registry, a, mut b, dst) = two_clients_across("lf", "10.72.0.0/24", &quick).await;
     assert_eq!(link_names(&bed, "svc").await.len(), 3, "lo and two ends");
 
     // node-b dies, and c1 is deleted meanwhile: node-a removes its side; its Close reaches no one.
@@ -695,23 +714,7 @@ fn node_refuses_timers_that_cannot_work() {
 /// its vWire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_deleted_while_its_node_is_down_leaves_nothing() {
-    let bed = two_hosts("cd").await;
-    let path = |n: &str| bed.netns_path(n).display().to_string();
-    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
-    let mut a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
-    let b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &[]));
-    ok(nsmctl(&registry, &["ns", "create", "orders", "--cidr", "10.74.0.0/24"]));
-    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
-    let mut dst = Vec::new();
-    for c in ["c1", "c2"] {
-        ok(nsmctl_in(
-            &registry,
-            &path("pod"),
-            &a,
-            &["client", "create", c, "--service=orders", "--endpoint=ep"],
-        ));
-        dst.push(dst_of(&wait_client(&registry, &a, c, "Ready", |j| phase(j) == "Ready")));
-    }
+    let (bed, registry, mut a, b, dst) = two_clients_across("cd", "10.74.0.0/24", &[]).await;
     assert_eq!(link_names(&bed, "pod").await.len(), 3, "lo and two vWires");
     a.kill9();
     ok(nsmctl(&registry, &["delete", "client", "c1"]));
