@@ -350,9 +350,29 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
     assert!(through_shortcut(&mesh.bed, "a1", servers["c1"]).await, "c's router");
 
     // The router itself dies (its namespace goes): the node rebuilds it, members keep addresses.
-    let router_a = router_netns(&["vla"]);
-    assert_eq!(router_a.len(), 1, "{router_a:?}");
-    nsm_dataplane::NetNs::delete(&router_a[0]).unwrap();
+    // Listed and deleted again if the name went in between: one CI run (of 6512378) found the
+    // router's namespace gone at this point (not reproduced, cause not found), so a miss is said,
+    // with node a's log, rather than taken for the test's own failure.
+    let mut deleted = false;
+    for _ in 0..20 {
+        let router_a = router_netns(&["vla"]);
+        assert!(router_a.len() <= 1, "{router_a:?}");
+        match router_a.first().map(|n| nsm_dataplane::NetNs::delete(n)) {
+            Some(Ok(())) => {
+                deleted = true;
+                break;
+            }
+            Some(Err(e)) if e.is_not_found() => eprintln!("router namespace gone before the test deleted it: {e}"),
+            Some(Err(e)) => panic!("deleting the router namespace: {e}"),
+            None => eprintln!("no router namespace of node a listed"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        deleted,
+        "no router namespace to delete; node a log:\n{}",
+        mesh.nodes["vla"].log()
+    );
     let healed = eventually(15, || async { all_pairs(&mesh.bed, &members).is_empty() }).await;
     assert!(healed, "router rebuilt; log:\n{}", mesh.nodes["vla"].log());
     for name in ["a1", "a2"] {
