@@ -729,7 +729,15 @@ async fn client_deleted_while_its_node_is_down_leaves_nothing() {
         "c1's interface removed; node-a log:\n{}",
         a.log()
     );
-    assert!(a.log().contains("removed the vWire of a client that is gone"));
+    // The daemon logs once its delete has returned, which can be after the test saw the link go.
+    assert!(
+        eventually(5, || async {
+            a.log().contains("removed the vWire of a client that is gone")
+        })
+        .await,
+        "{}",
+        a.log()
+    );
     assert!(bed.ping("pod", dst[1].parse().unwrap(), 3), "c2's vWire stays");
     drop((a, b));
     bed.down().await.unwrap();
