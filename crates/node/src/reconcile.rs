@@ -729,24 +729,14 @@ impl Reconciler {
             if ours.contains(&r.key) {
                 continue;
             }
-            if let (Some(route), Ok(src)) = (
-                r.nat_route.as_deref().and_then(|x| x.parse::<IpNet>().ok()),
-                r.src.parse::<IpNet>(),
-            ) && let Err(e) = nsm_dataplane::remove_masquerade(&self.host_netns, src.addr(), route.addr()).await
-            {
-                tracing::warn!(client = ?r.key, error = %e, "removing the NAT pair");
-            }
-            // A namespace that is gone took the interface with it.
-            if let Ok((_ns, nl)) = netlink_in(&r.netns).await {
-                match nl.delete_link(&r.interface).await {
-                    Ok(true) => {
-                        tracing::info!(client = ?r.key, interface = %r.interface, netns = %r.netns, "removed the vWire of a client that is gone (deleted while this daemon was down)");
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(client = ?r.key, interface = %r.interface, error = %e, "removing a vWire an earlier daemon left");
-                        continue;
-                    }
+            match remove_interface(&self.host_netns, &r.netns, &r.interface, r.src, r.nat_route).await {
+                Ok(true) => {
+                    tracing::info!(client = ?r.key, interface = %r.interface, netns = %r.netns, "removed the vWire of a client that is gone (deleted while this daemon was down)");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(client = ?r.key, interface = %r.interface, error = %e, "removing a vWire an earlier daemon left");
+                    continue;
                 }
             }
             self.records.forget(&r.key);
@@ -760,8 +750,8 @@ impl Reconciler {
             key: key.clone(),
             netns: w.netns.clone(),
             interface: w.interface.clone(),
-            src: w.src.to_string(),
-            nat_route: w.route.filter(|_| w.nat).map(|r| r.to_string()),
+            src: w.src,
+            nat_route: nat_route(w),
         });
     }
 
@@ -1552,6 +1542,7 @@ impl Reconciler {
                     mtu,
                     w.dst,
                     w.src,
+                    None,
                 )
                 .await
                 .map(|()| {
@@ -1758,20 +1749,34 @@ async fn unwire(w: &Wired, host: &NetNs, wg: Option<&Wg>) -> Result<(), String> 
         wg.remove(id).await;
         return Ok(());
     }
-    if let Some(route) = w.route.filter(|_| w.nat)
-        && let Err(e) = nsm_dataplane::remove_masquerade(host, w.src.addr(), route.addr()).await
-    {
-        tracing::warn!(interface = %w.interface, error = %e, "removing the NAT pair");
-    }
-    let (_ns, nl) = match netlink_in(&w.netns).await {
-        Ok(x) => x,
-        // The workload's namespace is gone, and the vWire with it.
-        Err(_) => return Ok(()),
-    };
-    nl.delete_link(&w.interface)
+    remove_interface(host, &w.netns, &w.interface, w.src, nat_route(w))
         .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map(drop)
+}
+
+/// The route a gateway vWire masquerades its source address to, if it does.
+fn nat_route(w: &Wired) -> Option<IpNet> {
+    w.route.filter(|_| w.nat)
+}
+
+/// Takes `src`'s NAT pair to `nat_route` (if any) out of the host namespace and deletes
+/// `interface` in `netns`; whether there was one (a namespace that is gone took it with it).
+async fn remove_interface(
+    host: &NetNs,
+    netns: &str,
+    interface: &str,
+    src: IpNet,
+    nat_route: Option<IpNet>,
+) -> Result<bool, String> {
+    if let Some(route) = nat_route
+        && let Err(e) = nsm_dataplane::remove_masquerade(host, src.addr(), route.addr()).await
+    {
+        tracing::warn!(%interface, error = %e, "removing the NAT pair");
+    }
+    let Ok((_ns, nl)) = netlink_in(netns).await else {
+        return Ok(false);
+    };
+    nl.delete_link(interface).await.map_err(|e| e.to_string())
 }
 
 /// The counters of a vWire's interface if it stands with carrier (both ends up), else None.

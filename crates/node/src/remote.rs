@@ -147,17 +147,7 @@ impl RemoteEnds {
     /// Removes every end whose connection was not refreshed in time.
     pub async fn sweep(&self) {
         let now = SystemTime::now();
-        let expired: Vec<(String, End)> = {
-            let mut m = self.inner.lock().await;
-            let ids: Vec<String> = m
-                .iter()
-                .filter(|(_, e)| e.expires < now)
-                .map(|(k, _)| k.clone())
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| m.remove(&id).map(|e| (id, e)))
-                .collect()
-        };
+        let expired: Vec<(String, End)> = self.inner.lock().await.extract_if(|_, e| e.expires < now).collect();
         for (id, end) in expired {
             tracing::info!(connection = %id, "remote connection expired");
             self.remove_end(&id, &end).await;
@@ -165,15 +155,7 @@ impl RemoteEnds {
         }
         // Under `inner`'s lock, so that no request claims a leftover while it is deleted.
         let _ends = self.inner.lock().await;
-        let gone: Vec<(String, Leftover)> = {
-            let mut l = self.leftovers.lock().await;
-            let names: Vec<String> = l
-                .iter()
-                .filter(|(_, e)| e.expires < now)
-                .map(|(k, _)| k.clone())
-                .collect();
-            names.into_iter().filter_map(|n| l.remove(&n).map(|e| (n, e))).collect()
-        };
+        let gone: Vec<(String, Leftover)> = self.leftovers.lock().await.extract_if(|_, e| e.expires < now).collect();
         for (link, left) in gone {
             tracing::info!(%link, netns = %left.netns.display(), "removed a vWire end an earlier daemon left and no client node asked for again");
             remove_link(&left.netns, &link).await;
@@ -401,13 +383,10 @@ impl RemoteEnds {
                 mtu,
                 src,
                 dst,
+                Some(END_ALIAS),
             )
             .await
             .map_err(|e| Status::internal(format!("building the endpoint side: {e}")))?;
-            if let Err(e) = set_end_alias(&netns, &link).await {
-                remove_link(&netns, &link).await;
-                return Err(Status::internal(format!("building the endpoint side: {e}")));
-            }
             tracing::info!(connection = %conn.id, endpoint = %endpoint_name, %vni, "remote vWire end ready");
         } else if known.is_none() && wg_state.is_none() {
             // Adopted from an earlier daemon, which may have been one that did not mark its ends:
@@ -523,8 +502,9 @@ fn is_leftover(l: &nsm_dataplane::LinkInfo) -> bool {
 }
 
 /// Creates a VXLAN link named `name` directly inside `target`, its UDP socket in `host` (on the
-/// underlay), and gives it `local_addr` with a host route to `peer_addr`. All or nothing: a
-/// `name` already taken in `target` (another vWire's interface) is refused and left alone.
+/// underlay), and gives it `alias` (if any) and `local_addr` with a host route to `peer_addr`. All
+/// or nothing: a `name` already taken in `target` (another vWire's interface) is refused and left
+/// alone.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn build_end(
     host: &NetNs,
@@ -536,6 +516,7 @@ pub(crate) async fn build_end(
     mtu: u32,
     peer_addr: IpNet,
     local_addr: IpNet,
+    alias: Option<&str>,
 ) -> Result<(), String> {
     let hnl = Netlink::connect(host).await.map_err(|e| e.to_string())?;
     let tns = NetNs::open(target).map_err(|e| e.to_string())?;
@@ -544,6 +525,9 @@ pub(crate) async fn build_end(
         .await
         .map_err(|e| e.to_string())?;
     let configured = async {
+        if let Some(alias) = alias {
+            tnl.set_alias(name, alias).await?;
+        }
         tnl.add_address(name, local_addr).await?;
         tnl.set_up(name).await?;
         tnl.add_route(peer_addr, None, name).await?;

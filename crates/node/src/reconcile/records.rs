@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
+
 use crate::remote::link_name;
 
 /// One client's record: its key and what stands for it.
@@ -18,20 +20,21 @@ pub(super) struct Record {
     pub(super) key: (String, String),
     pub(super) netns: String,
     pub(super) interface: String,
-    pub(super) src: String,
+    pub(super) src: IpNet,
     /// The route a gateway vWire masquerades `src` to, if it does.
-    pub(super) nat_route: Option<String>,
+    pub(super) nat_route: Option<IpNet>,
 }
 
 impl Record {
     fn encode(&self) -> String {
+        let route = self.nat_route.map(|r| r.to_string()).unwrap_or_default();
         [
             self.key.0.as_str(),
             &self.key.1,
             &self.netns,
             &self.interface,
-            &self.src,
-            self.nat_route.as_deref().unwrap_or(""),
+            &self.src.to_string(),
+            &route,
         ]
         .join("\n")
     }
@@ -45,27 +48,42 @@ impl Record {
             key: ((*ns).to_owned(), (*name).to_owned()),
             netns: (*netns).to_owned(),
             interface: (*interface).to_owned(),
-            src: (*src).to_owned(),
-            nat_route: (!route.is_empty()).then(|| (*route).to_owned()),
+            src: src.parse().ok()?,
+            nat_route: match *route {
+                "" => None,
+                r => Some(r.parse().ok()?),
+            },
         })
     }
 }
 
-/// The records on disk, with what was last written so that unchanged ones are not rewritten.
+/// The records on disk, as last written (read once at start-up), so that unchanged ones are not
+/// rewritten.
 pub(super) struct Records {
     dir: PathBuf,
     written: HashMap<(String, String), Record>,
 }
 
 impl Records {
-    /// Opens (creating) `<data_dir>/wired`.
+    /// Opens (creating) `<data_dir>/wired` and reads what an earlier daemon recorded there
+    /// (unreadable files are skipped, with a warning).
     pub(super) fn open(data_dir: &Path) -> io::Result<Records> {
         let dir = data_dir.join("wired");
         std::fs::create_dir_all(&dir)?;
-        Ok(Records {
-            dir,
-            written: HashMap::new(),
-        })
+        let mut written = HashMap::new();
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let path = e.path();
+            if path.extension().is_some() {
+                continue;
+            }
+            match std::fs::read_to_string(&path).ok().as_deref().and_then(Record::decode) {
+                Some(r) => {
+                    written.insert(r.key.clone(), r);
+                }
+                None => tracing::warn!(file = %path.display(), "unreadable vWire record; ignored"),
+            }
+        }
+        Ok(Records { dir, written })
     }
 
     fn file(&self, key: &(String, String)) -> PathBuf {
@@ -98,23 +116,9 @@ impl Records {
         }
     }
 
-    /// Every record on disk (unreadable ones are skipped, with a warning).
+    /// Every record.
     pub(super) fn all(&self) -> Vec<Record> {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for e in dir.flatten() {
-            let path = e.path();
-            if path.extension().is_some() {
-                continue;
-            }
-            match std::fs::read_to_string(&path).ok().as_deref().and_then(Record::decode) {
-                Some(r) => out.push(r),
-                None => tracing::warn!(file = %path.display(), "unreadable vWire record; ignored"),
-            }
-        }
-        out
+        self.written.values().cloned().collect()
     }
 }
 
@@ -127,8 +131,8 @@ mod tests {
             key: ("default".into(), name.into()),
             netns: "/run/netns/pod".into(),
             interface: "nsm-1".into(),
-            src: "10.70.0.1/32".into(),
-            nat_route: nat.map(str::to_owned),
+            src: "10.70.0.1/32".parse().unwrap(),
+            nat_route: nat.map(|r| r.parse().unwrap()),
         }
     }
 
