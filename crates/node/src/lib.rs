@@ -26,6 +26,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Most lanes a userspace WIREGUARD vWire runs (`--wireguard-lanes`).
+pub use nsm_wireguard::MAX_LANES as MAX_WIREGUARD_LANES;
 pub use reconcile::run;
 pub use remote::{MAX_RESYNC, REMOTE_LIFETIME};
 
@@ -68,6 +70,8 @@ pub struct Config {
     pub wireguard_rotate: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// Where WIREGUARD vWires run: the kernel's WireGuard or nsm's userspace tunnel.
     pub wireguard_backend: WireGuardBackend,
+    /// Lanes per userspace WIREGUARD vWire (per-core workers; `nsm_wireguard::LaneConfig`).
+    pub wireguard_lanes: usize,
 }
 
 /// Where a node runs its WIREGUARD vWires. Both speak the same protocol with the same keys, so

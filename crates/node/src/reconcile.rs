@@ -261,8 +261,14 @@ pub async fn run(
             let backend = wg::choose_backend(config.wireguard_backend, &host_netns)
                 .await
                 .map_err(NodeError::WireGuard)?;
-            let wg = Wg::new(key, ports.clone(), config.data_dir.clone(), backend);
-            tracing::info!(public_key = %wg.public_key(), ?ports, ?backend, "WireGuard vWires enabled");
+            let wg = Wg::new(
+                key,
+                ports.clone(),
+                config.data_dir.clone(),
+                backend,
+                config.wireguard_lanes,
+            );
+            tracing::info!(public_key = %wg.public_key(), ?ports, ?backend, lanes = wg.lanes(), "WireGuard vWires enabled");
             Some(Arc::new(wg))
         }
         None => None,
@@ -1427,10 +1433,11 @@ impl Reconciler {
                 Some(wg) => {
                     let mut params = HashMap::new();
                     params.insert(vxlan::SRC_IP.to_owned(), self.config.underlay.to_string());
-                    params.insert(
-                        vxlan::SRC_PORT.to_owned(),
-                        wg.port_for(&wg::client_end_id(uid)).to_string(),
-                    );
+                    let ports = wg.ports_for(&wg::client_end_id(uid), wg.lanes());
+                    params.insert(vxlan::SRC_PORT.to_owned(), ports[0].to_string());
+                    if ports.len() > 1 {
+                        params.insert(wg::SRC_LANE_PORTS.to_owned(), wg::format_lane_ports(&ports[1..]));
+                    }
                     params.insert(wg::SRC_PUBLIC_KEY.to_owned(), wg.public_key());
                     offers.push(Mechanism {
                         cls: vxlan::CLS_REMOTE.into(),
@@ -1496,23 +1503,34 @@ impl Reconciler {
                     .and_then(|k| nsm_wireguard::decode_key(k).ok())
                     .ok_or("the endpoint's node answered WIREGUARD without a valid dst_public_key");
                 let peer_port: Option<u16> = params.get(vxlan::DST_PORT).and_then(|p| p.parse().ok());
-                match (peer_key, peer_port) {
-                    (Ok(peer_key), Some(peer_port)) => {
+                // As many lanes as the endpoint's node answered for, which is at most as many as
+                // were offered; their ports as offered.
+                let peer_lanes = wg::parse_lane_ports(params.get(wg::DST_LANE_PORTS))
+                    .map_err(|e| format!("the endpoint's node answered a bad {}: {e}", wg::DST_LANE_PORTS));
+                match (peer_key, peer_port, peer_lanes) {
+                    (_, _, Err(e)) => Err(e),
+                    (Ok(peer_key), Some(peer_port), Ok(peer_lanes)) => {
                         let mut allowed = vec![w.dst];
                         allowed.extend(w.route);
+                        let ports = wg.ports_for(&id, peer_lanes.len() + 1);
                         wg.build(wg::End {
                             id: id.clone(),
                             netns: Path::new(&w.netns),
                             name: &w.interface,
                             host: &self.host_netns,
                             listen: self.config.underlay,
-                            port: wg.port_for(&id),
+                            port: ports[0],
                             peer_key,
                             peer_endpoint: std::net::SocketAddr::new(remote_ip, peer_port),
                             allowed,
                             mtu,
                             local_addr: w.src,
                             peer_addr: w.dst,
+                            extra_lanes: ports[1..]
+                                .iter()
+                                .copied()
+                                .zip(peer_lanes.into_iter().map(Some))
+                                .collect(),
                         })
                         .await
                         .map(|_| {
@@ -1521,8 +1539,8 @@ impl Reconciler {
                             mtu
                         })
                     }
-                    (Err(e), _) => Err(e.to_owned()),
-                    (_, None) => Err("the endpoint's node answered WIREGUARD without a dst_port".to_owned()),
+                    (Err(e), _, _) => Err(e.to_owned()),
+                    (_, None, _) => Err("the endpoint's node answered WIREGUARD without a dst_port".to_owned()),
                 }
             }
             vxlan::TYPE if encryption != Encryption::Required => {

@@ -53,9 +53,22 @@ struct End {
     netns: PathBuf,
     link: String,
     expires: SystemTime,
-    /// A WIREGUARD end: the client node's offer it was built for (`src_ip`, `src_port`,
-    /// `src_public_key`), and the port it listens on.
-    wg: Option<(String, String, String, u16)>,
+    /// A WIREGUARD end.
+    wg: Option<WgEnd>,
+}
+
+/// A WIREGUARD end: the client node's offer it was built for, and the ports it listens on.
+#[derive(Clone, Debug)]
+struct WgEnd {
+    /// The offer's `src_ip` and `src_port`, and the ports of its other lanes: another of any of
+    /// them means another end.
+    src_ip: String,
+    src_port: String,
+    src_lanes: Vec<u16>,
+    /// The offer's `src_public_key` (a new one is moved to in place).
+    key: String,
+    /// The ports the end listens on, the first lane's first.
+    ports: Vec<u16>,
 }
 
 /// The alias of an endpoint-side VXLAN end, so that a restarted daemon can tell the ends an
@@ -274,7 +287,15 @@ impl RemoteEnds {
                 .get(crate::wg::SRC_PUBLIC_KEY)
                 .filter(|k| nsm_wireguard::decode_key(k).is_ok())
                 .ok_or_else(|| bad("mechanism.parameters.src_public_key: missing or not a WireGuard key"))?;
-            Some((src_ip.to_string(), port.clone(), key.clone()))
+            let src_lanes = crate::wg::parse_lane_ports(mech.parameters.get(crate::wg::SRC_LANE_PORTS))
+                .map_err(|e| bad(format!("mechanism.parameters.{}: {e}", crate::wg::SRC_LANE_PORTS)))?;
+            Some(WgEnd {
+                src_ip: src_ip.to_string(),
+                src_port: port.clone(),
+                src_lanes,
+                key: key.clone(),
+                ports: Vec::new(),
+            })
         } else {
             None
         };
@@ -318,18 +339,18 @@ impl RemoteEnds {
         let mut wg_state = None;
         if let (Some(offer), Some(wg)) = (&wg_offer, &self.wg) {
             let id = crate::wg::endpoint_end_id(&conn.id);
-            // Built already for this offer's address and port (a refresh): keep it, with the
+            // Built already for this offer's address and ports (a refresh): keep it, with the
             // offer's key (the client's node rotated its key: the tunnel moves to the new one in
             // place). A restarted daemon has no tunnels (a userspace one lived in the old
             // process; a kernel link is adopted), so it builds the end again.
-            let mut same = known
-                .as_ref()
-                .and_then(|e| e.wg.clone())
-                .filter(|w| (&w.0, &w.1) == (&offer.0, &offer.1) && wg.has(&id));
+            let mut same = known.as_ref().and_then(|e| e.wg.clone()).filter(|w| {
+                (&w.src_ip, &w.src_port, &w.src_lanes) == (&offer.src_ip, &offer.src_port, &offer.src_lanes)
+                    && wg.has(&id)
+            });
             if let Some(w) = &same
-                && w.2 != offer.2
+                && w.key != offer.key
             {
-                let moved = match nsm_wireguard::decode_key(&offer.2) {
+                let moved = match nsm_wireguard::decode_key(&offer.key) {
                     Ok(k) => wg.set_peer_key(&id, k).await,
                     Err(_) => false,
                 };
@@ -337,38 +358,46 @@ impl RemoteEnds {
                     same = None;
                 }
             }
-            let port = match same {
-                Some(w) => w.3,
+            let ports = match same {
+                Some(w) => w.ports,
                 None => {
                     if let Some(old) = &known
                         && old.wg.is_none()
                     {
                         remove_link(&old.netns, &old.link).await;
                     }
-                    let peer_key = nsm_wireguard::decode_key(&offer.2).map_err(|e| bad(e.to_string()))?;
-                    let peer_port: u16 = offer.1.parse().unwrap_or_default();
-                    let port = wg
+                    let peer_key = nsm_wireguard::decode_key(&offer.key).map_err(|e| bad(e.to_string()))?;
+                    let peer_port: u16 = offer.src_port.parse().unwrap_or_default();
+                    // As many lanes as both nodes run.
+                    let lanes = (offer.src_lanes.len() + 1).min(wg.lanes());
+                    let ports = wg.ports_for(&id, lanes);
+                    let ports = wg
                         .build(crate::wg::End {
                             id: id.clone(),
                             netns: &netns,
                             name: &link,
                             host: &self.host_netns,
                             listen: self.underlay,
-                            port: wg.port_for(&id),
+                            port: ports[0],
                             peer_key,
                             peer_endpoint: std::net::SocketAddr::new(src_ip, peer_port),
                             allowed: vec![src],
                             mtu,
                             local_addr: dst,
                             peer_addr: src,
+                            extra_lanes: ports[1..]
+                                .iter()
+                                .copied()
+                                .zip(offer.src_lanes.iter().copied().map(Some))
+                                .collect(),
                         })
                         .await
                         .map_err(|e| Status::internal(format!("building the endpoint side: {e}")))?;
-                    tracing::info!(connection = %conn.id, endpoint = %endpoint_name, port, "remote WIREGUARD vWire end ready");
-                    port
+                    tracing::info!(connection = %conn.id, endpoint = %endpoint_name, ?ports, "remote WIREGUARD vWire end ready");
+                    ports
                 }
             };
-            wg_state = Some((offer.0.clone(), offer.1.clone(), offer.2.clone(), port));
+            wg_state = Some(WgEnd { ports, ..offer.clone() });
         } else if known.as_ref().is_none_or(|e| e.wg.is_some()) && !end_present(&netns, &link, dst).await {
             if let Some(old) = &known {
                 self.remove_end(&conn.id, old).await;
@@ -395,7 +424,8 @@ impl RemoteEnds {
                 tracing::debug!(connection = %conn.id, error = %e, "marking an adopted end");
             }
         }
-        let dst_port = wg_state.as_ref().map_or(vxlan::PORT, |w| w.3);
+        let dst_port = wg_state.as_ref().map_or(vxlan::PORT, |w| w.ports[0]);
+        let dst_lanes = wg_state.as_ref().map(|w| crate::wg::format_lane_ports(&w.ports[1..]));
         // An end an earlier daemon left under this name is this connection's again.
         self.leftovers.lock().await.remove(&link);
         ends.insert(
@@ -415,6 +445,11 @@ impl RemoteEnds {
         params.insert(vxlan::MTU.into(), mtu.to_string());
         if let (true, Some(wg)) = (wireguard, &self.wg) {
             params.insert(crate::wg::DST_PUBLIC_KEY.into(), wg.public_key());
+        }
+        // A refresh may carry the last answer's lanes back: this answer's replace them.
+        params.remove(crate::wg::DST_LANE_PORTS);
+        if let Some(lanes) = dst_lanes.filter(|l| !l.is_empty()) {
+            params.insert(crate::wg::DST_LANE_PORTS.into(), lanes);
         }
         conn.mechanism = Some(Mechanism {
             cls: vxlan::CLS_REMOTE.into(),

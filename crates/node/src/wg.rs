@@ -38,6 +38,12 @@ use crate::WireGuardBackend;
 pub(crate) const TYPE: &str = "WIREGUARD";
 pub(crate) const SRC_PUBLIC_KEY: &str = "src_public_key";
 pub(crate) const DST_PUBLIC_KEY: &str = "dst_public_key";
+/// nsm's own keys (upstream ignores parameters it does not know, so a vWire to an upstream node has
+/// one lane): the UDP ports of the client end's lanes after the first, which the client's node
+/// offers, and of the endpoint end's, which the endpoint's node answers with (as many as both
+/// run), comma-separated. See `nsm_wireguard::LaneConfig`.
+pub(crate) const SRC_LANE_PORTS: &str = "nsm_src_lane_ports";
+pub(crate) const DST_LANE_PORTS: &str = "nsm_dst_lane_ports";
 /// Bytes the underlay MTU loses: outer IPv6 (40) + UDP (8) + WireGuard data header (16) + tag
 /// (16) = 80, the worst case that `wg-quick` also assumes (1420 on a 1500 underlay). Over IPv4
 /// the overhead is 60, so 20 bytes stay spare; one figure for both families keeps a vWire's MTU
@@ -94,6 +100,8 @@ pub(crate) struct Wg {
     ports: RangeInclusive<u16>,
     /// Kernel or userspace (never `Auto`: decided at start).
     backend: WireGuardBackend,
+    /// Lanes per userspace tunnel (1 with the kernel backend).
+    lanes: usize,
     tunnels: parking_lot::Mutex<HashMap<String, Tun>>,
 }
 
@@ -124,12 +132,38 @@ struct KernelEnd {
 }
 
 impl Tun {
-    fn port(&self) -> u16 {
+    fn holds(&self, port: u16) -> bool {
         match self {
-            Tun::User(t) => t.local_addr().port(),
-            Tun::Kernel(k) => k.port,
+            Tun::User(t) => t.local_addrs().iter().any(|a| a.port() == port),
+            Tun::Kernel(k) => k.port == port,
         }
     }
+}
+
+/// Parses a lane-ports parameter: at most `MAX_LANES - 1` non-zero ports, comma-separated; empty
+/// or absent is none.
+pub(crate) fn parse_lane_ports(v: Option<&String>) -> Result<Vec<u16>, String> {
+    let Some(v) = v.filter(|v| !v.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let ports = v
+        .split(',')
+        .map(|p| p.trim().parse::<u16>().ok().filter(|p| *p > 0))
+        .collect::<Option<Vec<u16>>>()
+        .ok_or_else(|| format!("{v:?}: expected UDP ports, comma-separated"))?;
+    if ports.len() >= nsm_wireguard::MAX_LANES {
+        return Err(format!(
+            "{} ports; at most {}",
+            ports.len(),
+            nsm_wireguard::MAX_LANES - 1
+        ));
+    }
+    Ok(ports)
+}
+
+/// A lane-ports parameter's value.
+pub(crate) fn format_lane_ports(ports: &[u16]) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// Which backend a node uses: `Auto` asks the kernel (by creating a `wireguard` link in the host
@@ -241,6 +275,8 @@ pub(crate) struct End<'a> {
     pub(crate) mtu: u32,
     pub(crate) local_addr: IpNet,
     pub(crate) peer_addr: IpNet,
+    /// Lanes after the first: the port to bind first (as `port`) and the peer's lane's port.
+    pub(crate) extra_lanes: Vec<(u16, Option<u16>)>,
 }
 
 impl Wg {
@@ -250,14 +286,25 @@ impl Wg {
         ports: RangeInclusive<u16>,
         dir: PathBuf,
         backend: WireGuardBackend,
+        lanes: usize,
     ) -> Wg {
         Wg {
             keys: parking_lot::RwLock::new(Keys::new(private_key)),
             dir,
             ports,
             backend,
+            lanes: if backend == WireGuardBackend::Kernel {
+                1
+            } else {
+                lanes.clamp(1, nsm_wireguard::MAX_LANES)
+            },
             tunnels: parking_lot::Mutex::default(),
         }
+    }
+
+    /// Lanes this node runs per vWire (1: kernel backend, or `--wireguard-lanes 1`).
+    pub(crate) fn lanes(&self) -> usize {
+        self.lanes
     }
 
     /// `kernel` or `userspace`, as the node's registration says.
@@ -361,7 +408,7 @@ impl Wg {
 
     /// After the refresh of client-side tunnel `id`: a new `dst_public_key` (the endpoint's node
     /// rotated its key) goes into the tunnel in place. Returns false when the end must be built
-    /// anew instead (another port, a key that does not parse, no such tunnel).
+    /// anew instead (other ports or lanes, a key that does not parse, no such tunnel).
     pub(crate) async fn refreshed(&self, id: &str, before: &Connection, after: &Connection) -> bool {
         let param = |c: &Connection, k: &str| {
             c.mechanism
@@ -369,7 +416,10 @@ impl Wg {
                 .and_then(|m| m.parameters.get(k).cloned())
                 .unwrap_or_default()
         };
-        if param(before, crate::remote::vxlan::DST_PORT) != param(after, crate::remote::vxlan::DST_PORT) {
+        if [crate::remote::vxlan::DST_PORT, DST_LANE_PORTS]
+            .iter()
+            .any(|k| param(before, k) != param(after, k))
+        {
             return false;
         }
         let key = param(after, DST_PUBLIC_KEY);
@@ -440,23 +490,28 @@ impl Wg {
         }
     }
 
-    /// The port a tunnel id gets: a hash of the id into the range (so it stays the same across
-    /// restarts), then the next one that no running tunnel holds.
-    pub(crate) fn port_for(&self, id: &str) -> u16 {
+    /// The ports of a tunnel id's `lanes` lanes, the first lane's first: each a hash of the id
+    /// (and the lane) into the range (so it stays the same across restarts), then the next one
+    /// that no running tunnel or earlier lane holds. Fewer lanes get a prefix of more lanes' ports.
+    pub(crate) fn ports_for(&self, id: &str, lanes: usize) -> Vec<u16> {
         let (lo, hi) = (u64::from(*self.ports.start()), u64::from(*self.ports.end()));
         let size = hi - lo + 1;
-        let used: Vec<u16> = self
-            .tunnels
-            .lock()
-            .iter()
-            .filter(|(k, _)| *k != id)
-            .map(|(_, t)| t.port())
-            .collect();
-        let first = crate::remote::stable_hash(id) % size;
-        (0..size)
-            .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
-            .find(|p| !used.contains(p))
-            .unwrap_or(*self.ports.start())
+        let tunnels = self.tunnels.lock();
+        let mut ports: Vec<u16> = Vec::with_capacity(lanes);
+        for lane in 0..lanes {
+            let key = if lane == 0 {
+                id.to_owned()
+            } else {
+                format!("{id}/{lane}")
+            };
+            let first = crate::remote::stable_hash(&key) % size;
+            let port = (0..size)
+                .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
+                .find(|p| !ports.contains(p) && !tunnels.iter().any(|(k, t)| k != id && t.holds(*p)))
+                .unwrap_or(*self.ports.start());
+            ports.push(port);
+        }
+        ports
     }
 
     /// The ports an end tries to bind, in order: `first`, then the next ones of the range
@@ -473,10 +528,11 @@ impl Wg {
     }
 
     /// Starts a tunnel end and gives its TUN the addresses and the route to the peer. Returns the
-    /// bound port. All or nothing.
-    pub(crate) async fn build(&self, end: End<'_>) -> Result<u16, String> {
+    /// bound ports, the first lane's first (one port for a kernel end, which has one lane). All or
+    /// nothing.
+    pub(crate) async fn build(&self, end: End<'_>) -> Result<Vec<u16>, String> {
         if self.backend == WireGuardBackend::Kernel {
-            return self.build_kernel(end).await;
+            return self.build_kernel(end).await.map(|p| vec![p]);
         }
         self.remove(&end.id).await;
         let mtu = u16::try_from(end.mtu).map_err(|_| format!("MTU {} too large", end.mtu))?;
@@ -494,7 +550,18 @@ impl Wg {
         }
         let mut tunnel = None;
         let mut last_err = String::new();
+        // A port something else holds costs a retry, with the next port of every lane.
+        let mut lane_ports: Vec<_> = end.extra_lanes.iter().map(|&(p, _)| self.ports_from(p)).collect();
         for port in self.ports_from(end.port) {
+            let extra_lanes = end
+                .extra_lanes
+                .iter()
+                .zip(&mut lane_ports)
+                .map(|(&(_, peer), ports)| nsm_wireguard::LaneConfig {
+                    listen: SocketAddr::new(end.listen, ports.next().unwrap_or(0)),
+                    endpoint: peer.map(|p| SocketAddr::new(end.peer_endpoint.ip(), p)),
+                })
+                .collect();
             let config = TunnelConfig {
                 name: end.name.to_owned(),
                 tun_netns: Some(ns.try_clone().map_err(|e| e.to_string())?),
@@ -510,6 +577,7 @@ impl Wg {
                 },
                 mtu,
                 offloads: nsm_wireguard::Offloads::default(),
+                extra_lanes,
             };
             match tokio::task::spawn_blocking(move || Tunnel::start(config))
                 .await
@@ -524,7 +592,7 @@ impl Wg {
             }
         }
         let tunnel = tunnel.ok_or_else(|| format!("no free UDP port: {last_err}"))?;
-        let bound = tunnel.local_addr().port();
+        let bound: Vec<u16> = tunnel.local_addrs().iter().map(SocketAddr::port).collect();
         let configured = async {
             nl.add_address(end.name, end.local_addr)
                 .await
@@ -726,7 +794,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load_or_create_key(&dir).unwrap(), k1, "a second start keeps the key");
         // A rotation replaces the file (private again, no temporary left) and the offered key.
-        let wg = Wg::new(k1, 51820..=51829, dir.clone(), WireGuardBackend::Userspace);
+        let wg = Wg::new(k1, 51820..=51829, dir.clone(), WireGuardBackend::Userspace, 1);
         let before = wg.public_key();
         let public = futures::executor::block_on(wg.rotate()).unwrap();
         assert_ne!(public, before);
@@ -747,10 +815,11 @@ mod tests {
             51820..=51829,
             PathBuf::from("/nonexistent"),
             WireGuardBackend::Userspace,
+            1,
         );
-        let p = wg.port_for(&client_end_id("abc"));
+        let p = wg.ports_for(&client_end_id("abc"), 1)[0];
         assert!((51820..=51829).contains(&p));
-        assert_eq!(wg.port_for(&client_end_id("abc")), p);
+        assert_eq!(wg.ports_for(&client_end_id("abc"), 1)[0], p);
         // Binding tries the hashed port, then the next ones, wrapping round, 16 at most.
         assert_eq!(
             wg.ports_from(51828).collect::<Vec<_>>(),
@@ -761,8 +830,46 @@ mod tests {
             51820..=52819,
             PathBuf::from("/nonexistent"),
             WireGuardBackend::Userspace,
+            1,
         );
         assert_eq!(wide.ports_from(52819).count(), 16);
+        // Lanes: the first lane's port is the one-lane port; the others differ and stay stable.
+        let lanes = wide.ports_for(&client_end_id("abc"), 4);
+        assert_eq!(lanes[0], wide.ports_for(&client_end_id("abc"), 1)[0]);
+        assert_eq!(lanes, wide.ports_for(&client_end_id("abc"), 4));
+        let mut distinct = lanes.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4);
+        assert!(lanes.iter().all(|p| (51820..=52819).contains(p)));
+        // Two lanes in a range of one port cannot both have it; the second gets the range's start
+        // and the bind of the second fails (reported as no free port).
+        let tiny = Wg::new(
+            [1; 32],
+            51820..=51820,
+            PathBuf::from("/nonexistent"),
+            WireGuardBackend::Userspace,
+            2,
+        );
+        assert_eq!(tiny.ports_for("x", 2), [51820, 51820]);
+        let kernel = Wg::new(
+            [1; 32],
+            51820..=51829,
+            PathBuf::from("/nonexistent"),
+            WireGuardBackend::Kernel,
+            4,
+        );
+        assert_eq!(kernel.lanes(), 1);
+        assert_eq!(
+            parse_lane_ports(Some(&"52001, 52002".to_owned())),
+            Ok(vec![52001, 52002])
+        );
+        assert_eq!(parse_lane_ports(Some(&String::new())), Ok(vec![]));
+        assert_eq!(parse_lane_ports(None), Ok(vec![]));
+        assert!(parse_lane_ports(Some(&"52001,0".to_owned())).is_err());
+        assert!(parse_lane_ports(Some(&"52001,x".to_owned())).is_err());
+        let many = format_lane_ports(&[52001; 16]);
+        assert!(parse_lane_ports(Some(&many)).is_err());
         assert_eq!(wide.ports_from(52819).nth(1), Some(51820));
         assert_eq!(Encryption::effective("", "required"), Encryption::Required);
         assert_eq!(Encryption::effective("none", "required"), Encryption::None);

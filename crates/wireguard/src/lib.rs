@@ -23,7 +23,7 @@ pub use error::WgError;
 pub use keys::{decode_key, encode_key, generate_preshared_key, generate_private_key, public_key};
 pub use peer::Peer;
 pub use stats::{DropReason, Drops, Stats};
-pub use tunnel::{ActiveOffloads, DEFAULT_MTU, Offloads, PeerConfig, Tunnel, TunnelConfig};
+pub use tunnel::{ActiveOffloads, DEFAULT_MTU, LaneConfig, MAX_LANES, Offloads, PeerConfig, Tunnel, TunnelConfig};
 
 /// Fuzzing entry point: runs a datagram through the framing parser and a fresh protocol core, which
 /// must reject garbage without panicking. Returns what the core made of it.

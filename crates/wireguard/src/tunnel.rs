@@ -1,4 +1,5 @@
-//! A tunnel: one TUN device, one UDP socket, one peer, two data-plane threads.
+//! A tunnel: one TUN device, one peer, and per lane (see [`LaneConfig`]) a TUN queue, a UDP socket
+//! and two data-plane threads.
 //!
 //! * `wg-tx`: TUN → encrypt → UDP. Reads a batch from the TUN (with IFF_VNET_HDR a read is a TSO
 //!   super-packet of up to 64 KiB that is split into MTU-sized packets), encrypts the whole batch
@@ -16,7 +17,7 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,29 @@ pub struct TunnelConfig {
     /// MTU of the TUN device.
     pub mtu: u16,
     pub offloads: Offloads,
+    /// Lanes beyond the first (see [`LaneConfig`]); empty for a plain WireGuard tunnel.
+    pub extra_lanes: Vec<LaneConfig>,
+}
+
+/// Most lanes a tunnel runs.
+pub const MAX_LANES: usize = 16;
+
+/// One more lane of a tunnel: per-core workers for a single peer.
+///
+/// boringtun's protocol core encrypts and decrypts only under `&mut`, so one core is one CPU's
+/// worth of ChaCha20-Poly1305 however many threads serve it. A lane is therefore a whole WireGuard
+/// session of its own, with the same keys: its own TUN queue (IFF_MULTI_QUEUE), UDP socket,
+/// protocol core and two threads, sharing no lock with the other lanes. The kernel spreads flows
+/// over the TUN's queues by flow hash and keeps a flow on the queue its replies are written to, so
+/// a flow stays on one lane and in order. Both ends must run the same lanes, lane *i* talking to
+/// lane *i* (nsm's nodes agree on them in the mechanism parameters); a stock WireGuard peer knows
+/// one endpoint per peer and gets one lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaneConfig {
+    /// UDP address this lane listens on (port 0: any free port, see [`Tunnel::local_addrs`]).
+    pub listen: SocketAddr,
+    /// The peer's lane to send to; `None` to wait for it to reach us first.
+    pub endpoint: Option<SocketAddr>,
 }
 
 impl TunnelConfig {
@@ -116,6 +140,7 @@ impl TunnelConfig {
             peer,
             mtu: DEFAULT_MTU,
             offloads: Offloads::default(),
+            extra_lanes: Vec::new(),
         }
     }
 }
@@ -136,33 +161,49 @@ struct PeerState {
     endpoint: Option<SocketAddr>,
 }
 
-struct Shared {
+/// What a tunnel's lanes share: nothing on the per-packet path takes a lock in here.
+struct Common {
     name: String,
-    tun: SyncDevice,
-    udp: std::net::UdpSocket,
-    udp_state: UdpSocketState,
-    peer: Mutex<PeerState>,
     allowed: Vec<IpNet>,
     counters: Counters,
     stop: AtomicBool,
     mtu: usize,
+}
+
+impl Common {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// One lane: a TUN queue, a UDP socket and a protocol core, served by two threads of its own.
+struct Lane {
+    common: Arc<Common>,
+    tun: SyncDevice,
+    udp: std::net::UdpSocket,
+    udp_state: UdpSocketState,
+    peer: Mutex<PeerState>,
     gso: bool,
     gso_warned: AtomicBool,
+    /// Data packets this lane sent and received (the tunnel's [`Counters`] sum all lanes).
+    tx_packets: AtomicU64,
+    rx_packets: AtomicU64,
 }
 
 /// A running tunnel. Dropping it stops it (and removes the TUN device).
 pub struct Tunnel {
-    shared: Arc<Shared>,
+    common: Arc<Common>,
+    lanes: Vec<Arc<Lane>>,
     threads: Vec<JoinHandle<()>>,
-    local_addr: SocketAddr,
+    local_addrs: Vec<SocketAddr>,
     offloads: ActiveOffloads,
 }
 
 impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tunnel")
-            .field("name", &self.shared.name)
-            .field("local_addr", &self.local_addr)
+            .field("name", &self.common.name)
+            .field("local_addrs", &self.local_addrs)
             .field("offloads", &self.offloads)
             .finish()
     }
@@ -175,12 +216,14 @@ fn in_netns<T: Send + 'static>(ns: Option<&NetNs>, f: impl FnOnce() -> T + Send 
     }
 }
 
-fn open_tun(name: String, mtu: u16, offload: bool) -> Result<(SyncDevice, bool, bool), WgError> {
+/// Opens the TUN device, and `queues - 1` more queues of it (IFF_MULTI_QUEUE) if `queues > 1`.
+fn open_tun(name: String, mtu: u16, offload: bool, queues: usize) -> Result<(Vec<SyncDevice>, bool, bool), WgError> {
     let build = |offload: bool| {
         DeviceBuilder::new()
             .name(name.clone())
             .mtu(mtu)
             .offload(offload)
+            .multi_queue(queues > 1)
             .enable(true)
             .build_sync()
     };
@@ -204,12 +247,25 @@ fn open_tun(name: String, mtu: u16, offload: bool) -> Result<(SyncDevice, bool, 
     if tso && !uso {
         tracing::warn!(tun = %name, "TUN UDP segmentation offload (USO4/6) unavailable; UDP inside is not coalesced");
     }
-    dev.set_nonblocking(true).map_err(|source| WgError::Tun {
-        name: name.clone(),
-        op: "set non-blocking",
-        source,
-    })?;
-    Ok((dev, tso, uso))
+    let mut queues_out = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        // Opened here, in the TUN's namespace: attaching a queue looks the device up by name in
+        // the namespace /dev/net/tun was opened in.
+        queues_out.push(dev.try_clone().map_err(|source| WgError::Tun {
+            name: name.clone(),
+            op: "open another queue",
+            source,
+        })?);
+    }
+    queues_out.insert(0, dev);
+    for q in &queues_out {
+        q.set_nonblocking(true).map_err(|source| WgError::Tun {
+            name: name.clone(),
+            op: "set non-blocking",
+            source,
+        })?;
+    }
+    Ok((queues_out, tso, uso))
 }
 
 fn open_udp(listen: SocketAddr, offloads: Offloads) -> Result<(std::net::UdpSocket, UdpSocketState), WgError> {
@@ -241,8 +297,9 @@ fn open_udp(listen: SocketAddr, offloads: Offloads) -> Result<(std::net::UdpSock
 }
 
 impl Tunnel {
-    /// Creates the TUN device and UDP socket and starts the data-plane threads. The TUN is up but
-    /// has no addresses or routes: the caller adds those (the namespace is the caller's business).
+    /// Creates the TUN device and UDP sockets and starts the data-plane threads (two per lane).
+    /// The TUN is up but has no addresses or routes: the caller adds those (the namespace is the
+    /// caller's business). All or nothing: on failure nothing is left open.
     pub fn start(config: TunnelConfig) -> Result<Tunnel, WgError> {
         let TunnelConfig {
             name,
@@ -253,6 +310,7 @@ impl Tunnel {
             peer,
             mtu,
             offloads,
+            extra_lanes,
         } = config;
         if name.is_empty() || name.len() > 15 || name.contains('/') {
             return Err(WgError::InvalidConfig(format!("bad interface name {name:?}")));
@@ -260,73 +318,111 @@ impl Tunnel {
         if mtu < 576 {
             return Err(WgError::InvalidConfig(format!("MTU {mtu} below 576")));
         }
-        let (udp, udp_state) = in_netns(udp_netns.as_ref(), move || open_udp(listen, offloads))??;
-        let local_addr = udp.local_addr().map_err(|source| WgError::Udp {
-            addr: listen,
-            op: "local address",
-            source,
-        })?;
+        if extra_lanes.len() >= MAX_LANES {
+            return Err(WgError::InvalidConfig(format!(
+                "{} lanes; at most {MAX_LANES}",
+                extra_lanes.len() + 1
+            )));
+        }
+        let ends: Vec<(SocketAddr, Option<SocketAddr>)> = std::iter::once((listen, peer.endpoint))
+            .chain(extra_lanes.iter().map(|l| (l.listen, l.endpoint)))
+            .collect();
+        let mut sockets = Vec::with_capacity(ends.len());
+        for &(addr, _) in &ends {
+            let (udp, state) = in_netns(udp_netns.as_ref(), move || open_udp(addr, offloads))??;
+            let local = udp.local_addr().map_err(|source| WgError::Udp {
+                addr,
+                op: "local address",
+                source,
+            })?;
+            sockets.push((udp, state, local));
+        }
         let tun_name = name.clone();
-        let (tun, tun_tso, tun_uso) = in_netns(tun_netns.as_ref(), move || open_tun(tun_name, mtu, offloads.tun))??;
+        let queues = ends.len();
+        let (tuns, tun_tso, tun_uso) = in_netns(tun_netns.as_ref(), move || {
+            open_tun(tun_name, mtu, offloads.tun, queues)
+        })??;
 
-        let gso = offloads.udp_gso && udp_state.max_gso_segments() > 1;
+        let first = &sockets[0].1;
+        let gso = offloads.udp_gso && first.max_gso_segments() > 1;
         if offloads.udp_gso && !gso {
             tracing::warn!(tun = %name, "UDP GSO unavailable; one sendmsg per datagram");
         }
-        let gro_segments = if offloads.udp_gro { udp_state.gro_segments() } else { 1 };
+        let gro_segments = if offloads.udp_gro { first.gro_segments() } else { 1 };
         if offloads.udp_gro && gro_segments <= 1 {
             tracing::warn!(tun = %name, "UDP GRO unavailable; one datagram per receive buffer");
         }
         let active = ActiveOffloads {
             tun_tso,
             tun_uso,
-            udp_gso_segments: if gso { udp_state.max_gso_segments() } else { 1 },
+            udp_gso_segments: if gso { first.max_gso_segments() } else { 1 },
             udp_gro_segments: gro_segments,
         };
-        let proto = Peer::new(private_key, peer.public_key, peer.preshared_key, peer.keepalive);
-        let shared = Arc::new(Shared {
+        let common = Arc::new(Common {
             name: name.clone(),
-            tun,
-            udp,
-            udp_state,
-            peer: Mutex::new(PeerState {
-                proto,
-                endpoint: peer.endpoint,
-            }),
             allowed: peer.allowed_ips,
             counters: Counters::default(),
             stop: AtomicBool::new(false),
             mtu: usize::from(mtu),
-            gso,
-            gso_warned: AtomicBool::new(false),
         });
-        tracing::info!(tun = %name, %local_addr, peer = %keys::encode_key(&peer.public_key), ?active, "WireGuard tunnel up");
+        let local_addrs: Vec<SocketAddr> = sockets.iter().map(|s| s.2).collect();
+        let lanes: Vec<Arc<Lane>> = sockets
+            .into_iter()
+            .zip(tuns)
+            .zip(&ends)
+            .map(|(((udp, udp_state, _), tun), &(_, endpoint))| {
+                Arc::new(Lane {
+                    common: common.clone(),
+                    tun,
+                    udp,
+                    udp_state,
+                    peer: Mutex::new(PeerState {
+                        proto: Peer::new(private_key, peer.public_key, peer.preshared_key, peer.keepalive),
+                        endpoint,
+                    }),
+                    gso,
+                    gso_warned: AtomicBool::new(false),
+                    tx_packets: AtomicU64::new(0),
+                    rx_packets: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        tracing::info!(tun = %name, ?local_addrs, peer = %keys::encode_key(&peer.public_key), ?active, "WireGuard tunnel up");
 
         let mut tunnel = Tunnel {
-            shared: shared.clone(),
+            common,
+            lanes,
             threads: Vec::new(),
-            local_addr,
+            local_addrs,
             offloads: active,
         };
-        for (role, work) in [("tx", tx_loop as fn(&Shared)), ("rx", rx_loop as fn(&Shared))] {
-            let sh = shared.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("wg-{role}-{name}"))
-                .spawn(move || work(&sh))
-                .map_err(WgError::Thread)?;
-            tunnel.threads.push(handle);
+        for (i, lane) in tunnel.lanes.clone().into_iter().enumerate() {
+            for (role, work) in [("tx", tx_loop as fn(&Lane)), ("rx", rx_loop as fn(&Lane))] {
+                let lane = lane.clone();
+                // Thread names are cut at 15 bytes: the role and lane first.
+                let handle = std::thread::Builder::new()
+                    .name(format!("wg-{role}{i}-{name}"))
+                    .spawn(move || work(&lane))
+                    .map_err(WgError::Thread)?;
+                tunnel.threads.push(handle);
+            }
         }
         Ok(tunnel)
     }
 
     /// The name of the TUN device.
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.common.name
     }
 
-    /// The bound UDP address (the port, if `listen` asked for port 0).
+    /// The first lane's bound UDP address (the port, if `listen` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.local_addrs[0]
+    }
+
+    /// Every lane's bound UDP address, the first lane's first.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
     }
 
     /// The offloads in use.
@@ -334,65 +430,84 @@ impl Tunnel {
         self.offloads
     }
 
-    /// The peer's current endpoint (learnt from authenticated packets if not configured).
+    /// The peer's current endpoint on the first lane (learnt from authenticated packets if not
+    /// configured).
     pub fn peer_endpoint(&self) -> Option<SocketAddr> {
-        self.shared.peer.lock().endpoint
+        self.lanes[0].peer.lock().endpoint
     }
 
     /// Changes our static private key without a gap in traffic: the running session carries on
     /// until the peer, given our new public key out of band (and [`Tunnel::set_peer_public_key`]
-    /// there), completes a handshake with it; then the new keys take over.
+    /// there), completes a handshake with it; then the new keys take over. On every lane.
     pub fn set_private_key(&self, private_key: [u8; 32]) {
-        let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
-        let (out, dest) = {
-            let mut peer = self.shared.peer.lock();
-            (peer.proto.set_private_key(private_key, &mut buf), peer.endpoint)
-        };
-        self.send_now(out, dest, &buf);
+        for lane in &self.lanes {
+            let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
+            let (out, dest) = {
+                let mut peer = lane.peer.lock();
+                (peer.proto.set_private_key(private_key, &mut buf), peer.endpoint)
+            };
+            lane.send_now(out, dest, &buf);
+        }
     }
 
     /// Changes the peer's public key (the peer rotated its key) without a gap in traffic: a
     /// handshake with the new key starts now, and the running session carries on until it
-    /// completes.
+    /// completes. On every lane.
     pub fn set_peer_public_key(&self, public_key: [u8; 32]) {
-        let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
-        let (out, dest) = {
-            let mut peer = self.shared.peer.lock();
-            (peer.proto.set_peer_public_key(public_key, &mut buf), peer.endpoint)
-        };
-        self.send_now(out, dest, &buf);
-    }
-
-    fn send_now(&self, out: Outcome, dest: Option<SocketAddr>, buf: &[u8]) {
-        if let (Outcome::Network(n), Some(dest)) = (out, dest) {
-            self.shared.send(dest, &buf[..n], None);
+        for lane in &self.lanes {
+            let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
+            let (out, dest) = {
+                let mut peer = lane.peer.lock();
+                (peer.proto.set_peer_public_key(public_key, &mut buf), peer.endpoint)
+            };
+            lane.send_now(out, dest, &buf);
         }
     }
 
     /// Our public key and the peer's as wanted now (the new ones while a key change is pending).
     pub fn keys(&self) -> ([u8; 32], [u8; 32]) {
-        let peer = self.shared.peer.lock();
+        let peer = self.lanes[0].peer.lock();
         (peer.proto.public_key(), peer.proto.peer_public_key())
     }
 
-    /// Whether a key change waits for its first handshake (the old keys still carry traffic).
+    /// Whether a key change waits for its first handshake on any lane (the old keys still carry
+    /// traffic there).
     pub fn key_change_pending(&self) -> bool {
-        self.shared.peer.lock().proto.key_change_pending()
+        self.lanes.iter().any(|l| l.peer.lock().proto.key_change_pending())
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters, summed over the lanes; the time since the latest handshake of
+    /// any lane.
     pub fn stats(&self) -> Stats {
-        let since = self.shared.peer.lock().proto.since_handshake();
-        self.shared.counters.snapshot(since)
+        let since = self
+            .lanes
+            .iter()
+            .filter_map(|l| l.peer.lock().proto.since_handshake())
+            .min();
+        self.common.counters.snapshot(since)
     }
 
-    /// Stops the threads and closes the TUN (the kernel removes the device) and the socket.
+    /// Data packets sent and received per lane, the first lane's first: how the kernel spread the
+    /// flows over the lanes.
+    pub fn lane_packets(&self) -> Vec<(u64, u64)> {
+        self.lanes
+            .iter()
+            .map(|l| {
+                (
+                    l.tx_packets.load(Ordering::Relaxed),
+                    l.rx_packets.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// Stops the threads and closes the TUN (the kernel removes the device) and the sockets.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.common.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -414,9 +529,11 @@ fn allowed(nets: &[IpNet], ip: std::net::IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
-impl Shared {
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+impl Lane {
+    fn send_now(&self, out: Outcome, dest: Option<SocketAddr>, buf: &[u8]) {
+        if let (Outcome::Network(n), Some(dest)) = (out, dest) {
+            self.send(dest, &buf[..n], None);
+        }
     }
 
     /// Sends `contents` to `dest`: one datagram, or with `segment` a GSO train of datagrams of that
@@ -433,7 +550,7 @@ impl Shared {
             match self.udp_state.try_send(UdpSockRef::from(&self.udp), &transmit) {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.stopping() {
+                    if self.common.stopping() {
                         return;
                     }
                     wait(self.udp.as_fd(), PollFlags::POLLOUT);
@@ -443,14 +560,14 @@ impl Shared {
                     if let Some(seg) = segment.filter(|_| matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL))) {
                         // The egress device refused GSO: quinn-udp turned it off; resend one by one.
                         if !self.gso_warned.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(tun = %self.name, error = %e, "UDP GSO refused by the kernel; sending datagrams one by one");
+                            tracing::warn!(tun = %self.common.name, error = %e, "UDP GSO refused by the kernel; sending datagrams one by one");
                         }
                         for d in contents.chunks(seg) {
                             self.send(dest, d, None);
                         }
                     } else {
-                        tracing::debug!(tun = %self.name, error = %e, %dest, "UDP send failed");
-                        self.counters.drop(DropReason::Other, 1);
+                        tracing::debug!(tun = %self.common.name, error = %e, %dest, "UDP send failed");
+                        self.common.counters.drop(DropReason::Other, 1);
                     }
                     return;
                 }
@@ -512,8 +629,8 @@ impl Shared {
 }
 
 /// TUN → encrypt → UDP, plus the timers.
-fn tx_loop(sh: &Shared) {
-    let room = sh.mtu + 64;
+fn tx_loop(sh: &Lane) {
+    let room = sh.common.mtu + 64;
     let mut orig = vec![0u8; HDR + 65535];
     let mut bufs: Vec<Vec<u8>> = (0..2 * BATCH).map(|_| vec![0u8; room]).collect();
     let mut sizes = vec![0usize; bufs.len()];
@@ -534,7 +651,7 @@ fn tx_loop(sh: &Shared) {
         }
     }
 
-    while !sh.stopping() {
+    while !sh.common.stopping() {
         let readable = wait(sh.tun.as_fd(), PollFlags::POLLIN);
         if last_tick.elapsed() >= TIMER_EVERY {
             last_tick = Instant::now();
@@ -550,8 +667,8 @@ fn tx_loop(sh: &Shared) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(tun = %sh.name, error = %e, "TUN read failed");
-                    sh.counters.drop(DropReason::Other, 1);
+                    tracing::debug!(tun = %sh.common.name, error = %e, "TUN read failed");
+                    sh.common.counters.drop(DropReason::Other, 1);
                     if e.raw_os_error() == Some(libc::EBADFD) {
                         return;
                     }
@@ -570,7 +687,7 @@ fn tx_loop(sh: &Shared) {
             for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
                 let packet = &buf[..size];
                 match wire::ip_addrs(packet) {
-                    Some((_, dst)) if allowed(&sh.allowed, dst) => {}
+                    Some((_, dst)) if allowed(&sh.common.allowed, dst) => {}
                     _ => {
                         not_allowed += 1;
                         continue;
@@ -589,22 +706,23 @@ fn tx_loop(sh: &Shared) {
                         lens.push(len);
                         pos += len;
                     }
-                    Outcome::Dropped(r) => sh.counters.drop(r, 1),
+                    Outcome::Dropped(r) => sh.common.counters.drop(r, 1),
                     Outcome::Done | Outcome::Tunnel(_) => {}
                 }
             }
             peer.endpoint
         };
-        sh.counters.drop(DropReason::NotAllowed, not_allowed);
-        sh.counters.drop(DropReason::Other, other);
+        sh.common.counters.drop(DropReason::NotAllowed, not_allowed);
+        sh.common.counters.drop(DropReason::Other, other);
         match dest {
             Some(dest) => {
                 let data = lens.len() as u64;
                 sh.send_all(dest, &arena[..pos], &lens);
-                Counters::add(&sh.counters.tx_packets, data);
-                Counters::add(&sh.counters.tx_bytes, tx_bytes);
+                Counters::add(&sh.common.counters.tx_packets, data);
+                Counters::add(&sh.tx_packets, data);
+                Counters::add(&sh.common.counters.tx_bytes, tx_bytes);
             }
-            None => sh.counters.drop(DropReason::NoEndpoint, lens.len() as u64),
+            None => sh.common.counters.drop(DropReason::NoEndpoint, lens.len() as u64),
         }
     }
 }
@@ -618,13 +736,13 @@ struct TunBatch {
 }
 
 impl TunBatch {
-    fn flush(&mut self, sh: &Shared) {
+    fn flush(&mut self, sh: &Lane) {
         if self.n == 0 {
             return;
         }
         if let Err(e) = sh.tun.send_multiple(&mut self.gro, &mut self.bufs[..self.n], HDR) {
-            tracing::debug!(tun = %sh.name, error = %e, "TUN write failed");
-            sh.counters.drop(DropReason::Other, 1);
+            tracing::debug!(tun = %sh.common.name, error = %e, "TUN write failed");
+            sh.common.counters.drop(DropReason::Other, 1);
         }
         for b in &mut self.bufs[..self.n] {
             b.clear();
@@ -634,7 +752,7 @@ impl TunBatch {
 }
 
 /// UDP → decrypt → TUN.
-fn rx_loop(sh: &Shared) {
+fn rx_loop(sh: &Lane) {
     let mut rx: Vec<Vec<u8>> = (0..RX_BUFS).map(|_| vec![0u8; MAX_UDP_PAYLOAD]).collect();
     let mut metas = [RecvMeta::default(); RX_BUFS];
     let mut tun = TunBatch {
@@ -645,9 +763,9 @@ fn rx_loop(sh: &Shared) {
     // Datagrams to send back: handshake responses, cookies, packets queued during a handshake.
     let mut replies: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut reply_to: Vec<(SocketAddr, usize)> = Vec::with_capacity(64);
-    let mut scratch = vec![0u8; sh.mtu + 256];
+    let mut scratch = vec![0u8; sh.common.mtu + 256];
 
-    while !sh.stopping() {
+    while !sh.common.stopping() {
         if !wait(sh.udp.as_fd(), PollFlags::POLLIN) {
             continue;
         }
@@ -664,8 +782,8 @@ fn rx_loop(sh: &Shared) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::debug!(tun = %sh.name, error = %e, "UDP receive failed");
-                    sh.counters.drop(DropReason::Other, 1);
+                    tracing::debug!(tun = %sh.common.name, error = %e, "UDP receive failed");
+                    sh.common.counters.drop(DropReason::Other, 1);
                     break;
                 }
             };
@@ -681,7 +799,7 @@ fn rx_loop(sh: &Shared) {
                         let kind = match wire::parse(datagram) {
                             Ok(h) => h.kind,
                             Err(_) => {
-                                sh.counters.drop(DropReason::Malformed, 1);
+                                sh.common.counters.drop(DropReason::Malformed, 1);
                                 continue;
                             }
                         };
@@ -694,14 +812,14 @@ fn rx_loop(sh: &Shared) {
                             Outcome::Tunnel(len) => {
                                 let packet = &out[HDR..HDR + len];
                                 match wire::ip_addrs(packet) {
-                                    Some((src, _)) if allowed(&sh.allowed, src) => {
+                                    Some((src, _)) if allowed(&sh.common.allowed, src) => {
                                         out.truncate(HDR + len);
                                         tun.n += 1;
                                         rx_packets += 1;
                                         rx_bytes += len as u64;
                                         peer.endpoint = Some(meta.addr);
                                     }
-                                    _ => sh.counters.drop(DropReason::NotAllowed, 1),
+                                    _ => sh.common.counters.drop(DropReason::NotAllowed, 1),
                                 }
                             }
                             Outcome::Network(len) => {
@@ -724,22 +842,23 @@ fn rx_loop(sh: &Shared) {
                                     peer.endpoint = Some(meta.addr);
                                 }
                             }
-                            Outcome::Dropped(r) => sh.counters.drop(r, 1),
+                            Outcome::Dropped(r) => sh.common.counters.drop(r, 1),
                         }
                     }
                 }
                 if peer.proto.key_changes() != key_changes {
                     tracing::info!(
-                        tun = %sh.name,
+                        tun = %sh.common.name,
                         public_key = %keys::encode_key(&peer.proto.public_key()),
                         peer = %keys::encode_key(&peer.proto.peer_public_key()),
                         "WireGuard key change complete: the new keys carry traffic"
                     );
                 }
             }
-            Counters::add(&sh.counters.rx_packets, rx_packets);
-            Counters::add(&sh.counters.rx_bytes, rx_bytes);
-            Counters::add(&sh.counters.handshakes, handshakes);
+            Counters::add(&sh.common.counters.rx_packets, rx_packets);
+            Counters::add(&sh.rx_packets, rx_packets);
+            Counters::add(&sh.common.counters.rx_bytes, rx_bytes);
+            Counters::add(&sh.common.counters.handshakes, handshakes);
             let mut at = 0;
             for &(dest, len) in &reply_to {
                 sh.send(dest, &replies[at..at + len], None);

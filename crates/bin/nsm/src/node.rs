@@ -46,6 +46,13 @@ pub(crate) struct Args {
     /// Where WIREGUARD vWires run. Nodes of either kind connect to each other.
     #[arg(long, env = "NSM_WIREGUARD_BACKEND", value_enum, default_value_t = Backend::Auto)]
     wireguard_backend: Backend,
+    /// Lanes per userspace WIREGUARD vWire (1-16, or `auto`: one per two CPUs, at most 8): each
+    /// lane is a WireGuard session of its own with a TUN queue, UDP port and two threads, so one
+    /// vWire's flows are encrypted on several cores. Both nodes of a vWire use the fewer lanes of
+    /// the two; a kernel end or a stock WireGuard peer gets one. Each lane takes a port of
+    /// --wireguard-ports.
+    #[arg(long, env = "NSM_WIREGUARD_LANES", default_value = "auto", value_parser = lanes)]
+    wireguard_lanes: usize,
     /// How long the node's WireGuard key is used before a new one replaces it (counted from when
     /// the key file was written, so restarts do not postpone it); 0: never. Every WIREGUARD vWire
     /// moves to the new key: a userspace end without a gap in traffic, a kernel end after one
@@ -162,6 +169,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             Backend::Kernel => nsm_node::WireGuardBackend::Kernel,
             Backend::Userspace => nsm_node::WireGuardBackend::Userspace,
         },
+        wireguard_lanes: args.wireguard_lanes,
     };
     for l in &listeners {
         println!("nsm node {} serving on {}", config.name, l.url());
@@ -179,6 +187,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// `FIRST-LAST` (or one port).
+fn lanes(s: &str) -> Result<usize, String> {
+    if s == "auto" {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        return Ok((cpus / 2).clamp(1, 8));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if (1..=nsm_node::MAX_WIREGUARD_LANES).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: expected `auto` or 1-{}", nsm_node::MAX_WIREGUARD_LANES)),
+    }
+}
+
 fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
     let a: u16 = a
