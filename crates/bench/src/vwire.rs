@@ -129,6 +129,8 @@ pub(crate) struct Mesh {
     bin: PathBuf,
     reg_url: String,
     dir: tempfile::TempDir,
+    /// Flags every node started from now on gets as well.
+    pub(crate) node_flags: Vec<String>,
 }
 
 /// A node daemon of a [`Mesh`].
@@ -149,6 +151,7 @@ impl Mesh {
             registry,
             nodes: Vec::new(),
             res,
+            node_flags: Vec::new(),
         })
     }
 
@@ -186,6 +189,7 @@ impl Mesh {
         if let Some(r) = resync {
             c.args(["--resync", r]);
         }
+        c.args(&self.node_flags);
         quiet(&mut c);
         let p = Proc(c.spawn()?);
         let pid = p.pid();

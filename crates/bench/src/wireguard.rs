@@ -88,6 +88,9 @@ pub(crate) struct Args {
     /// The `nsm` binary (default: next to this one).
     #[arg(long)]
     pub(crate) nsm_bin: Option<PathBuf>,
+    /// Lanes of nsm's WIREGUARD vWire (the nodes' `--wireguard-lanes`; default: theirs, `auto`).
+    #[arg(long)]
+    lanes: Option<String>,
 }
 
 /// MTU of every wiring's encrypted interface: what nsm gives a WIREGUARD vWire on a 1500 underlay
@@ -423,6 +426,10 @@ async fn measure(args: &Args, bin: &Path, boringtun: Option<&Path>) -> anyhow::R
         // (a) and (d): two nodes, one service each way, an endpoint in y, clients in x.
         eprintln!("starting a registry and nsm nodes on h1 and h2 …");
         let mut mesh = Mesh::start(bin).await?;
+        if let Some(l) = &args.lanes {
+            mesh.node_flags = vec!["--wireguard-lanes".into(), l.clone()];
+            eprintln!("nsm nodes with --wireguard-lanes {l}");
+        }
         let node_a = mesh.node("node-a", H1, Some(&bed.netns_path("h1")), true, None).await?;
         let node_b = mesh.node("node-b", H2, Some(&bed.netns_path("h2")), true, None).await?;
         let mut api = node_a.api.clone();

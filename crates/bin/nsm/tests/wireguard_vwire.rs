@@ -549,3 +549,92 @@ async fn wireguard_key_rotation_keeps_traffic() {
     drop((a, b));
     bed.down().await.unwrap();
 }
+
+/// UDP ports of WireGuard ends bound on `addr` in `ns` (within the test's 52200-52299 range).
+fn lane_sockets(bed: &Testbed, ns: &str, addr: &str) -> usize {
+    udp_listeners(bed, ns)
+        .lines()
+        .filter(|l| l.contains(&format!("{addr}:522")))
+        .count()
+}
+
+/// Lanes: node-a runs 3 per vWire, node-b 2, so the vWire gets 2 (each a WireGuard session with a
+/// UDP port of its own on both hosts). Many flows get through intact. The endpoint's node
+/// restarts and its lanes carry traffic again; the client's node restarts with one lane and the
+/// vWire moves to one lane on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_vwire_lanes() {
+    let bed = two_hosts("wgl").await;
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let flags = |lanes| {
+        vec![
+            "--wireguard-ports",
+            "52200-52299",
+            "--wireguard-backend",
+            "userspace",
+            "--wireguard-lanes",
+            lanes,
+        ]
+    };
+    let mut a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &flags("3")));
+    let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &flags("2")));
+    ok(nsmctl(
+        &registry,
+        &["ns", "create", "orders", "--cidr", "10.73.0.0/24", "--encryption", "required"],
+    ));
+    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
+    ok(nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c1", "--service=orders", "--endpoint=ep"],
+    ));
+    let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
+    let dst = dst_of(&j);
+    assert!(bed.ping("pod", dst.parse().unwrap(), 3), "ping; node-a log:\n{}", a.log());
+    assert_eq!(lane_sockets(&bed, "h1", "192.0.2.11"), 2, "{}", udp_listeners(&bed, "h1"));
+    assert_eq!(lane_sockets(&bed, "h2", "192.0.2.12"), 2, "{}", udp_listeners(&bed, "h2"));
+    let flows = |first: u16| (first..first + 12).all(|port| tcp_transfer(&bed, &dst, port, 1 << 20));
+    assert!(flows(5300), "12 flows over two lanes");
+
+    b.kill9();
+    b.launch();
+    assert!(
+        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
+        "traffic after node-b restarted; log:\n{}",
+        b.log()
+    );
+    assert_eq!(lane_sockets(&bed, "h2", "192.0.2.12"), 2, "{}", udp_listeners(&bed, "h2"));
+    assert!(flows(5320), "12 flows after the endpoint's node restarted");
+
+    a.kill9();
+    a.set_arg("--wireguard-lanes", "1");
+    a.launch();
+    let one_each = eventually(15, || async {
+        lane_sockets(&bed, "h1", "192.0.2.11") == 1 && lane_sockets(&bed, "h2", "192.0.2.12") == 1
+    })
+    .await;
+    assert!(
+        one_each,
+        "{}{}\nnode-a log:\n{}",
+        udp_listeners(&bed, "h1"),
+        udp_listeners(&bed, "h2"),
+        a.log()
+    );
+    assert!(
+        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
+        "traffic on one lane; node-a log:\n{}",
+        a.log()
+    );
+    assert!(flows(5340), "12 flows over one lane");
+    ok(nsmctl(&registry, &["delete", "client", "c1"]));
+    let closed = eventually(5, || async {
+        lane_sockets(&bed, "h1", "192.0.2.11") + lane_sockets(&bed, "h2", "192.0.2.12") == 0
+    })
+    .await;
+    assert!(closed, "{}{}", udp_listeners(&bed, "h1"), udp_listeners(&bed, "h2"));
+    drop((a, b));
+    bed.down().await.unwrap();
+}
