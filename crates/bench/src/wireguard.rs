@@ -88,7 +88,7 @@ pub(crate) struct Args {
     /// The `nsm` binary (default: next to this one).
     #[arg(long)]
     pub(crate) nsm_bin: Option<PathBuf>,
-    /// Lanes of nsm's WIREGUARD vWire (the nodes' `--wireguard-lanes`; default: theirs, `auto`).
+    /// Lanes of nsm's WIREGUARD vWire (the nodes' `--wireguard-lanes`; default: theirs, 1).
     #[arg(long)]
     lanes: Option<String>,
 }

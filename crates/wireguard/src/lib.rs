@@ -5,7 +5,8 @@
 //! typically the host's, as nsm's VXLAN links do) and one peer. The protocol (Noise IK handshake,
 //! cookies, timers, rekey, replay window) is boringtun's sans-IO core; the data plane around it is
 //! built for per-packet cost: TUN offloads (virtio-net header, TSO/USO on read, GRO on write), UDP
-//! GSO/GRO, batches end to end, buffers allocated once, and its own threads.
+//! GSO/GRO, batches end to end, buffers allocated once, and its own threads; with lanes
+//! ([`LaneConfig`]), one peer's flows are encrypted on several cores.
 //!
 //! It is wire-compatible with stock WireGuard (kernel, wireguard-go, `wg` keys).
 

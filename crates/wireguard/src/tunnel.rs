@@ -1,11 +1,11 @@
 //! A tunnel: one TUN device, one peer, and per lane (see [`LaneConfig`]) a TUN queue, a UDP socket
 //! and two data-plane threads.
 //!
-//! * `wg-tx`: TUN → encrypt → UDP. Reads a batch from the TUN (with IFF_VNET_HDR a read is a TSO
+//! * `wg-tx<lane>`: TUN → encrypt → UDP. Reads a batch from the TUN (with IFF_VNET_HDR a read is a TSO
 //!   super-packet of up to 64 KiB that is split into MTU-sized packets), encrypts the whole batch
 //!   under one lock of the protocol state into one contiguous buffer, and sends runs of equal-sized
 //!   datagrams with UDP GSO (one `sendmsg` per run). It also drives the protocol timers.
-//! * `wg-rx`: UDP → decrypt → TUN. Receives with `recvmmsg` and UDP GRO (one buffer holds up to 64
+//! * `wg-rx<lane>`: UDP → decrypt → TUN. Receives with `recvmmsg` and UDP GRO (one buffer holds up to 64
 //!   datagrams), decrypts under one lock per receive, and writes the packets to the TUN with TCP/UDP
 //!   GRO (coalesced back into super-packets with a virtio-net header).
 //!

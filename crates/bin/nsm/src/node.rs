@@ -49,9 +49,10 @@ pub(crate) struct Args {
     /// Lanes per userspace WIREGUARD vWire (1-16, or `auto`: one per two CPUs, at most 8): each
     /// lane is a WireGuard session of its own with a TUN queue, UDP port and two threads, so one
     /// vWire's flows are encrypted on several cores. Both nodes of a vWire use the fewer lanes of
-    /// the two; a kernel end or a stock WireGuard peer gets one. Each lane takes a port of
-    /// --wireguard-ports.
-    #[arg(long, env = "NSM_WIREGUARD_LANES", default_value = "auto", value_parser = lanes)]
+    /// the two; a kernel end or a stock WireGuard peer gets one. Each lane of each end takes a port
+    /// of --wireguard-ports and two threads, hence one by default: raise it on hosts with spare
+    /// cores and few, heavy vWires.
+    #[arg(long, env = "NSM_WIREGUARD_LANES", default_value = "1", value_parser = lanes)]
     wireguard_lanes: usize,
     /// How long the node's WireGuard key is used before a new one replaces it (counted from when
     /// the key file was written, so restarts do not postpone it); 0: never. Every WIREGUARD vWire

@@ -577,11 +577,27 @@ async fn wireguard_vwire_lanes() {
             lanes,
         ]
     };
-    let mut a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &flags("3")));
-    let mut b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &flags("2")));
+    let mut a = NodeProc::start_with(
+        &registry.url(),
+        "node-a",
+        &node_args(&bed, "h1", "192.0.2.11", &flags("3")),
+    );
+    let mut b = NodeProc::start_with(
+        &registry.url(),
+        "node-b",
+        &node_args(&bed, "h2", "192.0.2.12", &flags("2")),
+    );
     ok(nsmctl(
         &registry,
-        &["ns", "create", "orders", "--cidr", "10.73.0.0/24", "--encryption", "required"],
+        &[
+            "ns",
+            "create",
+            "orders",
+            "--cidr",
+            "10.73.0.0/24",
+            "--encryption",
+            "required",
+        ],
     ));
     endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
     ok(nsmctl_in(
@@ -593,9 +609,23 @@ async fn wireguard_vwire_lanes() {
     let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
     assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
     let dst = dst_of(&j);
-    assert!(bed.ping("pod", dst.parse().unwrap(), 3), "ping; node-a log:\n{}", a.log());
-    assert_eq!(lane_sockets(&bed, "h1", "192.0.2.11"), 2, "{}", udp_listeners(&bed, "h1"));
-    assert_eq!(lane_sockets(&bed, "h2", "192.0.2.12"), 2, "{}", udp_listeners(&bed, "h2"));
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 3),
+        "ping; node-a log:\n{}",
+        a.log()
+    );
+    assert_eq!(
+        lane_sockets(&bed, "h1", "192.0.2.11"),
+        2,
+        "{}",
+        udp_listeners(&bed, "h1")
+    );
+    assert_eq!(
+        lane_sockets(&bed, "h2", "192.0.2.12"),
+        2,
+        "{}",
+        udp_listeners(&bed, "h2")
+    );
     let flows = |first: u16| (first..first + 12).all(|port| tcp_transfer(&bed, &dst, port, 1 << 20));
     assert!(flows(5300), "12 flows over two lanes");
 
@@ -606,7 +636,12 @@ async fn wireguard_vwire_lanes() {
         "traffic after node-b restarted; log:\n{}",
         b.log()
     );
-    assert_eq!(lane_sockets(&bed, "h2", "192.0.2.12"), 2, "{}", udp_listeners(&bed, "h2"));
+    assert_eq!(
+        lane_sockets(&bed, "h2", "192.0.2.12"),
+        2,
+        "{}",
+        udp_listeners(&bed, "h2")
+    );
     assert!(flows(5320), "12 flows after the endpoint's node restarted");
 
     a.kill9();
