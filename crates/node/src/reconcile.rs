@@ -1506,38 +1506,54 @@ impl Reconciler {
                 // As many lanes as the endpoint's node answered for, which is at most as many as
                 // were offered; their ports as offered.
                 let peer_lanes = wg::parse_lane_ports(params.get(wg::DST_LANE_PORTS))
-                    .map_err(|e| format!("the endpoint's node answered a bad {}: {e}", wg::DST_LANE_PORTS));
+                    .map_err(|e| format!("the endpoint's node answered a bad {}: {e}", wg::DST_LANE_PORTS))
+                    .and_then(|p| match p.len() + 1 {
+                        n if n > wg.lanes() => Err(format!(
+                            "the endpoint's node answered {n} WireGuard lanes; this node offered {}",
+                            wg.lanes()
+                        )),
+                        _ => Ok(p),
+                    });
                 match (peer_key, peer_port, peer_lanes) {
                     (_, _, Err(e)) => Err(e),
                     (Ok(peer_key), Some(peer_port), Ok(peer_lanes)) => {
                         let mut allowed = vec![w.dst];
                         allowed.extend(w.route);
                         let ports = wg.ports_for(&id, peer_lanes.len() + 1);
-                        wg.build(wg::End {
-                            id: id.clone(),
-                            netns: Path::new(&w.netns),
-                            name: &w.interface,
-                            host: &self.host_netns,
-                            listen: self.config.underlay,
-                            port: ports[0],
-                            peer_key,
-                            peer_endpoint: std::net::SocketAddr::new(remote_ip, peer_port),
-                            allowed,
-                            mtu,
-                            local_addr: w.src,
-                            peer_addr: w.dst,
-                            extra_lanes: ports[1..]
-                                .iter()
-                                .copied()
-                                .zip(peer_lanes.into_iter().map(Some))
-                                .collect(),
-                        })
-                        .await
-                        .map(|_| {
-                            w.mechanism = wg::TYPE;
-                            w.wg_id = Some(id);
-                            mtu
-                        })
+                        if ports.len() != peer_lanes.len() + 1 {
+                            // Every lane the endpoint built needs its peer here, or the flows
+                            // hashed onto it would be lost; the retry offers what fits now.
+                            Err(format!(
+                                "no free UDP port in --wireguard-ports for each of the {} WireGuard lanes",
+                                peer_lanes.len() + 1
+                            ))
+                        } else {
+                            wg.build(wg::End {
+                                id: id.clone(),
+                                netns: Path::new(&w.netns),
+                                name: &w.interface,
+                                host: &self.host_netns,
+                                listen: self.config.underlay,
+                                port: ports[0],
+                                peer_key,
+                                peer_endpoint: std::net::SocketAddr::new(remote_ip, peer_port),
+                                allowed,
+                                mtu,
+                                local_addr: w.src,
+                                peer_addr: w.dst,
+                                extra_lanes: ports[1..]
+                                    .iter()
+                                    .copied()
+                                    .zip(peer_lanes.into_iter().map(Some))
+                                    .collect(),
+                            })
+                            .await
+                            .map(|_| {
+                                w.mechanism = wg::TYPE;
+                                w.wg_id = Some(id);
+                                mtu
+                            })
+                        }
                     }
                     (Err(e), _, _) => Err(e.to_owned()),
                     (_, None, _) => Err("the endpoint's node answered WIREGUARD without a dst_port".to_owned()),

@@ -492,7 +492,8 @@ impl Wg {
 
     /// The ports of a tunnel id's `lanes` lanes, the first lane's first: each a hash of the id
     /// (and the lane) into the range (so it stays the same across restarts), then the next one
-    /// that no running tunnel or earlier lane holds. Fewer lanes get a prefix of more lanes' ports.
+    /// that no running tunnel or earlier lane holds. Fewer lanes get a prefix of more lanes' ports;
+    /// a range without a free port for a lane after the first gives fewer lanes.
     pub(crate) fn ports_for(&self, id: &str, lanes: usize) -> Vec<u16> {
         let (lo, hi) = (u64::from(*self.ports.start()), u64::from(*self.ports.end()));
         let size = hi - lo + 1;
@@ -505,11 +506,16 @@ impl Wg {
                 format!("{id}/{lane}")
             };
             let first = crate::remote::stable_hash(&key) % size;
-            let port = (0..size)
+            let free = (0..size)
                 .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
-                .find(|p| !ports.contains(p) && !tunnels.iter().any(|(k, t)| k != id && t.holds(*p)))
-                .unwrap_or(*self.ports.start());
-            ports.push(port);
+                .find(|p| !ports.contains(p) && !tunnels.iter().any(|(k, t)| k != id && t.holds(*p)));
+            match free {
+                Some(port) => ports.push(port),
+                // A full range: the first lane tries the range's start (binding reports the
+                // failure); further lanes are left out, so a crowded range means fewer lanes.
+                None if lane == 0 => ports.push(*self.ports.start()),
+                None => break,
+            }
         }
         ports
     }
@@ -842,16 +848,15 @@ mod tests {
         distinct.dedup();
         assert_eq!(distinct.len(), 4);
         assert!(lanes.iter().all(|p| (51820..=52819).contains(p)));
-        // Two lanes in a range of one port cannot both have it; the second gets the range's start
-        // and the bind of the second fails (reported as no free port).
+        // A range too small for every lane gives fewer lanes.
         let tiny = Wg::new(
             [1; 32],
-            51820..=51820,
+            51820..=51821,
             PathBuf::from("/nonexistent"),
             WireGuardBackend::Userspace,
-            2,
+            4,
         );
-        assert_eq!(tiny.ports_for("x", 2), [51820, 51820]);
+        assert_eq!(tiny.ports_for("x", 4).len(), 2);
         let kernel = Wg::new(
             [1; 32],
             51820..=51829,

@@ -46,12 +46,12 @@ pub(crate) struct Args {
     /// Where WIREGUARD vWires run. Nodes of either kind connect to each other.
     #[arg(long, env = "NSM_WIREGUARD_BACKEND", value_enum, default_value_t = Backend::Auto)]
     wireguard_backend: Backend,
-    /// Lanes per userspace WIREGUARD vWire (1-16, or `auto`: one per two CPUs, at most 8): each
+    /// Lanes per userspace WIREGUARD vWire (1-16, or `auto`: one per CPU, at most 8): each
     /// lane is a WireGuard session of its own with a TUN queue, UDP port and two threads, so one
     /// vWire's flows are encrypted on several cores. Both nodes of a vWire use the fewer lanes of
     /// the two; a kernel end or a stock WireGuard peer gets one. Each lane of each end takes a port
-    /// of --wireguard-ports and two threads, hence one by default: raise it on hosts with spare
-    /// cores and few, heavy vWires.
+    /// of --wireguard-ports (a crowded range gives fewer lanes) and two threads, hence one by
+    /// default: raise it on hosts with spare cores and few, heavy vWires.
     #[arg(long, env = "NSM_WIREGUARD_LANES", default_value = "1", value_parser = lanes)]
     wireguard_lanes: usize,
     /// How long the node's WireGuard key is used before a new one replaces it (counted from when
@@ -191,7 +191,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 fn lanes(s: &str) -> Result<usize, String> {
     if s == "auto" {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        return Ok((cpus / 2).clamp(1, 8));
+        return Ok(cpus.clamp(1, 8));
     }
     match s.parse::<usize>() {
         Ok(n) if (1..=nsm_node::MAX_WIREGUARD_LANES).contains(&n) => Ok(n),
