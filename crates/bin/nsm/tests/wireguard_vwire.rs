@@ -61,6 +61,33 @@ fn udp_listeners(bed: &Testbed, ns: &str) -> String {
     String::from_utf8_lossy(&bed.exec(ns, &["ss", "-Huln"]).stdout).into_owned()
 }
 
+/// Service `orders` (`cidr`, encryption required), endpoint `ep` in `svc` on node-b, client `c1`
+/// in `pod` through node `a`: Ready on a WIREGUARD vWire that answers pings. Returns the endpoint's
+/// address.
+fn encrypted_vwire(bed: &Testbed, registry: &NsmRegistry, a: &NodeProc, cidr: &str) -> String {
+    let path = |n: &str| bed.netns_path(n).display().to_string();
+    ok(nsmctl(
+        registry,
+        &["ns", "create", "orders", "--cidr", cidr, "--encryption", "required"],
+    ));
+    endpoint_in(registry, "ep", "orders", &path("svc"), "node-b");
+    ok(nsmctl_in(
+        registry,
+        &path("pod"),
+        a,
+        &["client", "create", "c1", "--service=orders", "--endpoint=ep"],
+    ));
+    let j = wait_client(registry, a, "c1", "Ready", |j| phase(j) == "Ready");
+    assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
+    let dst = dst_of(&j);
+    assert!(
+        bed.ping("pod", dst.parse().unwrap(), 3),
+        "ping; node-a log:\n{}",
+        a.log()
+    );
+    dst
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wireguard_required_vwire() {
     let bed = two_hosts("wg").await;
@@ -459,33 +486,7 @@ async fn wireguard_key_rotation_keeps_traffic() {
             &["--wireguard-ports", "52100-52199", "--wireguard-backend", "userspace"],
         ),
     );
-    ok(nsmctl(
-        &registry,
-        &[
-            "ns",
-            "create",
-            "orders",
-            "--cidr",
-            "10.73.0.0/24",
-            "--encryption",
-            "required",
-        ],
-    ));
-    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
-    ok(nsmctl_in(
-        &registry,
-        &path("pod"),
-        &a,
-        &["client", "create", "c1", "--service=orders", "--endpoint=ep"],
-    ));
-    let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
-    assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
-    let dst = dst_of(&j);
-    assert!(
-        bed.ping("pod", dst.parse().unwrap(), 3),
-        "ping; node-a log:\n{}",
-        a.log()
-    );
+    let dst = encrypted_vwire(&bed, &registry, &a, "10.73.0.0/24");
 
     // Continuous traffic: 20 pings a second for 15 s, while first the client's node and then the
     // endpoint's node rotate their keys.
@@ -565,7 +566,6 @@ fn lane_sockets(bed: &Testbed, ns: &str, addr: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wireguard_vwire_lanes() {
     let bed = two_hosts("wgl").await;
-    let path = |n: &str| bed.netns_path(n).display().to_string();
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
     let flags = |lanes| {
         vec![
@@ -587,33 +587,7 @@ async fn wireguard_vwire_lanes() {
         "node-b",
         &node_args(&bed, "h2", "192.0.2.12", &flags("2")),
     );
-    ok(nsmctl(
-        &registry,
-        &[
-            "ns",
-            "create",
-            "orders",
-            "--cidr",
-            "10.73.0.0/24",
-            "--encryption",
-            "required",
-        ],
-    ));
-    endpoint_in(&registry, "ep", "orders", &path("svc"), "node-b");
-    ok(nsmctl_in(
-        &registry,
-        &path("pod"),
-        &a,
-        &["client", "create", "c1", "--service=orders", "--endpoint=ep"],
-    ));
-    let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
-    assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
-    let dst = dst_of(&j);
-    assert!(
-        bed.ping("pod", dst.parse().unwrap(), 3),
-        "ping; node-a log:\n{}",
-        a.log()
-    );
+    let dst = encrypted_vwire(&bed, &registry, &a, "10.73.0.0/24");
     assert_eq!(
         lane_sockets(&bed, "h1", "192.0.2.11"),
         2,
