@@ -440,25 +440,24 @@ impl Tunnel {
     /// until the peer, given our new public key out of band (and [`Tunnel::set_peer_public_key`]
     /// there), completes a handshake with it; then the new keys take over. On every lane.
     pub fn set_private_key(&self, private_key: [u8; 32]) {
-        for lane in &self.lanes {
-            let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
-            let (out, dest) = {
-                let mut peer = lane.peer.lock();
-                (peer.proto.set_private_key(private_key, &mut buf), peer.endpoint)
-            };
-            lane.send_now(out, dest, &buf);
-        }
+        self.on_every_lane(|proto, buf| proto.set_private_key(private_key, buf));
     }
 
     /// Changes the peer's public key (the peer rotated its key) without a gap in traffic: a
     /// handshake with the new key starts now, and the running session carries on until it
     /// completes. On every lane.
     pub fn set_peer_public_key(&self, public_key: [u8; 32]) {
+        self.on_every_lane(|proto, buf| proto.set_peer_public_key(public_key, buf));
+    }
+
+    /// Applies a key change to every lane's protocol core and sends what it asks for (a handshake
+    /// initiation) outside the lock.
+    fn on_every_lane(&self, change: impl Fn(&mut Peer, &mut [u8]) -> Outcome) {
         for lane in &self.lanes {
             let mut buf = [0u8; wire::HANDSHAKE_INITIATION_LEN + 64];
             let (out, dest) = {
                 let mut peer = lane.peer.lock();
-                (peer.proto.set_peer_public_key(public_key, &mut buf), peer.endpoint)
+                (change(&mut peer.proto, &mut buf), peer.endpoint)
             };
             lane.send_now(out, dest, &buf);
         }
