@@ -307,7 +307,7 @@ fn ipv6_underlay_carries_traffic() {
 
 /// Lanes (per-core workers): three lanes each side, lane *i* to lane *i*. Flows spread over the
 /// lanes (each a session of its own: its own handshake), every flow arrives intact and in order,
-/// and after a peer restart every lane carries traffic again.
+/// after a peer restart every lane carries traffic again, and a key change moves every lane.
 #[test]
 fn lanes_spread_flows_and_resume_after_a_peer_restart() {
     if skip() {
@@ -399,6 +399,25 @@ fn lanes_spread_flows_and_resume_after_a_peer_restart() {
         tb.lane_packets()
     );
     assert!(busy(&tb) >= 2, "the restarted end's lanes carry traffic");
+
+    // A key change moves every lane: A takes a new key, B is told A's new public key (as the nodes
+    // do through the mechanism parameters) and handshakes with it on each lane.
+    let ka2 = generate_private_key();
+    ta.set_private_key(ka2);
+    tb.set_peer_public_key(public_key(&ka2));
+    let moved = (0..100).any(|i| {
+        tcp_transfer(
+            &p.a,
+            &p.b,
+            SocketAddr::new("10.177.0.2".parse().unwrap(), 5500 + i),
+            64 << 10,
+        );
+        !ta.key_change_pending() && !tb.key_change_pending()
+    });
+    assert!(moved, "every lane moved to the new key");
+    assert_eq!(ta.keys().0, public_key(&ka2));
+    assert_eq!(tb.keys().1, public_key(&ka2));
+    flows(5600);
 
     // Too many lanes is refused, with nothing left behind.
     let mut c = config("wlanesx", &p.a, &p.a, at(&p.a_ip, 0), &ka, &kb, None, "10.177.0.2/32");
