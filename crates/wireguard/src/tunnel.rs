@@ -743,9 +743,10 @@ impl TunBatch {
             tracing::debug!(tun = %sh.common.name, error = %e, "TUN write failed");
             sh.common.counters.drop(DropReason::Other, 1);
         }
-        for b in &mut self.bufs[..self.n] {
-            b.clear();
-        }
+        // The buffers keep their bytes: the next use sets the length it needs. Zeroing a buffer
+        // per datagram (`memset`: 1.0 % of all samples in a profile of a 4-stream run) buys
+        // nothing: decryption overwrites the packet, and the TUN write encodes every virtio-net
+        // header it sends.
         self.n = 0;
     }
 }
@@ -806,7 +807,12 @@ fn rx_loop(sh: &Lane) {
                             tun.flush(sh);
                         }
                         let out = &mut tun.bufs[tun.n];
-                        out.resize(HDR + datagram.len().max(wire::HANDSHAKE_INITIATION_LEN), 0);
+                        let need = HDR + datagram.len().max(wire::HANDSHAKE_INITIATION_LEN);
+                        if out.len() >= need {
+                            out.truncate(need);
+                        } else {
+                            out.resize(need, 0);
+                        }
                         match peer.proto.decapsulate(Some(meta.addr.ip()), datagram, &mut out[HDR..]) {
                             Outcome::Tunnel(len) => {
                                 let packet = &out[HDR..HDR + len];
