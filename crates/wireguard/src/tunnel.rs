@@ -9,7 +9,9 @@
 //!   datagrams), decrypts under one lock per receive, and writes the packets to the TUN with TCP/UDP
 //!   GRO (coalesced back into super-packets with a virtio-net header).
 //!
-//! All buffers are allocated once per thread at start; nothing is allocated per packet.
+//! All buffers are allocated once per thread at start; nothing is allocated per packet. Idle, the
+//! receiving thread sleeps until a datagram comes and the sending one wakes only for the timers
+//! (every 250 ms); stopping wakes both through an eventfd.
 //! The TUN is created in `tun_netns` and the UDP socket in `udp_netns`; the threads themselves stay
 //! in the caller's namespace (an fd keeps the namespace it was created in).
 
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nsm_dataplane::NetNs;
 use parking_lot::Mutex;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
@@ -150,9 +153,11 @@ const BATCH: usize = IDEAL_BATCH_SIZE;
 /// Receive buffers per `recvmmsg`, each large enough for a GRO train.
 const RX_BUFS: usize = 8;
 const MAX_UDP_PAYLOAD: usize = 65535;
-/// How long a thread sleeps in `poll` at most, so it notices `stop` and runs timers.
+/// How long a sender waits for room in the socket buffer before it looks at `stop` again.
 const POLL_MS: u16 = 100;
-const TIMER_EVERY: Duration = Duration::from_millis(250);
+/// How often the sending thread runs the protocol timers, and so wakes when idle.
+const TIMER_EVERY_MS: u16 = 250;
+const TIMER_EVERY: Duration = Duration::from_millis(TIMER_EVERY_MS as u64);
 /// Room at the front of a TUN write buffer for the virtio-net header.
 const HDR: usize = VIRTIO_NET_HDR_LEN;
 
@@ -167,12 +172,27 @@ struct Common {
     allowed: Vec<IpNet>,
     counters: Counters,
     stop: AtomicBool,
+    /// Readable once the tunnel stops, so that threads sleep in `poll` without a timeout to notice
+    /// it: an idle tunnel's receiving threads never wake, its sending threads only for the timers.
+    stopped: EventFd,
     mtu: usize,
 }
 
 impl Common {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `fd` is ready for `flags` (true), the tunnel stops or `timeout` passes.
+    fn wait(&self, fd: BorrowedFd<'_>, flags: PollFlags, timeout: PollTimeout) -> bool {
+        let mut fds = [
+            PollFd::new(fd, flags),
+            PollFd::new(self.stopped.as_fd(), PollFlags::POLLIN),
+        ];
+        matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(flags | PollFlags::POLLERR))
     }
 }
 
@@ -363,6 +383,11 @@ impl Tunnel {
             allowed: peer.allowed_ips,
             counters: Counters::default(),
             stop: AtomicBool::new(false),
+            stopped: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(|e| WgError::Tun {
+                name: name.clone(),
+                op: "create the stop event",
+                source: e.into(),
+            })?,
             mtu: usize::from(mtu),
         });
         let local_addrs: Vec<SocketAddr> = sockets.iter().map(|s| s.2).collect();
@@ -507,6 +532,8 @@ impl Tunnel {
 
     fn shutdown(&mut self) {
         self.common.stop.store(true, Ordering::Relaxed);
+        // Wakes every thread; the counter stays non-zero, so the event stays readable.
+        let _ = self.common.stopped.write(1);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -517,11 +544,6 @@ impl Drop for Tunnel {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn wait(fd: BorrowedFd<'_>, flags: PollFlags) -> bool {
-    let mut fds = [PollFd::new(fd, flags)];
-    matches!(poll(&mut fds, PollTimeout::from(POLL_MS)), Ok(n) if n > 0)
 }
 
 fn allowed(nets: &[IpNet], ip: std::net::IpAddr) -> bool {
@@ -552,7 +574,8 @@ impl Lane {
                     if self.common.stopping() {
                         return;
                     }
-                    wait(self.udp.as_fd(), PollFlags::POLLOUT);
+                    self.common
+                        .wait(self.udp.as_fd(), PollFlags::POLLOUT, PollTimeout::from(POLL_MS));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -651,7 +674,9 @@ fn tx_loop(sh: &Lane) {
     }
 
     while !sh.common.stopping() {
-        let readable = wait(sh.tun.as_fd(), PollFlags::POLLIN);
+        let readable = sh
+            .common
+            .wait(sh.tun.as_fd(), PollFlags::POLLIN, PollTimeout::from(TIMER_EVERY_MS));
         if last_tick.elapsed() >= TIMER_EVERY {
             last_tick = Instant::now();
             sh.tick(&mut timer_buf, &mut timer_out, &mut timer_lens);
@@ -766,7 +791,7 @@ fn rx_loop(sh: &Lane) {
     let mut scratch = vec![0u8; sh.common.mtu + 256];
 
     while !sh.common.stopping() {
-        if !wait(sh.udp.as_fd(), PollFlags::POLLIN) {
+        if !sh.common.wait(sh.udp.as_fd(), PollFlags::POLLIN, PollTimeout::NONE) {
             continue;
         }
         for _ in 0..16 {

@@ -432,3 +432,78 @@ fn lanes_spread_flows_and_resume_after_a_peer_restart() {
     assert!(err.contains("lanes"), "{err}");
     drop((ta, tb));
 }
+
+/// Voluntary context switches of this process's threads whose name starts with `prefix`, summed.
+fn wakeups(prefix: &str) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// An idle tunnel's threads sleep: the receiving one until a datagram comes (no polling), the
+/// sending one until a packet or its next timer round (every 250 ms). A node with many idle vWires
+/// (and lanes) would otherwise wake thousands of times a second.
+#[test]
+fn idle_tunnel_threads_sleep() {
+    if skip() {
+        return;
+    }
+    tracing();
+    let p = pair("t8", 78);
+    let (ka, kb) = (generate_private_key(), generate_private_key());
+    let la: SocketAddr = format!("{}:51820", p.a_ip).parse().unwrap();
+    let lb: SocketAddr = format!("{}:51820", p.b_ip).parse().unwrap();
+    // Short names, so that the threads' names (cut at 15 bytes) keep the whole tunnel name.
+    let (na, nb) = ("wid8a", "wid8b");
+    let ta = Tunnel::start(config(
+        na,
+        &p.a,
+        &p.a,
+        la,
+        &Side { key: ka },
+        &Side { key: kb },
+        Some(lb),
+        "10.178.0.2/32",
+    ))
+    .unwrap();
+    let tb = Tunnel::start(config(
+        nb,
+        &p.b,
+        &p.b,
+        lb,
+        &Side { key: kb },
+        &Side { key: ka },
+        Some(la),
+        "10.178.0.1/32",
+    ))
+    .unwrap();
+    addr(&p.a, na, "10.178.0.1/24");
+    addr(&p.b, nb, "10.178.0.2/24");
+    assert!(p.a.ping("10.178.0.2", 10));
+    // Let the handshake's and the ping's stragglers pass, then count over 2 s of silence.
+    std::thread::sleep(Duration::from_millis(500));
+    let (rx0, tx0) = (wakeups("wg-rx0-wid8a"), wakeups("wg-tx0-wid8a"));
+    std::thread::sleep(Duration::from_secs(2));
+    let (rx, tx) = (wakeups("wg-rx0-wid8a") - rx0, wakeups("wg-tx0-wid8a") - tx0);
+    eprintln!("in 2 s idle: receiving thread woke {rx} times, sending thread {tx}");
+    assert!(rx <= 2, "the receiving thread polls: {rx} wake-ups in 2 s");
+    assert!(
+        (4..=12).contains(&tx),
+        "the sending thread runs its timers every 250 ms: {tx} wake-ups in 2 s"
+    );
+    // Stopping wakes them at once.
+    let t = std::time::Instant::now();
+    drop((ta, tb));
+    assert!(t.elapsed() < Duration::from_millis(200), "stopped in {:?}", t.elapsed());
+}
