@@ -418,6 +418,22 @@ fn lanes_spread_flows_and_resume_after_a_peer_restart() {
     assert_eq!(ta.keys().0, public_key(&ka2));
     assert_eq!(tb.keys().1, public_key(&ka2));
     flows(5600);
+    // Every lane of A holds the new key: a fresh B that knows only A's new public key handshakes
+    // on each lane (a lane left on the old key would stall the flows hashed onto it).
+    tb.stop();
+    let tb = laned(&nb, &p.b, &kb, &Side { key: ka2 }, &p.b_ip, &p.a_ip, "10.177.0.1/32");
+    addr(&p.b, &nb, "10.177.0.2/24");
+    assert!(
+        p.a.ping("10.177.0.2", 30),
+        "traffic with a B that knows only A's new key"
+    );
+    flows(5700);
+    assert_eq!(
+        busy(&tb),
+        3,
+        "every lane of A answers with the new key: {:?}",
+        tb.lane_packets()
+    );
 
     // Too many lanes is refused, with nothing left behind.
     let mut c = config("wlanesx", &p.a, &p.a, at(&p.a_ip, 0), &ka, &kb, None, "10.177.0.2/32");
