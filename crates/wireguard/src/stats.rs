@@ -88,25 +88,29 @@ impl Counters {
         }
     }
 
-    pub(crate) fn snapshot(&self, last_handshake: Option<Duration>) -> Stats {
-        let d = |r: DropReason| self.drops[r as usize].load(Relaxed);
-        Stats {
-            tx_packets: self.tx_packets.load(Relaxed),
-            tx_bytes: self.tx_bytes.load(Relaxed),
-            rx_packets: self.rx_packets.load(Relaxed),
-            rx_bytes: self.rx_bytes.load(Relaxed),
-            handshakes: self.handshakes.load(Relaxed),
+    /// The counters of a tunnel's lanes, summed (each lane counts its own, so that lanes share
+    /// no cache line on the data path).
+    pub(crate) fn sum<'a>(lanes: impl IntoIterator<Item = &'a Counters>, last_handshake: Option<Duration>) -> Stats {
+        let mut s = Stats {
             last_handshake,
-            dropped: Drops {
-                malformed: d(DropReason::Malformed),
-                replayed: d(DropReason::Replayed),
-                auth_failed: d(DropReason::AuthFailed),
-                unknown_peer: d(DropReason::UnknownPeer),
-                not_allowed: d(DropReason::NotAllowed),
-                rate_limited: d(DropReason::RateLimited),
-                no_endpoint: d(DropReason::NoEndpoint),
-                other: d(DropReason::Other),
-            },
+            ..Stats::default()
+        };
+        for c in lanes {
+            let d = |r: DropReason| c.drops[r as usize].load(Relaxed);
+            s.tx_packets += c.tx_packets.load(Relaxed);
+            s.tx_bytes += c.tx_bytes.load(Relaxed);
+            s.rx_packets += c.rx_packets.load(Relaxed);
+            s.rx_bytes += c.rx_bytes.load(Relaxed);
+            s.handshakes += c.handshakes.load(Relaxed);
+            s.dropped.malformed += d(DropReason::Malformed);
+            s.dropped.replayed += d(DropReason::Replayed);
+            s.dropped.auth_failed += d(DropReason::AuthFailed);
+            s.dropped.unknown_peer += d(DropReason::UnknownPeer);
+            s.dropped.not_allowed += d(DropReason::NotAllowed);
+            s.dropped.rate_limited += d(DropReason::RateLimited);
+            s.dropped.no_endpoint += d(DropReason::NoEndpoint);
+            s.dropped.other += d(DropReason::Other);
         }
+        s
     }
 }

@@ -15,6 +15,14 @@ struct Side {
     key: [u8; 32],
 }
 
+/// Two ends with fresh keys.
+fn sides() -> (Side, Side) {
+    let side = || Side {
+        key: generate_private_key(),
+    };
+    (side(), side())
+}
+
 #[allow(clippy::too_many_arguments)] // a test helper: one call per scenario reads best flat
 fn config(
     name: &str,
@@ -57,14 +65,7 @@ fn our_tunnels_carry_ping_and_tcp_udp_socket_in_host_namespace() {
     let p = pair("t1", 71);
     // B's TUN sits in a "workload" namespace while its UDP socket stays in B (the "host").
     let w = Ns::new(format!("nwg-{}-w", tag("t1")));
-    let (ka, kb) = (
-        Side {
-            key: generate_private_key(),
-        },
-        Side {
-            key: generate_private_key(),
-        },
-    );
+    let (ka, kb) = sides();
     let (la, lb): (SocketAddr, SocketAddr) = (
         format!("{}:51820", p.a_ip).parse().unwrap(),
         format!("{}:51820", p.b_ip).parse().unwrap(),
@@ -149,14 +150,7 @@ fn bad_packets_are_counted_and_traffic_continues() {
     }
     tracing();
     let p = pair("t2", 72);
-    let (ka, kb) = (
-        Side {
-            key: generate_private_key(),
-        },
-        Side {
-            key: generate_private_key(),
-        },
-    );
+    let (ka, kb) = sides();
     let la: SocketAddr = format!("{}:51820", p.a_ip).parse().unwrap();
     let lb: SocketAddr = format!("{}:51820", p.b_ip).parse().unwrap();
     let relay_addr: SocketAddr = format!("{}:40000", p.b_ip).parse().unwrap();
@@ -230,14 +224,7 @@ fn peer_restart_rehandshakes_and_traffic_resumes() {
     }
     tracing();
     let p = pair("t3", 73);
-    let (ka, kb) = (
-        Side {
-            key: generate_private_key(),
-        },
-        Side {
-            key: generate_private_key(),
-        },
-    );
+    let (ka, kb) = sides();
     let la: SocketAddr = format!("{}:51820", p.a_ip).parse().unwrap();
     let lb: SocketAddr = format!("{}:51820", p.b_ip).parse().unwrap();
     let (na, nb) = (format!("w{}a", tag("t3")), format!("w{}b", tag("t3")));
@@ -277,14 +264,7 @@ fn ipv6_underlay_carries_traffic() {
     // `nodad`: usable at once, no duplicate address detection to wait for.
     p.a.ok(&["ip", "addr", "add", "fd00:76::1/64", "dev", &va, "nodad"]);
     p.b.ok(&["ip", "addr", "add", "fd00:76::2/64", "dev", &vb, "nodad"]);
-    let (ka, kb) = (
-        Side {
-            key: generate_private_key(),
-        },
-        Side {
-            key: generate_private_key(),
-        },
-    );
+    let (ka, kb) = sides();
     let la: SocketAddr = "[fd00:76::1]:51820".parse().unwrap();
     let lb: SocketAddr = "[fd00:76::2]:51820".parse().unwrap();
     let (na, nb) = (format!("w{}a", tag("t6")), format!("w{}b", tag("t6")));
@@ -315,14 +295,7 @@ fn lanes_spread_flows_and_resume_after_a_peer_restart() {
     }
     tracing();
     let p = pair("t7", 77);
-    let (ka, kb) = (
-        Side {
-            key: generate_private_key(),
-        },
-        Side {
-            key: generate_private_key(),
-        },
-    );
+    let (ka, kb) = sides();
     let at = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().unwrap() };
     let (na, nb) = (format!("w{}a", tag("t7")), format!("w{}b", tag("t7")));
     let laned = |name: &str, ns: &Ns, me: &Side, peer: &Side, mine: &str, theirs: &str, allowed: &str| {
@@ -477,33 +450,13 @@ fn idle_tunnel_threads_sleep() {
     }
     tracing();
     let p = pair("t8", 78);
-    let (ka, kb) = (generate_private_key(), generate_private_key());
+    let (ka, kb) = sides();
     let la: SocketAddr = format!("{}:51820", p.a_ip).parse().unwrap();
     let lb: SocketAddr = format!("{}:51820", p.b_ip).parse().unwrap();
     // Short names, so that the threads' names (cut at 15 bytes) keep the whole tunnel name.
     let (na, nb) = ("wid8a", "wid8b");
-    let ta = Tunnel::start(config(
-        na,
-        &p.a,
-        &p.a,
-        la,
-        &Side { key: ka },
-        &Side { key: kb },
-        Some(lb),
-        "10.178.0.2/32",
-    ))
-    .unwrap();
-    let tb = Tunnel::start(config(
-        nb,
-        &p.b,
-        &p.b,
-        lb,
-        &Side { key: kb },
-        &Side { key: ka },
-        Some(la),
-        "10.178.0.1/32",
-    ))
-    .unwrap();
+    let ta = Tunnel::start(config(na, &p.a, &p.a, la, &ka, &kb, Some(lb), "10.178.0.2/32")).unwrap();
+    let tb = Tunnel::start(config(nb, &p.b, &p.b, lb, &kb, &ka, Some(la), "10.178.0.1/32")).unwrap();
     addr(&p.a, na, "10.178.0.1/24");
     addr(&p.b, nb, "10.178.0.2/24");
     assert!(p.a.ping("10.178.0.2", 10));
