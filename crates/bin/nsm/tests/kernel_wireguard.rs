@@ -82,7 +82,7 @@ async fn wireguard_vwire_on_kernel_wireguard() {
             "required",
         ],
     ));
-    let d = ok(nsmctl(&registry, &["describe", "node", "node-a"]));
+    let d = describe_node(&registry, &a, "node-a");
     assert!(
         d.lines()
             .any(|l| l.contains("WireGuard backend") && l.contains("kernel")),

@@ -127,7 +127,7 @@ async fn wireguard_required_vwire() {
     ));
     let d = ok(nsmctl(&registry, &["describe", "ns", "orders"]));
     assert!(d.contains("required"), "{d}");
-    let d = ok(nsmctl(&registry, &["describe", "node", "node-a"]));
+    let d = describe_node(&registry, &a, "node-a");
     assert!(
         d.lines()
             .any(|l| l.contains("WireGuard backend") && l.contains("userspace")),

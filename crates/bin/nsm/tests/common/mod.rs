@@ -154,6 +154,22 @@ pub fn endpoint_in(registry: &NsmRegistry, name: &str, service: &str, netns: &st
     ));
 }
 
+/// `nsmctl describe node NAME`, polled until the node has registered (10 s at most): a node
+/// process registers a moment after it starts, and tests do not wait for that otherwise.
+pub fn describe_node(registry: &NsmRegistry, node: &NodeProc, name: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let (ok, out, err) = nsmctl(registry, &["describe", "node", name]);
+        if ok {
+            return out;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            panic!("describe node {name}: {out}{err}\nnode log:\n{}", node.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn client_json(registry: &NsmRegistry, name: &str) -> serde_json::Value {
     serde_json::from_str(&ok(nsmctl(registry, &["get", "client", name, "-o", "json"]))).unwrap()
 }
