@@ -201,6 +201,9 @@ async fn address_endpoint_on_an_nsm_host_gets_a_tunnel() {
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
     let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
     let b = NodeProc::start_with(&registry.url(), "server", &node_args(&bed, "srv", "10.0.0.7", &[]));
+    // Registered before the client asks: an address no registered node has is reached through a
+    // gateway, and a Ready gateway vWire would only be rebuilt at the next resync.
+    describe_node(&registry, &b, "server");
     let srv_links = link_names(&bed, "srv").await;
 
     ok(nsmctl(

@@ -409,7 +409,9 @@ async fn cross_node_vxlan_vwire() {
         "forwarding while node-b is down"
     );
     b.launch();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // node-a's request after node-b's re-registration marks the adopted end.
+    let marked = eventually(10, || async { alias(&svc_end).await == "nsm remote vWire end" }).await;
+    assert!(marked, "marked on adoption; node-b log:\n{}", b.log());
     assert!(
         bed.ping("pod", dst.parse().unwrap(), 2),
         "forwarding after node-b restarted"
@@ -419,7 +421,6 @@ async fn cross_node_vxlan_vwire() {
         svc_index,
         "adopted, not rebuilt"
     );
-    assert_eq!(alias(&svc_end).await, "nsm remote vWire end", "marked on adoption");
     assert_eq!(phase(&client_json(&registry, "c1")), "Ready");
 
     ok(nsmctl(&registry, &["delete", "client", "c1"]));

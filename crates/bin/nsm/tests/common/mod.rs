@@ -71,6 +71,25 @@ impl NodeProc {
                 .spawn()
                 .unwrap(),
         );
+        self.wait_for_socket();
+    }
+
+    /// Waits (10 s at most) until the daemon's unix socket takes connections, or the daemon has
+    /// exited: the daemon binds it first thing, and `nsmctl --node` connects once, without
+    /// retrying. (A file left by a killed daemon refuses connections until the new one binds.)
+    fn wait_for_socket(&mut self) {
+        let path = std::path::PathBuf::from(self.socket.trim_start_matches("unix://"));
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&path).is_err() {
+            let exited = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!("{} not bound after 10 s; node log:\n{}", path.display(), self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sets the `--resync` of its next launch.
