@@ -1498,66 +1498,54 @@ impl Reconciler {
                     .ok_or("the endpoint's node chose WIREGUARD, which is disabled here")?;
                 let mtu = self.config.underlay_mtu - wg::OVERHEAD;
                 let id = wg::client_end_id(uid);
-                let peer_key = params
-                    .get(wg::DST_PUBLIC_KEY)
-                    .and_then(|k| nsm_wireguard::decode_key(k).ok())
-                    .ok_or("the endpoint's node answered WIREGUARD without a valid dst_public_key");
-                let peer_port: Option<u16> = params.get(vxlan::DST_PORT).and_then(|p| p.parse().ok());
-                // As many lanes as the endpoint's node answered for, which is at most as many as
-                // were offered; their ports as offered.
-                let peer_lanes = wg::parse_lane_ports(params.get(wg::DST_LANE_PORTS))
-                    .map_err(|e| format!("the endpoint's node answered a bad {}: {e}", wg::DST_LANE_PORTS))
-                    .and_then(|p| match p.len() + 1 {
-                        n if n > wg.lanes() => Err(format!(
-                            "the endpoint's node answered {n} WireGuard lanes; this node offered {}",
-                            wg.lanes()
-                        )),
-                        _ => Ok(p),
-                    });
-                match (peer_key, peer_port, peer_lanes) {
-                    (_, _, Err(e)) => Err(e),
-                    (Ok(peer_key), Some(peer_port), Ok(peer_lanes)) => {
-                        let mut allowed = vec![w.dst];
-                        allowed.extend(w.route);
-                        let ports = wg.ports_for(&id, peer_lanes.len() + 1);
-                        if ports.len() != peer_lanes.len() + 1 {
-                            // Every lane the endpoint built needs its peer here, or the flows
-                            // hashed onto it would be lost; the retry offers what fits now.
-                            Err(format!(
-                                "no free UDP port in --wireguard-ports for each of the {} WireGuard lanes",
-                                peer_lanes.len() + 1
-                            ))
-                        } else {
-                            wg.build(wg::End {
-                                id: id.clone(),
-                                netns: Path::new(&w.netns),
-                                name: &w.interface,
-                                host: &self.host_netns,
-                                listen: self.config.underlay,
-                                port: ports[0],
-                                peer_key,
-                                peer_endpoint: std::net::SocketAddr::new(remote_ip, peer_port),
-                                allowed,
-                                mtu,
-                                local_addr: w.src,
-                                peer_addr: w.dst,
-                                extra_lanes: ports[1..]
-                                    .iter()
-                                    .copied()
-                                    .zip(peer_lanes.into_iter().map(Some))
-                                    .collect(),
-                            })
-                            .await
-                            .map(|_| {
-                                w.mechanism = wg::TYPE;
-                                w.wg_id = Some(id);
-                                mtu
-                            })
-                        }
+                let end = async {
+                    // As many lanes as the endpoint's node answered for; their ports as offered.
+                    let peer_lanes = wg::answered_lanes(&params, wg.lanes())?;
+                    let lanes = peer_lanes.len() + 1;
+                    let peer_key = params
+                        .get(wg::DST_PUBLIC_KEY)
+                        .and_then(|k| nsm_wireguard::decode_key(k).ok())
+                        .ok_or("the endpoint's node answered WIREGUARD without a valid dst_public_key")?;
+                    let peer_port: u16 = params
+                        .get(vxlan::DST_PORT)
+                        .and_then(|p| p.parse().ok())
+                        .ok_or("the endpoint's node answered WIREGUARD without a dst_port")?;
+                    let ports = wg.ports_for(&id, lanes);
+                    if ports.len() != lanes {
+                        // Every lane the endpoint built needs its peer here, or the flows hashed
+                        // onto it would be lost; the retry offers what fits now.
+                        return Err(format!(
+                            "no free UDP port in --wireguard-ports for each of the {lanes} WireGuard lanes"
+                        ));
                     }
-                    (Err(e), _, _) => Err(e.to_owned()),
-                    (_, None, _) => Err("the endpoint's node answered WIREGUARD without a dst_port".to_owned()),
-                }
+                    let mut allowed = vec![w.dst];
+                    allowed.extend(w.route);
+                    wg.build(wg::End {
+                        id: id.clone(),
+                        netns: Path::new(&w.netns),
+                        name: &w.interface,
+                        host: &self.host_netns,
+                        listen: self.config.underlay,
+                        port: ports[0],
+                        peer_key,
+                        peer_endpoint: std::net::SocketAddr::new(remote_ip, peer_port),
+                        allowed,
+                        mtu,
+                        local_addr: w.src,
+                        peer_addr: w.dst,
+                        extra_lanes: ports[1..]
+                            .iter()
+                            .copied()
+                            .zip(peer_lanes.into_iter().map(Some))
+                            .collect(),
+                    })
+                    .await
+                };
+                end.await.map(|_| {
+                    w.mechanism = wg::TYPE;
+                    w.wg_id = Some(id);
+                    mtu
+                })
             }
             vxlan::TYPE if encryption != Encryption::Required => {
                 let overhead = if remote_ip.is_ipv6() {

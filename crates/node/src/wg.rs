@@ -161,6 +161,21 @@ pub(crate) fn parse_lane_ports(v: Option<&String>) -> Result<Vec<u16>, String> {
     Ok(ports)
 }
 
+/// The ports of the endpoint end's lanes after the first, from its node's answer: a malformed
+/// value, or more lanes than this node runs (so more than it offered), is refused, because every
+/// lane the endpoint built needs its peer here.
+pub(crate) fn answered_lanes(params: &HashMap<String, String>, lanes: usize) -> Result<Vec<u16>, String> {
+    let ports = parse_lane_ports(params.get(DST_LANE_PORTS))
+        .map_err(|e| format!("the endpoint's node answered a bad {DST_LANE_PORTS}: {e}"))?;
+    if ports.len() + 1 > lanes {
+        return Err(format!(
+            "the endpoint's node answered {} WireGuard lanes; this node offered {lanes}",
+            ports.len() + 1
+        ));
+    }
+    Ok(ports)
+}
+
 /// A lane-ports parameter's value.
 pub(crate) fn format_lane_ports(ports: &[u16]) -> String {
     ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
@@ -875,6 +890,19 @@ mod tests {
         assert!(parse_lane_ports(Some(&"52001,x".to_owned())).is_err());
         let many = format_lane_ports(&[52001; 16]);
         assert!(parse_lane_ports(Some(&many)).is_err());
+        // An answer: as many lanes as offered or fewer; more, or a malformed value, is refused.
+        let answer = |v: &str| HashMap::from([(DST_LANE_PORTS.to_owned(), v.to_owned())]);
+        assert_eq!(answered_lanes(&HashMap::new(), 1), Ok(vec![]));
+        assert_eq!(answered_lanes(&answer("52001,52002"), 3), Ok(vec![52001, 52002]));
+        assert_eq!(
+            answered_lanes(&answer("52001,52002"), 2),
+            Err("the endpoint's node answered 3 WireGuard lanes; this node offered 2".to_owned())
+        );
+        let bad = answered_lanes(&answer("52001,x"), 3).unwrap_err();
+        assert!(
+            bad.starts_with("the endpoint's node answered a bad nsm_dst_lane_ports: "),
+            "{bad}"
+        );
         assert_eq!(wide.ports_from(52819).nth(1), Some(51820));
         assert_eq!(Encryption::effective("", "required"), Encryption::Required);
         assert_eq!(Encryption::effective("none", "required"), Encryption::None);

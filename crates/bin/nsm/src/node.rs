@@ -187,7 +187,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `FIRST-LAST` (or one port).
+/// `auto` (one lane per CPU, at most 8) or a count of 1 to `MAX_WIREGUARD_LANES`.
 fn lanes(s: &str) -> Result<usize, String> {
     if s == "auto" {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
@@ -199,6 +199,7 @@ fn lanes(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `FIRST-LAST` (or one port).
 fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
     let a: u16 = a
@@ -224,4 +225,21 @@ enum Backend {
     Kernel,
     /// nsm's own tunnel: a TUN device per vWire, served by this process.
     Userspace,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lanes;
+
+    #[test]
+    fn lane_counts() {
+        assert_eq!(lanes("1"), Ok(1));
+        assert_eq!(lanes("16"), Ok(nsm_node::MAX_WIREGUARD_LANES));
+        let auto = lanes("auto").unwrap();
+        assert!((1..=8).contains(&auto), "{auto}");
+        for bad in ["0", "17", "x", "", "-1"] {
+            let e = lanes(bad).unwrap_err();
+            assert!(e.contains("expected `auto` or 1-16"), "{bad}: {e}");
+        }
+    }
 }

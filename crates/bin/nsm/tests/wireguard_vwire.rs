@@ -52,6 +52,13 @@ fn tcp_transfer(bed: &Testbed, dst: &str, port: u16, bytes: usize) -> bool {
 }
 
 /// `ip -d link show IFNAME` in `ns`.
+/// Pings `dst` from `pod` until it answers (15 s at most): traffic is back after `what`; on failure
+/// the panic shows `node`'s log.
+async fn traffic_back(bed: &Testbed, dst: &str, node: &NodeProc, what: &str) {
+    let back = eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await;
+    assert!(back, "{what}; log:\n{}", node.log());
+}
+
 fn link_details(bed: &Testbed, ns: &str, ifname: &str) -> String {
     String::from_utf8_lossy(&bed.exec(ns, &["ip", "-d", "link", "show", ifname]).stdout).into_owned()
 }
@@ -195,11 +202,7 @@ async fn wireguard_required_vwire() {
     // below, it does at start-up or on events (a restarted endpoint node is one).
     a.set_resync("40s");
     a.launch();
-    assert!(
-        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
-        "traffic after node-a restarted; log:\n{}",
-        a.log()
-    );
+    traffic_back(&bed, &dst, &a, "traffic after node-a restarted").await;
     eprintln!("client node restart: traffic back {:?} after launch", t.elapsed());
     let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
     assert_eq!(dst_of(&j), dst, "same addresses after the rebuild");
@@ -210,11 +213,7 @@ async fn wireguard_required_vwire() {
     b.kill9();
     let t = Instant::now();
     b.launch();
-    assert!(
-        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
-        "traffic after node-b restarted; log:\n{}",
-        b.log()
-    );
+    traffic_back(&bed, &dst, &b, "traffic after node-b restarted").await;
     eprintln!("endpoint node restart: traffic back {:?} after launch", t.elapsed());
     assert!(tcp_transfer(&bed, &dst, 5202, 4 << 20), "TCP after both restarts");
 
@@ -532,11 +531,7 @@ async fn wireguard_key_rotation_keeps_traffic() {
     let mut a = a;
     a.kill9();
     a.launch();
-    assert!(
-        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
-        "traffic after node-a restarted with its rotated key; log:\n{}",
-        a.log()
-    );
+    traffic_back(&bed, &dst, &a, "traffic after node-a restarted with its rotated key").await;
     assert_eq!(wg_pubkey(&a.data_dir().join("wireguard.key")), ka);
     assert_eq!(wg_pubkey(&b.data_dir().join("wireguard.key")), kb);
 
@@ -605,11 +600,7 @@ async fn wireguard_vwire_lanes() {
 
     b.kill9();
     b.launch();
-    assert!(
-        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
-        "traffic after node-b restarted; log:\n{}",
-        b.log()
-    );
+    traffic_back(&bed, &dst, &b, "traffic after node-b restarted").await;
     assert_eq!(
         lane_sockets(&bed, "h2", "192.0.2.12"),
         2,
@@ -632,11 +623,7 @@ async fn wireguard_vwire_lanes() {
         udp_listeners(&bed, "h2"),
         a.log()
     );
-    assert!(
-        eventually(15, || async { bed.ping("pod", dst.parse().unwrap(), 1) }).await,
-        "traffic on one lane; node-a log:\n{}",
-        a.log()
-    );
+    traffic_back(&bed, &dst, &a, "traffic on one lane").await;
     assert!(flows(5340), "12 flows over one lane");
     ok(nsmctl(&registry, &["delete", "client", "c1"]));
     let closed = eventually(5, || async {
