@@ -11,6 +11,7 @@
 //! It is wire-compatible with stock WireGuard (kernel, wireguard-go, `wg` keys).
 
 mod error;
+mod gro;
 pub mod keys;
 pub mod peer;
 mod proto;
