@@ -476,3 +476,82 @@ fn idle_tunnel_threads_sleep() {
     drop((ta, tb));
     assert!(t.elapsed() < Duration::from_millis(200), "stopped in {:?}", t.elapsed());
 }
+
+/// What the receiving side's GRO builds and the kernel takes apart again: inner IPv6 TCP both ways,
+/// and bursts of equal-sized UDP datagrams (coalesced into UDP GSO packets where the TUN has USO)
+/// with shorter ones between, over IPv4 and IPv6. Every byte must arrive as sent.
+#[test]
+fn inner_ipv6_tcp_and_udp_bursts_arrive_intact() {
+    if skip() {
+        return;
+    }
+    tracing();
+    let p = pair("tg", 77);
+    let (ka, kb) = sides();
+    let (la, lb): (SocketAddr, SocketAddr) = (
+        format!("{}:51820", p.a_ip).parse().unwrap(),
+        format!("{}:51820", p.b_ip).parse().unwrap(),
+    );
+    let (na, nb) = (format!("w{}a", tag("tg")), format!("w{}b", tag("tg")));
+    let mut ca = config(&na, &p.a, &p.a, la, &ka, &kb, Some(lb), "10.177.0.2/32");
+    ca.peer.allowed_ips.push("fd77::2/128".parse().unwrap());
+    let mut cb = config(&nb, &p.b, &p.b, lb, &kb, &ka, Some(la), "10.177.0.1/32");
+    cb.peer.allowed_ips.push("fd77::1/128".parse().unwrap());
+    let ta = Tunnel::start(ca).unwrap();
+    let tb = Tunnel::start(cb).unwrap();
+    eprintln!("offloads: {:?}", tb.offloads());
+    addr(&p.a, &na, "10.177.0.1/24");
+    addr(&p.b, &nb, "10.177.0.2/24");
+    p.a.ok(&["ip", "addr", "add", "fd77::1/64", "dev", &na, "nodad"]);
+    p.b.ok(&["ip", "addr", "add", "fd77::2/64", "dev", &nb, "nodad"]);
+    assert!(p.a.ping("10.177.0.2", 10), "ping through the tunnel");
+    tcp_transfer(&p.a, &p.b, "[fd77::2]:5208".parse().unwrap(), 20 << 20);
+    tcp_transfer(&p.b, &p.a, "[fd77::1]:5209".parse().unwrap(), 20 << 20);
+
+    const BURSTS: u32 = 30;
+    const PER_BURST: u32 = 60;
+    let datagram = |seq: u32| -> Vec<u8> {
+        let len = if seq % 37 == 36 { 300 } else { 1200 };
+        let mut d: Vec<u8> = (0..len).map(|i| (i as u32 * 13 + seq) as u8).collect();
+        d[..4].copy_from_slice(&seq.to_be_bytes());
+        d
+    };
+    for (to, from) in [("10.177.0.2:6000", "10.177.0.1:0"), ("[fd77::2]:6001", "[fd77::1]:0")] {
+        let to: SocketAddr = to.parse().unwrap();
+        let rx = p.b.udp(to);
+        socket2::SockRef::from(&rx).set_recv_buffer_size(16 << 20).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let tx = p.a.udp(from.parse().unwrap());
+        let receiver = std::thread::spawn(move || {
+            let (mut got, mut bad) = (vec![false; (BURSTS * PER_BURST) as usize], 0u32);
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = rx.recv(&mut buf) {
+                let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                match got.get_mut(seq as usize) {
+                    Some(g) if buf[..n] == datagram(seq)[..] => *g = true,
+                    _ => bad += 1,
+                }
+                if got.iter().all(|&g| g) {
+                    break;
+                }
+            }
+            (got.iter().filter(|&&g| g).count() as u32, bad)
+        });
+        for b in 0..BURSTS {
+            for i in 0..PER_BURST {
+                tx.send_to(&datagram(b * PER_BURST + i), to).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (arrived, bad) = receiver.join().unwrap();
+        eprintln!("UDP to {to}: {arrived} of {} intact, {bad} bad", BURSTS * PER_BURST);
+        assert_eq!(bad, 0, "UDP datagrams altered on the way to {to}");
+        assert!(
+            arrived * 100 >= BURSTS * PER_BURST * 99,
+            "UDP to {to}: {arrived} arrived"
+        );
+    }
+    let sb = tb.stats();
+    assert_eq!(sb.dropped.auth_failed, 0);
+    drop((ta, tb));
+}
