@@ -267,6 +267,9 @@ pub(crate) struct IperfRun {
     pub(crate) gbps: f64,
     /// Bytes received.
     pub(crate) bytes: f64,
+    /// TCP retransmissions the sender counted (iperf3 reports them on Linux): lost packets, which
+    /// cost throughput that has nothing to do with a wiring's per-byte work.
+    pub(crate) retransmits: Option<u64>,
 }
 
 /// `--iperf-affinity`, for every iperf3 client run (iperf3 passes the server's part on).
@@ -307,7 +310,11 @@ pub(crate) fn iperf_client(
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     let sum = &j["end"]["sum_received"];
     match (sum["bits_per_second"].as_f64(), sum["bytes"].as_f64()) {
-        (Some(bps), Some(bytes)) => Ok(IperfRun { gbps: bps / 1e9, bytes }),
+        (Some(bps), Some(bytes)) => Ok(IperfRun {
+            gbps: bps / 1e9,
+            bytes,
+            retransmits: j["end"]["sum_sent"]["retransmits"].as_u64(),
+        }),
         _ => bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout)),
     }
 }

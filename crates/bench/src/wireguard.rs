@@ -526,12 +526,13 @@ async fn measure(args: &Args, bin: &Path, boringtun: Option<&Path>) -> anyhow::R
                     f.daemon_cpu_per_gbit[si].push(daemon / gbit);
                     f.busy[si].push(100.0 * cpu / (wall.as_secs_f64() * cpus));
                     eprintln!(
-                        "  rep {r} {:<18} {streams} stream(s): {:6.2} Gbit/s, {:.3} CPU-s/Gbit (tunnel processes {:.3}), CPUs {:.0} % busy",
+                        "  rep {r} {:<18} {streams} stream(s): {:6.2} Gbit/s, {:.3} CPU-s/Gbit (tunnel processes {:.3}), CPUs {:.0} % busy, {} TCP retransmits",
                         u.wiring.label(),
                         run.gbps,
                         cpu / gbit,
                         daemon / gbit,
-                        100.0 * cpu / (wall.as_secs_f64() * cpus)
+                        100.0 * cpu / (wall.as_secs_f64() * cpus),
+                        run.retransmits.map_or("?".into(), |n| n.to_string()),
                     );
                     // Runs block this thread; let a Ctrl-C or SIGTERM end the benchmark between them.
                     tokio::task::yield_now().await;

@@ -658,6 +658,39 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever an authenticated peer sends, nothing panics, and what is not a TCP/UDP packet
+        /// this module understands goes out byte for byte as it came.
+        #[test]
+        fn arbitrary_packets_pass_unharmed(
+            pkts in proptest::collection::vec(
+                (0usize..3, proptest::collection::vec(any::<u8>(), 0..200)), 1..40),
+        ) {
+            let mut g = Gro::new(64, true, true);
+            let mut sent = Vec::new();
+            for (kind, mut p) in pkts {
+                // Make some look like IPv4/IPv6 TCP/UDP headers so that parsing goes deep.
+                if kind > 0 && p.len() >= 48 {
+                    let v6 = kind == 2;
+                    p[0] = if v6 { 0x60 } else { 0x45 };
+                    let len = p.len();
+                    if v6 { put16(&mut p, 4, (len - 40) as u16) } else { put16(&mut p, 2, len as u16); p[6] &= 0x40; p[7] = 0 }
+                    p[if v6 { 6 } else { 9 }] = if p[1] & 1 == 0 { 6 } else { 17 };
+                }
+                arrive(&mut g, &p);
+                sent.push(p);
+            }
+            let out: Vec<Vec<u8>> = g.packets().map(<[u8]>::to_vec).collect();
+            prop_assert!(out.len() <= sent.len());
+            if out.len() == sent.len() {
+                for (o, p) in out.iter().zip(&sent) {
+                    if parse(p).is_none() {
+                        prop_assert_eq!(&o[HDR..], &p[..]);
+                        prop_assert_eq!(hdr(o).flags, 0);
+                    }
+                }
+            }
+        }
+
         /// Interleaved segments of several flows, some out of order, come out as packets that
         /// resegment into exactly the packets that went in, in order per flow.
         #[test]
