@@ -12,6 +12,7 @@
 
 mod error;
 mod gro;
+mod gso;
 pub mod keys;
 pub mod peer;
 mod proto;

@@ -2,9 +2,9 @@
 //! and two data-plane threads.
 //!
 //! * `wg-tx<lane>`: TUN → encrypt → UDP. Reads a batch from the TUN (with IFF_VNET_HDR a read is a TSO
-//!   super-packet of up to 64 KiB that is split into MTU-sized packets), encrypts the whole batch
-//!   under one lock of the protocol state into one contiguous buffer, and sends runs of equal-sized
-//!   datagrams with UDP GSO (one `sendmsg` per run). It also drives the protocol timers.
+//!   super-packet of up to 64 KiB, split into MTU-sized packets in place, see `gso`), encrypts the
+//!   whole batch under one lock of the protocol state into one contiguous buffer, and sends runs of
+//!   equal-sized datagrams with UDP GSO (one `sendmsg` per run). It also drives the protocol timers.
 //! * `wg-rx<lane>`: UDP → decrypt → TUN. Receives with `recvmmsg` and UDP GRO (one buffer holds up to 64
 //!   datagrams), decrypts under one lock per receive, and writes the packets to the TUN with TCP/UDP
 //!   GRO: each packet is decrypted straight into the super-packet it joins (see `gro`), with a
@@ -33,6 +33,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{DeviceBuilder, IDEAL_BATCH_SIZE, SyncDevice};
 
 use crate::gro::Gro;
+use crate::gso;
 use crate::peer::{Outcome, Peer};
 use crate::stats::{Counters, DropReason, Stats};
 use crate::wire::{self, MessageKind};
@@ -150,8 +151,10 @@ impl TunnelConfig {
     }
 }
 
-/// Packets per batch of TUN reads (one TSO read can be split into ~45 packets at MTU 1420).
+/// Decrypted packets per batch of TUN writes.
 const BATCH: usize = IDEAL_BATCH_SIZE;
+/// TUN reads per batch (one TSO read is split into ~45 packets at MTU 1420).
+const READS: usize = 4;
 /// Receive buffers per `recvmmsg`, each large enough for a GRO train.
 const RX_BUFS: usize = 8;
 const MAX_UDP_PAYLOAD: usize = 65535;
@@ -653,16 +656,20 @@ impl Lane {
 
 /// TUN → encrypt → UDP, plus the timers.
 fn tx_loop(sh: &Lane) {
-    let room = sh.common.mtu + 64;
-    let mut orig = vec![0u8; HDR + 65535];
-    let mut bufs: Vec<Vec<u8>> = (0..2 * BATCH).map(|_| vec![0u8; room]).collect();
-    let mut sizes = vec![0usize; bufs.len()];
-    let mut arena = vec![0u8; bufs.len() * room + 256];
-    let mut lens: Vec<usize> = Vec::with_capacity(bufs.len());
+    // One batch: up to READS TUN reads, each a super-packet of up to 64 KiB behind its virtio-net
+    // header (or one plain packet), split in place and sealed into `arena` under one lock.
+    let mut reads: Vec<Vec<u8>> = (0..READS).map(|_| vec![0u8; HDR + MAX_UDP_PAYLOAD]).collect();
+    let mut read_lens = [0usize; READS];
+    // Twice the reads' size: room for every packet's headers and WireGuard overhead down to
+    // segments of a few hundred bytes; smaller ones send what is sealed when it fills up.
+    let mut arena = vec![0u8; 2 * READS * (HDR + MAX_UDP_PAYLOAD)];
+    let mut lens: Vec<usize> = Vec::with_capacity(1024);
     let mut timer_buf = vec![0u8; 256];
     let mut timer_out: Vec<u8> = Vec::with_capacity(1024);
     let mut timer_lens: Vec<usize> = Vec::with_capacity(4);
     let mut last_tick = Instant::now();
+    // A TUN without a virtio-net header gives plain packets: read them behind room for one.
+    let at = if sh.tun_tso { 0 } else { HDR };
 
     // Handshake right away if we know where the peer is, so the first packet does not wait.
     {
@@ -686,9 +693,12 @@ fn tx_loop(sh: &Lane) {
             continue;
         }
         let mut n = 0;
-        while n + BATCH / 2 <= bufs.len() {
-            match sh.tun.recv_multiple(&mut orig, &mut bufs[n..], &mut sizes[n..], 0) {
-                Ok(k) => n += k,
+        while n < READS {
+            match sh.tun.recv(&mut reads[n][at..]) {
+                Ok(len) => {
+                    read_lens[n] = at + len;
+                    n += 1;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -706,27 +716,36 @@ fn tx_loop(sh: &Lane) {
         }
 
         lens.clear();
-        let (mut pos, mut tx_bytes, mut not_allowed, mut other) = (0, 0u64, 0u64, 0u64);
+        let (mut pos, mut sent, mut tx_bytes, mut not_allowed, mut other) = (0, 0u64, 0u64, 0u64, 0u64);
+        let mut unsplit = 0u64;
         let dest = {
             let mut peer = sh.peer.lock();
-            for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
-                let packet = &buf[..size];
+            let mut seal = |packet: &[u8]| {
                 match wire::ip_addrs(packet) {
                     Some((_, dst)) if allowed(&sh.common.allowed, dst) => {}
                     _ => {
                         not_allowed += 1;
-                        continue;
+                        return;
                     }
                 }
-                let want = (size + wire::DATA_OVERHEAD + 16).max(wire::HANDSHAKE_INITIATION_LEN);
+                let want = (packet.len() + wire::DATA_OVERHEAD + 16).max(wire::HANDSHAKE_INITIATION_LEN);
+                if pos + want > arena.len() {
+                    // Tiny segments: send what is sealed so far to make room.
+                    if let Some(dest) = peer.endpoint {
+                        sh.send_all(dest, &arena[..pos], &lens);
+                        sent += lens.len() as u64;
+                    }
+                    lens.clear();
+                    pos = 0;
+                }
                 let Some(dst) = arena.get_mut(pos..pos + want) else {
                     other += 1;
-                    continue;
+                    return;
                 };
                 match peer.proto.encapsulate(packet, dst) {
                     Outcome::Network(len) => {
                         if dst[0] == 4 {
-                            tx_bytes += size as u64;
+                            tx_bytes += packet.len() as u64;
                         }
                         lens.push(len);
                         pos += len;
@@ -734,16 +753,23 @@ fn tx_loop(sh: &Lane) {
                     Outcome::Dropped(r) => sh.counters.drop(r, 1),
                     Outcome::Done | Outcome::Tunnel(_) => {}
                 }
+            };
+            for (read, &len) in reads.iter_mut().zip(&read_lens).take(n) {
+                if !sh.tun_tso {
+                    seal(&read[HDR..len]);
+                } else if let Err(e) = gso::split(&mut read[..len], &mut seal) {
+                    tracing::debug!(tun = %sh.common.name, error = %e, "TUN read not split");
+                    unsplit += 1;
+                }
             }
             peer.endpoint
         };
         sh.counters.drop(DropReason::NotAllowed, not_allowed);
-        sh.counters.drop(DropReason::Other, other);
+        sh.counters.drop(DropReason::Other, other + unsplit);
         match dest {
             Some(dest) => {
-                let data = lens.len() as u64;
                 sh.send_all(dest, &arena[..pos], &lens);
-                Counters::add(&sh.counters.tx_packets, data);
+                Counters::add(&sh.counters.tx_packets, sent + lens.len() as u64);
                 Counters::add(&sh.counters.tx_bytes, tx_bytes);
             }
             None => sh.counters.drop(DropReason::NoEndpoint, lens.len() as u64),
