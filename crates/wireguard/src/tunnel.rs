@@ -731,9 +731,12 @@ fn tx_loop(sh: &Lane) {
                 let want = (packet.len() + wire::DATA_OVERHEAD + 16).max(wire::HANDSHAKE_INITIATION_LEN);
                 if pos + want > arena.len() {
                     // Tiny segments: send what is sealed so far to make room.
-                    if let Some(dest) = peer.endpoint {
-                        sh.send_all(dest, &arena[..pos], &lens);
-                        sent += lens.len() as u64;
+                    match peer.endpoint {
+                        Some(dest) => {
+                            sh.send_all(dest, &arena[..pos], &lens);
+                            sent += lens.len() as u64;
+                        }
+                        None => sh.counters.drop(DropReason::NoEndpoint, lens.len() as u64),
                     }
                     lens.clear();
                     pos = 0;

@@ -556,6 +556,9 @@ fn inner_ipv6_tcp_and_udp_bursts_arrive_intact() {
     // segments each, more than a fixed set of split buffers would hold.
     p.b.ok(&["ip", "route", "add", "10.177.0.1/32", "dev", &nb, "advmss", "500"]);
     tcp_transfer(&p.a, &p.b, "10.177.0.2:5210".parse().unwrap(), 20 << 20);
+    // The smallest MSS Linux uses (88): hundreds of segments per TSO packet.
+    p.b.ok(&["ip", "route", "replace", "10.177.0.1/32", "dev", &nb, "advmss", "88"]);
+    tcp_transfer(&p.a, &p.b, "10.177.0.2:5211".parse().unwrap(), 4 << 20);
     let (sa, sb) = (ta.stats(), tb.stats());
     eprintln!("A {sa:?}\nB {sb:?}");
     // (`not_allowed` counts what the kernels send on their own to no peer address: IPv6 multicast.)
