@@ -19,8 +19,8 @@
 
 use tun_rs::{VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VirtioNetHdr};
 
-/// Room for the virtio-net header in front of every packet.
-pub(crate) const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+use crate::vnet::{F_NEEDS_CSUM, HDR, be16, pseudo_header_sum, put16};
+
 /// Largest IP packet (IPv4 total length, IPv6 payload length without jumbograms).
 const MAX_IP: usize = 65535;
 /// Largest headers a flow can have: IPv6 (40) and TCP with options (60).
@@ -28,8 +28,6 @@ const MAX_HEADERS: usize = 100;
 /// A buffer's size: the header, the largest packet, and room behind it for the protocol core,
 /// which writes the authentication tag after the plaintext.
 const CAP: usize = HDR + MAX_IP + 256;
-/// linux/virtio_net.h: checksum from `csum_start` on is left to the kernel (CHECKSUM_PARTIAL).
-const F_NEEDS_CSUM: u8 = 1;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 
@@ -53,14 +51,6 @@ struct Seg {
     /// TCP flags are ACK or ACK|PSH with a payload (UDP: a payload): it may join a super-packet.
     joins: bool,
     psh: bool,
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
 /// Parses an IPv4 (without options or fragmentation) or IPv6 (without extension headers) TCP or
@@ -139,15 +129,14 @@ fn same_headers(a: &[u8], b: &[u8], s: &Seg) -> bool {
         }
 }
 
-/// The pseudo-header sum (RFC 793/768, RFC 8200 §8.1) for `l4_len` bytes, folded but not
-/// complemented: what NEEDS_CSUM wants in the checksum field.
+/// The pseudo-header sum for `l4_len` bytes, folded but not complemented: what NEEDS_CSUM wants in
+/// the checksum field.
 fn pseudo_sum(pkt: &[u8], s: &Seg, l4_len: usize) -> u16 {
-    let addrs = if s.v6 { &pkt[8..40] } else { &pkt[12..20] };
-    let proto: u64 = match s.l4 {
+    let proto = match s.l4 {
         L4::Tcp => 6,
         L4::Udp => 17,
     };
-    tun_rs::checksum(addrs, proto + l4_len as u64)
+    tun_rs::checksum(&[], pseudo_header_sum(pkt, s.v6, proto, l4_len))
 }
 
 /// One buffer's packet: its first segment's headers and how far the flow has grown.
@@ -197,13 +186,19 @@ impl Gro {
         }
     }
 
+    /// Whether every buffer is taken: [`Gro::dst`] has nowhere to put a packet until the batch is
+    /// written out.
+    pub(crate) fn is_full(&self) -> bool {
+        self.n >= self.bufs.len()
+    }
+
     /// Where to decrypt a datagram of `need` bytes (the protocol core writes up to that many), or
     /// `None` when the batch is full: write it out with [`Gro::packets`] and [`Gro::clear`] first.
     /// Follow with [`Gro::push`] or [`Gro::discard`].
     pub(crate) fn dst(&mut self, need: usize) -> Option<&mut [u8]> {
         self.discard();
         // A fresh buffer must stay free in case the packet does not continue the last flow.
-        if self.n >= self.bufs.len() {
+        if self.is_full() {
             return None;
         }
         // The tail of the last buffer, if its flow may grow and the packet's headers would overlay
@@ -652,6 +647,7 @@ mod tests {
             arrive(&mut g, &packet(false, true, f, 0, TCP_ACK, &[1u8; 1000]));
         }
         assert!(g.dst(1500).is_none());
+        assert!(g.is_full());
         assert_eq!(g.packets().count(), 3);
         g.clear();
         assert!(g.dst(1500).is_some());
@@ -710,11 +706,10 @@ mod tests {
                     let pl: Vec<u8> = (0..700).map(|j| (i * 31 + k * 7 + j) as u8).collect();
                     let p = packet(v6, true, flow, seqs[flow as usize], TCP_ACK, &pl);
                     seqs[flow as usize] += 700;
-                    if g.dst(p.len() + 32).is_none() {
+                    if g.is_full() {
                         got.extend(g.packets().flat_map(resegment));
                         g.clear();
                     }
-                    g.discard();
                     arrive(&mut g, &p);
                     sent.push(p);
                 }

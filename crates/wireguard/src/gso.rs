@@ -10,10 +10,8 @@
 
 use tun_rs::{VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VirtioNetHdr};
 
-use crate::gro::HDR;
+use crate::vnet::{F_NEEDS_CSUM, HDR, be16, pseudo_header_sum, put16};
 
-/// linux/virtio_net.h: the checksum from `csum_start` on is still to be computed.
-const F_NEEDS_CSUM: u8 = 1;
 /// linux/virtio_net.h: the TCP segments carry ECN (CWR belongs to the first one only).
 const GSO_ECN: u8 = 0x80;
 const TCP_FIN: u8 = 0x01;
@@ -31,14 +29,6 @@ pub(crate) enum SplitError {
     GsoType(u8),
     #[error("inconsistent virtio-net header")]
     Header,
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
 /// Hands each packet of `read` (one TUN read: virtio-net header, then the packet) to `each`, in
@@ -99,8 +89,8 @@ pub(crate) fn split(read: &mut [u8], mut each: impl FnMut(&[u8])) -> Result<usiz
     }
     let mut orig = [0u8; MAX_HEADERS];
     orig[..hdrs].copy_from_slice(&pkt[..hdrs]);
-    let addrs = if v6 { 8..40 } else { 12..20 };
-    let pseudo_base = tun_rs::checksum_no_fold(&orig[addrs], if tcp { 6 } else { 17 });
+    // Per segment only the transport length is added.
+    let pseudo_base = pseudo_header_sum(&orig, v6, if tcp { 6 } else { 17 }, 0);
     let (id, seq) = (
         be16(&orig, 4),
         u32::from_be_bytes([

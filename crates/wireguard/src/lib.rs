@@ -20,6 +20,7 @@ mod stats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod tunnel;
+mod vnet;
 pub mod wire;
 
 pub use error::WgError;

@@ -36,6 +36,7 @@ use crate::gro::Gro;
 use crate::gso;
 use crate::peer::{Outcome, Peer};
 use crate::stats::{Counters, DropReason, Stats};
+use crate::vnet::HDR;
 use crate::wire::{self, MessageKind};
 use crate::{WgError, keys};
 
@@ -163,8 +164,6 @@ const POLL_MS: u16 = 100;
 /// How often the sending thread runs the protocol timers, and so wakes when idle.
 const TIMER_EVERY_MS: u16 = 250;
 const TIMER_EVERY: Duration = Duration::from_millis(TIMER_EVERY_MS as u64);
-/// Room at the front of a TUN buffer for the virtio-net header.
-const HDR: usize = crate::gro::HDR;
 
 struct PeerState {
     proto: Peer,
@@ -841,7 +840,7 @@ fn rx_loop(sh: &Lane) {
                         };
                         // Decrypted in place: into the last packet's flow if it continues it.
                         let need = datagram.len().max(wire::HANDSHAKE_INITIATION_LEN);
-                        if gro.dst(need).is_none() {
+                        if gro.is_full() {
                             flush(sh, &mut gro);
                         }
                         let Some(dst) = gro.dst(need) else {
