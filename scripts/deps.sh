@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages nsm needs to build and test, if any is missing:
+#   gcc, libc6-dev     the linker (`cc`) and C runtime every Rust build needs; a minimal Debian
+#                      with only rustup's toolchain has neither ("linker `cc` not found")
 #   protobuf-compiler  protoc, needed only by the etcd-client crate's build (our own .proto files
 #                      compile with protox, in pure Rust)
 #   etcd-server        a real etcd for the etcd store tests and benchmarks
@@ -14,6 +16,8 @@
 #                      (scripts/kernel-wg-test.sh; this machine's kernel has no WireGuard)
 set -euo pipefail
 need=()
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+[[ -e /usr/include/stdio.h ]] || need+=(libc6-dev)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
