@@ -18,7 +18,7 @@ mod local;
 pub mod monitor;
 mod reconcile;
 pub mod remote;
-pub mod select;
+pub use nsm_node_plan::select;
 pub mod vl3;
 mod wg;
 
