@@ -13,23 +13,25 @@
 //! VM) ends in that host's namespace through a tunnel when an nsm node runs there, else the
 //! client's node gateways it with source NAT.
 
+mod daemon;
+mod endpoint;
+mod error;
 pub mod ipam;
 mod local;
+mod mechanism;
 pub mod monitor;
-mod reconcile;
-pub mod remote;
 pub use nsm_node_plan::select;
 pub mod vl3;
-mod wg;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use daemon::run;
+pub use endpoint::{MAX_RESYNC, REMOTE_LIFETIME};
+pub use error::{NodeError, Result};
 /// Most lanes a userspace WIREGUARD vWire runs (`--wireguard-lanes`).
 pub use nsm_wireguard::MAX_LANES as MAX_WIREGUARD_LANES;
-pub use reconcile::run;
-pub use remote::{MAX_RESYNC, REMOTE_LIFETIME};
 
 /// How the daemon runs.
 #[derive(Clone)]
@@ -85,26 +87,4 @@ pub enum WireGuardBackend {
     Kernel,
     /// nsm's userspace tunnel (a TUN device per vWire, served by this process).
     Userspace,
-}
-
-/// Why the daemon stopped.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum NodeError {
-    /// The registry could not be reached or refused the node.
-    #[error("registry: {0}")]
-    Registry(String),
-    /// The host namespace could not be opened.
-    #[error("host namespace: {0}")]
-    HostNetns(String),
-    /// The WireGuard set-up asked for cannot be had (a key file that cannot be read or written,
-    /// `--wireguard-backend kernel` on a kernel without WireGuard).
-    #[error("wireguard: {0}")]
-    WireGuard(String),
-    /// The data directory cannot hold the node's records.
-    #[error("data directory: {0}")]
-    DataDir(String),
-    /// A listener failed.
-    #[error(transparent)]
-    Transport(#[from] nsm_transport::TransportError),
 }

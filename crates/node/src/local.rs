@@ -34,7 +34,7 @@ pub(crate) struct Interfaces(Arc<parking_lot::Mutex<Held>>);
 struct Held {
     /// Filled from a full list of the clients; until then `CreateClient` lists them itself.
     seeded: bool,
-    by_client: HashMap<(String, String), Holder>,
+    by_client: HashMap<nsm_node_plan::ClientKey, Holder>,
 }
 
 /// One client's hold on an interface name.
@@ -49,10 +49,7 @@ struct Holder {
 impl Interfaces {
     /// Records client `c` if it is node `node`'s, else forgets it.
     pub(crate) fn note(&self, node: &str, c: &pb::Client) {
-        let key = c
-            .metadata
-            .as_ref()
-            .map_or_else(Default::default, |m| (m.namespace.clone(), m.name.clone()));
+        let key = nsm_node_plan::ClientKey::of(c);
         let mut held = self.0.lock();
         match c.spec.as_ref().filter(|s| s.node == node) {
             Some(s) => {
@@ -74,7 +71,7 @@ impl Interfaces {
     }
 
     /// Forgets a deleted client.
-    pub(crate) fn forget(&self, key: &(String, String)) {
+    pub(crate) fn forget(&self, key: &nsm_node_plan::ClientKey) {
         self.0.lock().by_client.remove(key);
     }
 
@@ -94,11 +91,11 @@ impl Interfaces {
         Some(
             held.by_client
                 .iter()
-                .filter(|((_, name), h)| {
-                    name != except
+                .filter(|(k, h)| {
+                    k.name != except
                         && (h.netns == netns || (id.is_some() && h.id == id && netns_identity(&h.netns) == id))
                 })
-                .map(|((ns, name), h)| (h.interface.clone(), nsm_model::upstream::name_of(ns, name)))
+                .map(|(k, h)| (h.interface.clone(), k.upstream()))
                 .collect(),
         )
     }
@@ -288,7 +285,7 @@ pub(crate) mod upstream_kernel {
         if !clean.is_empty() && clean.len() <= 60 && nsm_model::validate::name("", clean).is_ok() {
             format!("up-{clean}")
         } else {
-            crate::remote::link_name("up-", id)
+            crate::mechanism::link_name("up-", id)
         }
     }
 
@@ -341,7 +338,7 @@ pub(crate) mod upstream_kernel {
             let id_label = if nsm_model::validate::labels("", &[("k".to_string(), conn.id.clone())].into()).is_ok() {
                 conn.id.clone()
             } else {
-                crate::remote::link_name("", &conn.id)
+                crate::mechanism::link_name("", &conn.id)
             };
             labels.insert(LABEL.into(), id_label);
             let client = pb::Client {

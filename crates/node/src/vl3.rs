@@ -33,7 +33,7 @@
 //! another's address. Where some service reaches another one-way, replies pass as established
 //! connections; otherwise the router tracks no connections at all.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -42,74 +42,16 @@ use nsm_api::ipam::{PrefixRequest, Type, ipam_client::IpamClient};
 use nsm_api::service_names::{IPAM_MEMBER_HEADER, IPAM_NODE_HEADER, IPAM_VL3_HEADER};
 use nsm_dataplane::fastpath::{self, Direction, FastPath};
 use nsm_dataplane::{NetNs, Netlink};
-use nsm_model::{pb, upstream};
 use tonic::transport::Channel;
 
-use crate::remote::{link_name, stable_hash, vxlan};
+use crate::NodeError;
+use crate::mechanism::{link_name, stable_hash, vxlan};
+pub(crate) use nsm_node_plan::vl3::{Lease, Vl3, gateway_of};
 
 mod shortcut;
 
 /// nftables table of a router's filter.
 const FILTER_TABLE: &str = "nsmvl3";
-
-/// A vL3 as the node needs it.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Vl3 {
-    /// Upstream name.
-    pub(crate) name: String,
-    pub(crate) pool: IpNet,
-    /// Length of the prefixes routers lease from the pool.
-    pub(crate) prefix_len: u8,
-    pub(crate) dns_template: String,
-}
-
-/// The leases of `vl3` among listed Prefix resources, in a stable order.
-pub(crate) fn leases_from(items: &[pb::Resource], vl3: &str) -> Vec<Lease> {
-    let mut out: Vec<Lease> = items
-        .iter()
-        .filter_map(|r| match &r.kind {
-            Some(pb::resource::Kind::Prefix(p)) => {
-                let s = p.spec.as_ref()?;
-                (s.network_service == vl3).then_some(())?;
-                Some(Lease {
-                    prefix: s.prefix.parse().ok()?,
-                    node: s.node.clone(),
-                    member: s.member_service.clone(),
-                })
-            }
-            _ => None,
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// A lease of V's pool (any node's).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Lease {
-    pub(crate) prefix: IpNet,
-    pub(crate) node: String,
-    pub(crate) member: String,
-}
-
-impl Lease {
-    /// The router's address in this prefix.
-    pub(crate) fn gateway(&self) -> IpNet {
-        gateway_of(self.prefix)
-    }
-}
-
-/// The router's address in a prefix: its first for IPv4 (as upstream's vL3 IPAM does), its
-/// second for IPv6, whose first is the Subnet-Router anycast address (RFC 4291 §2.6.1).
-pub(crate) fn gateway_of(prefix: IpNet) -> IpNet {
-    let skip = usize::from(prefix.addr().is_ipv6());
-    let a = prefix
-        .subnets(prefix.max_prefix_len())
-        .ok()
-        .and_then(|mut s| s.nth(skip))
-        .map_or(prefix.network(), |n| n.addr());
-    IpNet::from(a)
-}
 
 /// A router this node runs.
 pub(crate) struct Router {
@@ -187,36 +129,6 @@ pub fn router_netns(node: &str, vl3: &str) -> String {
         .take(40)
         .collect();
     link_name(&format!("nsm-vl3-{node}-"), vl3)
-}
-
-/// The vL3 a service puts its members on: itself if it is a vL3, else the one it names.
-pub(crate) fn vl3_of(service: &pb::NetworkService) -> Option<String> {
-    let spec = service.spec.as_ref()?;
-    let m = service.metadata.as_ref()?;
-    if spec.r#type != pb::ServiceType::Vl3 as i32 {
-        return None;
-    }
-    Some(if spec.vl3.is_empty() {
-        upstream::name_of(&m.namespace, &m.name)
-    } else {
-        upstream::qualify(&spec.vl3, &m.namespace)
-    })
-}
-
-/// A member's DNS name from the vL3's template.
-pub(crate) fn dns_name(template: &str, client: &str, service: &str, namespace: &str) -> String {
-    let n = template
-        .replace("{client}", client)
-        .replace("{service}", service)
-        .replace("{namespace}", namespace);
-    if n.ends_with('.') { n } else { format!("{n}.") }
-}
-
-/// The search domain the template implies (what follows the `{client}` label), if any.
-pub(crate) fn search_domain(template: &str, service: &str, namespace: &str) -> Option<String> {
-    let rest = template.strip_prefix("{client}.")?;
-    let d = dns_name(rest, "", service, namespace);
-    (d != ".").then_some(d)
 }
 
 /// The filter of a router: which members may reach which, by leased prefix.
@@ -342,7 +254,7 @@ impl Vl3Plane {
 
     /// Leases a new prefix of `vl3` for `member`'s members on this node, asking for `wanted`
     /// first (the prefix a member's previous address was in, so it can keep it).
-    pub(crate) async fn lease(&mut self, vl3: &str, member: &str, wanted: Option<IpNet>) -> Result<IpNet, String> {
+    pub(crate) async fn lease(&mut self, vl3: &str, member: &str, wanted: Option<IpNet>) -> crate::Result<IpNet> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let _ = tx
             .send(PrefixRequest {
@@ -360,28 +272,28 @@ impl Vl3Plane {
             req.metadata_mut().insert(
                 k,
                 v.parse()
-                    .map_err(|_| format!("{k}: {v:?} is not a valid header value"))?,
+                    .map_err(|_| NodeError::invalid(k, format!("{v:?} is not a valid header value")))?,
             );
         }
         let mut stream = self
             .ipam
             .manage_prefixes(req)
             .await
-            .map_err(|s| format!("prefix server: {}", s.message()))?
+            .map_err(NodeError::RegistryCall)?
             .into_inner();
         drop(tx);
         let resp = stream
             .message()
             .await
-            .map_err(|s| format!("prefix server: {}", s.message()))?
-            .ok_or("prefix server: no answer")?;
+            .map_err(NodeError::RegistryCall)?
+            .ok_or_else(|| NodeError::Registry("the prefix server closed the stream without an answer".into()))?;
         resp.prefix
             .parse()
-            .map_err(|_| format!("prefix server answered {:?}", resp.prefix))
+            .map_err(|_| NodeError::Registry(format!("the prefix server answered {:?}, not a prefix", resp.prefix)))
     }
 
     /// Ensures this node's router of `vl3` exists (creating its namespace, sysctls and DNS server).
-    pub(crate) async fn ensure_router(&mut self, vl3: &Vl3) -> Result<&Router, String> {
+    pub(crate) async fn ensure_router(&mut self, vl3: &Vl3) -> crate::Result<&Router> {
         let name = router_netns(&self.node, &vl3.name);
         let path = nsm_dataplane::named_path(&name);
         let stale = self.routers.contains_key(&vl3.name) && !self.router_standing(&vl3.name);
@@ -397,19 +309,19 @@ impl Vl3Plane {
                     if path.exists() {
                         let _ = NetNs::delete(&name);
                     }
-                    NetNs::create(&name).map_err(|e| format!("creating the vL3 router: {e}"))?
+                    NetNs::create(&name)?
                 }
             };
             let ns = Arc::new(ns);
-            let identity = ns.inode().map_err(|e| e.to_string())?;
-            nsm_dataplane::enable_ip_forwarding(&ns, vl3.pool.addr().is_ipv6()).map_err(|e| e.to_string())?;
+            let identity = ns.inode()?;
+            nsm_dataplane::enable_ip_forwarding(&ns, vl3.pool.addr().is_ipv6())?;
             // Links made later skip duplicate address detection: their link-local addresses would
             // stay tentative for a second or more, and neighbour discovery with them.
             for key in ["net.ipv6.conf.default.accept_dad", "net.ipv6.conf.all.accept_dad"] {
-                nsm_dataplane::write_sysctl(&ns, key, "0").map_err(|e| e.to_string())?;
+                nsm_dataplane::write_sysctl(&ns, key, "0")?;
             }
-            let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
-            nl.set_up("lo").await.map_err(|e| e.to_string())?;
+            let nl = Netlink::connect(&ns).await?;
+            nl.set_up("lo").await?;
             let records = self.records.entry(vl3.name.clone()).or_default().clone();
             let dns_stop = self.start_dns(&ns, records, &vl3.name).await;
             tracing::info!(vl3 = %vl3.name, netns = %name, "vL3 router ready");
@@ -488,20 +400,19 @@ impl Vl3Plane {
         leases: &[Lease],
         nodes: &HashMap<String, IpAddr>,
         services: &[(String, Vec<String>)],
-    ) -> Result<(), String> {
+    ) -> crate::Result<()> {
         self.ensure_router(vl3).await?;
         let node = self.node.clone();
         let underlay = self.underlay;
         let mtu = self.member_mtu();
         let host = self.host.clone();
         let router = self.routers.get_mut(&vl3.name).expect("ensured");
-        let e = |e: nsm_dataplane::DataplaneError| e.to_string();
 
         // Gateways of own leases on lo (and on every link the router has, for IPv6 neighbour
         // discovery, which answers only for addresses of the asking link).
         let own: BTreeSet<IpNet> = leases.iter().filter(|l| l.node == node).map(Lease::gateway).collect();
         for gw in own.difference(&router.gateways.clone()) {
-            router.nl.add_address("lo", *gw).await.map_err(e)?;
+            router.nl.add_address("lo", *gw).await?;
             router.gateways.insert(*gw);
         }
         for gw in router.gateways.clone().difference(&own) {
@@ -553,9 +464,7 @@ impl Vl3Plane {
         let filter = filter_script(vl3, leases, services);
         if filter != router.filter {
             let script = format!("add table inet {FILTER_TABLE}\ndelete table inet {FILTER_TABLE}\n{filter}");
-            nsm_dataplane::nft_script(&router.ns, "apply vL3 filter", script)
-                .await
-                .map_err(e)?;
+            nsm_dataplane::nft_script(&router.ns, "apply vL3 filter", script).await?;
             router.filter = filter;
         }
         let direct = if vl3.pool.addr().is_ipv6() {
@@ -637,19 +546,18 @@ impl Vl3Plane {
         l: &PeerLink<'_>,
         prefixes: BTreeSet<IpNet>,
         own: &BTreeSet<IpNet>,
-    ) -> Result<(), String> {
-        let e = |e: nsm_dataplane::DataplaneError| e.to_string();
+    ) -> crate::Result<()> {
         let (vl3, node, remote, underlay, mtu) = (l.vl3, l.node, l.remote, l.underlay, l.mtu);
         {
             let peer = l.peer.to_owned();
             let link = link_name("vx-", &peer);
             let known = router.peers.get(&peer).map(|(r, _, _)| *r);
             if known != Some(remote) {
-                if router.nl.link(&link).await.map_err(e)?.is_some() && known.is_some() {
+                if router.nl.link(&link).await?.is_some() && known.is_some() {
                     let _ = router.nl.delete_link(&link).await;
                 }
                 let mac = peer_link_mac(vl3, node);
-                match router.nl.link(&link).await.map_err(e)? {
+                match router.nl.link(&link).await? {
                     None => {
                         let ends = LinkEnds {
                             vni: peer_vni(vl3, node, &peer),
@@ -662,7 +570,7 @@ impl Vl3Plane {
                         tracing::info!(%vl3, %peer, %remote, "vL3 peer link ready");
                     }
                     // Built by a daemon that let the kernel pick its MAC.
-                    Some(l) if l.mac != mac => router.nl.set_mac(&link, mac).await.map_err(e)?,
+                    Some(l) if l.mac != mac => router.nl.set_mac(&link, mac).await?,
                     Some(_) => {}
                 }
                 router
@@ -675,12 +583,12 @@ impl Vl3Plane {
                 .map(|(_, r, a)| (r.clone(), a.clone()))
                 .unwrap_or_default();
             for gw in own.difference(&addressed) {
-                router.nl.add_address(&link, *gw).await.map_err(e)?;
+                router.nl.add_address(&link, *gw).await?;
             }
             for p in prefixes.difference(&routed) {
                 let gw = gateway_of(*p);
-                router.nl.add_route(gw, None, &link).await.map_err(e)?;
-                router.nl.add_route(*p, Some(gw.addr()), &link).await.map_err(e)?;
+                router.nl.add_route(gw, None, &link).await?;
+                router.nl.add_route(*p, Some(gw.addr()), &link).await?;
             }
             for p in routed.difference(&prefixes) {
                 let _ = router.nl.delete_route(*p).await;
@@ -957,11 +865,10 @@ struct LinkEnds {
 
 /// Builds one end of a router-to-router link: a VXLAN link whose UDP socket stays in the host
 /// namespace, inside the router namespace.
-async fn build_peer_link(host: &NetNs, router: &NetNs, rnl: &Netlink, name: &str, l: &LinkEnds) -> Result<(), String> {
-    let hnl = Netlink::connect(host).await.map_err(|e| e.to_string())?;
+async fn build_peer_link(host: &NetNs, router: &NetNs, rnl: &Netlink, name: &str, l: &LinkEnds) -> crate::Result<()> {
+    let hnl = Netlink::connect(host).await?;
     hnl.create_vxlan_in(router, name, l.vni, l.local, l.remote, vxlan::PORT, l.mtu)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if let Err(e) = async {
         rnl.set_mac(name, l.mac).await?;
         rnl.set_up(name).await
@@ -969,20 +876,9 @@ async fn build_peer_link(host: &NetNs, router: &NetNs, rnl: &Netlink, name: &str
     .await
     {
         let _ = rnl.delete_link(name).await;
-        return Err(e.to_string());
+        return Err(e.into());
     }
     Ok(())
-}
-
-/// Free host addresses of `prefix` for members: all but the gateway (its first), skipping `used`.
-pub(crate) fn free_address(prefix: IpNet, used: &HashSet<IpAddr>) -> Option<IpAddr> {
-    let max = prefix.max_prefix_len();
-    let subnets = prefix.subnets(max).ok()?;
-    let gateway = gateway_of(prefix).addr();
-    subnets
-        .map(|n| n.addr())
-        .filter(|a| *a != prefix.network() && *a != gateway)
-        .find(|a| !used.contains(a))
 }
 
 #[cfg(test)]
@@ -1015,40 +911,6 @@ mod tests {
         assert!(link_name("vx-", "some-long-node-name").len() <= 15);
         assert_eq!(router_netns("n1", "mesh"), router_netns("n1", "mesh"));
         assert_ne!(router_netns("n1", "mesh"), router_netns("n2", "mesh"));
-    }
-
-    #[test]
-    fn names_and_search_domains() {
-        assert_eq!(dns_name("{client}.{service}.", "web", "istio", "x"), "web.istio.");
-        assert_eq!(
-            dns_name("{client}.{namespace}.svc", "web", "istio", "ns"),
-            "web.ns.svc."
-        );
-        assert_eq!(
-            search_domain("{client}.{service}.", "istio", "x").as_deref(),
-            Some("istio.")
-        );
-        assert_eq!(search_domain("{service}-{client}.", "istio", "x"), None);
-    }
-
-    #[test]
-    fn addresses_skip_the_gateway_and_used_ones() {
-        let p: IpNet = "172.16.3.0/24".parse().unwrap();
-        let mut used = HashSet::new();
-        assert_eq!(free_address(p, &used), Some("172.16.3.1".parse().unwrap()));
-        used.insert("172.16.3.1".parse().unwrap());
-        assert_eq!(free_address(p, &used), Some("172.16.3.2".parse().unwrap()));
-        let tiny: IpNet = "172.16.4.0/31".parse().unwrap();
-        used.insert("172.16.4.1".parse().unwrap());
-        assert_eq!(free_address(tiny, &used), None);
-        let v6: IpNet = "fd00::/120".parse().unwrap();
-        assert_eq!(
-            gateway_of(v6).to_string(),
-            "fd00::1/128",
-            "not the Subnet-Router anycast address"
-        );
-        assert_eq!(free_address(v6, &HashSet::new()), Some("fd00::2".parse().unwrap()));
-        assert_eq!(gateway_of(p).to_string(), "172.16.3.0/32");
     }
 
     #[test]

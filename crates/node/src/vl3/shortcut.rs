@@ -25,8 +25,8 @@ use ipnet::Ipv4Net;
 use nsm_dataplane::Netlink;
 use nsm_dataplane::fastpath::{PeerPrefix, shortcut_alias as alias};
 
-use crate::reconcile::netlink_in;
-use crate::remote::link_name;
+use crate::mechanism::link_name;
+use crate::mechanism::netlink_in;
 
 /// A member that may have shortcuts.
 #[derive(Clone, Debug)]
@@ -109,7 +109,7 @@ pub(crate) async fn apply(
     addr: Ipv4Addr,
     wanted: &BTreeMap<String, (String, BTreeSet<Ipv4Net>)>,
 ) -> Result<(), String> {
-    let (ns, nl) = netlink_in(&member.netns).await?;
+    let (ns, nl) = netlink_in(&member.netns).await.map_err(|e| e.to_string())?;
     let applied = match member.applied.take() {
         Some(a) => a,
         None => standing(vl3, &nl).await.map_err(|e| e.to_string())?,

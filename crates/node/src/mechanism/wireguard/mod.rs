@@ -17,20 +17,29 @@
 //! see it change. Each side changes its tunnel's peer key in place.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use nsm_api::connection::Connection;
 use nsm_dataplane::{NetNs, Netlink, WgDeviceUpdate, WgPeerUpdate};
-use nsm_wireguard::{PeerConfig, Tunnel, TunnelConfig};
+use nsm_wireguard::Tunnel;
 
 use crate::WireGuardBackend;
+
+mod build;
+mod keys;
+mod negotiate;
+pub(crate) mod params;
+
+pub(crate) use build::is_ours;
+use build::set_kernel;
+use keys::{Keys, key_age, write_key};
+pub(crate) use keys::{choose_backend, load_or_create_key};
+pub(crate) use negotiate::WgEnd;
 
 /// Upstream's mechanism type and its parameter keys (api:pkg/api/networkservice/mechanisms/wireguard;
 /// see shared/reference/nsm-upstream.md §1.7). `src_ip`, `dst_ip`, `src_port`, `dst_port` and
@@ -56,42 +65,6 @@ const PORT_TRIES: usize = 16;
 /// The key file in the node's data directory.
 const KEY_FILE: &str = "wireguard.key";
 
-/// The encryption a vWire asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Encryption {
-    Required,
-    Preferred,
-    None,
-}
-
-impl Encryption {
-    /// The client's setting, else its service's, else none.
-    pub(crate) fn effective(client: &str, service: &str) -> Encryption {
-        let s = if client.is_empty() { service } else { client };
-        match s {
-            "required" => Encryption::Required,
-            "preferred" => Encryption::Preferred,
-            _ => Encryption::None,
-        }
-    }
-}
-
-/// The node's key pair.
-struct Keys {
-    private: [u8; 32],
-    /// The public key as `wg` prints it.
-    public: String,
-}
-
-impl Keys {
-    fn new(private: [u8; 32]) -> Keys {
-        Keys {
-            public: nsm_wireguard::encode_key(&nsm_wireguard::public_key(&private)),
-            private,
-        }
-    }
-}
-
 /// This node's WireGuard side: its key pair, its port range and its running tunnels.
 pub(crate) struct Wg {
     keys: parking_lot::RwLock<Keys>,
@@ -103,6 +76,16 @@ pub(crate) struct Wg {
     /// Lanes per userspace tunnel (1 with the kernel backend).
     lanes: usize,
     tunnels: parking_lot::Mutex<HashMap<String, Tun>>,
+    /// Where this node's ends listen and what they are built from (see [`Wg::on_host`]).
+    host: Option<HostSide>,
+}
+
+/// The host side of this node's ends: their UDP sockets are bound in `netns` to `underlay`; their
+/// MTU is the underlay's less [`OVERHEAD`].
+pub(crate) struct HostSide {
+    pub(crate) underlay: IpAddr,
+    pub(crate) underlay_mtu: u32,
+    pub(crate) netns: Arc<NetNs>,
 }
 
 impl std::fmt::Debug for Wg {
@@ -138,129 +121,6 @@ impl Tun {
             Tun::Kernel(k) => k.port == port,
         }
     }
-}
-
-/// Parses a lane-ports parameter: at most `MAX_LANES - 1` non-zero ports, comma-separated; empty
-/// or absent is none.
-pub(crate) fn parse_lane_ports(v: Option<&String>) -> Result<Vec<u16>, String> {
-    let Some(v) = v.filter(|v| !v.is_empty()) else {
-        return Ok(Vec::new());
-    };
-    let ports = v
-        .split(',')
-        .map(|p| p.trim().parse::<u16>().ok().filter(|p| *p > 0))
-        .collect::<Option<Vec<u16>>>()
-        .ok_or_else(|| format!("{v:?}: expected UDP ports, comma-separated"))?;
-    if ports.len() >= nsm_wireguard::MAX_LANES {
-        return Err(format!(
-            "{} ports; at most {}",
-            ports.len(),
-            nsm_wireguard::MAX_LANES - 1
-        ));
-    }
-    Ok(ports)
-}
-
-/// The ports of the endpoint end's lanes after the first, from its node's answer: a malformed
-/// value, or more lanes than this node runs (so more than it offered), is refused, because every
-/// lane the endpoint built needs its peer here.
-pub(crate) fn answered_lanes(params: &HashMap<String, String>, lanes: usize) -> Result<Vec<u16>, String> {
-    let ports = parse_lane_ports(params.get(DST_LANE_PORTS))
-        .map_err(|e| format!("the endpoint's node answered a bad {DST_LANE_PORTS}: {e}"))?;
-    if ports.len() + 1 > lanes {
-        return Err(format!(
-            "the endpoint's node answered {} WireGuard lanes; this node offered {lanes}",
-            ports.len() + 1
-        ));
-    }
-    Ok(ports)
-}
-
-/// A lane-ports parameter's value.
-pub(crate) fn format_lane_ports(ports: &[u16]) -> String {
-    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
-}
-
-/// Which backend a node uses: `Auto` asks the kernel (by creating a `wireguard` link in the host
-/// namespace and deleting it). Fails only when `Kernel` was asked for and the kernel has none.
-pub(crate) async fn choose_backend(asked: WireGuardBackend, host: &NetNs) -> Result<WireGuardBackend, String> {
-    if asked == WireGuardBackend::Userspace {
-        return Ok(asked);
-    }
-    let probe = async {
-        Netlink::connect(host)
-            .await
-            .map_err(|e| e.to_string())?
-            .wireguard_supported()
-            .await
-            .map_err(|e| e.to_string())
-    }
-    .await;
-    match (asked, probe) {
-        (_, Ok(true)) => Ok(WireGuardBackend::Kernel),
-        (WireGuardBackend::Kernel, Ok(false)) => {
-            Err("--wireguard-backend kernel: this kernel has no WireGuard (it refuses links of kind wireguard)".into())
-        }
-        (WireGuardBackend::Kernel, Err(e)) => Err(format!("--wireguard-backend kernel: {e}")),
-        (_, Ok(false)) => {
-            tracing::info!("the kernel has no WireGuard: WIREGUARD vWires use the userspace tunnel");
-            Ok(WireGuardBackend::Userspace)
-        }
-        (_, Err(e)) => {
-            tracing::warn!(error = %e, "could not ask the kernel for WireGuard: WIREGUARD vWires use the userspace tunnel");
-            Ok(WireGuardBackend::Userspace)
-        }
-    }
-}
-
-/// Reads the node's private key from `dir`, or makes one and keeps it there (mode 0600).
-pub(crate) fn load_or_create_key(dir: &Path) -> std::io::Result<[u8; 32]> {
-    let path = dir.join(KEY_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let mode = std::fs::metadata(&path)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            }
-            nsm_wireguard::decode_key(&text)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = nsm_wireguard::generate_private_key();
-            write_key(dir, &key)?;
-            Ok(key)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Replaces the key file atomically: the new key is written to a temporary file (mode 0600 from the
-/// start), flushed, and renamed over the old one, and the rename is flushed too. A crash at any
-/// point leaves the old key or the new one, never a partial file.
-fn write_key(dir: &Path, key: &[u8; 32]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    // A temporary file left by an older process may have other bits.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    writeln!(f, "{}", nsm_wireguard::encode_key(key))?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(KEY_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// How old the key file is (since it was last written).
-fn key_age(dir: &Path) -> Duration {
-    std::fs::metadata(dir.join(KEY_FILE))
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .unwrap_or_default()
 }
 
 /// The id of the tunnel a client's node runs for client connection `uid`.
@@ -314,7 +174,14 @@ impl Wg {
                 lanes.clamp(1, nsm_wireguard::MAX_LANES)
             },
             tunnels: parking_lot::Mutex::default(),
+            host: None,
         }
+    }
+
+    /// Where this node's ends listen: needed to negotiate vWires ([`crate::mechanism::Tunnel`]).
+    pub(crate) fn on_host(mut self, host: HostSide) -> Self {
+        self.host = Some(host);
+        self
     }
 
     /// Lanes this node runs per vWire (1: kernel backend, or `--wireguard-lanes 1`).
@@ -431,7 +298,7 @@ impl Wg {
                 .and_then(|m| m.parameters.get(k).cloned())
                 .unwrap_or_default()
         };
-        if [crate::remote::vxlan::DST_PORT, DST_LANE_PORTS]
+        if [crate::mechanism::vxlan::DST_PORT, DST_LANE_PORTS]
             .iter()
             .any(|k| param(before, k) != param(after, k))
         {
@@ -520,7 +387,7 @@ impl Wg {
             } else {
                 format!("{id}/{lane}")
             };
-            let first = crate::remote::stable_hash(&key) % size;
+            let first = crate::mechanism::stable_hash(&key) % size;
             let free = (0..size)
                 .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
                 .find(|p| !ports.contains(p) && !tunnels.iter().any(|(k, t)| k != id && t.holds(*p)));
@@ -547,214 +414,9 @@ impl Wg {
     pub(crate) fn has(&self, id: &str) -> bool {
         self.tunnels.lock().contains_key(id)
     }
+}
 
-    /// Starts a tunnel end and gives its TUN the addresses and the route to the peer. Returns the
-    /// bound ports, the first lane's first (one port for a kernel end, which has one lane). All or
-    /// nothing.
-    pub(crate) async fn build(&self, end: End<'_>) -> Result<Vec<u16>, String> {
-        if self.backend == WireGuardBackend::Kernel {
-            return self.build_kernel(end).await.map(|p| vec![p]);
-        }
-        self.remove(&end.id).await;
-        let mtu = u16::try_from(end.mtu).map_err(|_| format!("MTU {} too large", end.mtu))?;
-        // A kernel end of a run with `--wireguard-backend kernel` left under this name goes, or
-        // the TUN could not be made; a link that is not nsm's is left alone, and the end fails.
-        let ns = NetNs::open(end.netns).map_err(|e| e.to_string())?;
-        let nl = Netlink::connect(&ns).await.map_err(|e| e.to_string())?;
-        match nl.link(end.name).await.map_err(|e| e.to_string())? {
-            Some(l) if is_ours(&l) => {
-                nl.delete_link(end.name).await.map_err(|e| e.to_string())?;
-                tracing::info!(tunnel = %end.id, link = %end.name, "deleted the kernel WireGuard link of an earlier run");
-            }
-            Some(_) => return Err(taken(end.name, end.netns)),
-            None => {}
-        }
-        let mut tunnel = None;
-        let mut last_err = String::new();
-        // A port something else holds costs a retry, with the next port of every lane.
-        let mut lane_ports: Vec<_> = end.extra_lanes.iter().map(|&(p, _)| self.ports_from(p)).collect();
-        for port in self.ports_from(end.port) {
-            let extra_lanes = end
-                .extra_lanes
-                .iter()
-                .zip(&mut lane_ports)
-                .map(|(&(_, peer), ports)| nsm_wireguard::LaneConfig {
-                    listen: SocketAddr::new(end.listen, ports.next().unwrap_or(0)),
-                    endpoint: peer.map(|p| SocketAddr::new(end.peer_endpoint.ip(), p)),
-                })
-                .collect();
-            let config = TunnelConfig {
-                name: end.name.to_owned(),
-                tun_netns: Some(ns.try_clone().map_err(|e| e.to_string())?),
-                udp_netns: Some(NetNs::open(end.host.path()).map_err(|e| e.to_string())?),
-                listen: SocketAddr::new(end.listen, port),
-                private_key: self.keys.read().private,
-                peer: PeerConfig {
-                    public_key: end.peer_key,
-                    endpoint: Some(end.peer_endpoint),
-                    allowed_ips: end.allowed.clone(),
-                    keepalive: None,
-                    preshared_key: None,
-                },
-                mtu,
-                offloads: nsm_wireguard::Offloads::default(),
-                extra_lanes,
-            };
-            match tokio::task::spawn_blocking(move || Tunnel::start(config))
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                Ok(t) => {
-                    tunnel = Some(t);
-                    break;
-                }
-                Err(e @ nsm_wireguard::WgError::Udp { .. }) => last_err = e.to_string(),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        let tunnel = tunnel.ok_or_else(|| format!("no free UDP port: {last_err}"))?;
-        let bound: Vec<u16> = tunnel.local_addrs().iter().map(SocketAddr::port).collect();
-        let configured = async {
-            nl.add_address(end.name, end.local_addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
-            nl.add_route(end.peer_addr, None, end.name)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(())
-        }
-        .await;
-        if let Err(e) = configured {
-            let _ = tokio::task::spawn_blocking(move || tunnel.stop()).await;
-            return Err(e);
-        }
-        let mut tunnels = self.tunnels.lock();
-        // A rotation while the tunnel was being built: it missed the new key.
-        let private = self.keys.read().private;
-        if tunnel.keys().0 != nsm_wireguard::public_key(&private) {
-            tunnel.set_private_key(private);
-        }
-        tunnels.insert(end.id, Tun::User(tunnel));
-        Ok(bound)
-    }
-
-    /// [`Wg::build`] with a kernel link. A `wireguard` link of that name already in the namespace
-    /// (an earlier daemon's) is adopted: configured in place, so a session with the same keys
-    /// survives the daemon's restart. All or nothing: on failure the link is gone.
-    async fn build_kernel(&self, end: End<'_>) -> Result<u16, String> {
-        self.remove_entry(&end.id).await;
-        let target = NetNs::open(end.netns).map_err(|e| e.to_string())?;
-        let nl = Netlink::connect(&target).await.map_err(|e| e.to_string())?;
-        let existing = nl.link(end.name).await.map_err(|e| e.to_string())?;
-        if existing.as_ref().is_some_and(|l| !is_ours(l)) {
-            return Err(taken(end.name, end.netns));
-        }
-        let adopted = existing.is_some();
-        if !adopted {
-            // Fails with nothing of ours created (a link of that name appearing meanwhile is not
-            // ours to delete).
-            let host = Netlink::connect(end.host).await.map_err(|e| e.to_string())?;
-            host.create_wireguard_in(&target, end.name, end.mtu)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        // The key the link gets; a rotation after this is caught up below.
-        let private = self.keys.read().private;
-        let result = async {
-            let stale = if adopted {
-                if existing.as_ref().is_some_and(|l| l.mtu != end.mtu) {
-                    nl.set_mtu(end.name, end.mtu).await.map_err(|e| e.to_string())?;
-                }
-                nsm_dataplane::wg_get(&target, end.name)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .peers
-                    .into_iter()
-                    .map(|p| p.public_key)
-                    .filter(|k| *k != end.peer_key)
-                    .collect()
-            } else {
-                nl.set_alias(end.name, LINK_ALIAS).await.map_err(|e| e.to_string())?;
-                Vec::new()
-            };
-            // Up before the port is set: a link that is down binds no socket, so a taken port
-            // would show only when it is brought up; up, setting the port rebinds at once.
-            nl.set_up(end.name).await.map_err(|e| e.to_string())?;
-            let mut peers: Vec<WgPeerUpdate> = stale.into_iter().map(WgPeerUpdate::removal).collect();
-            peers.push(WgPeerUpdate::new(end.peer_key, end.peer_endpoint, end.allowed.clone()));
-            let mut bound = None;
-            for port in self.ports_from(end.port) {
-                let update = WgDeviceUpdate {
-                    private_key: Some(private),
-                    listen_port: Some(port),
-                    replace_peers: false,
-                    peers: peers.clone(),
-                };
-                match nsm_dataplane::wg_set(&target, end.name, update).await {
-                    Ok(()) => {
-                        bound = Some(port);
-                        break;
-                    }
-                    Err(e) if e.is_addr_in_use() => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-            let bound = bound.ok_or_else(|| {
-                format!(
-                    "WireGuard link {}: {} UDP ports of --wireguard-ports {}-{} from {} are all taken",
-                    end.name,
-                    self.ports_from(end.port).count(),
-                    self.ports.start(),
-                    self.ports.end(),
-                    end.port
-                )
-            })?;
-            nl.add_address(end.name, end.local_addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            nl.add_route(end.peer_addr, None, end.name)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(bound)
-        }
-        .await;
-        let port = match result {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = nl.delete_link(end.name).await;
-                return Err(e);
-            }
-        };
-        if adopted {
-            tracing::info!(tunnel = %end.id, link = %end.name, "kept the kernel WireGuard link of an earlier run");
-        }
-        self.tunnels.lock().insert(
-            end.id.clone(),
-            Tun::Kernel(KernelEnd {
-                netns: end.netns.to_path_buf(),
-                name: end.name.to_owned(),
-                port,
-                peer_key: end.peer_key,
-                peer_endpoint: end.peer_endpoint,
-                allowed: end.allowed,
-            }),
-        );
-        // A rotation while the link was being built: it missed the new key.
-        let current = self.keys.read().private;
-        if private != current {
-            let update = WgDeviceUpdate {
-                private_key: Some(current),
-                ..WgDeviceUpdate::default()
-            };
-            if let Err(e) = set_kernel(end.netns, end.name, update).await {
-                self.remove(&end.id).await;
-                return Err(format!("giving WireGuard link {} the rotated key: {e}", end.name));
-            }
-        }
-        Ok(port)
-    }
-
+impl Wg {
     /// Stops tunnel `id`: a userspace tunnel's TUN goes with it, a kernel link is deleted.
     pub(crate) async fn remove(&self, id: &str) {
         if let Some(Tun::Kernel(k)) = self.remove_entry(id).await
@@ -780,30 +442,12 @@ impl Wg {
     }
 }
 
-/// The alias nsm gives the kernel WireGuard links it creates: only links that carry it are
-/// adopted or deleted by name (a workload's own link of that name is never touched).
-const LINK_ALIAS: &str = "nsm wireguard vWire end";
-
-/// Whether link `l` is a kernel WireGuard end nsm created.
-pub(crate) fn is_ours(l: &nsm_dataplane::LinkInfo) -> bool {
-    l.kind.as_deref() == Some("wireguard") && l.alias.as_deref() == Some(LINK_ALIAS)
-}
-
-fn taken(name: &str, netns: &Path) -> String {
-    format!(
-        "a link named {name} that nsm did not create exists in {}; it is left alone",
-        netns.display()
-    )
-}
-
-/// Applies `update` to kernel WireGuard link `name` in the namespace at `netns`.
-async fn set_kernel(netns: &Path, name: &str, update: WgDeviceUpdate) -> nsm_dataplane::Result<()> {
-    let ns = NetNs::open(netns)?;
-    nsm_dataplane::wg_set(&ns, name, update).await
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::keys::*;
+    use super::params::*;
     use super::*;
 
     #[test]
@@ -904,8 +548,5 @@ mod tests {
             "{bad}"
         );
         assert_eq!(wide.ports_from(52819).nth(1), Some(51820));
-        assert_eq!(Encryption::effective("", "required"), Encryption::Required);
-        assert_eq!(Encryption::effective("none", "required"), Encryption::None);
-        assert_eq!(Encryption::effective("preferred", ""), Encryption::Preferred);
     }
 }

@@ -12,12 +12,14 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
-use crate::remote::link_name;
+use nsm_node_plan::ClientKey;
+
+use crate::mechanism::link_name;
 
 /// One client's record: its key and what stands for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Record {
-    pub(super) key: (String, String),
+    pub(super) key: ClientKey,
     pub(super) netns: String,
     pub(super) interface: String,
     pub(super) src: IpNet,
@@ -29,8 +31,8 @@ impl Record {
     fn encode(&self) -> String {
         let route = self.nat_route.map(|r| r.to_string()).unwrap_or_default();
         [
-            self.key.0.as_str(),
-            &self.key.1,
+            self.key.namespace.as_str(),
+            &self.key.name,
             &self.netns,
             &self.interface,
             &self.src.to_string(),
@@ -45,7 +47,7 @@ impl Record {
             return None;
         };
         Some(Record {
-            key: ((*ns).to_owned(), (*name).to_owned()),
+            key: ClientKey::new(*ns, *name),
             netns: (*netns).to_owned(),
             interface: (*interface).to_owned(),
             src: src.parse().ok()?,
@@ -61,7 +63,7 @@ impl Record {
 /// rewritten.
 pub(super) struct Records {
     dir: PathBuf,
-    written: HashMap<(String, String), Record>,
+    written: HashMap<ClientKey, Record>,
 }
 
 impl Records {
@@ -86,8 +88,8 @@ impl Records {
         Ok(Records { dir, written })
     }
 
-    fn file(&self, key: &(String, String)) -> PathBuf {
-        self.dir.join(link_name("", &format!("{}/{}", key.0, key.1)))
+    fn file(&self, key: &ClientKey) -> PathBuf {
+        self.dir.join(link_name("", &format!("{}/{}", key.namespace, key.name)))
     }
 
     /// Writes `r` unless it is what stands already (atomically: a temporary file renamed).
@@ -102,17 +104,17 @@ impl Records {
             Ok(()) => {
                 self.written.insert(r.key.clone(), r);
             }
-            Err(e) => tracing::warn!(client = ?r.key, file = %file.display(), error = %e, "recording a vWire"),
+            Err(e) => tracing::warn!(client = %r.key, file = %file.display(), error = %e, "recording a vWire"),
         }
     }
 
     /// Removes the record of `key`.
-    pub(super) fn forget(&mut self, key: &(String, String)) {
+    pub(super) fn forget(&mut self, key: &ClientKey) {
         self.written.remove(key);
         match std::fs::remove_file(self.file(key)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(client = ?key, error = %e, "removing a vWire's record"),
+            Err(e) => tracing::warn!(client = %key, error = %e, "removing a vWire's record"),
         }
     }
 
@@ -128,7 +130,7 @@ mod tests {
 
     fn record(name: &str, nat: Option<&str>) -> Record {
         Record {
-            key: ("default".into(), name.into()),
+            key: ClientKey::new("default", name),
             netns: "/run/netns/pod".into(),
             interface: "nsm-1".into(),
             src: "10.70.0.1/32".parse().unwrap(),
@@ -145,7 +147,7 @@ mod tests {
         let mut all = Records::open(&dir).unwrap().all();
         all.sort_by(|a, b| a.key.cmp(&b.key));
         assert_eq!(all, vec![record("c1", None), record("c2", Some("10.0.0.5/32"))]);
-        r.forget(&("default".into(), "c1".into()));
+        r.forget(&ClientKey::new("default", "c1"));
         assert_eq!(r.all(), vec![record("c2", Some("10.0.0.5/32"))]);
         assert_eq!(Record::decode("too\nfew"), None);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,0 +1,425 @@
+//! Carrying out a vWire decision: allocate, build (through the mechanism modules), adopt,
+//! refresh, tear down. Every build is all or nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use nsm_api::connection::{Connection, Mechanism, Path as ConnPath, PathSegment};
+use nsm_api::connectioncontext::{ConnectionContext, IpContext};
+use nsm_api::nsm::v1;
+use nsm_dataplane::LinkStats;
+use nsm_model::pb;
+use nsm_node_plan::client::{Allocation, Decision, Far, Target};
+use nsm_node_plan::{ClientKey, Encryption, MechanismKind, NotReady, Pair};
+
+use super::reconciler::{Failure, Reconciler, Wired, failed};
+use crate::mechanism::kernel::{self, VETH_MTU, Veth};
+use crate::mechanism::{ClientEnd, Tunnel, peer_link};
+
+impl Reconciler {
+    /// Carries out `decision` for client `key`; the status to report.
+    pub(crate) async fn execute(
+        &self,
+        key: &ClientKey,
+        client: &pb::Client,
+        decision: Decision,
+        stats: LinkStats,
+    ) -> Result<v1::ClientStatus, Failure> {
+        let (target, allocation) = match decision {
+            Decision::TearDown | Decision::Member { .. } => {
+                unreachable!("handled by the caller")
+            }
+            Decision::NotReady(nr) => return Err(nr.into()),
+            Decision::Keep(t) => {
+                let w = self.state.lock().wired.get(key).cloned().expect("it stands");
+                return Ok(self.ready_status(key, client, &t, &w, stats));
+            }
+            Decision::Refresh(t) => {
+                let w = self.refresh(key).await?;
+                return Ok(self.ready_status(key, client, &t, &w, stats));
+            }
+            Decision::Adopt {
+                target,
+                pair,
+                mechanism,
+            } => {
+                let w = self.adopt(key, client, &target, pair, mechanism).await?;
+                return Ok(self.ready_status(key, client, &target, &w, stats));
+            }
+            Decision::Build(t, a) => (t, a),
+            Decision::Rebuild(t, a, why) => {
+                tracing::info!(client = %key, ?why, "rebuilding the vWire");
+                self.teardown(key).await;
+                (t, a)
+            }
+            Decision::Heal {
+                target,
+                allocation,
+                from,
+            } => {
+                tracing::info!(client = %key, %from, to = %target.endpoint, "healing the vWire to another endpoint");
+                self.teardown(key).await;
+                (target, allocation)
+            }
+        };
+        if target.rr_used {
+            self.rr.fetch_add(1, Ordering::Relaxed);
+        }
+        let pair = self.allocate(key, &target, allocation)?;
+        let built = self.build(key, client, &target, pair).await;
+        self.state.lock().reserved.remove(key);
+        let w = built.map_err(failed)?;
+        self.set_wired(key, &w);
+        tracing::info!(client = %key, endpoint = %target.endpoint, src = %pair.src, dst = %pair.dst, mechanism = %w.mechanism, "vWire ready");
+        let stats = kernel::observe(&w.netns, &w.interface, false)
+            .await
+            .map(|(_, s, _)| s)
+            .unwrap_or_default();
+        Ok(self.ready_status(key, client, &target, &w, stats))
+    }
+
+    /// A pair of addresses for a new vWire: the wanted one when no other client holds it, else
+    /// the first free pair of the pool. Held for `key` until its vWire stands or fails.
+    fn allocate(&self, key: &ClientKey, target: &Target, a: Allocation) -> Result<Pair, Failure> {
+        let mut st = self.state.lock();
+        let mut used: HashSet<IpAddr> = HashSet::new();
+        for (k, w) in &st.wired {
+            if k != key {
+                used.extend([w.pair.src.addr(), w.pair.dst.addr()]);
+            }
+        }
+        for (k, addrs) in &st.status_addrs {
+            if k != key {
+                used.extend(addrs.iter().copied());
+            }
+        }
+        for (k, p) in &st.reserved {
+            if k != key {
+                used.extend([p.src.addr(), p.dst.addr()]);
+            }
+        }
+        let pair = match a
+            .wanted
+            .filter(|p| !used.contains(&p.src.addr()) && !used.contains(&p.dst.addr()))
+        {
+            Some(p) => p,
+            None => crate::ipam::allocate_pair(a.pool, &used)
+                .map(|(src, dst)| Pair { src, dst })
+                .ok_or_else(|| {
+                    NotReady::failed(format!("address pool {} of {:?} is exhausted", a.pool, target.service))
+                })?,
+        };
+        st.reserved.insert(key.clone(), pair);
+        Ok(pair)
+    }
+
+    /// Builds a vWire towards `target`'s far end: all or nothing.
+    async fn build(&self, key: &ClientKey, client: &pb::Client, target: &Target, pair: Pair) -> crate::Result<Wired> {
+        let spec = client.spec.clone().unwrap_or_default();
+        let uid = client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
+        let mut w = Wired {
+            netns: spec.netns.clone(),
+            interface: spec.interface.clone(),
+            endpoint: target.endpoint.clone(),
+            pair,
+            mtu: VETH_MTU,
+            remote: None,
+            refreshed: None,
+            route: target.far.route(),
+            nat: target.far.nat(),
+            mechanism: MechanismKind::Kernel,
+            wg_id: None,
+        };
+        fn veth(w: &Wired) -> Veth<'_> {
+            Veth {
+                netns: &w.netns,
+                interface: &w.interface,
+                pair: w.pair,
+                mtu: w.mtu,
+                route: w.route,
+            }
+        }
+        match &target.far {
+            Far::Local { netns } => {
+                kernel::wire(&veth(&w), netns, &peer_link(&uid)).await?;
+            }
+            Far::Gateway { nat, target: addr } => {
+                if *nat {
+                    self.gateway.ensure(*addr).await?;
+                }
+                kernel::wire(&veth(&w), &self.gateway.host_path(), &peer_link(&uid)).await?;
+            }
+            Far::Remote { url, underlay, .. } => {
+                let conn = self.connection(key, &uid, &target.service, &target.endpoint, client, pair);
+                let prefs = self.offers(&uid, target.encryption)?;
+                let (accepted, kind, connected) = self
+                    .wire_remote(&w, &uid, url, *underlay, conn, prefs, target.encryption)
+                    .await?;
+                w.mtu = connected.mtu;
+                w.mechanism = kind;
+                w.wg_id = connected.wg_id;
+                w.remote = Some((url.clone(), accepted));
+                w.refreshed = Some(Instant::now());
+            }
+        }
+        let extras = async {
+            // A tunnelled vWire's route beyond its peer (veth vWires got theirs from `wire`).
+            if let Some(route) = w.route.filter(|_| w.remote.is_some()) {
+                let (_ns, nl) = crate::mechanism::netlink_in(&w.netns).await?;
+                nl.add_route(route, Some(w.pair.dst.addr()), &w.interface).await?;
+            }
+            if let Some(route) = w.nat_route() {
+                self.gateway.masquerade(w.pair.src.addr(), route.addr()).await?;
+            }
+            Ok::<_, crate::NodeError>(())
+        }
+        .await;
+        if let Err(e) = extras {
+            self.unwire(&w).await;
+            return Err(e);
+        }
+        Ok(w)
+    }
+
+    /// The mechanisms this node offers the endpoint's node for connection `uid`, in order of
+    /// preference: WIREGUARD when encryption is required or preferred, VXLAN unless it is
+    /// required.
+    fn offers(&self, uid: &str, encryption: Encryption) -> crate::Result<Vec<Mechanism>> {
+        let mut offers = Vec::new();
+        if encryption != Encryption::None {
+            match &self.tunnels.wireguard {
+                Some(wg) => offers.push(Tunnel::offer(wg.as_ref(), uid)?),
+                None if encryption == Encryption::Required => {
+                    return Err(crate::NodeError::Precondition(format!(
+                        "encryption required, but WIREGUARD is disabled on node {:?} (--no-wireguard)",
+                        self.config.name
+                    )));
+                }
+                None => {}
+            }
+        }
+        if encryption != Encryption::Required {
+            offers.push(self.tunnels.vxlan.offer(uid)?);
+        }
+        Ok(offers)
+    }
+
+    /// Builds a cross-node vWire: the endpoint's node first (so a refusal leaves nothing here),
+    /// then this end, with the mechanism the endpoint's node chose.
+    #[allow(clippy::too_many_arguments)]
+    async fn wire_remote(
+        &self,
+        w: &Wired,
+        uid: &str,
+        url: &str,
+        underlay: IpAddr,
+        conn: Connection,
+        prefs: Vec<Mechanism>,
+        encryption: Encryption,
+    ) -> crate::Result<(Connection, MechanismKind, crate::mechanism::Connected)> {
+        let accepted = self.peers.request(url, conn, prefs).await.map_err(|e| {
+            if encryption == Encryption::Required {
+                crate::NodeError::Precondition(format!(
+                    "encryption required, but the endpoint's node did not accept WIREGUARD: {e}"
+                ))
+            } else {
+                e
+            }
+        })?;
+        let answer = accepted.mechanism.clone().unwrap_or_default();
+        let built = async {
+            let kind = answer
+                .r#type
+                .parse::<MechanismKind>()
+                .ok()
+                .filter(|k| match k {
+                    MechanismKind::WireGuard => true,
+                    MechanismKind::Vxlan => encryption != Encryption::Required,
+                    MechanismKind::Kernel => false,
+                })
+                .ok_or_else(|| {
+                    crate::NodeError::Precondition(format!(
+                        "the endpoint's node chose mechanism {:?}, which this vWire does not allow",
+                        answer.r#type
+                    ))
+                })?;
+            let tunnel = self.tunnels.get(kind).ok_or_else(|| {
+                crate::NodeError::Precondition(format!("the endpoint's node chose {kind}, which is disabled here"))
+            })?;
+            let end = ClientEnd {
+                id: uid,
+                netns: &w.netns,
+                interface: &w.interface,
+                pair: w.pair,
+                route: w.route,
+                peer_underlay: underlay,
+            };
+            Ok::<_, crate::NodeError>((kind, tunnel.connect(&end, &answer).await?))
+        }
+        .await;
+        match built {
+            Ok((kind, connected)) => Ok((accepted, kind, connected)),
+            Err(e) => {
+                self.peers.close(url, accepted).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Re-requests a standing vWire's far end (the endpoint's node forgets connections that are
+    /// not); the request carries this node's current WireGuard key, so a rotation reaches the
+    /// peer. A WIREGUARD end whose peer answers with a new key takes it in place; one answered
+    /// with another port (the key file was lost, the port was taken) is built anew.
+    async fn refresh(&self, key: &ClientKey) -> Result<Wired, Failure> {
+        let mut w = self.state.lock().wired.get(key).cloned().expect("it stands");
+        let Some((url, conn)) = w.remote.clone() else {
+            return Ok(w);
+        };
+        let mut offer = conn.clone();
+        if let (Some(wg), Some(_)) = (&self.tunnels.wireguard, &w.wg_id) {
+            wg.offer_current_key(&mut offer);
+        }
+        let prefs = offer.mechanism.clone().into_iter().collect();
+        match self.peers.request(&url, offer, prefs).await {
+            Ok(c) => {
+                let changed = match (&self.tunnels.wireguard, &w.wg_id) {
+                    (Some(wg), Some(id)) => !wg.refreshed(id, &conn, &c).await,
+                    _ => false,
+                };
+                w.remote = Some((url, c));
+                w.refreshed = Some(Instant::now());
+                self.set_wired(key, &w);
+                if changed {
+                    self.teardown(key).await;
+                    return Err(
+                        NotReady::pending("the endpoint's node changed its WireGuard key or port; rebuilding").into(),
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(client = %key, error = %e, "refreshing the remote end failed"),
+        }
+        Ok(w)
+    }
+
+    /// Takes over a vWire that an earlier run built (the kernel has it as the status says): the
+    /// far end on another node is asked for again, a gateway's NAT pair put back.
+    async fn adopt(
+        &self,
+        key: &ClientKey,
+        client: &pb::Client,
+        target: &Target,
+        pair: Pair,
+        mechanism: MechanismKind,
+    ) -> Result<Wired, Failure> {
+        let spec = client.spec.clone().unwrap_or_default();
+        let uid = client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
+        let mtu = client.status.as_ref().map_or(0, |st| st.mtu);
+        let mut w = Wired {
+            netns: spec.netns.clone(),
+            interface: spec.interface.clone(),
+            endpoint: target.endpoint.clone(),
+            pair,
+            mtu: if mtu == 0 { VETH_MTU } else { mtu },
+            remote: None,
+            refreshed: None,
+            route: target.far.route(),
+            nat: target.far.nat(),
+            mechanism,
+            wg_id: None,
+        };
+        if let Far::Remote { url, .. } = &target.far {
+            let conn = self.connection(key, &uid, &target.service, &target.endpoint, client, pair);
+            let prefs = vec![self.tunnels.vxlan.offer(&uid).map_err(failed)?];
+            let accepted = self
+                .peers
+                .request(url, conn, prefs)
+                .await
+                .map_err(|e| Failure::from(NotReady::pending(e.to_string())))?;
+            w.remote = Some((url.clone(), accepted));
+            w.refreshed = Some(Instant::now());
+        }
+        if let Some(route) = w.nat_route() {
+            self.gateway
+                .masquerade(pair.src.addr(), route.addr())
+                .await
+                .map_err(failed)?;
+        }
+        self.set_wired(key, &w);
+        Ok(w)
+    }
+
+    /// The upstream connection this node asks the endpoint's node for.
+    fn connection(
+        &self,
+        key: &ClientKey,
+        uid: &str,
+        service: &str,
+        endpoint: &str,
+        client: &pb::Client,
+        pair: Pair,
+    ) -> Connection {
+        let expires = Some(prost_types::Timestamp::from(
+            SystemTime::now() + self.config.remote_lifetime,
+        ));
+        let seg = |name: String| PathSegment {
+            name,
+            id: uid.to_owned(),
+            token: String::new(),
+            expires,
+            metrics: HashMap::new(),
+        };
+        Connection {
+            id: uid.to_owned(),
+            network_service: service.to_owned(),
+            // Chosen by the endpoint's node from the request's preferences.
+            mechanism: None,
+            context: Some(ConnectionContext {
+                ip_context: Some(IpContext {
+                    src_ip_addrs: vec![pair.src.to_string()],
+                    dst_ip_addrs: vec![pair.dst.to_string()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            labels: client.metadata.as_ref().map(|m| m.labels.clone()).unwrap_or_default(),
+            path: Some(ConnPath {
+                index: 1,
+                path_segments: vec![seg(key.upstream()), seg(self.config.name.clone())],
+            }),
+            network_service_endpoint_name: endpoint.to_owned(),
+            payload: "IP".into(),
+            state: 0,
+        }
+    }
+
+    /// A Ready vWire's status.
+    fn ready_status(
+        &self,
+        key: &ClientKey,
+        client: &pb::Client,
+        t: &Target,
+        w: &Wired,
+        stats: LinkStats,
+    ) -> v1::ClientStatus {
+        v1::ClientStatus {
+            phase: nsm_node_plan::Phase::Ready as i32,
+            reason: String::new(),
+            endpoint: t.endpoint.clone(),
+            mechanism: w.mechanism.as_str().into(),
+            src_ip_addrs: vec![w.pair.src.to_string()],
+            dst_ip_addrs: vec![w.pair.dst.to_string()],
+            connection_id: client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default(),
+            path: t.path(key, &self.me()),
+            rx_bytes: stats.rx_bytes,
+            tx_bytes: stats.tx_bytes,
+            rx_packets: stats.rx_packets,
+            tx_packets: stats.tx_packets,
+            updated: None,
+            mtu: w.mtu,
+            routes: w.route.iter().map(ToString::to_string).collect(),
+            ..Default::default()
+        }
+    }
+}

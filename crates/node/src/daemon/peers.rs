@@ -1,0 +1,74 @@
+//! Channels to other nodes' NetworkService APIs, one per URL, kept and reused: a refresh or a
+//! close does not dial a new connection. A channel whose node stops answering is dropped and
+//! dialled again on the next call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nsm_api::connection::{Connection, Mechanism};
+use nsm_api::networkservice::{NetworkServiceRequest, network_service_client::NetworkServiceClient};
+use tonic::transport::Channel;
+
+use crate::{NodeError, Result};
+
+/// How long dialling another node may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The pool.
+#[derive(Clone, Default)]
+pub(crate) struct Peers(Arc<parking_lot::Mutex<HashMap<String, NetworkServiceClient<Channel>>>>);
+
+impl Peers {
+    async fn client(&self, url: &str) -> Result<NetworkServiceClient<Channel>> {
+        if let Some(c) = self.0.lock().get(url) {
+            return Ok(c.clone());
+        }
+        let ch = nsm_transport::connect(url, DIAL_TIMEOUT).await?;
+        let c = NetworkServiceClient::new(ch);
+        self.0.lock().insert(url.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops the channel to `url` when the call failed for want of a connection.
+    fn check(&self, url: &str, s: &tonic::Status) {
+        if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+            self.0.lock().remove(url);
+        }
+    }
+
+    /// Requests (or refreshes) a connection at the node at `url`.
+    pub(crate) async fn request(&self, url: &str, conn: Connection, prefs: Vec<Mechanism>) -> Result<Connection> {
+        let req = NetworkServiceRequest {
+            connection: Some(conn),
+            mechanism_preferences: prefs,
+        };
+        match self.client(url).await?.request(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(status) => {
+                self.check(url, &status);
+                Err(NodeError::Peer {
+                    url: url.to_owned(),
+                    status,
+                })
+            }
+        }
+    }
+
+    /// Closes a connection at the node at `url` (logged, not returned: nothing waits on it).
+    pub(crate) async fn close(&self, url: &str, conn: Connection) {
+        let result = match self.client(url).await {
+            Ok(mut c) => c.close(conn).await.map(drop).map_err(|s| {
+                self.check(url, &s);
+                NodeError::Peer {
+                    url: url.to_owned(),
+                    status: s,
+                }
+            }),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(%url, error = %e, "closing the remote end failed");
+        }
+    }
+}
