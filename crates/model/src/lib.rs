@@ -7,9 +7,11 @@
 //!   and upstream's find-by-example matching.
 //! - [`document`]: the YAML/JSON form used by `nsmctl apply -f` and `-o yaml|json`, including
 //!   upstream's `networkservicemesh.io/v1` CRD documents.
+//! - [`pairs`]: choosing a vWire's point-to-point address pair from a pool.
 
 pub mod document;
 pub mod kind;
+pub mod pairs;
 pub mod upstream;
 pub mod validate;
 

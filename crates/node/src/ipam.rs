@@ -1,66 +1,60 @@
-//! Point-to-point address pairs for vWires, sans-IO: what is free is decided from the set of
-//! addresses already in use, so the same inputs always give the same pair.
-
-use std::collections::HashSet;
-use std::net::IpAddr;
+//! Point-to-point address pairs for vWires.
+//!
+//! The registry leases them ([`lease_pair`], over `ResourceService.AllocateAddresses`): one pair per
+//! client, stored once per address, so two nodes wiring clients of one pool at the same instant
+//! never get the same address. The chooser itself ([`allocate_pair`]) is shared with the registry
+//! and lives in `nsm-model`.
 
 use ipnet::IpNet;
+use nsm_api::nsm::v1::{self as v1, resource_service_client::ResourceServiceClient};
+pub use nsm_model::pairs::{DEFAULT_POOL, allocate_pair};
+use tonic::transport::Channel;
 
-/// The pool a service without a CIDR draws from (link-local, as upstream's icmp-responder
-/// examples use 169.254.0.0/16).
-pub const DEFAULT_POOL: &str = "169.254.100.0/24";
-
-/// The first free pair (client, endpoint) of host addresses in `pool`, as /32 (or /128) prefixes.
-/// Pairs are taken two by two from the start of the pool, skipping an IPv4 pool's network and
-/// broadcast addresses; a pair is free when neither address is in `used`.
-pub fn allocate_pair(pool: IpNet, used: &HashSet<IpAddr>) -> Option<(IpNet, IpNet)> {
-    let max_len = pool.max_prefix_len();
-    let mut hosts = pool.hosts();
-    loop {
-        let a = hosts.next()?;
-        let b = hosts.next()?;
-        if !used.contains(&a) && !used.contains(&b) {
-            return Some((IpNet::new(a, max_len).ok()?, IpNet::new(b, max_len).ok()?));
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pairs_in_order_skipping_used() {
-        let pool: IpNet = "10.60.0.0/29".parse().unwrap();
-        let mut used = HashSet::new();
-        let (a, b) = allocate_pair(pool, &used).unwrap();
-        assert_eq!(
-            (a.to_string(), b.to_string()),
-            ("10.60.0.1/32".into(), "10.60.0.2/32".into())
-        );
-        used.insert(a.addr());
-        let (c, d) = allocate_pair(pool, &used).unwrap();
-        assert_eq!(
-            (c.to_string(), d.to_string()),
-            ("10.60.0.3/32".into(), "10.60.0.4/32".into())
-        );
-        used.extend([c.addr(), d.addr()]);
-        let (e, f) = allocate_pair(pool, &used).unwrap();
-        assert_eq!(
-            (e.to_string(), f.to_string()),
-            ("10.60.0.5/32".into(), "10.60.0.6/32".into())
-        );
-        used.insert(e.addr());
-        assert_eq!(allocate_pair(pool, &used), None, "a /29 has three pairs");
-    }
-
-    #[test]
-    fn ipv6() {
-        let pool: IpNet = "fd00::/126".parse().unwrap();
-        let (a, b) = allocate_pair(pool, &HashSet::new()).unwrap();
-        assert_eq!(
-            (a.to_string(), b.to_string()),
-            ("fd00::/128".into(), "fd00::1/128".into())
-        );
-    }
+/// Leases a pair of `pool` for `client` (namespace, name) from the registry: the pair the client
+/// already holds in `pool` (asking again is harmless), else `wanted` if it is free or already the
+/// client's, else the first free pair. Returns (client's address, peer's address) as /32 (/128)
+/// prefixes.
+///
+/// `wanted` is what the client's last status says it had (adopting an existing vWire after a
+/// restart, or rebuilding one whose tunnel went with the old process): passing it keeps the
+/// addresses. A wanted pair that is not two distinct addresses of `pool` (the service's pool
+/// changed since) is not sent, so it does not fail the request.
+///
+/// The lease lasts until the client is deleted (the registry releases it then, whether or not a
+/// node is running) or the client asks with another pool (its service's CIDR changed): nothing to
+/// give back when a vWire is torn down, rebuilt or moved to another endpoint. Errors:
+/// `FAILED_PRECONDITION` when the pool is exhausted (the message names it), `NOT_FOUND` when the
+/// client does not exist, `INVALID_ARGUMENT` for a bad pool or client name.
+pub async fn lease_pair(
+    registry: &mut ResourceServiceClient<Channel>,
+    client: (&str, &str),
+    pool: IpNet,
+    wanted: Option<(IpNet, IpNet)>,
+) -> Result<(IpNet, IpNet), tonic::Status> {
+    let wanted = wanted.filter(|(a, b)| {
+        let host = |n: &IpNet| n.prefix_len() == n.max_prefix_len() && pool.contains(&n.addr());
+        host(a) && host(b) && a.addr() != b.addr()
+    });
+    let (src, dst) = wanted.map_or_else(Default::default, |(a, b)| (a.to_string(), b.to_string()));
+    let resp = registry
+        .allocate_addresses(v1::AllocateAddressesRequest {
+            client: Some(v1::ResourceRef {
+                kind: v1::Kind::Client as i32,
+                namespace: client.0.to_owned(),
+                name: client.1.to_owned(),
+            }),
+            pool: pool.to_string(),
+            src_ip_addr: src,
+            dst_ip_addr: dst,
+        })
+        .await?
+        .into_inner();
+    let lease = resp
+        .lease
+        .ok_or_else(|| tonic::Status::internal("the registry answered AllocateAddresses without a lease"))?;
+    let parse = |s: &str| {
+        s.parse::<IpNet>()
+            .map_err(|_| tonic::Status::internal(format!("the registry leased {s:?}, which is not an address")))
+    };
+    Ok((parse(&lease.src_ip_addr)?, parse(&lease.dst_ip_addr)?))
 }

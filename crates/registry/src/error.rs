@@ -42,6 +42,18 @@ pub enum RegistryError {
     /// while prefixes are leased from it, an exhausted pool).
     #[error("{0}")]
     Precondition(String),
+    /// No free point-to-point address pair is left in a vWire pool.
+    #[error(
+        "pool {pool} has no free address pair ({leased} of its addresses are leased, {in_statuses} more are in clients' statuses)"
+    )]
+    PoolExhausted {
+        /// The pool.
+        pool: ipnet::IpNet,
+        /// Its addresses under a lease.
+        leased: usize,
+        /// Its addresses held by clients' statuses without a lease.
+        in_statuses: usize,
+    },
     /// A watcher fell too far behind the change stream.
     #[error("watch fell behind the registry's change stream; start a new one")]
     WatchLagged,
@@ -59,7 +71,7 @@ impl From<RegistryError> for Status {
             RegistryError::AlreadyExists { .. } => Status::already_exists(msg),
             RegistryError::Conflict { .. } | RegistryError::WatchLagged => Status::aborted(msg),
             RegistryError::Interdomain(_) => Status::unimplemented(msg),
-            RegistryError::Precondition(_) => Status::failed_precondition(msg),
+            RegistryError::Precondition(_) | RegistryError::PoolExhausted { .. } => Status::failed_precondition(msg),
             RegistryError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
             RegistryError::Store(_) => Status::internal(msg),
         }

@@ -4,8 +4,10 @@
 //! `registry.NetworkServiceEndpointRegistry` (wire-compatible, upstream semantics) and nsm's own
 //! `nsm.v1.ResourceService` over the same state, so that what `nsmctl` creates is visible to
 //! upstream clients and the other way round. State lives in a [`Store`]; reads are served from an
-//! in-memory view that follows the store ([`cache`]).
+//! in-memory view that follows the store ([`cache`]). vWire address pairs are leased from it too
+//! ([`addresses`]).
 
+mod addresses;
 mod cache;
 mod error;
 mod ipam;
@@ -136,9 +138,13 @@ impl Registry {
     /// Loads the store's state and starts following it.
     pub async fn start(store: Arc<dyn Store>, config: Config) -> std::result::Result<Registry, StoreError> {
         let cache = Cache::start(store.clone()).await?;
-        Ok(Registry {
+        let registry = Registry {
             inner: Arc::new(Inner { store, cache, config }),
-        })
+        };
+        if let Err(e) = registry.sweep_address_leases().await {
+            tracing::warn!(error = %e, "sweeping the address leases of deleted clients");
+        }
+        Ok(registry)
     }
 
     /// The gRPC services: upstream registry ×2, nsm.v1 resources, health (all SERVING).
@@ -385,10 +391,16 @@ impl Registry {
     }
 
     /// Deletes a resource, returning its last state. A node takes its routers' prefix leases with
-    /// it, and a vL3 every lease of its pool.
+    /// it, a vL3 every lease of its pool, and a client its address pair.
     pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
         let gone = self.delete_one(kind, namespace, name).await?;
         match &gone.kind {
+            Some(pb::resource::Kind::Client(_)) => {
+                if let Err(e) = self.release_addresses(&meta_of(&gone)).await {
+                    // The next registry start sweeps what is left.
+                    tracing::warn!(client = %display_name(kind, namespace, name), error = %e, "releasing a deleted client's address pair");
+                }
+            }
             Some(pb::resource::Kind::Node(_)) => self.release_where(|p| p.node == name).await,
             Some(pb::resource::Kind::NetworkService(ns)) if ns.spec.as_ref().is_some_and(|s| s.vl3.is_empty()) => {
                 let up = kind::meta(&gone).map(|m| upstream::name_of(&m.namespace, &m.name));

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 
 use nsm_api::nsm::v1::{self as v1, resource_service_server::ResourceService};
-use nsm_model::{Kind, kind, pb};
+use nsm_model::{Kind, kind, pairs, pb};
 use tonic::{Request, Response, Status};
 
+use crate::addresses;
 use crate::cache::Item;
 use crate::upstream_api::{BoxStream, follow};
 use crate::{Applied, Registry, RegistryError};
@@ -96,6 +97,41 @@ impl ResourceService for ResourceApi {
         Ok(Response::new(owned(
             self.0.update_status(&namespace, &name, status).await?,
         )))
+    }
+
+    async fn allocate_addresses(
+        &self,
+        req: Request<v1::AllocateAddressesRequest>,
+    ) -> Result<Response<v1::AllocateAddressesResponse>, Status> {
+        let req = req.into_inner();
+        let client = addresses::client_of("client", req.client)?;
+        let pool = pairs::pool("pool", &req.pool).map_err(RegistryError::from)?;
+        let wanted = addresses::wanted_of(&req.src_ip_addr, &req.dst_ip_addr, pool)?;
+        let (lease, created) = self.0.allocate_addresses(client, pool, wanted).await?;
+        Ok(Response::new(v1::AllocateAddressesResponse {
+            lease: Some(lease),
+            created,
+        }))
+    }
+
+    async fn release_addresses(
+        &self,
+        req: Request<v1::ReleaseAddressesRequest>,
+    ) -> Result<Response<v1::ReleaseAddressesResponse>, Status> {
+        let client = addresses::client_of("client", req.into_inner().client)?;
+        Ok(Response::new(v1::ReleaseAddressesResponse {
+            released: self.0.release_addresses(&client).await?,
+        }))
+    }
+
+    async fn list_address_leases(
+        &self,
+        req: Request<v1::ListAddressLeasesRequest>,
+    ) -> Result<Response<v1::ListAddressLeasesResponse>, Status> {
+        let namespace = req.into_inner().namespace;
+        Ok(Response::new(v1::ListAddressLeasesResponse {
+            leases: self.0.address_leases(&namespace).await?,
+        }))
     }
 
     async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
