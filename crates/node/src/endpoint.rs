@@ -22,10 +22,10 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::daemon::cache::Cache;
-use crate::mechanism::vxlan::{self, DST_IP, MTU};
-use crate::mechanism::{self, EndRequest, EndState, Tunnels};
+use crate::cache::Cache;
 use crate::{NodeError, Result};
+use nsm_mechanisms::vxlan::{self, DST_IP, MTU};
+use nsm_mechanisms::{self as mechanism, EndRequest, EndState, Tunnels};
 
 /// Lifetime of a remote connection that is not refreshed. Client nodes refresh every resync
 /// (30 s by default, at most `MAX_RESYNC`), so an end outlives two missed refreshes; upstream's

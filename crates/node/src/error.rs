@@ -2,6 +2,8 @@
 //! dataplane error as their source; what a peer node or the registry answered keeps its status.
 
 use nsm_dataplane::DataplaneError;
+use nsm_mechanisms::MechanismError;
+use nsm_vl3::Vl3Error;
 
 /// What went wrong in the node daemon: at start-up, carrying out a decision, or serving a call.
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +52,12 @@ pub enum NodeError {
     /// The data directory cannot hold the node's records.
     #[error("data directory: {0}")]
     DataDir(String),
-    /// The userspace tunnel refused to start.
-    #[error("wireguard tunnel: {0}")]
-    Tunnel(#[from] nsm_wireguard::WgError),
-    /// A blocking task (a tunnel's start or stop) panicked or was cancelled.
-    #[error("task: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    /// A mechanism could not build, keep or remove an end.
+    #[error(transparent)]
+    Mechanism(#[from] nsm_mechanisms::MechanismError),
+    /// A vL3 router could not converge or lease.
+    #[error(transparent)]
+    Vl3(#[from] nsm_vl3::Vl3Error),
     /// A listener failed.
     #[error(transparent)]
     Transport(#[from] nsm_transport::TransportError),
@@ -85,11 +87,17 @@ impl From<NodeError> for tonic::Status {
                 Status::new(s.code(), msg)
             }
             NodeError::Registry(_) | NodeError::Transport(_) => Status::unavailable(msg),
-            NodeError::Dataplane(_)
-            | NodeError::Tunnel(_)
-            | NodeError::Task(_)
-            | NodeError::HostNetns(_)
-            | NodeError::DataDir(_) => Status::internal(msg),
+            NodeError::Mechanism(m) => match m {
+                MechanismError::Invalid { .. } => Status::invalid_argument(msg),
+                MechanismError::Precondition(_) | MechanismError::WireGuard(_) => Status::failed_precondition(msg),
+                _ => Status::internal(msg),
+            },
+            NodeError::Vl3(v) => match v {
+                Vl3Error::Invalid { .. } => Status::invalid_argument(msg),
+                Vl3Error::PrefixServer(s) => Status::new(s.code(), msg),
+                _ => Status::internal(msg),
+            },
+            NodeError::Dataplane(_) | NodeError::HostNetns(_) | NodeError::DataDir(_) => Status::internal(msg),
         }
     }
 }
@@ -114,5 +122,13 @@ mod tests {
         assert_eq!(s.message(), "node at tcp://192.0.2.2:5001: no");
         let s = tonic::Status::from(NodeError::Precondition("WIREGUARD is disabled".into()));
         assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        let s = tonic::Status::from(NodeError::from(MechanismError::invalid(
+            "mechanism.parameters.vni",
+            "missing",
+        )));
+        assert_eq!(
+            (s.code(), s.message()),
+            (tonic::Code::InvalidArgument, "mechanism.parameters.vni: missing")
+        );
     }
 }

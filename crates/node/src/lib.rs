@@ -2,26 +2,29 @@
 //! (declarative vWire) assigned to it into kernel state, reporting what it observed as the client's
 //! status.
 //!
-//! Current scope: same-node vWires with the `KERNEL` mechanism — one veth pair straight from the
-//! client's namespace into the endpoint's, so traffic crosses no bridge, no forwarder namespace and
-//! no userspace: the cost of a bare veth pair. Endpoint selection follows upstream's `matches`,
-//! addresses come from the service's pool, and a vWire whose endpoint disappears is re-wired to
-//! another eligible endpoint. Cross-node vWires use the `VXLAN` mechanism: the client's node asks
-//! the endpoint's node over upstream's `NetworkService.Request` ([`remote`]), each builds its end
-//! of a kernel VXLAN tunnel whose UDP socket stays in the host namespace, and the workload sees an
-//! interface whose MTU leaves room for the encapsulation. An endpoint that is a host address (a
-//! VM) ends in that host's namespace through a tunnel when an nsm node runs there, else the
-//! client's node gateways it with source NAT.
+//! The crates of the node, and the direction data flows (docs/ARCHITECTURE.md walks a request):
+//! - `nsm-node-plan`: the decisions, sans-IO — registry view + client + kernel state + time →
+//!   keep, refresh, build, adopt, rebuild, heal, tear down or not ready.
+//! - `nsm-mechanisms`: how a vWire is built — kernel (veth), gateway (NAT), and the negotiated
+//!   tunnels VXLAN and WireGuard behind one trait.
+//! - `nsm-vl3`: the vL3 routers.
+//! - this crate: the daemon — the registry's watches into a cache and a work queue, the
+//!   reconciler that plans and carries out, the node's gRPC APIs (the endpoint side of
+//!   cross-node vWires, `CreateClient`, MonitorConnection), one error type and its mapping to
+//!   gRPC statuses.
 
+#![forbid(unsafe_code)]
+
+mod cache;
 mod daemon;
 mod endpoint;
 mod error;
 pub mod ipam;
 mod local;
-mod mechanism;
 pub mod monitor;
+pub use nsm_mechanisms::WireGuardBackend;
 pub use nsm_node_plan::select;
-pub mod vl3;
+pub use nsm_vl3 as vl3;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -74,17 +77,4 @@ pub struct Config {
     pub wireguard_backend: WireGuardBackend,
     /// Lanes per userspace WIREGUARD vWire (per-core workers; `nsm_wireguard::LaneConfig`).
     pub wireguard_lanes: usize,
-}
-
-/// Where a node runs its WIREGUARD vWires. Both speak the same protocol with the same keys, so
-/// nodes of either kind connect to each other.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum WireGuardBackend {
-    /// The kernel's WireGuard when the kernel has it (checked at start), else userspace.
-    #[default]
-    Auto,
-    /// The kernel's WireGuard; the daemon does not start without it.
-    Kernel,
-    /// nsm's userspace tunnel (a TUN device per vWire, served by this process).
-    Userspace,
 }

@@ -285,7 +285,7 @@ pub(crate) mod upstream_kernel {
         if !clean.is_empty() && clean.len() <= 60 && nsm_model::validate::name("", clean).is_ok() {
             format!("up-{clean}")
         } else {
-            crate::mechanism::link_name("up-", id)
+            nsm_mechanisms::link_name("up-", id)
         }
     }
 
@@ -338,7 +338,7 @@ pub(crate) mod upstream_kernel {
             let id_label = if nsm_model::validate::labels("", &[("k".to_string(), conn.id.clone())].into()).is_ok() {
                 conn.id.clone()
             } else {
-                crate::mechanism::link_name("", &conn.id)
+                nsm_mechanisms::link_name("", &conn.id)
             };
             labels.insert(LABEL.into(), id_label);
             let client = pb::Client {

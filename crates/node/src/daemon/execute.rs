@@ -15,8 +15,8 @@ use nsm_node_plan::client::{Allocation, Decision, Far, Target};
 use nsm_node_plan::{ClientKey, Encryption, MechanismKind, NotReady, Pair};
 
 use super::reconciler::{Failure, Reconciler, Wired, failed};
-use crate::mechanism::kernel::{self, VETH_MTU, Veth};
-use crate::mechanism::{ClientEnd, Tunnel, peer_link};
+use nsm_mechanisms::kernel::{self, VETH_MTU, Veth};
+use nsm_mechanisms::{ClientEnd, Tunnel, peer_link};
 
 impl Reconciler {
     /// Carries out `decision` for client `key`; the status to report.
@@ -167,7 +167,7 @@ impl Reconciler {
         let extras = async {
             // A tunnelled vWire's route beyond its peer (veth vWires got theirs from `wire`).
             if let Some(route) = w.route.filter(|_| w.remote.is_some()) {
-                let (_ns, nl) = crate::mechanism::netlink_in(&w.netns).await?;
+                let (_ns, nl) = nsm_mechanisms::netlink_in(&w.netns).await?;
                 nl.add_route(route, Some(w.pair.dst.addr()), &w.interface).await?;
             }
             if let Some(route) = w.nat_route() {
@@ -218,7 +218,7 @@ impl Reconciler {
         conn: Connection,
         prefs: Vec<Mechanism>,
         encryption: Encryption,
-    ) -> crate::Result<(Connection, MechanismKind, crate::mechanism::Connected)> {
+    ) -> crate::Result<(Connection, MechanismKind, nsm_mechanisms::Connected)> {
         let accepted = self.peers.request(url, conn, prefs).await.map_err(|e| {
             if encryption == Encryption::Required {
                 crate::NodeError::Precondition(format!(

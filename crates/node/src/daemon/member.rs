@@ -14,9 +14,9 @@ use nsm_node_plan::vl3::{self as plan, MemberDecision, MemberInput, Vl3, leases_
 use nsm_node_plan::{ClientKey, MechanismKind, NotReady, Pair, Phase, View};
 
 use super::reconciler::{Failure, Reconciler, Wired, failed};
-use crate::mechanism::kernel::{self, Veth};
-use crate::mechanism::peer_link;
-use crate::vl3::Vl3Plane;
+use nsm_mechanisms::kernel::{self, Veth};
+use nsm_mechanisms::peer_link;
+use nsm_vl3::Vl3Plane;
 
 /// A vL3 member anywhere in the mesh, as its status says: for the routers' DNS names.
 #[derive(Clone, Debug, PartialEq)]

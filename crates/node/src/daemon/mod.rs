@@ -2,7 +2,6 @@
 //! and the events that say which clients to look at again. What to do for a client is decided in
 //! [`reconciler`] by the pure planner and carried out there.
 
-pub(crate) mod cache;
 mod execute;
 mod member;
 mod peers;
@@ -23,11 +22,11 @@ use nsm_node_plan::ClientKey;
 use tokio::sync::mpsc;
 
 use crate::endpoint::RemoteEnds;
-use crate::mechanism::gateway::Gateway;
-use crate::mechanism::vxlan::Vxlan;
-use crate::mechanism::wireguard::{self, HostSide, Wg};
-use crate::mechanism::{Tunnels, prune_netlink_cache};
 use crate::{Config, NodeError};
+use nsm_mechanisms::gateway::Gateway;
+use nsm_mechanisms::vxlan::Vxlan;
+use nsm_mechanisms::wireguard::{self, HostSide, Wg};
+use nsm_mechanisms::{Tunnels, prune_netlink_cache};
 use reconciler::{Reconciler, Registry, State};
 use triggers::Trigger;
 
@@ -101,7 +100,7 @@ pub async fn run(
 
     // The view of the registry every decision reads, filled before anything is decided (a
     // restarted daemon must not take an empty view for endpoints that are gone).
-    let cache = cache::Cache::default();
+    let cache = crate::cache::Cache::default();
     for kind in [Kind::NetworkService, Kind::Endpoint, Kind::Node, Kind::Prefix] {
         let items = list_until_answered(&mut registry, kind).await;
         cache.replace(kind, items);
@@ -156,7 +155,7 @@ pub async fn run(
     triggers::spawn_ticker(config.resync, || Trigger::Resync, tx.clone());
     triggers::spawn_ticker(SWEEP, || Trigger::Sweep, tx.clone());
 
-    let vl3 = crate::vl3::Vl3Plane::new(
+    let vl3 = nsm_vl3::Vl3Plane::new(
         config.name.clone(),
         config.underlay,
         config.underlay_mtu,

@@ -20,15 +20,15 @@ use nsm_node_plan::client::{self as plan, Decision, Input, Me, Observed, Standin
 use nsm_node_plan::{ClientKey, MechanismKind, NotReady, Pair, Phase};
 use tonic::transport::Channel;
 
-use super::cache::Cache;
 use super::member::Member;
 use super::peers::Peers;
 use super::queue::Outcome;
 use super::records::{self, Records};
 use super::status::Reports;
 use crate::Config;
-use crate::mechanism::gateway::Gateway;
-use crate::mechanism::{Tunnels, kernel};
+use crate::cache::Cache;
+use nsm_mechanisms::gateway::Gateway;
+use nsm_mechanisms::{Tunnels, kernel};
 
 pub(crate) type Registry = ResourceServiceClient<Channel>;
 
@@ -151,7 +151,7 @@ pub(crate) struct Reconciler {
     pub(crate) peers: Peers,
     pub(crate) monitor: crate::monitor::Monitor,
     pub(crate) interfaces: crate::local::Interfaces,
-    pub(crate) vl3: tokio::sync::Mutex<crate::vl3::Vl3Plane>,
+    pub(crate) vl3: tokio::sync::Mutex<nsm_vl3::Vl3Plane>,
     pub(crate) state: parking_lot::Mutex<State>,
     pub(crate) records: parking_lot::Mutex<Records>,
     pub(crate) reports: Reports,

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use nsm_node_plan::ClientKey;
 
-use crate::mechanism::link_name;
+use nsm_mechanisms::link_name;
 
 /// One client's record: its key and what stands for it.
 #[derive(Clone, Debug, PartialEq, Eq)]

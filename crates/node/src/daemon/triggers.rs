@@ -11,11 +11,11 @@ use nsm_model::{Kind, pb, upstream};
 use nsm_node_plan::ClientKey;
 use tokio::sync::mpsc;
 
-use super::cache::Cache;
 use super::queue::Queue;
 use super::reconciler::{Reconciler, Registry};
+use crate::cache::Cache;
 use crate::endpoint::RemoteEnds;
-use crate::mechanism::prune_netlink_cache;
+use nsm_mechanisms::prune_netlink_cache;
 
 pub(crate) enum Trigger {
     Client(Box<pb::Client>, bool /* deleted */),

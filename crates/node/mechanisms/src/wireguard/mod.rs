@@ -33,31 +33,31 @@ use crate::WireGuardBackend;
 mod build;
 mod keys;
 mod negotiate;
-pub(crate) mod params;
+pub mod params;
 
-pub(crate) use build::is_ours;
+pub use build::is_ours;
 use build::set_kernel;
 use keys::{Keys, key_age, write_key};
-pub(crate) use keys::{choose_backend, load_or_create_key};
-pub(crate) use negotiate::WgEnd;
+pub use keys::{choose_backend, load_or_create_key};
+pub use negotiate::WgEnd;
 
 /// Upstream's mechanism type and its parameter keys (api:pkg/api/networkservice/mechanisms/wireguard;
 /// see shared/reference/nsm-upstream.md §1.7). `src_ip`, `dst_ip`, `src_port`, `dst_port` and
 /// `MTU` are the common keys VXLAN uses too.
-pub(crate) const TYPE: &str = "WIREGUARD";
-pub(crate) const SRC_PUBLIC_KEY: &str = "src_public_key";
-pub(crate) const DST_PUBLIC_KEY: &str = "dst_public_key";
+pub const TYPE: &str = "WIREGUARD";
+pub const SRC_PUBLIC_KEY: &str = "src_public_key";
+pub const DST_PUBLIC_KEY: &str = "dst_public_key";
 /// nsm's own keys (upstream ignores parameters it does not know, so a vWire to an upstream node has
 /// one lane): the UDP ports of the client end's lanes after the first, which the client's node
 /// offers, and of the endpoint end's, which the endpoint's node answers with (as many as both
 /// run), comma-separated. See `nsm_wireguard::LaneConfig`.
-pub(crate) const SRC_LANE_PORTS: &str = "nsm_src_lane_ports";
-pub(crate) const DST_LANE_PORTS: &str = "nsm_dst_lane_ports";
+pub const SRC_LANE_PORTS: &str = "nsm_src_lane_ports";
+pub const DST_LANE_PORTS: &str = "nsm_dst_lane_ports";
 /// Bytes the underlay MTU loses: outer IPv6 (40) + UDP (8) + WireGuard data header (16) + tag
 /// (16) = 80, the worst case that `wg-quick` also assumes (1420 on a 1500 underlay). Over IPv4
 /// the overhead is 60, so 20 bytes stay spare; one figure for both families keeps a vWire's MTU
 /// independent of the underlay's family.
-pub(crate) const OVERHEAD: u32 = 80;
+pub const OVERHEAD: u32 = 80;
 /// The keepalive interval (s) briefly set on a kernel peer to start a handshake with it.
 const KICK_KEEPALIVE: u16 = 25;
 /// How many ports of the range an end tries before it fails.
@@ -66,7 +66,7 @@ const PORT_TRIES: usize = 16;
 const KEY_FILE: &str = "wireguard.key";
 
 /// This node's WireGuard side: its key pair, its port range and its running tunnels.
-pub(crate) struct Wg {
+pub struct Wg {
     keys: parking_lot::RwLock<Keys>,
     /// Where the key file lives.
     dir: PathBuf,
@@ -82,10 +82,10 @@ pub(crate) struct Wg {
 
 /// The host side of this node's ends: their UDP sockets are bound in `netns` to `underlay`; their
 /// MTU is the underlay's less [`OVERHEAD`].
-pub(crate) struct HostSide {
-    pub(crate) underlay: IpAddr,
-    pub(crate) underlay_mtu: u32,
-    pub(crate) netns: Arc<NetNs>,
+pub struct HostSide {
+    pub underlay: IpAddr,
+    pub underlay_mtu: u32,
+    pub netns: Arc<NetNs>,
 }
 
 impl std::fmt::Debug for Wg {
@@ -124,39 +124,39 @@ impl Tun {
 }
 
 /// The id of the tunnel a client's node runs for client connection `uid`.
-pub(crate) fn client_end_id(uid: &str) -> String {
+pub fn client_end_id(uid: &str) -> String {
     format!("c/{uid}")
 }
 
 /// The id of the tunnel an endpoint's node runs for connection `id`.
-pub(crate) fn endpoint_end_id(id: &str) -> String {
+pub fn endpoint_end_id(id: &str) -> String {
     format!("e/{id}")
 }
 
 /// What one end of a WireGuard vWire needs.
-pub(crate) struct End<'a> {
+pub struct End<'a> {
     /// Tunnel id within this node ([`client_end_id`] or [`endpoint_end_id`]).
-    pub(crate) id: String,
-    pub(crate) netns: &'a Path,
-    pub(crate) name: &'a str,
-    pub(crate) host: &'a NetNs,
-    pub(crate) listen: IpAddr,
+    pub id: String,
+    pub netns: &'a Path,
+    pub name: &'a str,
+    pub host: &'a NetNs,
+    pub listen: IpAddr,
     /// The port to bind first (others of the range follow if it is taken).
-    pub(crate) port: u16,
-    pub(crate) peer_key: [u8; 32],
-    pub(crate) peer_endpoint: SocketAddr,
+    pub port: u16,
+    pub peer_key: [u8; 32],
+    pub peer_endpoint: SocketAddr,
     /// Inner addresses the peer may send from (its address, and what lies beyond it).
-    pub(crate) allowed: Vec<IpNet>,
-    pub(crate) mtu: u32,
-    pub(crate) local_addr: IpNet,
-    pub(crate) peer_addr: IpNet,
+    pub allowed: Vec<IpNet>,
+    pub mtu: u32,
+    pub local_addr: IpNet,
+    pub peer_addr: IpNet,
     /// Lanes after the first: the port to bind first (as `port`) and the peer's lane's port.
-    pub(crate) extra_lanes: Vec<(u16, Option<u16>)>,
+    pub extra_lanes: Vec<(u16, Option<u16>)>,
 }
 
 impl Wg {
     /// The node's WireGuard side with `private_key` (kept in `dir`).
-    pub(crate) fn new(
+    pub fn new(
         private_key: [u8; 32],
         ports: RangeInclusive<u16>,
         dir: PathBuf,
@@ -178,19 +178,19 @@ impl Wg {
         }
     }
 
-    /// Where this node's ends listen: needed to negotiate vWires ([`crate::mechanism::Tunnel`]).
-    pub(crate) fn on_host(mut self, host: HostSide) -> Self {
+    /// Where this node's ends listen: needed to negotiate vWires ([`crate::Tunnel`]).
+    pub fn on_host(mut self, host: HostSide) -> Self {
         self.host = Some(host);
         self
     }
 
     /// Lanes this node runs per vWire (1: kernel backend, or `--wireguard-lanes 1`).
-    pub(crate) fn lanes(&self) -> usize {
+    pub fn lanes(&self) -> usize {
         self.lanes
     }
 
     /// `kernel` or `userspace`, as the node's registration says.
-    pub(crate) fn backend_name(&self) -> &'static str {
+    pub fn backend_name(&self) -> &'static str {
         match self.backend {
             WireGuardBackend::Kernel => "kernel",
             _ => "userspace",
@@ -198,13 +198,13 @@ impl Wg {
     }
 
     /// The node's public key as `wg` prints it (what it offers peers now).
-    pub(crate) fn public_key(&self) -> String {
+    pub fn public_key(&self) -> String {
         self.keys.read().public.clone()
     }
 
     /// Replaces the node's key: a new one on disk first, then in every tunnel. Returns the new
     /// public key. The peers learn it at the next refresh of each vWire.
-    pub(crate) async fn rotate(&self) -> std::io::Result<String> {
+    pub async fn rotate(&self) -> std::io::Result<String> {
         let key = nsm_wireguard::generate_private_key();
         write_key(&self.dir, &key)?;
         let public = {
@@ -237,7 +237,7 @@ impl Wg {
     /// Rotates the key when it is older than `lifetime` (its age counted from the key file, so a
     /// restart does not reset it) and whenever `trigger` fires; calls `rotated` after each
     /// rotation (the caller refreshes its vWires then, so peers learn the key at once).
-    pub(crate) fn spawn_rotation(
+    pub fn spawn_rotation(
         self: &Arc<Self>,
         lifetime: Option<Duration>,
         trigger: Option<Arc<tokio::sync::Notify>>,
@@ -282,7 +282,7 @@ impl Wg {
 
     /// Puts the node's current public key into a connection's WIREGUARD mechanism, so that a
     /// refresh tells the endpoint's node about a rotation.
-    pub(crate) fn offer_current_key(&self, conn: &mut Connection) {
+    pub fn offer_current_key(&self, conn: &mut Connection) {
         if let Some(m) = conn.mechanism.as_mut().filter(|m| m.r#type == TYPE) {
             m.parameters.insert(SRC_PUBLIC_KEY.to_owned(), self.public_key());
         }
@@ -291,14 +291,14 @@ impl Wg {
     /// After the refresh of client-side tunnel `id`: a new `dst_public_key` (the endpoint's node
     /// rotated its key) goes into the tunnel in place. Returns false when the end must be built
     /// anew instead (other ports or lanes, a key that does not parse, no such tunnel).
-    pub(crate) async fn refreshed(&self, id: &str, before: &Connection, after: &Connection) -> bool {
+    pub async fn refreshed(&self, id: &str, before: &Connection, after: &Connection) -> bool {
         let param = |c: &Connection, k: &str| {
             c.mechanism
                 .as_ref()
                 .and_then(|m| m.parameters.get(k).cloned())
                 .unwrap_or_default()
         };
-        if [crate::mechanism::vxlan::DST_PORT, DST_LANE_PORTS]
+        if [crate::vxlan::DST_PORT, DST_LANE_PORTS]
             .iter()
             .any(|k| param(before, k) != param(after, k))
         {
@@ -318,7 +318,7 @@ impl Wg {
     /// tunnel keeps traffic on the old session until a handshake with the new key completes; a
     /// kernel link swaps the peer and starts that handshake at once. False if there is no such
     /// tunnel, or the kernel refused the change (the caller rebuilds the end).
-    pub(crate) async fn set_peer_key(&self, id: &str, key: [u8; 32]) -> bool {
+    pub async fn set_peer_key(&self, id: &str, key: [u8; 32]) -> bool {
         let kernel = {
             let mut tunnels = self.tunnels.lock();
             match tunnels.get_mut(id) {
@@ -376,7 +376,7 @@ impl Wg {
     /// (and the lane) into the range (so it stays the same across restarts), then the next one
     /// that no running tunnel or earlier lane holds. Fewer lanes get a prefix of more lanes' ports;
     /// a range without a free port for a lane after the first gives fewer lanes.
-    pub(crate) fn ports_for(&self, id: &str, lanes: usize) -> Vec<u16> {
+    pub fn ports_for(&self, id: &str, lanes: usize) -> Vec<u16> {
         let (lo, hi) = (u64::from(*self.ports.start()), u64::from(*self.ports.end()));
         let size = hi - lo + 1;
         let tunnels = self.tunnels.lock();
@@ -387,7 +387,7 @@ impl Wg {
             } else {
                 format!("{id}/{lane}")
             };
-            let first = crate::mechanism::stable_hash(&key) % size;
+            let first = crate::stable_hash(&key) % size;
             let free = (0..size)
                 .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
                 .find(|p| !ports.contains(p) && !tunnels.iter().any(|(k, t)| k != id && t.holds(*p)));
@@ -411,14 +411,14 @@ impl Wg {
     }
 
     /// Whether tunnel `id` runs.
-    pub(crate) fn has(&self, id: &str) -> bool {
+    pub fn has(&self, id: &str) -> bool {
         self.tunnels.lock().contains_key(id)
     }
 }
 
 impl Wg {
     /// Stops tunnel `id`: a userspace tunnel's TUN goes with it, a kernel link is deleted.
-    pub(crate) async fn remove(&self, id: &str) {
+    pub async fn remove(&self, id: &str) {
         if let Some(Tun::Kernel(k)) = self.remove_entry(id).await
             && let Ok(ns) = NetNs::open(&k.netns)
             && let Ok(nl) = Netlink::connect(&ns).await

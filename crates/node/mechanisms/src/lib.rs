@@ -6,10 +6,15 @@
 //! Adding a tunnel mechanism means adding a module, implementing [`Tunnel`] and registering it in
 //! [`Tunnels`]. Upstream's mechanism and parameter names stay as they are on the wire.
 
-pub(crate) mod gateway;
-pub(crate) mod kernel;
-pub(crate) mod vxlan;
-pub(crate) mod wireguard;
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod gateway;
+pub mod kernel;
+pub mod vxlan;
+pub mod wireguard;
+
+pub use error::{MechanismError, Result};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,11 +26,9 @@ use nsm_api::connection::Mechanism;
 use nsm_dataplane::{NetNs, Netlink};
 use nsm_node_plan::{MechanismKind, Pair};
 
-use crate::{NodeError, Result};
-
 /// FNV-1a of `id`: unlike std's hasher, stable across restarts and versions, so what a daemon
 /// derives from an id (link names, VNIs, WireGuard ports) a restarted one derives alike.
-pub(crate) fn stable_hash(id: &str) -> u64 {
+pub fn stable_hash(id: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.bytes() {
         h ^= u64::from(b);
@@ -37,12 +40,12 @@ pub(crate) fn stable_hash(id: &str) -> u64 {
 /// A link name derived from an id: `prefix` + 10 hex digits of its [`stable_hash`], so a
 /// restarted daemon finds what it built. With a 4-character prefix it fits the kernel's
 /// 15-character limit.
-pub(crate) fn link_name(prefix: &str, id: &str) -> String {
+pub fn link_name(prefix: &str, id: &str) -> String {
     format!("{prefix}{:010x}", stable_hash(id) & 0xff_ffff_ffff)
 }
 
 /// The far end's link of a connection: in the endpoint's namespace (a veth peer, a tunnel end).
-pub(crate) fn peer_link(id: &str) -> String {
+pub fn peer_link(id: &str) -> String {
     link_name("nsm-", id)
 }
 
@@ -54,7 +57,7 @@ type NlCache = std::sync::Mutex<HashMap<String, ((u64, u64), Arc<NetNs>, Netlink
 static NL_CACHE: std::sync::LazyLock<NlCache> = std::sync::LazyLock::new(Default::default);
 
 /// A netlink handle in the namespace at `path` (cached, see [`NlCache`]).
-pub(crate) async fn netlink_in(path: &str) -> Result<(Arc<NetNs>, Netlink)> {
+pub async fn netlink_in(path: &str) -> Result<(Arc<NetNs>, Netlink)> {
     let id = nsm_dataplane::netns_identity(path);
     if let Some(id) = id
         && let Some((cached_id, ns, nl)) = NL_CACHE.lock().expect("not poisoned").get(path).cloned()
@@ -73,7 +76,7 @@ pub(crate) async fn netlink_in(path: &str) -> Result<(Arc<NetNs>, Netlink)> {
 }
 
 /// Forgets handles of namespaces that are gone or replaced (their fds would keep them alive).
-pub(crate) fn prune_netlink_cache() {
+pub fn prune_netlink_cache() {
     NL_CACHE
         .lock()
         .expect("not poisoned")
@@ -81,46 +84,46 @@ pub(crate) fn prune_netlink_cache() {
 }
 
 /// The client's end of a cross-node vWire, as its node builds it.
-pub(crate) struct ClientEnd<'a> {
+pub struct ClientEnd<'a> {
     /// The connection id (the client's uid).
-    pub(crate) id: &'a str,
+    pub id: &'a str,
     /// The client's namespace and interface.
-    pub(crate) netns: &'a str,
+    pub netns: &'a str,
     /// The client's interface.
-    pub(crate) interface: &'a str,
+    pub interface: &'a str,
     /// The vWire's addresses.
-    pub(crate) pair: Pair,
+    pub pair: Pair,
     /// The address endpoint beyond the far end, if any (the peer may send from it too).
-    pub(crate) route: Option<IpNet>,
+    pub route: Option<IpNet>,
     /// The endpoint node's underlay address (where its end listens unless it answers another).
-    pub(crate) peer_underlay: IpAddr,
+    pub peer_underlay: IpAddr,
 }
 
 /// What a client's end was built as.
-pub(crate) struct Connected {
+pub struct Connected {
     /// The interface MTU.
-    pub(crate) mtu: u32,
+    pub mtu: u32,
     /// A WIREGUARD end: its tunnel's id in the node's [`wireguard::Wg`].
-    pub(crate) wg_id: Option<String>,
+    pub wg_id: Option<String>,
 }
 
 /// A request for the endpoint's end of a cross-node vWire, its fields checked.
-pub(crate) struct EndRequest<'a> {
+pub struct EndRequest<'a> {
     /// The connection id.
-    pub(crate) id: &'a str,
+    pub id: &'a str,
     /// Where the end goes: the endpoint's namespace, or the host's for an address endpoint.
-    pub(crate) netns: &'a Path,
+    pub netns: &'a Path,
     /// The end's link name.
-    pub(crate) link: &'a str,
+    pub link: &'a str,
     /// The vWire's addresses (`src` the client's, `dst` the endpoint side's).
-    pub(crate) pair: Pair,
+    pub pair: Pair,
     /// The offer the client's node made.
-    pub(crate) offer: &'a Mechanism,
+    pub offer: &'a Mechanism,
 }
 
 /// An end this node built for another node's client, as far as keeping and removing it needs.
 #[derive(Clone, Debug)]
-pub(crate) enum EndState {
+pub enum EndState {
     /// A VXLAN link.
     Vxlan,
     /// A WireGuard tunnel, with what it was built for.
@@ -129,15 +132,15 @@ pub(crate) enum EndState {
 
 /// What the endpoint's node answers: the end it keeps, and the parameters of its answer beyond
 /// the offer's (`dst_ip`, `dst_port`, `MTU`, keys).
-pub(crate) struct Accepted {
-    pub(crate) state: EndState,
-    pub(crate) params: HashMap<String, String>,
-    pub(crate) mtu: u32,
+pub struct Accepted {
+    pub state: EndState,
+    pub params: HashMap<String, String>,
+    pub mtu: u32,
 }
 
 /// A cross-node mechanism, negotiated over upstream's `NetworkService.Request`.
 #[tonic::async_trait]
-pub(crate) trait Tunnel: Send + Sync {
+pub trait Tunnel: Send + Sync {
     /// The client's node: what it offers for connection `id`.
     fn offer(&self, id: &str) -> Result<Mechanism>;
 
@@ -157,14 +160,14 @@ pub(crate) trait Tunnel: Send + Sync {
 
 /// The tunnel mechanisms this node builds, in order of preference when encryption is asked for.
 #[derive(Clone)]
-pub(crate) struct Tunnels {
-    pub(crate) vxlan: Arc<vxlan::Vxlan>,
-    pub(crate) wireguard: Option<Arc<wireguard::Wg>>,
+pub struct Tunnels {
+    pub vxlan: Arc<vxlan::Vxlan>,
+    pub wireguard: Option<Arc<wireguard::Wg>>,
 }
 
 impl EndState {
     /// The mechanism of the end.
-    pub(crate) fn kind(&self) -> MechanismKind {
+    pub fn kind(&self) -> MechanismKind {
         match self {
             EndState::Vxlan => MechanismKind::Vxlan,
             EndState::WireGuard(_) => MechanismKind::WireGuard,
@@ -172,7 +175,7 @@ impl EndState {
     }
 
     /// A WireGuard end's tunnel id.
-    pub(crate) fn tunnel(&self) -> Option<&str> {
+    pub fn tunnel(&self) -> Option<&str> {
         match self {
             EndState::Vxlan => None,
             EndState::WireGuard(w) => Some(&w.tunnel),
@@ -182,7 +185,7 @@ impl EndState {
 
 impl Tunnels {
     /// The module of mechanism `kind`, if this node builds it.
-    pub(crate) fn get(&self, kind: MechanismKind) -> Option<&dyn Tunnel> {
+    pub fn get(&self, kind: MechanismKind) -> Option<&dyn Tunnel> {
         match kind {
             MechanismKind::Vxlan => Some(self.vxlan.as_ref()),
             MechanismKind::WireGuard => self.wireguard.as_deref().map(|w| w as &dyn Tunnel),
@@ -191,7 +194,7 @@ impl Tunnels {
     }
 
     /// What this node builds, by upstream name, for messages.
-    pub(crate) fn names(&self) -> String {
+    pub fn names(&self) -> String {
         if self.wireguard.is_some() {
             "VXLAN and WIREGUARD".into()
         } else {
@@ -201,11 +204,24 @@ impl Tunnels {
 }
 
 /// A required mechanism parameter, parsed.
-pub(crate) fn param<T: std::str::FromStr>(m: &Mechanism, key: &str, what: &str) -> Result<T> {
+pub fn param<T: std::str::FromStr>(m: &Mechanism, key: &str, what: &str) -> Result<T> {
     m.parameters
         .get(key)
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| NodeError::invalid(format!("mechanism.parameters.{key}"), format!("missing or not {what}")))
+        .ok_or_else(|| MechanismError::invalid(format!("mechanism.parameters.{key}"), format!("missing or not {what}")))
+}
+
+/// Where a node runs its WIREGUARD vWires. Both speak the same protocol with the same keys, so
+/// nodes of either kind connect to each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WireGuardBackend {
+    /// The kernel's WireGuard when the kernel has it (checked at start), else userspace.
+    #[default]
+    Auto,
+    /// The kernel's WireGuard; the daemon does not start without it.
+    Kernel,
+    /// nsm's userspace tunnel (a TUN device per vWire, served by this process).
+    Userspace,
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use super::DST_LANE_PORTS;
 
 /// Parses a lane-ports parameter: at most `MAX_LANES - 1` non-zero ports, comma-separated; empty
 /// or absent is none.
-pub(crate) fn parse_lane_ports(v: Option<&String>) -> Result<Vec<u16>, String> {
+pub fn parse_lane_ports(v: Option<&String>) -> Result<Vec<u16>, String> {
     let Some(v) = v.filter(|v| !v.is_empty()) else {
         return Ok(Vec::new());
     };
@@ -29,7 +29,7 @@ pub(crate) fn parse_lane_ports(v: Option<&String>) -> Result<Vec<u16>, String> {
 /// The ports of the endpoint end's lanes after the first, from its node's answer: a malformed
 /// value, or more lanes than this node runs (so more than it offered), is refused, because every
 /// lane the endpoint built needs its peer here.
-pub(crate) fn answered_lanes(params: &HashMap<String, String>, lanes: usize) -> Result<Vec<u16>, String> {
+pub fn answered_lanes(params: &HashMap<String, String>, lanes: usize) -> Result<Vec<u16>, String> {
     let ports = parse_lane_ports(params.get(DST_LANE_PORTS))
         .map_err(|e| format!("the endpoint's node answered a bad {DST_LANE_PORTS}: {e}"))?;
     if ports.len() + 1 > lanes {
@@ -42,6 +42,6 @@ pub(crate) fn answered_lanes(params: &HashMap<String, String>, lanes: usize) -> 
 }
 
 /// A lane-ports parameter's value.
-pub(crate) fn format_lane_ports(ports: &[u16]) -> String {
+pub fn format_lane_ports(ports: &[u16]) -> String {
     ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }

@@ -7,18 +7,19 @@ use nsm_dataplane::{NetNs, Netlink, WgDeviceUpdate, WgPeerUpdate};
 use nsm_wireguard::{PeerConfig, Tunnel, TunnelConfig};
 
 use super::{End, KernelEnd, Tun, Wg};
-use crate::{NodeError, WireGuardBackend};
+use crate::{MechanismError, WireGuardBackend};
 
 impl Wg {
     /// Starts a tunnel end and gives its TUN the addresses and the route to the peer. Returns the
     /// bound ports, the first lane's first (one port for a kernel end, which has one lane). All or
     /// nothing.
-    pub(crate) async fn build(&self, end: End<'_>) -> crate::Result<Vec<u16>> {
+    pub async fn build(&self, end: End<'_>) -> crate::Result<Vec<u16>> {
         if self.backend == WireGuardBackend::Kernel {
             return self.build_kernel(end).await.map(|p| vec![p]);
         }
         self.remove(&end.id).await;
-        let mtu = u16::try_from(end.mtu).map_err(|_| NodeError::WireGuard(format!("MTU {} too large", end.mtu)))?;
+        let mtu =
+            u16::try_from(end.mtu).map_err(|_| MechanismError::WireGuard(format!("MTU {} too large", end.mtu)))?;
         // A kernel end of a run with `--wireguard-backend kernel` left under this name goes, or
         // the TUN could not be made; a link that is not nsm's is left alone, and the end fails.
         let ns = NetNs::open(end.netns)?;
@@ -71,13 +72,13 @@ impl Wg {
                 Err(e) => return Err(e.into()),
             }
         }
-        let tunnel = tunnel.ok_or_else(|| NodeError::WireGuard(format!("no free UDP port: {last_err}")))?;
+        let tunnel = tunnel.ok_or_else(|| MechanismError::WireGuard(format!("no free UDP port: {last_err}")))?;
         let bound: Vec<u16> = tunnel.local_addrs().iter().map(SocketAddr::port).collect();
         let configured = async {
             nl.add_address(end.name, end.local_addr).await?;
             nl.set_up(end.name).await?;
             nl.add_route(end.peer_addr, None, end.name).await?;
-            Ok::<_, crate::NodeError>(())
+            Ok::<_, crate::MechanismError>(())
         }
         .await;
         if let Err(e) = configured {
@@ -153,7 +154,7 @@ impl Wg {
                 }
             }
             let bound = bound.ok_or_else(|| {
-                NodeError::WireGuard(format!(
+                MechanismError::WireGuard(format!(
                     "WireGuard link {}: {} UDP ports of --wireguard-ports {}-{} from {} are all taken",
                     end.name,
                     self.ports_from(end.port).count(),
@@ -164,7 +165,7 @@ impl Wg {
             })?;
             nl.add_address(end.name, end.local_addr).await?;
             nl.add_route(end.peer_addr, None, end.name).await?;
-            Ok::<_, crate::NodeError>(bound)
+            Ok::<_, crate::MechanismError>(bound)
         }
         .await;
         let port = match result {
@@ -197,7 +198,7 @@ impl Wg {
             };
             if let Err(e) = set_kernel(end.netns, end.name, update).await {
                 self.remove(&end.id).await;
-                return Err(NodeError::WireGuard(format!(
+                return Err(MechanismError::WireGuard(format!(
                     "giving WireGuard link {} the rotated key: {e}",
                     end.name
                 )));
@@ -212,12 +213,12 @@ impl Wg {
 const LINK_ALIAS: &str = "nsm wireguard vWire end";
 
 /// Whether link `l` is a kernel WireGuard end nsm created.
-pub(crate) fn is_ours(l: &nsm_dataplane::LinkInfo) -> bool {
+pub fn is_ours(l: &nsm_dataplane::LinkInfo) -> bool {
     l.kind.as_deref() == Some("wireguard") && l.alias.as_deref() == Some(LINK_ALIAS)
 }
 
-fn taken(name: &str, netns: &Path) -> NodeError {
-    NodeError::Precondition(format!(
+fn taken(name: &str, netns: &Path) -> MechanismError {
+    MechanismError::Precondition(format!(
         "a link named {name} that nsm did not create exists in {}; it is left alone",
         netns.display()
     ))

@@ -33,7 +33,9 @@
 //! another's address. Where some service reaches another one-way, replies pass as established
 //! connections; otherwise the router tracks no connections at all.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -44,20 +46,29 @@ use nsm_dataplane::fastpath::{self, Direction, FastPath};
 use nsm_dataplane::{NetNs, Netlink};
 use tonic::transport::Channel;
 
-use crate::NodeError;
-use crate::mechanism::{link_name, stable_hash, vxlan};
-pub(crate) use nsm_node_plan::vl3::{Lease, Vl3, gateway_of};
+use nsm_mechanisms::{link_name, stable_hash, vxlan};
+use nsm_node_plan::vl3::gateway_of;
+pub use nsm_node_plan::vl3::{Lease, Vl3};
 
+pub use error::{Result, Vl3Error};
+
+mod error;
+mod fast;
+mod filter;
 mod shortcut;
+
+use fast::{member_entry, sync_fast_path, sync_shortcuts};
+pub use filter::filter_script;
+use filter::tracks_connections;
 
 /// nftables table of a router's filter.
 const FILTER_TABLE: &str = "nsmvl3";
 
 /// A router this node runs.
-pub(crate) struct Router {
-    pub(crate) netns: String,
-    pub(crate) ns: Arc<NetNs>,
-    pub(crate) nl: Netlink,
+pub struct Router {
+    pub netns: String,
+    pub ns: Arc<NetNs>,
+    pub nl: Netlink,
     identity: (u64, u64),
     /// Peer node -> its underlay address, the prefixes routed to it, and the own gateway
     /// addresses put on its link (IPv6 neighbour discovery answers only for addresses of the
@@ -92,14 +103,14 @@ impl Drop for Router {
 }
 
 /// What the node's vL3 part needs from the daemon.
-pub(crate) struct Vl3Plane {
+pub struct Vl3Plane {
     node: String,
     underlay: IpAddr,
     underlay_mtu: u32,
     host: Arc<NetNs>,
     ipam: IpamClient<Channel>,
     dns_forward: Vec<SocketAddr>,
-    pub(crate) routers: HashMap<String, Router>,
+    pub routers: HashMap<String, Router>,
     /// DNS names of every vL3's members (all nodes), served by this node's routers.
     records: HashMap<String, nsm_dns::Records>,
 }
@@ -131,103 +142,8 @@ pub fn router_netns(node: &str, vl3: &str) -> String {
     link_name(&format!("nsm-vl3-{node}-"), vl3)
 }
 
-/// The filter of a router: which members may reach which, by leased prefix.
-pub(crate) fn filter_script(vl3: &Vl3, leases: &[Lease], services: &[(String, Vec<String>)]) -> String {
-    let v6 = vl3.pool.addr().is_ipv6();
-    let (ty, saddr, daddr) = if v6 {
-        ("ipv6_addr", "ip6 saddr", "ip6 daddr")
-    } else {
-        ("ipv4_addr", "ip saddr", "ip daddr")
-    };
-    // Member services: the vL3 itself (shared members) and every service on it that holds a lease
-    // or is declared.
-    let mut members: BTreeMap<String, BTreeSet<IpNet>> = BTreeMap::new();
-    members.entry(vl3.name.clone()).or_default();
-    for (s, _) in services {
-        members.entry(s.clone()).or_default();
-    }
-    for l in leases {
-        members.entry(l.member.clone()).or_default().insert(l.prefix);
-    }
-    let set_of: HashMap<&str, String> = members
-        .keys()
-        .enumerate()
-        .map(|(i, s)| (s.as_str(), format!("m{i}")))
-        .collect();
-    let mut s = format!("table inet {FILTER_TABLE} {{\n");
-    for (svc, prefixes) in &members {
-        s += &format!("  set {} {{\n    type {ty}; flags interval;\n", set_of[svc.as_str()]);
-        if !prefixes.is_empty() {
-            let e: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
-            s += &format!("    elements = {{ {} }}\n", e.join(", "));
-        }
-        s += &format!("    comment \"members of {svc}\"\n  }}\n");
-    }
-    s += "  chain prerouting {\n    type filter hook prerouting priority raw; policy accept;\n";
-    s += "    fib saddr . iif oif missing drop comment \"a member may only use its own address\"\n  }\n";
-    s += "  chain forward {\n    type filter hook forward priority filter; policy drop;\n";
-    // Replies need connection tracking only when some service reaches one that may not reach it
-    // back. Without a `ct` rule the kernel tracks nothing in the router's namespace: no per-packet
-    // conntrack lookup and no table to fill.
-    if tracks_connections(vl3, leases, services) {
-        s += "    ct state established,related accept\n";
-    }
-    let shared = &set_of[vl3.name.as_str()];
-    s += &format!("    {saddr} @{shared} accept comment \"shared members reach everyone\"\n");
-    s += &format!("    {daddr} @{shared} accept comment \"everyone reaches shared members\"\n");
-    for (svc, reach) in services {
-        let own = &set_of[svc.as_str()];
-        if reach.iter().any(|r| r == "*") {
-            s += &format!("    {saddr} @{own} accept comment \"{svc} reaches everyone\"\n");
-            continue;
-        }
-        s += &format!("    {saddr} @{own} {daddr} @{own} accept comment \"{svc} reaches itself\"\n");
-        for r in reach {
-            if let Some(other) = set_of.get(r.as_str()) {
-                s += &format!("    {saddr} @{own} {daddr} @{other} accept comment \"{svc} reaches {r}\"\n");
-            }
-        }
-    }
-    s += "  }\n}\n";
-    s
-}
-
-/// Whether members of service `from` may reach members of `to` on vL3 `vl3`: exactly what
-/// [`filter_script`]'s rules admit (the fast path's reach table is built from it).
-fn reaches(vl3: &str, services: &[(String, Vec<String>)], from: &str, to: &str) -> bool {
-    from == vl3
-        || to == vl3
-        || services
-            .iter()
-            .any(|(s, r)| s == from && (from == to || r.iter().any(|x| x == "*" || x == to)))
-}
-
-/// Whether a router's filter needs connection tracking: some member service reaches another
-/// that may not reach it back.
-fn tracks_connections(vl3: &Vl3, leases: &[Lease], services: &[(String, Vec<String>)]) -> bool {
-    let mut names: BTreeSet<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
-    names.extend(leases.iter().map(|l| l.member.as_str()));
-    names.remove(vl3.name.as_str());
-    !reach_is_symmetric(&names, services)
-}
-
-/// Whether, among the member services `names` (not the shared members, who reach and are reached
-/// by everyone), each that may reach another is reachable from it in turn. A name without an
-/// entry in `services` reaches only itself.
-fn reach_is_symmetric(names: &BTreeSet<&str>, services: &[(String, Vec<String>)]) -> bool {
-    let reaches = |from: &str, to: &str| {
-        from == to
-            || services
-                .iter()
-                .any(|(s, r)| s == from && r.iter().any(|x| x == "*" || x == to))
-    };
-    names
-        .iter()
-        .all(|a| names.iter().all(|b| reaches(a, b) == reaches(b, a)))
-}
-
 impl Vl3Plane {
-    pub(crate) fn new(
+    pub fn new(
         node: String,
         underlay: IpAddr,
         underlay_mtu: u32,
@@ -248,13 +164,13 @@ impl Vl3Plane {
     }
 
     /// The MTU of members' interfaces: what crosses the routers' VXLAN links without fragments.
-    pub(crate) fn member_mtu(&self) -> u32 {
+    pub fn member_mtu(&self) -> u32 {
         self.underlay_mtu - vxlan::OVERHEAD_V4
     }
 
     /// Leases a new prefix of `vl3` for `member`'s members on this node, asking for `wanted`
     /// first (the prefix a member's previous address was in, so it can keep it).
-    pub(crate) async fn lease(&mut self, vl3: &str, member: &str, wanted: Option<IpNet>) -> crate::Result<IpNet> {
+    pub async fn lease(&mut self, vl3: &str, member: &str, wanted: Option<IpNet>) -> crate::Result<IpNet> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let _ = tx
             .send(PrefixRequest {
@@ -271,29 +187,31 @@ impl Vl3Plane {
         ] {
             req.metadata_mut().insert(
                 k,
-                v.parse()
-                    .map_err(|_| NodeError::invalid(k, format!("{v:?} is not a valid header value")))?,
+                v.parse().map_err(|_| Vl3Error::Invalid {
+                    field: k.to_owned(),
+                    reason: format!("{v:?} is not a valid header value"),
+                })?,
             );
         }
         let mut stream = self
             .ipam
             .manage_prefixes(req)
             .await
-            .map_err(NodeError::RegistryCall)?
+            .map_err(Vl3Error::PrefixServer)?
             .into_inner();
         drop(tx);
         let resp = stream
             .message()
             .await
-            .map_err(NodeError::RegistryCall)?
-            .ok_or_else(|| NodeError::Registry("the prefix server closed the stream without an answer".into()))?;
+            .map_err(Vl3Error::PrefixServer)?
+            .ok_or_else(|| Vl3Error::PrefixAnswer("closed the stream without an answer".into()))?;
         resp.prefix
             .parse()
-            .map_err(|_| NodeError::Registry(format!("the prefix server answered {:?}, not a prefix", resp.prefix)))
+            .map_err(|_| Vl3Error::PrefixAnswer(format!("answered {:?}, not a prefix", resp.prefix)))
     }
 
     /// Ensures this node's router of `vl3` exists (creating its namespace, sysctls and DNS server).
-    pub(crate) async fn ensure_router(&mut self, vl3: &Vl3) -> crate::Result<&Router> {
+    pub async fn ensure_router(&mut self, vl3: &Vl3) -> crate::Result<&Router> {
         let name = router_netns(&self.node, &vl3.name);
         let path = nsm_dataplane::named_path(&name);
         let stale = self.routers.contains_key(&vl3.name) && !self.router_standing(&vl3.name);
@@ -350,7 +268,7 @@ impl Vl3Plane {
     }
 
     /// Whether this node runs a router of `vl3` whose namespace is still the one it built.
-    pub(crate) fn router_standing(&self, vl3: &str) -> bool {
+    pub fn router_standing(&self, vl3: &str) -> bool {
         let Some(r) = self.routers.get(vl3) else { return false };
         nsm_dataplane::netns_identity(nsm_dataplane::named_path(&r.netns)) == Some(r.identity)
     }
@@ -394,7 +312,7 @@ impl Vl3Plane {
 
     /// Brings this node's router of `vl3` in line with the leases (gateways, peer links, routes)
     /// and the services on it (the filter).
-    pub(crate) async fn converge(
+    pub async fn converge(
         &mut self,
         vl3: &Vl3,
         leases: &[Lease],
@@ -483,7 +401,7 @@ impl Vl3Plane {
     /// member's own end is `iface` in namespace `netns`, made just now if `fresh` (else adopted
     /// from an earlier run, shortcuts perhaps with it).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn member_ready(
+    pub async fn member_ready(
         &mut self,
         vl3: &str,
         addr: IpAddr,
@@ -527,7 +445,7 @@ impl Vl3Plane {
     }
 
     /// Takes member `addr` off the fast path and removes its shortcuts (its veth pair is going).
-    pub(crate) async fn member_gone(&mut self, vl3: &str, addr: IpAddr) {
+    pub async fn member_gone(&mut self, vl3: &str, addr: IpAddr) {
         let (Some(router), IpAddr::V4(v4)) = (self.routers.get_mut(vl3), addr) else {
             return;
         };
@@ -603,7 +521,7 @@ impl Vl3Plane {
     }
 
     /// Removes the router of a vL3 this node no longer takes part in.
-    pub(crate) async fn remove_router(&mut self, vl3: &str) {
+    pub async fn remove_router(&mut self, vl3: &str) {
         if let Some(r) = self.routers.remove(vl3) {
             let name = r.netns.clone();
             drop(r);
@@ -616,7 +534,7 @@ impl Vl3Plane {
     }
 
     /// Replaces the DNS names of `vl3`'s members.
-    pub(crate) fn set_records(&mut self, vl3: &str, names: Vec<(String, Vec<IpAddr>)>) {
+    pub fn set_records(&mut self, vl3: &str, names: Vec<(String, Vec<IpAddr>)>) {
         let records = self.records.entry(vl3.to_owned()).or_default();
         if let Err(e) = records.replace_all(names) {
             tracing::warn!(%vl3, error = %e, "vL3 DNS names");
@@ -624,223 +542,8 @@ impl Vl3Plane {
     }
 
     /// vL3s whose routers this node runs.
-    pub(crate) fn router_names(&self) -> Vec<String> {
+    pub fn router_names(&self) -> Vec<String> {
         self.routers.keys().cloned().collect()
-    }
-}
-
-/// A member table entry, if both MACs are Ethernet addresses.
-fn member_entry(ifindex: u32, member_mac: &[u8], router_mac: &[u8], service: u32) -> Option<fastpath::Member> {
-    Some(fastpath::Member {
-        ifindex,
-        member_mac: member_mac.try_into().ok()?,
-        router_mac: router_mac.try_into().ok()?,
-        service,
-    })
-}
-
-/// Turns the fast path on or off (`direct` says why not) and rebuilds its tables and attachments
-/// from the router's kernel state and the vL3's leases and services: a host route through a veth
-/// end with the permanent neighbour entry behind it makes a member (so members adopted after a
-/// restart count too); the routes to each peer make its prefixes; [`reaches`] makes the pairs.
-async fn sync_fast_path(
-    router: &mut Router,
-    vl3: &Vl3,
-    leases: &[Lease],
-    services: &[(String, Vec<String>)],
-    direct: Result<(), &str>,
-) {
-    let name = vl3.name.as_str();
-    if let Err(why) = direct {
-        if router.fast_off.as_deref() != Some(why) {
-            // Shortcuts first: none may outlive the program that guards its link.
-            for m in router.shortcuts.values_mut() {
-                shortcut::clear(name, m).await;
-            }
-            // Programs stay attached without their owner (a daemon before a restart may have
-            // left some), so every link of the router is cleared, not only those known here.
-            let cleared = match router.nl.links().await {
-                Ok(links) => {
-                    let mut r = Ok(());
-                    for l in links.iter().filter(|l| l.kind.is_some()) {
-                        r = r.and(router.nl.detach_tc_ingress(&l.name).await.map(drop));
-                    }
-                    r
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = cleared {
-                tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: detaching");
-                return;
-            }
-            router.fast = None;
-            router.fast_off = Some(why.to_owned());
-            tracing::info!(vl3 = %name, reason = why, "vL3 fast path off");
-        }
-        return;
-    }
-    if router.fast.is_none() {
-        match FastPath::new() {
-            Ok(f) => {
-                router.fast = Some(f);
-                router.fast_off = None;
-                tracing::info!(vl3 = %name, "vL3 fast path on");
-            }
-            Err(e) => {
-                let why = e.to_string();
-                if router.fast_off.as_deref() != Some(why.as_str()) {
-                    tracing::warn!(vl3 = %name, error = %why, "vL3 fast path unavailable; all traffic takes the routed path");
-                }
-                router.fast_off = Some(why);
-                return;
-            }
-        }
-    }
-    // Service numbers: every member service, the vL3's own (shared members) included.
-    let mut names: BTreeSet<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
-    names.extend(leases.iter().map(|l| l.member.as_str()));
-    names.insert(name);
-    router.service_ids = names.iter().zip(1..).map(|(n, i)| ((*n).to_owned(), i)).collect();
-    let ids = &router.service_ids;
-    let mut pairs = BTreeSet::new();
-    for a in &names {
-        for b in &names {
-            if reaches(name, services, a, b) {
-                pairs.insert((ids[*a], ids[*b]));
-            }
-        }
-    }
-    let state = async {
-        let links = router.nl.links().await?;
-        let routes = router.nl.routes().await?;
-        let neighbours = router.nl.permanent_neighbours().await?;
-        Ok::<_, nsm_dataplane::DataplaneError>((links, routes, neighbours))
-    };
-    let (links, routes, neighbours) = match state.await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: reading the router's state");
-            return;
-        }
-    };
-    let fast = router.fast.as_mut().expect("on");
-    let mut attach: Vec<(String, u32, Direction)> = Vec::new();
-    let mut prefixes: HashMap<ipnet::Ipv4Net, fastpath::PeerPrefix> = HashMap::new();
-    // Peer links' MACs: the link's own tells the router's frames from shortcut frames at their
-    // egress; the peer's addresses the shortcut frames that may leave.
-    let mut link_macs: HashMap<u32, fastpath::LinkMacs> = HashMap::new();
-    for peer in router.peers.keys() {
-        let link = link_name("vx-", peer);
-        let Some(l) = links.iter().find(|l| l.name == link) else {
-            continue;
-        };
-        attach.push((link, l.index, Direction::Deliver));
-        if let Ok(own) = <[u8; 6]>::try_from(l.mac.as_slice()) {
-            let peer = peer_link_mac(name, peer);
-            link_macs.insert(l.index, fastpath::LinkMacs { own, peer });
-        }
-        for lease in leases.iter().filter(|x| &x.node == peer) {
-            if let (IpNet::V4(p), IpAddr::V4(gateway)) = (lease.prefix, lease.gateway().addr()) {
-                prefixes.insert(
-                    p,
-                    fastpath::PeerPrefix {
-                        ifindex: l.index,
-                        gateway,
-                        service: ids[lease.member.as_str()],
-                    },
-                );
-            }
-        }
-    }
-    let veth_ends: HashMap<&str, &nsm_dataplane::LinkInfo> = links
-        .iter()
-        .filter(|l| l.kind.as_deref() == Some("veth"))
-        .map(|l| (l.name.as_str(), l))
-        .collect();
-    let macs: HashMap<(u32, IpAddr), &[u8]> = neighbours.iter().map(|n| ((n.index, n.ip), &n.mac[..])).collect();
-    let mut members: HashMap<std::net::Ipv4Addr, fastpath::Member> = HashMap::new();
-    for r in &routes {
-        let (IpAddr::V4(addr), None, Some(dev), 32) = (r.dst.addr(), r.gateway, r.dev.as_deref(), r.dst.prefix_len())
-        else {
-            continue;
-        };
-        let Some(end) = veth_ends.get(dev) else { continue };
-        let Some(mac) = macs.get(&(end.index, IpAddr::V4(addr))) else {
-            continue;
-        };
-        let Some(lease) = leases.iter().find(|l| l.prefix.contains(&IpAddr::V4(addr))) else {
-            continue;
-        };
-        if let Some(m) = member_entry(end.index, mac, &end.mac, ids[lease.member.as_str()]) {
-            members.insert(addr, m);
-            attach.push((end.name.clone(), end.index, Direction::Send));
-        }
-    }
-    // Tables before attachments: a program that a restarted daemon's replaces finds its entries.
-    // The reach table first: a pair the filter stopped admitting leaves before any entry changes.
-    let tables = fast
-        .set_reach(&pairs)
-        .and_then(|()| fast.set_members(&members))
-        .and_then(|()| fast.set_prefixes(&prefixes))
-        .and_then(|()| fast.set_link_macs(&link_macs));
-    if let Err(e) = &tables {
-        tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: tables");
-    }
-    if let Err(e) = fast
-        .detach_others(&router.nl, |l| attach.iter().any(|(n, _, _)| n == l))
-        .await
-    {
-        tracing::warn!(vl3 = %name, error = %e, "vL3 fast path: detaching");
-    }
-    for (link, index, direction) in &attach {
-        if let Err(e) = fast.attach(&router.nl, link, *index, *direction).await {
-            tracing::warn!(vl3 = %name, %link, error = %e, "vL3 fast path: attaching");
-        }
-    }
-    let guarded: HashMap<u32, String> = if tables.is_ok() {
-        attach
-            .iter()
-            .filter(|(link, index, _)| fast.guards(link) && link_macs.contains_key(index))
-            .map(|(link, index, _)| (*index, link.clone()))
-            .collect()
-    } else {
-        HashMap::new()
-    };
-    if guarded != router.guarded {
-        // Links came or went (and shortcuts on a deleted link with them): look again.
-        for m in router.shortcuts.values_mut() {
-            m.reread();
-        }
-        router.guarded = guarded;
-    }
-    router.fast_prefixes = prefixes;
-    router.fast_pairs = pairs;
-    sync_shortcuts(router, name, None).await;
-}
-
-/// Brings the shortcuts of every member (or only of `only`) in line with the fast path's tables.
-async fn sync_shortcuts(router: &mut Router, vl3: &str, only: Option<std::net::Ipv4Addr>) {
-    let on = router.fast.is_some();
-    let nobody = BTreeMap::new();
-    for (addr, m) in router
-        .shortcuts
-        .iter_mut()
-        .filter(|(a, _)| only.is_none_or(|o| o == **a))
-    {
-        let wanted = match router.service_ids.get(&m.service) {
-            Some(id) if on => shortcut::wanted(vl3, m, *id, &router.fast_prefixes, &router.fast_pairs, &router.guarded),
-            _ => nobody.clone(),
-        };
-        let outcome = shortcut::apply(vl3, &router.nl, m, *addr, &wanted).await.err();
-        if outcome != m.failure {
-            match &outcome {
-                Some(e) => {
-                    tracing::warn!(%vl3, member = %addr, error = %e, "vL3 shortcuts: this member's packets take its veth")
-                }
-                None => tracing::debug!(%vl3, member = %addr, shortcuts = wanted.len(), "vL3 shortcuts"),
-            }
-            m.failure = outcome;
-        }
     }
 }
 
@@ -885,15 +588,6 @@ async fn build_peer_link(host: &NetNs, router: &NetNs, rnl: &Netlink, name: &str
 mod tests {
     use super::*;
 
-    fn vl3() -> Vl3 {
-        Vl3 {
-            name: "mesh".into(),
-            pool: "172.16.0.0/16".parse().unwrap(),
-            prefix_len: 24,
-            dns_template: "{client}.{service}.".into(),
-        }
-    }
-
     #[test]
     fn peer_link_macs_are_local_unicast_and_differ_by_node_and_vl3() {
         let m = peer_link_mac("mesh", "node-a");
@@ -911,110 +605,5 @@ mod tests {
         assert!(link_name("vx-", "some-long-node-name").len() <= 15);
         assert_eq!(router_netns("n1", "mesh"), router_netns("n1", "mesh"));
         assert_ne!(router_netns("n1", "mesh"), router_netns("n2", "mesh"));
-    }
-
-    #[test]
-    fn filter_isolates_services_and_opens_reach() {
-        let leases = vec![
-            Lease {
-                prefix: "172.16.0.0/24".parse().unwrap(),
-                node: "a".into(),
-                member: "istio.istio-system".into(),
-            },
-            Lease {
-                prefix: "172.16.1.0/24".parse().unwrap(),
-                node: "b".into(),
-                member: "linkerd.linkerd".into(),
-            },
-            Lease {
-                prefix: "172.16.2.0/24".parse().unwrap(),
-                node: "b".into(),
-                member: "mesh".into(),
-            },
-        ];
-        let services = vec![
-            ("istio.istio-system".to_owned(), vec![]),
-            ("linkerd.linkerd".to_owned(), vec!["istio.istio-system".to_owned()]),
-        ];
-        let f = filter_script(&vl3(), &leases, &services);
-        // Sets are in name order: istio (m0), linkerd (m1), mesh (m2, shared).
-        assert!(
-            f.contains("elements = { 172.16.0.0/24 }\n    comment \"members of istio.istio-system\""),
-            "{f}"
-        );
-        assert!(f.contains("ip saddr @m0 ip daddr @m0 accept"), "{f}");
-        assert!(f.contains("ip saddr @m1 ip daddr @m1 accept"), "{f}");
-        assert!(
-            f.contains("ip saddr @m1 ip daddr @m0 accept"),
-            "linkerd reaches istio: {f}"
-        );
-        assert!(
-            !f.contains("ip saddr @m0 ip daddr @m1"),
-            "istio does not reach linkerd: {f}"
-        );
-        assert!(
-            f.contains("ip saddr @m2 accept") && f.contains("ip daddr @m2 accept"),
-            "shared: {f}"
-        );
-        assert!(f.contains("policy drop"));
-        let open = filter_script(
-            &vl3(),
-            &leases,
-            &[("istio.istio-system".to_owned(), vec!["*".to_owned()])],
-        );
-        assert!(open.contains("ip saddr @m0 accept"), "{open}");
-        let v6 = Vl3 {
-            pool: "fd00::/64".parse().unwrap(),
-            ..vl3()
-        };
-        assert!(filter_script(&v6, &[], &services).contains("ip6 saddr"));
-        // linkerd reaches istio but not back: replies need connection tracking.
-        assert!(f.contains("ct state established,related accept"), "{f}");
-    }
-
-    #[test]
-    fn reach_pairs_are_what_the_filter_admits() {
-        let services = vec![
-            ("istio".to_owned(), vec![]),
-            ("linkerd".to_owned(), vec!["istio".to_owned()]),
-            ("admin".to_owned(), vec!["*".to_owned()]),
-        ];
-        let r = |a: &str, b: &str| reaches("mesh", &services, a, b);
-        assert!(r("istio", "istio") && r("linkerd", "linkerd"), "own service");
-        assert!(r("linkerd", "istio") && !r("istio", "linkerd"), "one way");
-        assert!(r("admin", "istio") && !r("istio", "admin"), "* reaches all, not back");
-        assert!(r("mesh", "istio") && r("istio", "mesh"), "shared members both ways");
-        // A lease whose service is gone: the filter has no rule for it but the shared ones.
-        assert!(!r("gone", "gone") && !r("gone", "istio") && r("gone", "mesh"));
-        let f = filter_script(&vl3(), &[], &services);
-        assert!(!f.contains("@m1 ip daddr @m0"), "{f}");
-    }
-
-    #[test]
-    fn connection_tracking_only_for_one_way_reach() {
-        let svc = |s: &str, r: &[&str]| (s.to_owned(), r.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>());
-        let tracked = |services: &[(String, Vec<String>)]| filter_script(&vl3(), &[], services).contains("ct state");
-        assert!(!tracked(&[]), "no services: shared members only");
-        assert!(!tracked(&[svc("a", &[]), svc("b", &[])]), "isolated services");
-        assert!(!tracked(&[svc("a", &["b"]), svc("b", &["a"])]), "mutual reach");
-        assert!(tracked(&[svc("a", &["b"]), svc("b", &[])]), "one-way reach");
-        assert!(
-            tracked(&[svc("a", &["*"]), svc("b", &[])]),
-            "a reaches all, b does not reach a"
-        );
-        assert!(
-            !tracked(&[svc("a", &["*"]), svc("b", &["*"])]),
-            "everyone reaches everyone"
-        );
-        let lease = Lease {
-            prefix: "172.16.0.0/24".parse().unwrap(),
-            node: "n".into(),
-            member: "c".into(),
-        };
-        let f = filter_script(&vl3(), &[lease], &[svc("a", &["*"])]);
-        assert!(
-            f.contains("ct state"),
-            "a reaches c (a lease without a service), not back: {f}"
-        );
     }
 }

@@ -10,33 +10,33 @@ use nsm_api::connection::Mechanism;
 
 use super::params::{answered_lanes, format_lane_ports, parse_lane_ports};
 use super::{DST_LANE_PORTS, DST_PUBLIC_KEY, End, HostSide, OVERHEAD, SRC_LANE_PORTS, SRC_PUBLIC_KEY, TYPE, Wg};
-use crate::mechanism::vxlan::{CLS_REMOTE, DST_IP, DST_PORT, SRC_IP, SRC_PORT};
-use crate::mechanism::{Accepted, ClientEnd, Connected, EndRequest, EndState, Tunnel, param};
-use crate::{NodeError, Result};
+use crate::vxlan::{CLS_REMOTE, DST_IP, DST_PORT, SRC_IP, SRC_PORT};
+use crate::{Accepted, ClientEnd, Connected, EndRequest, EndState, Tunnel, param};
+use crate::{MechanismError, Result};
 
 /// A client node's WIREGUARD offer, validated; kept with the end built for it, since another
 /// address or port means another end.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct WgEnd {
+pub struct WgEnd {
     /// The offer's `src_ip`, `src_port` and the ports of its other lanes.
-    pub(crate) src_ip: IpAddr,
-    pub(crate) src_port: u16,
-    pub(crate) src_lanes: Vec<u16>,
+    pub src_ip: IpAddr,
+    pub src_port: u16,
+    pub src_lanes: Vec<u16>,
     /// The offer's `src_public_key`, decoded (a new one is moved to in place).
-    pub(crate) key: [u8; 32],
+    pub key: [u8; 32],
     /// The ports the end listens on, the first lane's first.
-    pub(crate) ports: Vec<u16>,
+    pub ports: Vec<u16>,
     /// The end's tunnel id in this node's [`Wg`].
-    pub(crate) tunnel: String,
+    pub tunnel: String,
 }
 
 impl WgEnd {
     /// Parses upstream's parameters (and nsm's lane ports); the error names the bad one.
-    pub(crate) fn parse(m: &Mechanism) -> Result<Self> {
+    pub fn parse(m: &Mechanism) -> Result<Self> {
         let src_ip = param(m, SRC_IP, "an IP address")?;
         let src_port: u16 = param(m, SRC_PORT, "a UDP port")?;
         if src_port == 0 {
-            return Err(NodeError::invalid(
+            return Err(MechanismError::invalid(
                 format!("mechanism.parameters.{SRC_PORT}"),
                 "missing or not a UDP port",
             ));
@@ -46,13 +46,13 @@ impl WgEnd {
             .get(SRC_PUBLIC_KEY)
             .and_then(|k| nsm_wireguard::decode_key(k).ok())
             .ok_or_else(|| {
-                NodeError::invalid(
+                MechanismError::invalid(
                     format!("mechanism.parameters.{SRC_PUBLIC_KEY}"),
                     "missing or not a WireGuard key",
                 )
             })?;
         let src_lanes = parse_lane_ports(m.parameters.get(SRC_LANE_PORTS))
-            .map_err(|e| NodeError::invalid(format!("mechanism.parameters.{SRC_LANE_PORTS}"), e))?;
+            .map_err(|e| MechanismError::invalid(format!("mechanism.parameters.{SRC_LANE_PORTS}"), e))?;
         Ok(WgEnd {
             src_ip,
             src_port,
@@ -73,7 +73,7 @@ impl Wg {
     fn host_side(&self) -> Result<&HostSide> {
         self.host
             .as_ref()
-            .ok_or_else(|| NodeError::WireGuard("this node's WireGuard side has no host namespace".into()))
+            .ok_or_else(|| MechanismError::WireGuard("this node's WireGuard side has no host namespace".into()))
     }
 }
 
@@ -175,23 +175,24 @@ impl Tunnel for Wg {
         let mtu = host.underlay_mtu - OVERHEAD;
         let id = super::client_end_id(end.id);
         // As many lanes as the endpoint's node answered for; their ports as offered.
-        let peer_lanes = answered_lanes(params, self.lanes()).map_err(NodeError::WireGuard)?;
+        let peer_lanes = answered_lanes(params, self.lanes()).map_err(MechanismError::WireGuard)?;
         let lanes = peer_lanes.len() + 1;
         let peer_key = params
             .get(DST_PUBLIC_KEY)
             .and_then(|k| nsm_wireguard::decode_key(k).ok())
             .ok_or_else(|| {
-                NodeError::WireGuard("the endpoint's node answered WIREGUARD without a valid dst_public_key".into())
+                MechanismError::WireGuard(
+                    "the endpoint's node answered WIREGUARD without a valid dst_public_key".into(),
+                )
             })?;
-        let peer_port: u16 = params
-            .get(DST_PORT)
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| NodeError::WireGuard("the endpoint's node answered WIREGUARD without a dst_port".into()))?;
+        let peer_port: u16 = params.get(DST_PORT).and_then(|p| p.parse().ok()).ok_or_else(|| {
+            MechanismError::WireGuard("the endpoint's node answered WIREGUARD without a dst_port".into())
+        })?;
         let ports = self.ports_for(&id, lanes);
         if ports.len() != lanes {
             // Every lane the endpoint built needs its peer here, or the flows hashed onto it
             // would be lost; the retry offers what fits now.
-            return Err(NodeError::WireGuard(format!(
+            return Err(MechanismError::WireGuard(format!(
                 "no free UDP port in --wireguard-ports for each of the {lanes} WireGuard lanes"
             )));
         }

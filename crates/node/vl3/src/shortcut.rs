@@ -25,22 +25,22 @@ use ipnet::Ipv4Net;
 use nsm_dataplane::Netlink;
 use nsm_dataplane::fastpath::{PeerPrefix, shortcut_alias as alias};
 
-use crate::mechanism::link_name;
-use crate::mechanism::netlink_in;
+use nsm_mechanisms::link_name;
+use nsm_mechanisms::netlink_in;
 
 /// A member that may have shortcuts.
 #[derive(Clone, Debug)]
 pub(crate) struct Member {
     /// Its namespace (path) and interface (the veth end).
-    pub(crate) netns: String,
-    pub(crate) iface: String,
-    pub(crate) mac: [u8; 6],
+    pub netns: String,
+    pub iface: String,
+    pub mac: [u8; 6],
     /// Its service (upstream name).
-    pub(crate) service: String,
+    pub service: String,
     /// Shortcut -> its routes, as applied; `None` until read from the namespace.
     applied: Option<BTreeMap<String, BTreeSet<Ipv4Net>>>,
     /// The last failure logged, so a lasting one is logged once.
-    pub(crate) failure: Option<String>,
+    pub failure: Option<String>,
     /// Its namespace filters reverse paths strictly, as last read; `None`: to be read.
     strict: Option<bool>,
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use nsm_dataplane::{NetNs, Netlink};
 
 use super::KEY_FILE;
-use crate::{NodeError, WireGuardBackend};
+use crate::{MechanismError, WireGuardBackend};
 
 /// The node's key pair.
 pub(super) struct Keys {
@@ -28,17 +28,19 @@ impl Keys {
 
 /// Which backend a node uses: `Auto` asks the kernel (by creating a `wireguard` link in the host
 /// namespace and deleting it). Fails only when `Kernel` was asked for and the kernel has none.
-pub(crate) async fn choose_backend(asked: WireGuardBackend, host: &NetNs) -> crate::Result<WireGuardBackend> {
+pub async fn choose_backend(asked: WireGuardBackend, host: &NetNs) -> crate::Result<WireGuardBackend> {
     if asked == WireGuardBackend::Userspace {
         return Ok(asked);
     }
     let probe = async { Netlink::connect(host).await?.wireguard_supported().await }.await;
     match (asked, probe) {
         (_, Ok(true)) => Ok(WireGuardBackend::Kernel),
-        (WireGuardBackend::Kernel, Ok(false)) => Err(NodeError::WireGuard(
+        (WireGuardBackend::Kernel, Ok(false)) => Err(MechanismError::WireGuard(
             "--wireguard-backend kernel: this kernel has no WireGuard (it refuses links of kind wireguard)".into(),
         )),
-        (WireGuardBackend::Kernel, Err(e)) => Err(NodeError::WireGuard(format!("--wireguard-backend kernel: {e}"))),
+        (WireGuardBackend::Kernel, Err(e)) => {
+            Err(MechanismError::WireGuard(format!("--wireguard-backend kernel: {e}")))
+        }
         (_, Ok(false)) => {
             tracing::info!("the kernel has no WireGuard: WIREGUARD vWires use the userspace tunnel");
             Ok(WireGuardBackend::Userspace)
@@ -51,7 +53,7 @@ pub(crate) async fn choose_backend(asked: WireGuardBackend, host: &NetNs) -> cra
 }
 
 /// Reads the node's private key from `dir`, or makes one and keeps it there (mode 0600).
-pub(crate) fn load_or_create_key(dir: &Path) -> std::io::Result<[u8; 32]> {
+pub fn load_or_create_key(dir: &Path) -> std::io::Result<[u8; 32]> {
     let path = dir.join(KEY_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {

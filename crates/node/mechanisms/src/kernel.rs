@@ -11,28 +11,28 @@ use super::netlink_in;
 use crate::Result;
 
 /// MTU of a same-node veth vWire: nothing is encapsulated.
-pub(crate) const VETH_MTU: u32 = 1500;
+pub const VETH_MTU: u32 = 1500;
 
 /// A veth vWire's client side.
-pub(crate) struct Veth<'a> {
+pub struct Veth<'a> {
     /// The client's namespace and interface.
-    pub(crate) netns: &'a str,
+    pub netns: &'a str,
     /// The client's interface.
-    pub(crate) interface: &'a str,
+    pub interface: &'a str,
     /// Its addresses.
-    pub(crate) pair: Pair,
+    pub pair: Pair,
     /// Its MTU.
-    pub(crate) mtu: u32,
+    pub mtu: u32,
     /// What the client reaches through the peer beyond the peer itself (an address endpoint, a
     /// vL3's pool).
-    pub(crate) route: Option<IpNet>,
+    pub route: Option<IpNet>,
 }
 
 /// Builds a veth vWire from the client's namespace into `far_netns` (an endpoint's, this host's
 /// as a gateway, or a vL3 router's), the far end named `peer`, with /32 (/128) addresses, host
 /// routes to each other, permanent neighbour entries both ways and the client's route beyond the
 /// peer. All or nothing. Returns the MAC of the client's end.
-pub(crate) async fn wire(v: &Veth<'_>, far_netns: &str, peer: &str) -> Result<Vec<u8>> {
+pub async fn wire(v: &Veth<'_>, far_netns: &str, peer: &str) -> Result<Vec<u8>> {
     let (_cns, cnl) = netlink_in(v.netns).await?;
     let (ens, enl) = netlink_in(far_netns).await?;
     cnl.create_veth(v.interface, peer, &ens, v.mtu).await?;
@@ -84,7 +84,7 @@ async fn link_mac(nl: &Netlink, name: &str) -> nsm_dataplane::Result<Vec<u8>> {
 
 /// Deletes `interface` in `netns` (with a veth, its peer too); whether there was one (a
 /// namespace that is gone took it with it).
-pub(crate) async fn remove(netns: &str, interface: &str) -> Result<bool> {
+pub async fn remove(netns: &str, interface: &str) -> Result<bool> {
     let Ok((_ns, nl)) = netlink_in(netns).await else {
         return Ok(false);
     };
@@ -94,7 +94,7 @@ pub(crate) async fn remove(netns: &str, interface: &str) -> Result<bool> {
 /// What the kernel shows of `interface` in `netns`: up with carrier, its counters, its MAC, and
 /// (when `addresses`, which costs a second round trip) its addresses. None: no such link, or no
 /// such namespace.
-pub(crate) async fn observe(netns: &str, interface: &str, addresses: bool) -> Option<(Observed, LinkStats, Vec<u8>)> {
+pub async fn observe(netns: &str, interface: &str, addresses: bool) -> Option<(Observed, LinkStats, Vec<u8>)> {
     let (_ns, nl) = netlink_in(netns).await.ok()?;
     let link = nl.link(interface).await.ok()??;
     let addresses = if addresses {

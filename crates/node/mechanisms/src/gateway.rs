@@ -12,14 +12,14 @@ use nsm_dataplane::NetNs;
 use crate::Result;
 
 /// The host namespace's gateway state.
-pub(crate) struct Gateway {
+pub struct Gateway {
     host: Arc<NetNs>,
     /// Families (IPv4, IPv6) for which forwarding and the NAT table are set up.
     ready: tokio::sync::Mutex<[bool; 2]>,
 }
 
 impl Gateway {
-    pub(crate) fn new(host: Arc<NetNs>) -> Self {
+    pub fn new(host: Arc<NetNs>) -> Self {
         Gateway {
             host,
             ready: Default::default(),
@@ -27,7 +27,7 @@ impl Gateway {
     }
 
     /// Turns on forwarding for `target`'s family and creates the NAT table, once per family.
-    pub(crate) async fn ensure(&self, target: IpAddr) -> Result<()> {
+    pub async fn ensure(&self, target: IpAddr) -> Result<()> {
         let family = usize::from(target.is_ipv6());
         let mut ready = self.ready.lock().await;
         if ready[family] {
@@ -40,20 +40,20 @@ impl Gateway {
     }
 
     /// Masquerades `src` towards `target` (idempotent).
-    pub(crate) async fn masquerade(&self, src: IpAddr, target: IpAddr) -> Result<()> {
+    pub async fn masquerade(&self, src: IpAddr, target: IpAddr) -> Result<()> {
         self.ensure(target).await?;
         Ok(nsm_dataplane::add_masquerade(&self.host, src, target).await?)
     }
 
     /// Takes `src`'s pair to `target` out of the NAT table.
-    pub(crate) async fn unmasquerade(&self, src: IpAddr, target: IpAddr) {
+    pub async fn unmasquerade(&self, src: IpAddr, target: IpAddr) {
         if let Err(e) = nsm_dataplane::remove_masquerade(&self.host, src, target).await {
             tracing::warn!(%src, %target, error = %e, "removing the NAT pair");
         }
     }
 
     /// The host namespace's path, where a gateway veth ends.
-    pub(crate) fn host_path(&self) -> String {
+    pub fn host_path(&self) -> String {
         self.host.path().display().to_string()
     }
 }
