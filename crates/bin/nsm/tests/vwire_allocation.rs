@@ -140,7 +140,7 @@ async fn three_hosts() -> Testbed {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the node to call lease_pair (pending the node redesign)"]
+
 async fn clients_on_three_nodes_at_once_get_distinct_pairs() {
     let bed = three_hosts().await;
     let path = |n: &str| bed.netns_path(n).display().to_string();

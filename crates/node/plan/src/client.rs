@@ -13,9 +13,7 @@ use crate::domain::{ClientKey, Encryption, MechanismKind, NotReady, Pair, Phase}
 use crate::select::{self, Candidate};
 use crate::view::View;
 
-/// The pool a service without a CIDR draws from (link-local, as upstream's icmp-responder
-/// examples use 169.254.0.0/16).
-pub const DEFAULT_POOL: &str = "169.254.100.0/24";
+pub use nsm_model::pairs::DEFAULT_POOL;
 
 /// This node, as decisions need it.
 #[derive(Clone, Copy, Debug)]
@@ -212,8 +210,9 @@ pub enum Decision {
     Adopt {
         /// The vWire.
         target: Target,
-        /// Its addresses, from the status.
-        pair: Pair,
+        /// Its addresses, from the status (the allocation's `wanted`, which the registry is told
+        /// of: the lease is the client's).
+        allocation: Allocation,
         /// How it was built.
         mechanism: MechanismKind,
     },
@@ -404,13 +403,13 @@ fn plan_inner(input: &Input<'_>) -> Result<Decision, NotReady> {
         });
     }
 
-    // Adopt what an earlier run of this daemon built (it keeps forwarding across a restart).
+    // Adopt what an earlier run of this daemon built (it keeps forwarding across a restart): the
+    // kernel has it with the status's addresses, which are still of the service's pool.
+    let allocation = allocation(&target, service_spec, status)?;
     if let Some(st) = status
-        && st.phase == Phase::Ready as i32
-        && st.endpoint == target.endpoint
         && let Ok(mechanism) = st.mechanism.parse::<MechanismKind>()
         && mechanism != MechanismKind::WireGuard
-        && let Some(pair) = Pair::of_status(st)
+        && let Some(pair) = allocation.wanted
         && input
             .observed
             .is_some_and(|o| o.lower_up && o.addresses.contains(&pair.src))
@@ -422,11 +421,10 @@ fn plan_inner(input: &Input<'_>) -> Result<Decision, NotReady> {
         };
         return Ok(Decision::Adopt {
             target,
-            pair,
+            allocation,
             mechanism,
         });
     }
-    let allocation = allocation(&target, service_spec, status)?;
     Ok(Decision::Build(target, allocation))
 }
 

@@ -662,8 +662,13 @@ fn an_earlier_runs_vwire_is_adopted_only_when_the_kernel_has_it_as_the_status_sa
         }
         let d = case.run(now);
         match (adopted, &d) {
-            (Some(m), Decision::Adopt { pair: p, mechanism, .. }) => {
-                assert_eq!((*mechanism, *p), (m, pair(src, dst)), "{what}");
+            (
+                Some(m),
+                Decision::Adopt {
+                    allocation, mechanism, ..
+                },
+            ) => {
+                assert_eq!((*mechanism, allocation.wanted), (m, Some(pair(src, dst))), "{what}");
             }
             (None, Decision::Build(_, alloc)) => {
                 // Rebuilding keeps the status's pair when the status was for this endpoint.

@@ -1,7 +1,7 @@
 //! Carrying out a vWire decision: allocate, build (through the mechanism modules), adopt,
 //! refresh, tear down. Every build is all or nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
@@ -27,7 +27,7 @@ impl Reconciler {
         decision: Decision,
         stats: LinkStats,
     ) -> Result<v1::ClientStatus, Failure> {
-        let (target, allocation) = match decision {
+        let (target, allocation, replace) = match decision {
             Decision::TearDown | Decision::Member { .. } => {
                 unreachable!("handled by the caller")
             }
@@ -42,17 +42,26 @@ impl Reconciler {
             }
             Decision::Adopt {
                 target,
-                pair,
+                allocation,
                 mechanism,
             } => {
-                let w = self.adopt(key, client, &target, pair, mechanism).await?;
-                return Ok(self.ready_status(key, client, &target, &w, stats));
+                // The registry is told the pair (a vWire built before leases existed has none);
+                // one it gives to another client is not kept.
+                let pair = allocation.wanted.expect("an adopted vWire has its pair");
+                let leased = self.lease(key, &target.service, allocation).await?;
+                if leased == pair {
+                    let w = self.adopt(key, client, &target, pair, mechanism).await?;
+                    return Ok(self.ready_status(key, client, &target, &w, stats));
+                }
+                tracing::warn!(client = %key, had = ?pair, leased = ?leased, "the vWire's addresses are another client's; rebuilding it");
+                let spec = client.spec.clone().unwrap_or_default();
+                kernel::remove(&spec.netns, &spec.interface).await.map_err(failed)?;
+                (target, allocation, false)
             }
-            Decision::Build(t, a) => (t, a),
+            Decision::Build(t, a) => (t, a, false),
             Decision::Rebuild(t, a, why) => {
                 tracing::info!(client = %key, ?why, "rebuilding the vWire");
-                self.teardown(key).await;
-                (t, a)
+                (t, a, true)
             }
             Decision::Heal {
                 target,
@@ -60,17 +69,17 @@ impl Reconciler {
                 from,
             } => {
                 tracing::info!(client = %key, %from, to = %target.endpoint, "healing the vWire to another endpoint");
-                self.teardown(key).await;
-                (target, allocation)
+                (target, allocation, true)
             }
         };
         if target.rr_used {
             self.rr.fetch_add(1, Ordering::Relaxed);
         }
-        let pair = self.allocate(key, &target, allocation)?;
-        let built = self.build(key, client, &target, pair).await;
-        self.state.lock().reserved.remove(key);
-        let w = built.map_err(failed)?;
+        let pair = self.lease(key, &target.service, allocation).await?;
+        if replace {
+            self.teardown(key).await;
+        }
+        let w = self.build(key, client, &target, pair).await.map_err(failed)?;
         self.set_wired(key, &w);
         tracing::info!(client = %key, endpoint = %target.endpoint, src = %pair.src, dst = %pair.dst, mechanism = %w.mechanism, "vWire ready");
         let stats = kernel::observe(&w.netns, &w.interface, false)
@@ -80,39 +89,27 @@ impl Reconciler {
         Ok(self.ready_status(key, client, &target, &w, stats))
     }
 
-    /// A pair of addresses for a new vWire: the wanted one when no other client holds it, else
-    /// the first free pair of the pool. Held for `key` until its vWire stands or fails.
-    fn allocate(&self, key: &ClientKey, target: &Target, a: Allocation) -> Result<Pair, Failure> {
-        let mut st = self.state.lock();
-        let mut used: HashSet<IpAddr> = HashSet::new();
-        for (k, w) in &st.wired {
-            if k != key {
-                used.extend([w.pair.src.addr(), w.pair.dst.addr()]);
+    /// The client's pair of addresses from the registry, which leases each address to one
+    /// client only: the pair it holds in the pool, else the wanted one if free, else the first free
+    /// pair. A registry that does not answer is a blip: what stands is kept and the client retried.
+    async fn lease(&self, key: &ClientKey, service: &str, a: Allocation) -> Result<Pair, Failure> {
+        let wanted = a.wanted.map(|p| (p.src, p.dst));
+        match crate::ipam::lease_pair(&mut self.registry.clone(), (&key.namespace, &key.name), a.pool, wanted).await {
+            Ok((src, dst)) => Ok(Pair { src, dst }),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Err(NotReady::failed(format!(
+                "address pool {} of {service:?} is exhausted: {}",
+                a.pool,
+                s.message()
+            ))
+            .into()),
+            Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
+                Err(NotReady::failed(s.message()).into())
             }
+            Err(s) => Err(Failure {
+                not_ready: NotReady::pending(format!("registry: {}", s.message())),
+                transient: true,
+            }),
         }
-        for (k, addrs) in &st.status_addrs {
-            if k != key {
-                used.extend(addrs.iter().copied());
-            }
-        }
-        for (k, p) in &st.reserved {
-            if k != key {
-                used.extend([p.src.addr(), p.dst.addr()]);
-            }
-        }
-        let pair = match a
-            .wanted
-            .filter(|p| !used.contains(&p.src.addr()) && !used.contains(&p.dst.addr()))
-        {
-            Some(p) => p,
-            None => crate::ipam::allocate_pair(a.pool, &used)
-                .map(|(src, dst)| Pair { src, dst })
-                .ok_or_else(|| {
-                    NotReady::failed(format!("address pool {} of {:?} is exhausted", a.pool, target.service))
-                })?,
-        };
-        st.reserved.insert(key.clone(), pair);
-        Ok(pair)
     }
 
     /// Builds a vWire towards `target`'s far end: all or nothing.

@@ -309,7 +309,7 @@ async fn list_until_answered(registry: &mut Registry, kind: Kind) -> Vec<pb::Res
     }
 }
 
-/// Learns every client (the addresses their statuses hold, this node's interfaces and clients)
+/// Learns every client (this node's interfaces and clients, every vL3 member's DNS name)
 /// and removes what an earlier daemon wired for clients that are no longer this node's.
 async fn seed_clients(r: &Reconciler) {
     let items = list_until_answered(&mut r.registry.clone(), Kind::Client).await;
@@ -320,7 +320,6 @@ async fn seed_clients(r: &Reconciler) {
         for res in items {
             if let Some(pb::resource::Kind::Client(c)) = res.kind {
                 let key = ClientKey::of(&c);
-                st.note_status(&key, c.status.as_ref());
                 r.interfaces.note(&r.config.name, &c);
                 if c.spec.as_ref().is_some_and(|s| s.node == r.config.name) {
                     ours.insert(key.clone());

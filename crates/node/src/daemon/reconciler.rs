@@ -5,7 +5,6 @@
 //! reconciled twice at the same time, so what stands for it changes only here.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -102,11 +101,6 @@ pub(crate) struct State {
     /// Clients assigned to this node, as last seen.
     pub(crate) clients: HashMap<ClientKey, pb::Client>,
     pub(crate) wired: HashMap<ClientKey, Wired>,
-    /// The addresses in every client's status (all nodes' clients), kept from the client watch:
-    /// what allocation must avoid.
-    pub(crate) status_addrs: HashMap<ClientKey, Vec<IpAddr>>,
-    /// Pairs handed out by allocations whose vWire is being built.
-    pub(crate) reserved: HashMap<ClientKey, Pair>,
     /// Every vL3 member in the mesh (from all clients' statuses), for the routers' DNS names.
     pub(crate) members: HashMap<ClientKey, Member>,
     /// Each node's daemon start time and WireGuard key as last seen, to tell a restart or a key
@@ -115,21 +109,6 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// Records the addresses a client's status holds.
-    pub(crate) fn note_status(&mut self, key: &ClientKey, status: Option<&v1::ClientStatus>) {
-        let addrs: Vec<IpAddr> = status
-            .iter()
-            .flat_map(|st| st.src_ip_addrs.iter().chain(&st.dst_ip_addrs))
-            .filter_map(|a| a.parse::<IpNet>().ok())
-            .map(|n| n.addr())
-            .collect();
-        if addrs.is_empty() {
-            self.status_addrs.remove(key);
-        } else {
-            self.status_addrs.insert(key.clone(), addrs);
-        }
-    }
-
     /// Keys of this node's clients that are not Ready (they wait for something).
     pub(crate) fn not_ready(&self) -> Vec<ClientKey> {
         self.clients
@@ -229,6 +208,7 @@ impl Reconciler {
                     tracing::warn!(client = %key, reason = %not_ready.reason, "vWire failed");
                 }
                 if transient {
+                    tracing::debug!(client = %key, reason = %not_ready.reason, "not ready for now; what stands is kept");
                     return Outcome::Retry;
                 }
                 // The desired vWire cannot be built now: what stands (to an endpoint that is gone
@@ -275,11 +255,7 @@ impl Reconciler {
     /// Removes what stands for client `key`.
     pub(crate) async fn teardown(&self, key: &ClientKey) {
         self.records.lock().forget(key);
-        let w = {
-            let mut st = self.state.lock();
-            st.reserved.remove(key);
-            st.wired.remove(key)
-        };
+        let w = self.state.lock().wired.remove(key);
         let Some(w) = w else { return };
         self.vl3.lock().await.member_gone(&w.endpoint, w.pair.src.addr()).await;
         self.unwire(&w).await;

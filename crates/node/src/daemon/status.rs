@@ -41,12 +41,8 @@ impl Reports {
         }
         status.updated = Some(prost_types::Timestamp::from(SystemTime::now()));
         // What the registry will hold, so the next reconcile compares against it.
-        {
-            let mut st = r.state.lock();
-            st.note_status(key, Some(&status));
-            if let Some(c) = st.clients.get_mut(key) {
-                c.status = Some(status.clone());
-            }
+        if let Some(c) = r.state.lock().clients.get_mut(key) {
+            c.status = Some(status.clone());
         }
         // Only this client's reconcile writes its status, so nothing else waits on this one.
         let previous = self.in_flight.lock().remove(key);

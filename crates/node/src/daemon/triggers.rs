@@ -272,11 +272,6 @@ async fn on_client(r: &Reconciler, queue: &Queue<ClientKey>, c: pb::Client, dele
     let ours = c.spec.as_ref().is_some_and(|s| s.node == r.config.name);
     let spec_changed = {
         let mut st = r.state.lock();
-        if deleted {
-            st.status_addrs.remove(&key);
-        } else {
-            st.note_status(&key, c.status.as_ref());
-        }
         if deleted || !ours {
             st.clients.remove(&key).is_some() || st.wired.contains_key(&key)
         } else {
