@@ -1,10 +1,34 @@
 //! `nsm demo` end to end, as root: it builds the hybrid-cloud vWires, proves traffic, and leaves
 //! nothing behind — also when it is killed and `nsm demo --down` cleans up after it.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const NSM: &str = env!("CARGO_BIN_EXE_nsm");
+/// The command users run is `nsm demo`: the `nsm` binary next to nsm-demo (built by
+/// `cargo test --workspace`), which execs nsm-demo and lends it its daemons.
+fn nsm() -> PathBuf {
+    let nsm = Path::new(env!("CARGO_BIN_EXE_nsm-demo")).with_file_name("nsm");
+    assert!(
+        nsm.exists(),
+        "{} is not built; run `cargo build -p nsm -p nsmctl` (or `cargo test --workspace`)",
+        nsm.display()
+    );
+    nsm
+}
+
+/// `nsm demo --help` explains the demo (nsm-demo's help, under the name users typed); needs no root.
+#[test]
+fn nsm_demo_help_explains_the_demo() {
+    let o = Command::new(nsm()).args(["demo", "--help"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("Show the mesh working"), "{out}");
+    assert!(out.contains("Usage: nsm demo [OPTIONS]"), "{out}");
+    for flag in ["--once", "--down", "--state-dir", "--prefix"] {
+        assert!(out.contains(flag), "missing {flag} in:\n{out}");
+    }
+}
 
 fn netns_with_prefix(prefix: &str) -> Vec<String> {
     std::fs::read_dir("/run/netns")
@@ -37,7 +61,7 @@ fn demo_once_then_killed_and_cleaned_by_down() {
 fn demo_once_proves_traffic_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = prefix("demo");
-    let o = Command::new(NSM)
+    let o = Command::new(nsm())
         .args(["demo", "--once", "--prefix", &prefix, "--state-dir"])
         .arg(dir.path())
         .output()
@@ -74,7 +98,7 @@ fn demo_once_proves_traffic_and_cleans_up() {
 fn demo_killed_is_cleaned_by_down() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = prefix("kill");
-    let mut demo = Command::new(NSM)
+    let mut demo = Command::new(nsm())
         .args(["demo", "--prefix", &prefix, "--state-dir"])
         .arg(dir.path())
         .stdout(Stdio::null())
@@ -112,7 +136,7 @@ fn demo_killed_is_cleaned_by_down() {
     assert!(pids.iter().all(|p| alive(*p)), "and its daemons");
 
     // A second demo refuses to start over a running one's leftovers.
-    let o = Command::new(NSM)
+    let o = Command::new(nsm())
         .args(["demo", "--once", "--prefix", &prefix, "--state-dir"])
         .arg(dir.path())
         .output()
@@ -120,7 +144,7 @@ fn demo_killed_is_cleaned_by_down() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already running"));
 
-    let o = Command::new(NSM)
+    let o = Command::new(nsm())
         .args(["demo", "--down", "--state-dir"])
         .arg(dir.path())
         .output()
@@ -138,7 +162,7 @@ fn demo_killed_is_cleaned_by_down() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Idempotent.
-    let o = Command::new(NSM)
+    let o = Command::new(nsm())
         .args(["demo", "--down", "--state-dir"])
         .arg(dir.path())
         .output()

@@ -5,6 +5,9 @@
 //! `nsmctl` commands (the `client create`s inside the pod, as a pod would), and proves that
 //! traffic flows: pings, a TCP transfer, the counters. Everything it starts or creates is listed in
 //! a state file first, so `nsm demo --down` can remove what a killed demo left behind.
+//!
+//! The daemons are the `nsm` binary's (`--nsm`, which `nsm demo` sets to itself; else `nsm` next to
+//! this binary), and `nsmctl` is the one next to that.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -33,6 +36,10 @@ pub(crate) struct Args {
     /// Prefix of the demo's namespace names (`PREFIX-pod`, `PREFIX-vm`, …).
     #[arg(long, default_value = "nsmdemo")]
     prefix: String,
+    /// The nsm binary that runs the registry and the node daemons (nsmctl is taken from its
+    /// directory). `nsm demo` passes itself. Default: `nsm` next to this binary.
+    #[arg(long, env = "NSM_BIN", hide_env_values = true)]
+    nsm: Option<PathBuf>,
 }
 
 /// What a demo started and created, written before each step so nothing is lost if it is killed.
@@ -120,11 +127,23 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         println!("Removing what an earlier demo left behind…");
         down(&args.state_dir, false)?;
     }
-    let exe = std::env::current_exe().context("locating the nsm binary")?;
+    let exe = match &args.nsm {
+        Some(nsm) => nsm.clone(),
+        None => std::env::current_exe()
+            .context("locating the nsm-demo binary")?
+            .with_file_name("nsm"),
+    };
+    // The path the kernel shows in /proc/PID/exe, which `runs` compares with.
+    let exe = std::fs::canonicalize(&exe).with_context(|| {
+        format!(
+            "the nsm binary {} (build all three: cargo build --release -p nsm -p nsmctl -p nsm-demo)",
+            exe.display()
+        )
+    })?;
     let nsmctl = exe.with_file_name("nsmctl");
     if !nsmctl.exists() {
         bail!(
-            "nsmctl not found next to {} (build both: cargo build --release -p nsm -p nsmctl)",
+            "nsmctl not found next to {} (build all three: cargo build --release -p nsm -p nsmctl -p nsm-demo)",
             exe.display()
         );
     }
