@@ -42,6 +42,23 @@ pub(crate) enum Trigger {
     Resync,
 }
 
+impl Trigger {
+    fn name(&self) -> &'static str {
+        match self {
+            Trigger::Client(..) => "client",
+            Trigger::Endpoint(_) => "endpoint",
+            Trigger::Service(_) => "service",
+            Trigger::Prefix => "prefix",
+            Trigger::Node(_) => "node",
+            Trigger::Rotated => "rotated",
+            Trigger::Sweep => "sweep",
+            Trigger::NetnsGone(_) => "netns gone",
+            Trigger::NetnsAdded => "netns added",
+            Trigger::Resync => "resync",
+        }
+    }
+}
+
 /// Sends `make()` every `every`, the first one at once.
 pub(crate) fn spawn_ticker(every: Duration, make: fn() -> Trigger, tx: mpsc::Sender<Trigger>) {
     tokio::spawn(async move {
@@ -159,6 +176,7 @@ pub(crate) async fn handle(
     started: prost_types::Timestamp,
     t: Trigger,
 ) {
+    tracing::trace!(trigger = t.name(), "trigger");
     match t {
         Trigger::Client(c, deleted) => on_client(r, queue, *c, deleted).await,
         Trigger::Endpoint(name) => {
