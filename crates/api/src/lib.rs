@@ -3,6 +3,7 @@
 //! The upstream packages (`networkservice`, `connection`, `connectioncontext`, `registry`, `ipam`)
 //! are written from upstream's published field tables (api v1.15) so that upstream clients and
 //! servers interoperate with ours on the wire; `nsm.v1` holds what upstream lacks.
+#![forbid(unsafe_code)]
 #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 
 /// Upstream package `connectioncontext`.

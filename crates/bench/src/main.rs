@@ -11,6 +11,7 @@
 //!
 //! `nsm-bench wireguard` compares nsm's WIREGUARD vWire with stock userspace WireGuard and with
 //! nsm's clear-text VXLAN vWire on one two-host test bed (see `wireguard.rs`).
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -8,6 +8,7 @@
 //!
 //! The server is hickory-server's [`Server`] (UDP and TCP framing, per-request tasks) with this
 //! crate's [`RequestHandler`] behind it.
+#![forbid(unsafe_code)]
 
 mod forward;
 mod records;

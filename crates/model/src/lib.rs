@@ -8,6 +8,7 @@
 //! - [`document`]: the YAML/JSON form used by `nsmctl apply -f` and `-o yaml|json`, including
 //!   upstream's `networkservicemesh.io/v1` CRD documents.
 //! - [`pairs`]: choosing a vWire's point-to-point address pair from a pool.
+#![forbid(unsafe_code)]
 
 pub mod document;
 pub mod kind;

@@ -6,6 +6,7 @@
 //! upstream clients and the other way round. State lives in a [`Store`]; reads are served from an
 //! in-memory view that follows the store ([`cache`]). vWire address pairs are leased from it too
 //! ([`addresses`]).
+#![forbid(unsafe_code)]
 
 mod addresses;
 mod cache;

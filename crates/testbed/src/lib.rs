@@ -15,6 +15,7 @@
 //! The underlay is one L2 segment. Every /24 that any member's address falls in is reachable
 //! *on-link* from every member (a `dev eth0` route, no gateway), so a host on 192.0.2.0/24 reaches
 //! an address host on 10.0.0.0/24 directly, as a VM on the same LAN would.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};

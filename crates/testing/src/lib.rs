@@ -4,6 +4,7 @@
 //! ports and a data directory in a temporary directory, so store tests exercise the actual server
 //! (leases, compaction, dropped streams) rather than a mock. Each test may start its own instance;
 //! one takes well under a second to become healthy.
+#![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

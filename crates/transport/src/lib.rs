@@ -7,6 +7,7 @@
 //! TCP listeners take a TLS configuration ([`ServerTls`]): server certificate, and with a client
 //! CA, mutual TLS — SPIFFE-shaped identities (`spiffe://trust-domain/…` URI SANs) as upstream uses
 //! them. Unix sockets stay local to the host and are not wrapped in TLS.
+#![forbid(unsafe_code)]
 
 mod tls;
 

@@ -9,6 +9,7 @@
 //! ([`LaneConfig`]), one peer's flows are encrypted on several cores.
 //!
 //! It is wire-compatible with stock WireGuard (kernel, wireguard-go, `wg` keys).
+#![forbid(unsafe_code)]
 
 mod error;
 mod gro;

@@ -1,6 +1,7 @@
 //! `nsm-demo`: the demo that `nsm demo` runs. The `nsm` binary execs this one (found next to it,
 //! else on PATH) with the arguments it was given, so the daemons' binary does not carry the test
 //! bed; the demo in turn runs `nsm registry` and `nsm node` from the `nsm` binary.
+#![forbid(unsafe_code)]
 
 mod demo;
 

@@ -4,6 +4,7 @@
 //! - `nsm node` — the nsm-node daemon of a host.
 //! - `nsm demo` — the vWire and vL3 scenarios on a test bed (root): runs the `nsm-demo` binary,
 //!   so this one does not carry the test bed.
+#![forbid(unsafe_code)]
 
 mod node;
 mod registry;

@@ -3,6 +3,7 @@
 //! kubectl habits: `nsmctl <kind> create|get|describe|delete`, the same as `nsmctl get <kind>`,
 //! `apply -f FILE|-`, `-n NAMESPACE`, `-o table|json|yaml`. Errors go to stderr with a non-zero
 //! exit code; nothing is written when a request is rejected.
+#![forbid(unsafe_code)]
 
 mod apply;
 mod output;

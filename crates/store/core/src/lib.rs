@@ -10,6 +10,7 @@
 //! gone (etcd leases) or restarted (embedded store).
 //!
 //! Backends: `nsm-store-redb` (embedded, durable, the default) and `nsm-store-etcd`.
+#![forbid(unsafe_code)]
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

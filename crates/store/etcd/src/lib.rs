@@ -26,6 +26,7 @@
 //!   asked to start at an already compacted revision fails at once with
 //!   [`StoreError::Compacted`], as with the embedded backend. The task stops when the consumer
 //!   drops the stream.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::future::Future;

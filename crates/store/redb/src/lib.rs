@@ -10,6 +10,7 @@
 //! answered with [`StoreError::Compacted`], exactly as etcd answers a compacted revision; a watcher
 //! that falls behind its buffer resumes from history by itself, or gets a
 //! [`WatchEvent::Reset`] if history no longer covers it.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::Path;
