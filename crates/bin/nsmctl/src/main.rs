@@ -22,7 +22,8 @@ use tonic::transport::Channel;
 
 use crate::output::Format;
 
-/// The nsm command line: manage network services, endpoints and nodes of a registry.
+/// The nsm command line: manage network services, endpoints, nodes and clients (vWires) of a
+/// registry, and list the vL3 prefixes it leases.
 #[derive(Parser)]
 #[command(name = "nsmctl", version, about, long_about = None, propagate_version = true)]
 struct Cli {
@@ -80,14 +81,16 @@ enum Command {
     Get(GetArgs),
     /// Show one resource in detail: `nsmctl describe endpoint NAME`.
     Describe {
-        /// ns | endpoint | node
+        /// ns (networkservice, netsvc), endpoint (ep, nse), node, client (vwire) or prefix;
+        /// plurals work too.
         kind: String,
         /// Name.
         name: String,
     },
     /// Delete resources: `nsmctl delete ns NAME…`.
     Delete {
-        /// ns | endpoint | node
+        /// ns (networkservice, netsvc), endpoint (ep, nse), node, client (vwire) or prefix;
+        /// plurals work too.
         kind: String,
         /// Names.
         #[arg(required = true)]
@@ -125,7 +128,8 @@ enum Verb<C: Args> {
 
 #[derive(Args)]
 struct GetArgs {
-    /// ns | endpoint | node
+    /// ns (networkservice, netsvc), endpoint (ep, nse), node, client (vwire) or prefix;
+    /// plurals work too.
     kind: String,
     #[command(flatten)]
     opts: GetOpts,

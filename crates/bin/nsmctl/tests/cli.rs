@@ -558,3 +558,34 @@ fn closed_stdout_is_not_an_error() {
     assert!(o.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The help names every kind the CLI accepts (nsm_model::Kind), by spellings that parse to it.
+#[test]
+fn help_names_every_kind() {
+    use nsm_model::Kind;
+    let help = |args: &[&str]| {
+        let o = Command::new(NSMCTL).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let top = help(&["--help"]);
+    for words in ["network services", "endpoints", "nodes", "clients", "prefixes"] {
+        assert!(top.contains(words), "nsmctl --help lacks {words:?}:\n{top}");
+    }
+    for verb in ["get", "describe", "delete"] {
+        let h = help(&[verb, "--help"]);
+        for kind in Kind::ALL {
+            assert!(h.contains(kind.noun()), "nsmctl {verb} --help lacks {kind}:\n{h}");
+        }
+        for (word, kind) in [
+            ("ns", Kind::NetworkService),
+            ("netsvc", Kind::NetworkService),
+            ("ep", Kind::Endpoint),
+            ("nse", Kind::Endpoint),
+            ("vwire", Kind::Client),
+        ] {
+            assert!(h.contains(word), "nsmctl {verb} --help lacks {word:?}:\n{h}");
+            assert_eq!(word.parse::<Kind>().unwrap(), kind);
+        }
+    }
+}
