@@ -151,9 +151,14 @@ impl Reconciler {
             Far::Remote { url, underlay, .. } => {
                 let conn = self.connection(key, &uid, &target.service, &target.endpoint, client, pair);
                 let prefs = self.offers(&uid, target.encryption)?;
-                let (accepted, kind, connected) = self
+                let wired = self
                     .wire_remote(&w, &uid, url, *underlay, conn, prefs, target.encryption)
-                    .await?;
+                    .await;
+                if let (Err(_), Some(wg)) = (&wired, &self.tunnels.wireguard) {
+                    // The ports offered for this end are free again.
+                    wg.unclaim(&nsm_mechanisms::wireguard::client_end_id(&uid));
+                }
+                let (accepted, kind, connected) = wired?;
                 w.mtu = connected.mtu;
                 w.mechanism = kind;
                 w.wg_id = connected.wg_id;

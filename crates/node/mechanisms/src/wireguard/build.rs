@@ -14,10 +14,18 @@ impl Wg {
     /// bound ports, the first lane's first (one port for a kernel end, which has one lane). All or
     /// nothing.
     pub async fn build(&self, end: End<'_>) -> crate::Result<Vec<u16>> {
+        let id = end.id.clone();
+        let built = self.build_end(end).await;
+        // Built, the tunnel holds its ports; failed, they are free again.
+        self.unclaim(&id);
+        built
+    }
+
+    async fn build_end(&self, end: End<'_>) -> crate::Result<Vec<u16>> {
         if self.backend == WireGuardBackend::Kernel {
             return self.build_kernel(end).await.map(|p| vec![p]);
         }
-        self.remove(&end.id).await;
+        self.stop(&end.id).await;
         let mtu =
             u16::try_from(end.mtu).map_err(|_| MechanismError::WireGuard(format!("MTU {} too large", end.mtu)))?;
         // A kernel end of a run with `--wireguard-backend kernel` left under this name goes, or

@@ -76,6 +76,9 @@ pub struct Wg {
     /// Lanes per userspace tunnel (1 with the kernel backend).
     lanes: usize,
     tunnels: parking_lot::Mutex<HashMap<String, Tun>>,
+    /// Ports handed out by [`Wg::ports_for`] to ends not built yet (an offer made, the answer
+    /// awaited): no other end is given them meanwhile, since several vWires are built at once.
+    claimed: parking_lot::Mutex<HashMap<String, Vec<u16>>>,
     /// Where this node's ends listen and what they are built from (see [`Wg::on_host`]).
     host: Option<HostSide>,
 }
@@ -174,6 +177,7 @@ impl Wg {
                 lanes.clamp(1, nsm_wireguard::MAX_LANES)
             },
             tunnels: parking_lot::Mutex::default(),
+            claimed: parking_lot::Mutex::default(),
             host: None,
         }
     }
@@ -380,6 +384,10 @@ impl Wg {
         let (lo, hi) = (u64::from(*self.ports.start()), u64::from(*self.ports.end()));
         let size = hi - lo + 1;
         let tunnels = self.tunnels.lock();
+        let mut claimed = self.claimed.lock();
+        let taken = |p: u16| {
+            tunnels.iter().any(|(k, t)| k != id && t.holds(p)) || claimed.iter().any(|(k, c)| k != id && c.contains(&p))
+        };
         let mut ports: Vec<u16> = Vec::with_capacity(lanes);
         for lane in 0..lanes {
             let key = if lane == 0 {
@@ -390,7 +398,7 @@ impl Wg {
             let first = crate::stable_hash(&key) % size;
             let free = (0..size)
                 .map(|i| u16::try_from(lo + (first + i) % size).unwrap_or(u16::MAX))
-                .find(|p| !ports.contains(p) && !tunnels.iter().any(|(k, t)| k != id && t.holds(*p)));
+                .find(|p| !ports.contains(p) && !taken(*p));
             match free {
                 Some(port) => ports.push(port),
                 // A full range: the first lane tries the range's start (binding reports the
@@ -399,7 +407,13 @@ impl Wg {
                 None => break,
             }
         }
+        claimed.insert(id.to_owned(), ports.clone());
         ports
+    }
+
+    /// Gives back the ports claimed for end `id` (built, failed, or its vWire gone).
+    pub fn unclaim(&self, id: &str) {
+        self.claimed.lock().remove(id);
     }
 
     /// The ports an end tries to bind, in order: `first`, then the next ones of the range
@@ -419,6 +433,12 @@ impl Wg {
 impl Wg {
     /// Stops tunnel `id`: a userspace tunnel's TUN goes with it, a kernel link is deleted.
     pub async fn remove(&self, id: &str) {
+        self.unclaim(id);
+        self.stop(id).await;
+    }
+
+    /// Stops tunnel `id` (its claimed ports stay claimed: it is being built again).
+    async fn stop(&self, id: &str) {
         if let Some(Tun::Kernel(k)) = self.remove_entry(id).await
             && let Ok(ns) = NetNs::open(&k.netns)
             && let Ok(nl) = Netlink::connect(&ns).await
@@ -471,6 +491,27 @@ mod tests {
         assert!(!dir.join(format!("{KEY_FILE}.tmp")).exists());
         assert!(key_age(&dir) < Duration::from_secs(5));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ports_handed_out_are_not_handed_out_again_until_given_back() {
+        let wg = Wg::new(
+            [1; 32],
+            51820..=51821,
+            PathBuf::from("/nonexistent"),
+            WireGuardBackend::Userspace,
+            1,
+        );
+        // Two ends offered at once (built concurrently) never share a port.
+        let a = wg.ports_for("a", 1)[0];
+        let b = wg.ports_for("b", 1)[0];
+        assert_ne!(a, b);
+        assert_eq!(wg.ports_for("a", 1)[0], a, "asking again for the same end keeps its port");
+        // A full range: a third end gets the range's start (its bind will report the failure).
+        assert_eq!(wg.ports_for("c", 1)[0], 51820);
+        wg.unclaim("c");
+        wg.unclaim("a");
+        assert_eq!(wg.ports_for("c", 1)[0], a, "a given-back port is free again");
     }
 
     #[test]
