@@ -164,7 +164,7 @@ impl RemoteEnds {
     /// the registry (one registered a moment ago may not have reached the view yet).
     async fn endpoint(&self, upstream_name: &str) -> Result<pb::EndpointSpec> {
         let (ns, name, _) = upstream::parse_name("connection.network_service_endpoint_name", upstream_name)
-            .map_err(|e| NodeError::invalid("connection.network_service_endpoint_name", e.to_string()))?;
+            .map_err(|e| NodeError::invalid(e.field, e.reason))?;
         if let Some(spec) = self.cache.endpoint(&ns, &name) {
             return Ok(spec);
         }
@@ -227,6 +227,10 @@ impl RemoteEnds {
                     self.tunnels.names(),
                 ))
             })?;
+        self.tunnels
+            .get(kind)
+            .expect("chosen because this node builds it")
+            .check_offer(&mechanism)?;
         let ip = conn
             .context
             .as_ref()
@@ -295,7 +299,8 @@ impl RemoteEnds {
                 },
                 known.as_ref(),
             )
-            .await?;
+            .await
+            .map_err(NodeError::EndpointSide)?;
         // An end an earlier daemon left under this name is this connection's again.
         self.leftovers.lock().await.remove(&link);
         ends.insert(

@@ -52,6 +52,10 @@ pub enum NodeError {
     /// The data directory cannot hold the node's records.
     #[error("data directory: {0}")]
     DataDir(String),
+    /// The endpoint side of a cross-node vWire could not be built (answered `Internal`, as
+    /// before the mechanisms were modules).
+    #[error("building the endpoint side: {0}")]
+    EndpointSide(#[source] nsm_mechanisms::MechanismError),
     /// A mechanism could not build, keep or remove an end.
     #[error(transparent)]
     Mechanism(#[from] nsm_mechanisms::MechanismError),
@@ -97,7 +101,9 @@ impl From<NodeError> for tonic::Status {
                 Vl3Error::PrefixServer(s) => Status::new(s.code(), msg),
                 _ => Status::internal(msg),
             },
-            NodeError::Dataplane(_) | NodeError::HostNetns(_) | NodeError::DataDir(_) => Status::internal(msg),
+            NodeError::EndpointSide(_) | NodeError::Dataplane(_) | NodeError::HostNetns(_) | NodeError::DataDir(_) => {
+                Status::internal(msg)
+            }
         }
     }
 }

@@ -58,3 +58,22 @@ pub async fn lease_pair(
     };
     Ok((parse(&lease.src_ip_addr)?, parse(&lease.dst_ip_addr)?))
 }
+
+/// Gives back the pairs `client` (namespace, name) holds, as the registry does itself when the
+/// client is deleted: for a client whose vWire could not be built, so that it holds no addresses
+/// another client could use meanwhile.
+pub async fn release_pairs(
+    registry: &mut ResourceServiceClient<Channel>,
+    client: (&str, &str),
+) -> Result<(), tonic::Status> {
+    registry
+        .release_addresses(v1::ReleaseAddressesRequest {
+            client: Some(v1::ResourceRef {
+                kind: v1::Kind::Client as i32,
+                namespace: client.0.to_owned(),
+                name: client.1.to_owned(),
+            }),
+        })
+        .await
+        .map(drop)
+}

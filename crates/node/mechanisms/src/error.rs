@@ -10,6 +10,15 @@ pub enum MechanismError {
     /// The kernel refused (or a namespace could not be opened).
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// A namespace a vWire is built in could not be reached (`role`: client, endpoint).
+    #[error("{role} netns: {source}")]
+    Netns {
+        /// Whose namespace.
+        role: &'static str,
+        /// Why.
+        #[source]
+        source: Box<MechanismError>,
+    },
     /// A mechanism parameter is missing or malformed.
     #[error("{field}: {reason}")]
     Invalid {

@@ -8,7 +8,7 @@ use nsm_node_plan::Pair;
 use nsm_node_plan::client::Observed;
 
 use super::netlink_in;
-use crate::Result;
+use crate::{MechanismError, Result};
 
 /// MTU of a same-node veth vWire: nothing is encapsulated.
 pub const VETH_MTU: u32 = 1500;
@@ -33,8 +33,14 @@ pub struct Veth<'a> {
 /// routes to each other, permanent neighbour entries both ways and the client's route beyond the
 /// peer. All or nothing. Returns the MAC of the client's end.
 pub async fn wire(v: &Veth<'_>, far_netns: &str, peer: &str) -> Result<Vec<u8>> {
-    let (_cns, cnl) = netlink_in(v.netns).await?;
-    let (ens, enl) = netlink_in(far_netns).await?;
+    let in_ns = |role: &'static str| {
+        move |e: MechanismError| MechanismError::Netns {
+            role,
+            source: Box::new(e),
+        }
+    };
+    let (_cns, cnl) = netlink_in(v.netns).await.map_err(in_ns("client"))?;
+    let (ens, enl) = netlink_in(far_netns).await.map_err(in_ns("endpoint"))?;
     cnl.create_veth(v.interface, peer, &ens, v.mtu).await?;
     let (src, dst) = (v.pair.src, v.pair.dst);
     // Requests that do not depend on each other go out together (each socket answers them in

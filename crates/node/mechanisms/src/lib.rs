@@ -144,6 +144,10 @@ pub trait Tunnel: Send + Sync {
     /// The client's node: what it offers for connection `id`.
     fn offer(&self, id: &str) -> Result<Mechanism>;
 
+    /// The endpoint's node: whether an offer's parameters are well formed (a bad one is
+    /// `Invalid`, naming the parameter), checked before anything is looked up or touched.
+    fn check_offer(&self, offer: &Mechanism) -> Result<()>;
+
     /// The endpoint's node: builds its end for a request (or keeps it, on a refresh: `known` is
     /// what stands for this connection). The offer's parameters are parsed into this
     /// mechanism's own typed offer before anything is touched; a bad one is `InvalidArgument`

@@ -91,6 +91,10 @@ impl Tunnel for Vxlan {
         })
     }
 
+    fn check_offer(&self, offer: &Mechanism) -> Result<()> {
+        VxlanOffer::parse(offer).map(drop)
+    }
+
     async fn accept(&self, req: &EndRequest<'_>, known: Option<&(PathBuf, String, EndState)>) -> Result<Accepted> {
         let offer = VxlanOffer::parse(req.offer)?;
         let mtu = mtu(self.underlay_mtu, offer.src_ip);

@@ -101,6 +101,8 @@ pub struct Standing {
     pub mechanism: MechanismKind,
     /// When its far end on another node was last requested; `None`: due now.
     pub refreshed: Option<Instant>,
+    /// The uid of the client it was built for.
+    pub uid: String,
 }
 
 /// A link as the kernel shows it.
@@ -140,6 +142,8 @@ pub struct Input<'a> {
 /// Why what stands is rebuilt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rebuild {
+    /// It was built for another client of the same name (deleted and made again).
+    Replaced,
     /// The client's namespace or interface changed.
     Workload,
     /// The way to the endpoint changed (another node now hosts its address, or none does).
@@ -368,7 +372,10 @@ fn plan_inner(input: &Input<'_>) -> Result<Decision, NotReady> {
 
     let status = client.status.as_ref();
     if let Some(w) = input.standing {
-        let rebuild = if w.endpoint != target.endpoint {
+        let uid = client.metadata.as_ref().map_or("", |m| m.uid.as_str());
+        let rebuild = if w.uid != uid {
+            Some(Rebuild::Replaced)
+        } else if w.endpoint != target.endpoint {
             None
         } else if w.netns != spec.netns || w.interface != spec.interface {
             Some(Rebuild::Workload)

@@ -123,6 +123,7 @@ fn standing(endpoint: &str, remote: bool, mechanism: MechanismKind) -> Standing 
         nat: false,
         mechanism,
         refreshed: None,
+        uid: "uid-c1".into(),
     }
 }
 
@@ -533,6 +534,8 @@ fn what_stands_is_kept_refreshed_rebuilt_or_healed() {
     was_local.remote = false;
     let mut enc_vxlan = standing("far-enc", true, MechanismKind::Vxlan);
     enc_vxlan.refreshed = Some(now);
+    let mut replaced = standing("e1", false, MechanismKind::Kernel);
+    replaced.uid = "uid-of-an-earlier-c1".into();
     let ok = Some(up(&["169.254.100.1/32"]));
     let pinned = |ep: &str| client(if ep == "far-enc" { "enc" } else { "svc" }, |s| s.endpoint = ep.into());
     let cases: Vec<(&str, Case<'_>, &str)> = vec![

@@ -246,7 +246,13 @@ fn plan_member_inner(input: &MemberInput<'_>) -> Result<MemberDecision, NotReady
     };
     let src = IpNet::from(addr);
     if let Some(w) = input.standing {
-        if w.pair.src != src || w.netns != spec.netns || w.interface != spec.interface || w.endpoint != m.vl3.name {
+        let uid = input.client.metadata.as_ref().map_or("", |m| m.uid.as_str());
+        if w.uid != uid
+            || w.pair.src != src
+            || w.netns != spec.netns
+            || w.interface != spec.interface
+            || w.endpoint != m.vl3.name
+        {
             return Ok(MemberDecision::Rebuild(m));
         }
         if input.observed.is_some_and(|o| o.lower_up) {

@@ -162,15 +162,19 @@ fn what_stands_is_kept_adopted_rebuilt_or_built() {
         nat: false,
         mechanism: MechanismKind::Kernel,
         refreshed: None,
+        uid: String::new(),
     };
     let up = |a: &str| Observed {
         lower_up: true,
         addresses: vec![a.parse().unwrap()],
     };
     let (same, moved) = (w("172.16.3.1/32"), w("172.16.3.5/32"));
+    let mut replaced = w("172.16.3.1/32");
+    replaced.uid = "an-earlier-client".into();
     let down = Observed::default();
-    let cases: [(Option<&Standing>, Option<&Observed>, &str); 6] = [
+    let cases: [(Option<&Standing>, Option<&Observed>, &str); 7] = [
         (Some(&same), Some(&up("172.16.3.1/32")), "keep"),
+        (Some(&replaced), Some(&up("172.16.3.1/32")), "rebuild"),
         (Some(&same), Some(&down), "build"),
         (Some(&moved), Some(&up("172.16.3.5/32")), "rebuild"),
         (None, Some(&up("172.16.3.1/32")), "adopt"),

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use nsm_api::connection::{Connection, Mechanism, Path as ConnPath, PathSegment};
@@ -48,13 +47,26 @@ impl Reconciler {
                 // The registry is told the pair (a vWire built before leases existed has none);
                 // one it gives to another client is not kept.
                 let pair = allocation.wanted.expect("an adopted vWire has its pair");
-                let leased = self.lease(key, &target.service, allocation).await?;
+                let leased = match self.lease(key, &target.service, allocation).await {
+                    Ok(p) => p,
+                    // A registry that cannot lease now (or not at all: an older one) does not stop
+                    // a vWire that forwards from being kept; the registry counts the addresses of
+                    // Ready statuses as taken.
+                    Err(f) if f.transient => {
+                        tracing::warn!(client = %key, reason = %f.not_ready.reason, "adopting without a lease");
+                        pair
+                    }
+                    Err(f) => return Err(f),
+                };
                 if leased == pair {
                     let w = self.adopt(key, client, &target, pair, mechanism).await?;
                     return Ok(self.ready_status(key, client, &target, &w, stats));
                 }
                 tracing::warn!(client = %key, had = ?pair, leased = ?leased, "the vWire's addresses are another client's; rebuilding it");
                 let spec = client.spec.clone().unwrap_or_default();
+                if let Some(route) = target.far.route().filter(|_| target.far.nat()) {
+                    self.gateway.unmasquerade(pair.src.addr(), route.addr()).await;
+                }
                 kernel::remove(&spec.netns, &spec.interface).await.map_err(failed)?;
                 (target, allocation, false)
             }
@@ -72,14 +84,22 @@ impl Reconciler {
                 (target, allocation, true)
             }
         };
-        if target.rr_used {
-            self.rr.fetch_add(1, Ordering::Relaxed);
-        }
         let pair = self.lease(key, &target.service, allocation).await?;
         if replace {
             self.teardown(key).await;
         }
-        let w = self.build(key, client, &target, pair).await.map_err(failed)?;
+        let w = match self.build(key, client, &target, pair).await {
+            Ok(w) => w,
+            Err(e) => {
+                // A client that cannot be built holds no addresses meanwhile.
+                if let Err(s) =
+                    crate::ipam::release_pairs(&mut self.registry.clone(), (&key.namespace, &key.name)).await
+                {
+                    tracing::debug!(client = %key, error = %s.message(), "giving back the addresses of a vWire that was not built");
+                }
+                return Err(failed(e));
+            }
+        };
         self.set_wired(key, &w);
         tracing::info!(client = %key, endpoint = %target.endpoint, src = %pair.src, dst = %pair.dst, mechanism = %w.mechanism, "vWire ready");
         let stats = kernel::observe(&w.netns, &w.interface, false)
@@ -105,6 +125,12 @@ impl Reconciler {
             Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
                 Err(NotReady::failed(s.message()).into())
             }
+            Err(s) if s.code() == tonic::Code::Unimplemented => Err(Failure {
+                not_ready: NotReady::pending(
+                    "the registry does not lease vWire addresses (AllocateAddresses); it is older than this node",
+                ),
+                transient: true,
+            }),
             Err(s) => Err(Failure {
                 not_ready: NotReady::pending(format!("registry: {}", s.message())),
                 transient: true,
@@ -128,6 +154,8 @@ impl Reconciler {
             nat: target.far.nat(),
             mechanism: MechanismKind::Kernel,
             wg_id: None,
+            uid: uid.clone(),
+            monitor_id: super::reconciler::monitor_id(client),
         };
         fn veth(w: &Wired) -> Veth<'_> {
             Veth {
@@ -154,8 +182,9 @@ impl Reconciler {
                 let wired = self
                     .wire_remote(&w, &uid, url, *underlay, conn, prefs, target.encryption)
                     .await;
-                if let (Err(_), Some(wg)) = (&wired, &self.tunnels.wireguard) {
-                    // The ports offered for this end are free again.
+                if let Some(wg) = &self.tunnels.wireguard {
+                    // The ports offered for a WIREGUARD end are its tunnel's now, or free again
+                    // (refused, or another mechanism chosen).
                     wg.unclaim(&nsm_mechanisms::wireguard::client_end_id(&uid));
                 }
                 let (accepted, kind, connected) = wired?;
@@ -330,6 +359,8 @@ impl Reconciler {
             nat: target.far.nat(),
             mechanism,
             wg_id: None,
+            uid: uid.clone(),
+            monitor_id: super::reconciler::monitor_id(client),
         };
         if let Far::Remote { url, .. } = &target.far {
             let conn = self.connection(key, &uid, &target.service, &target.endpoint, client, pair);

@@ -1,6 +1,7 @@
 //! vL3 members: a client of a vL3 (or of a service on one) becomes a member of this node's
 //! router of that vL3 (see [`crate::vl3`]); [`nsm_node_plan::vl3::plan_member`] decides, this
-//! carries it out. Members are reconciled one at a time (the routers are one piece of state).
+//! carries it out. Members are planned and wired one at a time, under the routers' lock (the
+//! routers are one piece of state, and a member's address must be taken before the next picks).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -126,11 +127,33 @@ impl Reconciler {
         }
     }
 
+    /// The registry view with the prefix leases this node made that the watch has not brought yet
+    /// (those it has are forgotten here).
+    fn view_with_own_leases(&self) -> View {
+        let mut view = (*self.cache.snapshot()).clone();
+        let mut st = self.state.lock();
+        st.own_leases.retain(|l| {
+            let Some(pb::resource::Kind::Prefix(p)) = &l.kind else {
+                return false;
+            };
+            let spec = p.spec.clone().unwrap_or_default();
+            !view.prefixes().any(|q| {
+                q.spec
+                    .as_ref()
+                    .is_some_and(|s| s.network_service == spec.network_service && s.prefix == spec.prefix)
+            })
+        });
+        for l in &st.own_leases {
+            view.apply(l.clone(), false);
+        }
+        view
+    }
+
     /// Converges every router this node runs (after lease, service or node changes), and removes
     /// the routers of vL3s that are gone.
     pub(crate) async fn converge_vl3s(&self) {
-        let view = self.cache.snapshot();
         let mut plane = self.vl3.lock().await;
+        let view = self.view_with_own_leases();
         for name in plane.router_names() {
             let vl3 = match vl3_spec(&view, &name) {
                 Ok(Some(v)) => v,
@@ -152,14 +175,16 @@ impl Reconciler {
         &self,
         key: &ClientKey,
         client: &pb::Client,
-        view: &View,
         service: &str,
         vl3_name: &str,
         standing: Option<&Standing>,
         observed: Option<&Observed>,
         stats: LinkStats,
     ) -> Result<v1::ClientStatus, Failure> {
+        // The routers are one piece of state: a member is planned and wired under their lock, so
+        // the next member sees its address taken and its lease in the view.
         let mut plane = self.vl3.lock().await;
+        let mut view = self.view_with_own_leases();
         // Addresses this node's other clients hold.
         let used: HashSet<IpAddr> = {
             let st = self.state.lock();
@@ -177,7 +202,6 @@ impl Reconciler {
             });
             wired.chain(statuses).collect()
         };
-        let mut view = view.clone();
         let mut leased = false;
         let decision = loop {
             let d = plan::plan_member(&MemberInput {
@@ -206,14 +230,20 @@ impl Reconciler {
             if leased {
                 return Err(failed(format!("no free address in the prefixes of vL3 {}", vl3.name)));
             }
-            let got = plane
-                .lease(&vl3.name, &service, wanted)
-                .await
-                .map_err(|e| failed(format!("vL3 {}: {e}", vl3.name)))?;
+            let got = plane.lease(&vl3.name, &service, wanted).await.map_err(|e| {
+                let transient =
+                    matches!(&e, nsm_vl3::Vl3Error::PrefixServer(s) if s.code() == tonic::Code::Unavailable);
+                Failure {
+                    not_ready: NotReady::failed(format!("vL3 {}: {e}", vl3.name)),
+                    transient,
+                }
+            })?;
             tracing::info!(vl3 = %vl3.name, prefix = %got, member = %service, "prefix leased");
-            // The lease is in the registry; the watch brings it to the cache, and meanwhile this
-            // decision's view has it.
-            view.apply(lease_resource(&vl3, got, &self.config.name, &service), false);
+            // The lease is in the registry; the watch brings it to the cache, and until it does
+            // the view every decision and convergence reads has it from here.
+            let lease = lease_resource(&vl3, got, &self.config.name, &service);
+            self.state.lock().own_leases.push(lease.clone());
+            view.apply(lease, false);
             converge(&mut plane, &view, &vl3).await?;
             leased = true;
         };
@@ -228,13 +258,15 @@ impl Reconciler {
             MemberDecision::Build(m) => (m, false, false),
             MemberDecision::Rebuild(m) => (m, true, false),
         };
-        drop(plane);
         if rebuild {
-            self.teardown(key).await;
+            let gone = self.take_wired(key);
+            if let Some(w) = gone {
+                plane.member_gone(&w.endpoint, w.pair.src.addr()).await;
+                self.unwire(&w).await;
+            }
         }
         let spec = client.spec.clone().unwrap_or_default();
         let uid = client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
-        let mut plane = self.vl3.lock().await;
         let Some(router) = plane.routers.get(&m.vl3.name) else {
             return Err(NotReady::pending(format!("the router of vL3 {} is not up yet", m.vl3.name)).into());
         };
@@ -254,6 +286,8 @@ impl Reconciler {
             nat: false,
             mechanism: MechanismKind::Kernel,
             wg_id: None,
+            uid: uid.clone(),
+            monitor_id: super::reconciler::monitor_id(client),
         };
         let (mac, fresh) = match kernel::observe(&w.netns, &w.interface, false).await {
             Some((_, _, mac)) if adopt => (mac, false),
@@ -286,8 +320,8 @@ impl Reconciler {
                 fresh,
             )
             .await;
-        drop(plane);
         self.set_wired(key, &w);
+        drop(plane);
         let stats = kernel::observe(&w.netns, &w.interface, false)
             .await
             .map(|(_, s, _)| s)

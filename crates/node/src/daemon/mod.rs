@@ -389,20 +389,49 @@ fn upstream_name(meta: Option<&pb::ObjectMeta>) -> String {
         .unwrap_or_default()
 }
 
-/// Resyncs the view from full listings (what a lost watch event left wrong is put right) and
-/// prunes handles of namespaces that are gone.
-async fn relist(r: &Reconciler) {
+/// Resyncs the view from full listings (what a lost watch event left wrong is put right), forgets
+/// this node's clients the registry no longer has (deleted while a watch was down; they are
+/// returned, to be torn down), and prunes handles of namespaces that are gone.
+async fn relist(r: &Reconciler) -> Vec<ClientKey> {
     prune_netlink_cache();
+    let list = |kind: Kind| {
+        let mut registry = r.registry.clone();
+        async move {
+            let req = v1::ListRequest {
+                kind: kind.to_pb() as i32,
+                ..Default::default()
+            };
+            registry.list(req).await.map(|l| l.into_inner().items)
+        }
+    };
     for kind in [Kind::NetworkService, Kind::Endpoint, Kind::Node, Kind::Prefix] {
-        let req = v1::ListRequest {
-            kind: kind.to_pb() as i32,
-            ..Default::default()
-        };
-        match r.registry.clone().list(req).await {
-            Ok(items) => r.cache.replace(kind, items.into_inner().items),
+        let changes = r.cache.changes();
+        match list(kind).await {
+            Ok(items) => {
+                if !r.cache.replace_if_unchanged(kind, items, changes) {
+                    tracing::debug!(%kind, "a watch event came during the listing; the view keeps the watch's");
+                }
+            }
             Err(s) => {
                 tracing::warn!(%kind, error = %s.message(), "cannot list for the resync; the view stays as the watch left it")
             }
         }
     }
+    // Only clients known before the listing began can be missing from it for being deleted.
+    let before: Vec<ClientKey> = r.state.lock().clients.keys().cloned().collect();
+    let Ok(items) = list(Kind::Client).await else {
+        return Vec::new();
+    };
+    let listed: HashSet<ClientKey> = items
+        .iter()
+        .filter_map(|res| match &res.kind {
+            Some(pb::resource::Kind::Client(c)) => Some(ClientKey::of(c)),
+            _ => None,
+        })
+        .collect();
+    let mut st = r.state.lock();
+    before
+        .into_iter()
+        .filter(|k| !listed.contains(k) && st.clients.remove(k).is_some())
+        .collect()
 }

@@ -14,6 +14,10 @@ use crate::{NodeError, Result};
 
 /// How long dialling another node may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a request to another node may take: building its end takes milliseconds; a node
+/// whose host died leaves a half-open connection that would otherwise hold a worker until TCP
+/// gives up (minutes).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pool.
 #[derive(Clone, Default)]
@@ -32,7 +36,10 @@ impl Peers {
 
     /// Drops the channel to `url` when the call failed for want of a connection.
     fn check(&self, url: &str, s: &tonic::Status) {
-        if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+        if matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ) {
             self.0.lock().remove(url);
         }
     }
@@ -43,7 +50,8 @@ impl Peers {
             connection: Some(conn),
             mechanism_preferences: prefs,
         };
-        match self.client(url).await?.request(req).await {
+        let mut client = self.client(url).await?;
+        match deadline(client.request(req)).await {
             Ok(r) => Ok(r.into_inner()),
             Err(status) => {
                 self.check(url, &status);
@@ -58,7 +66,7 @@ impl Peers {
     /// Closes a connection at the node at `url` (logged, not returned: nothing waits on it).
     pub(crate) async fn close(&self, url: &str, conn: Connection) {
         let result = match self.client(url).await {
-            Ok(mut c) => c.close(conn).await.map(drop).map_err(|s| {
+            Ok(mut c) => deadline(c.close(conn)).await.map(drop).map_err(|s| {
                 self.check(url, &s);
                 NodeError::Peer {
                     url: url.to_owned(),
@@ -71,4 +79,16 @@ impl Peers {
             tracing::warn!(%url, error = %e, "closing the remote end failed");
         }
     }
+}
+
+/// `call`, failed with `DeadlineExceeded` if it takes longer than [`CALL_TIMEOUT`] (tonic sends
+/// the deadline to the server but does not enforce it against a peer that stopped answering).
+async fn deadline<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {CALL_TIMEOUT:?}"
+        )))
+    })
 }

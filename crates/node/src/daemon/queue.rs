@@ -8,6 +8,8 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
+
 /// The first retry's delay.
 pub(crate) const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// The longest retry delay: clients that cannot be built are retried at least this often.
@@ -220,7 +222,15 @@ impl<K: Clone + Eq + Hash + Ord + Send + 'static> Queue<K> {
                         drop(queue);
                         continue;
                     };
-                    let outcome = work(key.clone()).await;
+                    // A panic in one client's reconcile must not end this worker, nor leave the
+                    // key marked running for good: it is retried like any failure.
+                    let outcome = std::panic::AssertUnwindSafe(work(key.clone()))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::error!("a reconcile panicked; retrying it");
+                            Outcome::Retry
+                        });
                     let jitter = f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng)) / f64::from(u32::MAX)
                         * 2.0
                         - 1.0;

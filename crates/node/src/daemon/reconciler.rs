@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use nsm_api::connection::Connection;
@@ -50,6 +50,11 @@ pub(crate) struct Wired {
     pub(crate) mechanism: MechanismKind,
     /// A WIREGUARD vWire: its tunnel's id in this node's WireGuard side.
     pub(crate) wg_id: Option<String>,
+    /// The client's uid it was built for (a client deleted and made again under the same name is
+    /// another client).
+    pub(crate) uid: String,
+    /// Its id in MonitorConnections.
+    pub(crate) monitor_id: String,
 }
 
 impl Wired {
@@ -65,6 +70,7 @@ impl Wired {
             nat: self.nat,
             mechanism: self.mechanism,
             refreshed: self.refreshed,
+            uid: self.uid.clone(),
         }
     }
 
@@ -101,8 +107,13 @@ pub(crate) struct State {
     /// Clients assigned to this node, as last seen.
     pub(crate) clients: HashMap<ClientKey, pb::Client>,
     pub(crate) wired: HashMap<ClientKey, Wired>,
+    /// vL3 prefix leases this node made that the cache has not seen yet (see `member.rs`).
+    pub(crate) own_leases: Vec<pb::Resource>,
     /// Every vL3 member in the mesh (from all clients' statuses), for the routers' DNS names.
     pub(crate) members: HashMap<ClientKey, Member>,
+    /// Clients whose far end is to be requested again at once (its node restarted, or a key
+    /// changed): taken when their reconcile starts, so a trigger during it is not lost.
+    pub(crate) force_refresh: std::collections::HashSet<ClientKey>,
     /// Each node's daemon start time and WireGuard key as last seen, to tell a restart or a key
     /// rotation from another change.
     pub(crate) node_seen: HashMap<String, (prost_types::Timestamp, String)>,
@@ -162,7 +173,20 @@ impl Reconciler {
             return Outcome::Done;
         };
         let view = self.cache.snapshot();
-        let standing = self.state.lock().wired.get(&key).map(Wired::standing);
+        let (mut standing, forced) = {
+            let mut st = self.state.lock();
+            (st.wired.get(&key).map(Wired::standing), st.force_refresh.remove(&key))
+        };
+        if forced && let Some(s) = standing.as_mut() {
+            s.refreshed = None;
+        }
+        // Picking among endpoints anew takes a turn of the counter up front, so that clients
+        // reconciled at once do not all pick the same one.
+        let rr = if standing.is_none() {
+            self.rr.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.rr.load(Ordering::Relaxed)
+        };
         let (observed, stats) = self.observe(&client, standing.as_ref()).await;
         let exists = |p: &str| Path::new(p).exists();
         let decision = plan::plan(&Input {
@@ -171,8 +195,8 @@ impl Reconciler {
             view: &view,
             standing: standing.as_ref(),
             observed: observed.as_ref(),
-            rr: self.rr.load(Ordering::Relaxed),
-            now: SystemTime::now(),
+            rr,
+            now: self.cache.endpoints_as_of(),
             mono: Instant::now(),
             refresh_after: self.refresh_after(),
             netns_exists: &exists,
@@ -183,7 +207,6 @@ impl Reconciler {
                 self.reconcile_member(
                     &key,
                     &client,
-                    &view,
                     &service,
                     &vl3,
                     standing.as_ref(),
@@ -252,13 +275,18 @@ impl Reconciler {
         });
     }
 
+    /// Forgets what stands for client `key` (in memory and on disk) and returns it.
+    pub(crate) fn take_wired(&self, key: &ClientKey) -> Option<Wired> {
+        self.records.lock().forget(key);
+        self.state.lock().wired.remove(key)
+    }
+
     /// Removes what stands for client `key`.
     pub(crate) async fn teardown(&self, key: &ClientKey) {
-        self.records.lock().forget(key);
-        let w = self.state.lock().wired.remove(key);
-        let Some(w) = w else { return };
+        let Some(w) = self.take_wired(key) else { return };
         self.vl3.lock().await.member_gone(&w.endpoint, w.pair.src.addr()).await;
         self.unwire(&w).await;
+        self.monitor.delete(&w.monitor_id);
         tracing::info!(client = %key, interface = %w.interface, "vWire removed");
     }
 

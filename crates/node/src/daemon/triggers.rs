@@ -78,6 +78,7 @@ pub(crate) fn spawn_ticker(every: Duration, make: fn() -> Trigger, tx: mpsc::Sen
 /// event before the trigger goes out, so whatever the trigger touches decides on it.
 pub(crate) fn spawn_watch(mut registry: Registry, kind: Kind, cache: Cache, tx: mpsc::Sender<Trigger>) {
     tokio::spawn(async move {
+        let mut first = true;
         loop {
             let req = v1::WatchRequest {
                 kind: kind.to_pb() as i32,
@@ -85,12 +86,22 @@ pub(crate) fn spawn_watch(mut registry: Registry, kind: Kind, cache: Cache, tx: 
             };
             match registry.watch(req).await {
                 Ok(resp) => {
+                    if kind == Kind::Endpoint {
+                        cache.endpoints_watched(true);
+                    }
+                    // Subscribed again after a gap: what was deleted meanwhile comes from no
+                    // event, so everything is listed and checked again.
+                    if !std::mem::take(&mut first) && tx.send(Trigger::Resync).await.is_err() {
+                        return;
+                    }
                     let mut s = resp.into_inner();
                     while let Some(Ok(ev)) = s.next().await {
                         let deleted = ev.r#type == v1::watch_event::Type::Deleted as i32;
                         let Some(resource) = ev.resource else { continue };
-                        if nsm_node_plan::View::keeps(kind) && !cache.apply(resource.clone(), deleted) {
-                            // Nothing changed for the view (an INITIAL event repeating it).
+                        let changed = !nsm_node_plan::View::keeps(kind) || cache.apply(resource.clone(), deleted);
+                        // Nothing changed for the view (an INITIAL event repeating it, or what a
+                        // listing brought already); a node's restart is still looked at.
+                        if !changed && kind != Kind::Node {
                             continue;
                         }
                         let trigger = match resource.kind {
@@ -112,6 +123,9 @@ pub(crate) fn spawn_watch(mut registry: Registry, kind: Kind, cache: Cache, tx: 
                     tracing::warn!(%kind, "registry watch ended; re-subscribing");
                 }
                 Err(s) => tracing::warn!(%kind, error = %s.message(), "registry watch failed; retrying"),
+            }
+            if kind == Kind::Endpoint {
+                cache.endpoints_watched(false);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -249,8 +263,19 @@ pub(crate) async fn handle(
         }
         Trigger::NetnsAdded => queue.add_all(r.state.lock().not_ready()),
         Trigger::Resync => {
-            super::relist(r).await;
+            let gone = super::relist(r).await;
+            if !gone.is_empty() {
+                tracing::info!(
+                    clients = gone.len(),
+                    "clients deleted while a watch was down; removing their vWires"
+                );
+            }
+            queue.add_all(gone);
             r.converge_vl3s().await;
+            // A node that restarted or rotated its key while its watch was down.
+            for n in r.cache.snapshot().nodes() {
+                on_node(r, queue, n);
+            }
             let keys: Vec<ClientKey> = r.state.lock().clients.keys().cloned().collect();
             tracing::debug!(clients = keys.len(), busy = queue.busy(), "resync");
             queue.add_all(keys);
@@ -275,14 +300,14 @@ fn clients_where(
 /// their keys.
 fn refresh_where(r: &Reconciler, f: impl Fn(&str) -> bool) -> Vec<ClientKey> {
     let mut st = r.state.lock();
-    st.wired
-        .iter_mut()
+    let keys: Vec<ClientKey> = st
+        .wired
+        .iter()
         .filter(|(_, w)| w.remote.as_ref().is_some_and(|(url, _)| f(url)))
-        .map(|(k, w)| {
-            w.refreshed = None;
-            k.clone()
-        })
-        .collect()
+        .map(|(k, _)| k.clone())
+        .collect();
+    st.force_refresh.extend(keys.iter().cloned());
+    keys
 }
 
 async fn on_client(r: &Reconciler, queue: &Queue<ClientKey>, c: pb::Client, deleted: bool) {

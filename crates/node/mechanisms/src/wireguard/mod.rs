@@ -506,7 +506,11 @@ mod tests {
         let a = wg.ports_for("a", 1)[0];
         let b = wg.ports_for("b", 1)[0];
         assert_ne!(a, b);
-        assert_eq!(wg.ports_for("a", 1)[0], a, "asking again for the same end keeps its port");
+        assert_eq!(
+            wg.ports_for("a", 1)[0],
+            a,
+            "asking again for the same end keeps its port"
+        );
         // A full range: a third end gets the range's start (its bind will report the failure).
         assert_eq!(wg.ports_for("c", 1)[0], 51820);
         wg.unclaim("c");

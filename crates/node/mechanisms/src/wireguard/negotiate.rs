@@ -96,6 +96,10 @@ impl Tunnel for Wg {
         })
     }
 
+    fn check_offer(&self, offer: &Mechanism) -> Result<()> {
+        WgEnd::parse(offer).map(drop)
+    }
+
     async fn accept(&self, req: &EndRequest<'_>, known: Option<&(PathBuf, String, EndState)>) -> Result<Accepted> {
         let offer = WgEnd::parse(req.offer)?;
         let host = self.host_side()?;
