@@ -127,7 +127,10 @@ mod tests {
         let c = Cache::default();
         let before = c.changes();
         assert!(c.apply(endpoint("new"), false));
-        assert!(!c.replace_if_unchanged(Kind::Endpoint, vec![], before), "the listing is older");
+        assert!(
+            !c.replace_if_unchanged(Kind::Endpoint, vec![], before),
+            "the listing is older"
+        );
         assert_eq!(c.snapshot().endpoints().count(), 1);
         assert!(c.replace_if_unchanged(Kind::Endpoint, vec![], c.changes()));
         assert_eq!(c.snapshot().endpoints().count(), 0);

@@ -56,6 +56,8 @@ struct Inner {
     store: Arc<dyn Store>,
     cache: Arc<Cache>,
     config: Config,
+    /// Addresses this registry is writing a lease for right now (see `addresses.rs`).
+    addresses_in_flight: parking_lot::Mutex<std::collections::HashSet<std::net::IpAddr>>,
 }
 
 /// What an apply did.
@@ -140,7 +142,12 @@ impl Registry {
     pub async fn start(store: Arc<dyn Store>, config: Config) -> std::result::Result<Registry, StoreError> {
         let cache = Cache::start(store.clone()).await?;
         let registry = Registry {
-            inner: Arc::new(Inner { store, cache, config }),
+            inner: Arc::new(Inner {
+                store,
+                cache,
+                config,
+                addresses_in_flight: Default::default(),
+            }),
         };
         if let Err(e) = registry.sweep_address_leases().await {
             tracing::warn!(error = %e, "sweeping the address leases of deleted clients");

@@ -33,53 +33,85 @@ pub struct Veth<'a> {
 /// routes to each other, permanent neighbour entries both ways and the client's route beyond the
 /// peer. All or nothing. Returns the MAC of the client's end.
 pub async fn wire(v: &Veth<'_>, far_netns: &str, peer: &str) -> Result<Vec<u8>> {
+    let pair = create(v.netns, v.interface, far_netns, peer, v.mtu).await?;
+    pair.configure(v).await
+}
+
+/// A veth pair created between two namespaces, not yet configured: creating it needs no
+/// addresses, so it can be made while they are being leased.
+pub struct Created {
+    client: Netlink,
+    far: Netlink,
+    peer: String,
+}
+
+/// Creates the veth pair `interface` (in `netns`) / `peer` (in `far_netns`). A name already
+/// taken is refused and left alone.
+pub async fn create(netns: &str, interface: &str, far_netns: &str, peer: &str, mtu: u32) -> Result<Created> {
     let in_ns = |role: &'static str| {
         move |e: MechanismError| MechanismError::Netns {
             role,
             source: Box::new(e),
         }
     };
-    let (_cns, cnl) = netlink_in(v.netns).await.map_err(in_ns("client"))?;
+    let (_cns, cnl) = netlink_in(netns).await.map_err(in_ns("client"))?;
     let (ens, enl) = netlink_in(far_netns).await.map_err(in_ns("endpoint"))?;
-    cnl.create_veth(v.interface, peer, &ens, v.mtu).await?;
-    let (src, dst) = (v.pair.src, v.pair.dst);
-    // Requests that do not depend on each other go out together (each socket answers them in
-    // order): three round trips after the veth instead of ten or eleven.
-    let configured = async {
-        tokio::try_join!(
-            cnl.add_address(v.interface, src),
-            cnl.set_up(v.interface),
-            enl.add_address(peer, dst),
-            enl.set_up(peer),
-        )?;
-        let (_, _, cmac, emac) = tokio::try_join!(
-            cnl.add_route(dst, None, v.interface),
-            enl.add_route(src, None, peer),
-            link_mac(&cnl, v.interface),
-            link_mac(&enl, peer),
-        )?;
-        // Each end knows the other's MAC: no ARP/ND, and no dynamic neighbour entries, which on a
-        // node with many vWires would overflow the kernel's table (shared by every namespace,
-        // 1024 entries by default) and drop traffic.
-        tokio::try_join!(
-            cnl.add_neighbour(v.interface, dst.addr(), &emac),
-            enl.add_neighbour(peer, src.addr(), &cmac),
-            async {
-                match v.route {
-                    Some(beyond) => cnl.add_route(beyond, Some(dst.addr()), v.interface).await,
-                    None => Ok(()),
-                }
-            },
-        )?;
-        Ok::<_, nsm_dataplane::DataplaneError>(cmac)
-    }
-    .await;
-    match configured {
-        Ok(client_mac) => Ok(client_mac),
-        Err(e) => {
-            let _ = cnl.delete_link(v.interface).await;
-            Err(e.into())
+    cnl.create_veth(interface, peer, &ens, mtu).await?;
+    Ok(Created {
+        client: cnl,
+        far: enl,
+        peer: peer.to_owned(),
+    })
+}
+
+impl Created {
+    /// Configures the pair as `v` says (see [`wire`]); on failure the pair is deleted.
+    pub async fn configure(self, v: &Veth<'_>) -> Result<Vec<u8>> {
+        let (cnl, enl, peer) = (&self.client, &self.far, self.peer.as_str());
+        let (src, dst) = (v.pair.src, v.pair.dst);
+        // Requests that do not depend on each other go out together (each socket answers them in
+        // order): three round trips after the veth instead of ten or eleven.
+        let configured = async {
+            tokio::try_join!(
+                cnl.add_address(v.interface, src),
+                cnl.set_up(v.interface),
+                enl.add_address(peer, dst),
+                enl.set_up(peer),
+            )?;
+            let (_, _, cmac, emac) = tokio::try_join!(
+                cnl.add_route(dst, None, v.interface),
+                enl.add_route(src, None, peer),
+                link_mac(cnl, v.interface),
+                link_mac(enl, peer),
+            )?;
+            // Each end knows the other's MAC: no ARP/ND, and no dynamic neighbour entries, which on
+            // a node with many vWires would overflow the kernel's table (shared by every
+            // namespace, 1024 entries by default) and drop traffic.
+            tokio::try_join!(
+                cnl.add_neighbour(v.interface, dst.addr(), &emac),
+                enl.add_neighbour(peer, src.addr(), &cmac),
+                async {
+                    match v.route {
+                        Some(beyond) => cnl.add_route(beyond, Some(dst.addr()), v.interface).await,
+                        None => Ok(()),
+                    }
+                },
+            )?;
+            Ok::<_, nsm_dataplane::DataplaneError>(cmac)
         }
+        .await;
+        match configured {
+            Ok(client_mac) => Ok(client_mac),
+            Err(e) => {
+                self.abandon(v.interface).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Deletes the pair (its addresses could not be had).
+    pub async fn abandon(&self, interface: &str) {
+        let _ = self.client.delete_link(interface).await;
     }
 }
 

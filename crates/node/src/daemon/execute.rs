@@ -84,19 +84,19 @@ impl Reconciler {
                 (target, allocation, true)
             }
         };
-        let pair = self.lease(key, &target.service, allocation).await?;
         if replace {
+            // First: the new vWire takes the same interface name.
             self.teardown(key).await;
         }
-        let w = match self.build(key, client, &target, pair).await {
+        let (pair, created) = self.lease_and_create(key, client, &target, allocation).await?;
+        let built = match created {
+            Ok(created) => self.build(key, client, &target, pair, created).await,
+            Err(e) => Err(e),
+        };
+        let w = match built {
             Ok(w) => w,
             Err(e) => {
-                // A client that cannot be built holds no addresses meanwhile.
-                if let Err(s) =
-                    crate::ipam::release_pairs(&mut self.registry.clone(), (&key.namespace, &key.name)).await
-                {
-                    tracing::debug!(client = %key, error = %s.message(), "giving back the addresses of a vWire that was not built");
-                }
+                self.release(key).await;
                 return Err(failed(e));
             }
         };
@@ -138,8 +138,61 @@ impl Reconciler {
         }
     }
 
-    /// Builds a vWire towards `target`'s far end: all or nothing.
-    async fn build(&self, key: &ClientKey, client: &pb::Client, target: &Target, pair: Pair) -> crate::Result<Wired> {
+    /// Gives back the addresses of a client whose vWire could not be built, so that it holds none
+    /// another client could use meanwhile.
+    async fn release(&self, key: &ClientKey) {
+        if let Err(s) = crate::ipam::release_pairs(&mut self.registry.clone(), (&key.namespace, &key.name)).await {
+            tracing::debug!(client = %key, error = %s.message(), "giving back the addresses of a vWire that was not built");
+        }
+    }
+
+    /// Leases the vWire's addresses and, for a veth vWire, creates the pair meanwhile (it needs no
+    /// addresses): a set-up waits for the longer of the two, not for both. A pair created for
+    /// addresses that could not be leased is deleted again.
+    async fn lease_and_create(
+        &self,
+        key: &ClientKey,
+        client: &pb::Client,
+        target: &Target,
+        a: Allocation,
+    ) -> Result<(Pair, crate::Result<Option<kernel::Created>>), Failure> {
+        let far = match &target.far {
+            Far::Local { netns } => netns.clone(),
+            Far::Gateway { nat, target: addr } => {
+                if *nat && let Err(e) = self.gateway.ensure(*addr).await {
+                    return Err(failed(e));
+                }
+                self.gateway.host_path()
+            }
+            Far::Remote { .. } => return Ok((self.lease(key, &target.service, a).await?, Ok(None))),
+        };
+        let spec = client.spec.clone().unwrap_or_default();
+        let uid = client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
+        let peer = peer_link(&uid);
+        let (leased, created) = tokio::join!(
+            self.lease(key, &target.service, a),
+            kernel::create(&spec.netns, &spec.interface, &far, &peer, VETH_MTU)
+        );
+        match leased {
+            Ok(pair) => Ok((pair, created.map(Some).map_err(Into::into))),
+            Err(f) => {
+                if let Ok(c) = created {
+                    c.abandon(&spec.interface).await;
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Builds a vWire towards `target`'s far end (a veth pair `created` already): all or nothing.
+    async fn build(
+        &self,
+        key: &ClientKey,
+        client: &pb::Client,
+        target: &Target,
+        pair: Pair,
+        created: Option<kernel::Created>,
+    ) -> crate::Result<Wired> {
         let spec = client.spec.clone().unwrap_or_default();
         let uid = client.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
         let mut w = Wired {
@@ -167,14 +220,8 @@ impl Reconciler {
             }
         }
         match &target.far {
-            Far::Local { netns } => {
-                kernel::wire(&veth(&w), netns, &peer_link(&uid)).await?;
-            }
-            Far::Gateway { nat, target: addr } => {
-                if *nat {
-                    self.gateway.ensure(*addr).await?;
-                }
-                kernel::wire(&veth(&w), &self.gateway.host_path(), &peer_link(&uid)).await?;
+            Far::Local { .. } | Far::Gateway { .. } => {
+                created.expect("created with the lease").configure(&veth(&w)).await?;
             }
             Far::Remote { url, underlay, .. } => {
                 let conn = self.connection(key, &uid, &target.service, &target.endpoint, client, pair);
