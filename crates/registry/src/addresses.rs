@@ -205,26 +205,16 @@ impl Registry {
         Ok(Leases::from_store(kvs))
     }
 
-    /// The addresses in the statuses of every client but `except` (from the view).
+    /// The addresses in the statuses of every client but `except` (from the view's index).
     fn status_addresses(&self, except: &ClientKey) -> HashSet<IpAddr> {
-        let (items, _) = self.list(Kind::Client, "", &Default::default());
-        let mut out = HashSet::new();
-        for item in items {
-            let Some(pb::resource::Kind::Client(c)) = &item.kind else {
-                continue;
-            };
-            let Some(m) = &c.metadata else { continue };
-            if (m.namespace.as_str(), m.name.as_str()) == (except.0.as_str(), except.1.as_str()) {
-                continue;
-            }
-            let addrs = c
-                .status
-                .iter()
-                .flat_map(|st| st.src_ip_addrs.iter().chain(&st.dst_ip_addrs))
-                .filter_map(|a| a.parse::<IpNet>().ok());
-            out.extend(addrs.map(|n| n.addr()));
-        }
-        out
+        let except = Kind::Client.key(&except.0, &except.1);
+        let state = self.inner.cache.state.read();
+        state
+            .client_addresses
+            .iter()
+            .filter(|(k, _)| **k != except)
+            .flat_map(|(_, addrs)| addrs.iter().copied())
+            .collect()
     }
 
     /// NotFound unless the client exists in the store (not the view: read after the lease's

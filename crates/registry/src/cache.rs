@@ -57,6 +57,9 @@ pub(crate) struct State {
     pub(crate) items: HashMap<Kind, BTreeMap<String, Stored>>,
     /// Upstream service name → keys of endpoints offering it.
     pub(crate) endpoints_by_service: HashMap<String, BTreeSet<String>>,
+    /// Client key → the addresses its status lists: what address leasing must avoid, without
+    /// decoding every client for every lease.
+    pub(crate) client_addresses: HashMap<String, Vec<std::net::IpAddr>>,
 }
 
 impl State {
@@ -75,6 +78,20 @@ impl State {
     }
 
     fn index(&mut self, key: &str, item: &pb::Resource, add: bool) {
+        if let Some(pb::resource::Kind::Client(c)) = &item.kind {
+            let addrs: Vec<std::net::IpAddr> = c
+                .status
+                .iter()
+                .flat_map(|st| st.src_ip_addrs.iter().chain(&st.dst_ip_addrs))
+                .filter_map(|a| a.parse::<ipnet::IpNet>().ok())
+                .map(|n| n.addr())
+                .collect();
+            if add && !addrs.is_empty() {
+                self.client_addresses.insert(key.to_owned(), addrs);
+            } else {
+                self.client_addresses.remove(key);
+            }
+        }
         if let Some(pb::resource::Kind::Endpoint(ep)) = &item.kind {
             for svc in upstream::nse_to_upstream(ep).network_service_names {
                 let set = self.endpoints_by_service.entry(svc.clone()).or_default();
