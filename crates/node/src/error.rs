@@ -1,7 +1,6 @@
 //! The node's one error type, and its one mapping to `tonic::Status`. Kernel errors keep the
 //! dataplane error as their source; what a peer node or the registry answered keeps its status.
 
-use nsm_dataplane::DataplaneError;
 use nsm_mechanisms::MechanismError;
 use nsm_vl3::Vl3Error;
 
@@ -24,9 +23,6 @@ pub enum NodeError {
         #[source]
         status: tonic::Status,
     },
-    /// The kernel refused (or a namespace could not be opened).
-    #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
     /// The host namespace could not be opened.
     #[error("host namespace: {0}")]
     HostNetns(String),
@@ -101,9 +97,7 @@ impl From<NodeError> for tonic::Status {
                 Vl3Error::PrefixServer(s) => Status::new(s.code(), msg),
                 _ => Status::internal(msg),
             },
-            NodeError::EndpointSide(_) | NodeError::Dataplane(_) | NodeError::HostNetns(_) | NodeError::DataDir(_) => {
-                Status::internal(msg)
-            }
+            NodeError::EndpointSide(_) | NodeError::HostNetns(_) | NodeError::DataDir(_) => Status::internal(msg),
         }
     }
 }

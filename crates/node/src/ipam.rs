@@ -2,12 +2,11 @@
 //!
 //! The registry leases them ([`lease_pair`], over `ResourceService.AllocateAddresses`): one pair per
 //! client, stored once per address, so two nodes wiring clients of one pool at the same instant
-//! never get the same address. The chooser itself ([`allocate_pair`]) is shared with the registry
-//! and lives in `nsm-model`.
+//! never get the same address. The chooser itself (`nsm_model::pairs::allocate_pair`) is the
+//! registry's.
 
 use ipnet::IpNet;
 use nsm_api::nsm::v1::{self as v1, resource_service_client::ResourceServiceClient};
-pub use nsm_model::pairs::{DEFAULT_POOL, allocate_pair};
 use tonic::transport::Channel;
 
 /// Leases a pair of `pool` for `client` (namespace, name) from the registry: the pair the client

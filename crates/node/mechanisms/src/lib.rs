@@ -99,6 +99,14 @@ pub struct ClientEnd<'a> {
     pub peer_underlay: IpAddr,
 }
 
+/// Routes what lies beyond the peer (an address endpoint) through a client's tunnel end: the
+/// last step of every tunnel's `connect`.
+async fn route_beyond(end: &ClientEnd<'_>) -> Result<()> {
+    let Some(route) = end.route else { return Ok(()) };
+    let (_ns, nl) = netlink_in(end.netns).await?;
+    Ok(nl.add_route(route, Some(end.pair.dst.addr()), end.interface).await?)
+}
+
 /// What a client's end was built as.
 pub struct Connected {
     /// The interface MTU.
@@ -154,7 +162,8 @@ pub trait Tunnel: Send + Sync {
     /// naming the parameter.
     async fn accept(&self, req: &EndRequest<'_>, known: Option<&(PathBuf, String, EndState)>) -> Result<Accepted>;
 
-    /// The client's node: builds its end from the endpoint node's answer. All or nothing.
+    /// The client's node: builds its end from the endpoint node's answer, with the route to
+    /// what lies beyond the peer. All or nothing.
     async fn connect(&self, end: &ClientEnd<'_>, answer: &Mechanism) -> Result<Connected>;
 
     /// Removes an end this node built (either side): link `link` in `netns`, or tunnel `tunnel`

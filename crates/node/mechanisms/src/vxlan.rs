@@ -151,6 +151,10 @@ impl Tunnel for Vxlan {
             None,
         )
         .await?;
+        if let Err(e) = super::route_beyond(end).await {
+            remove_link(Path::new(end.netns), end.interface).await;
+            return Err(e);
+        }
         Ok(Connected { mtu, wg_id: None })
     }
 

@@ -27,9 +27,7 @@ impl Reconciler {
         stats: LinkStats,
     ) -> Result<v1::ClientStatus, Failure> {
         let (target, allocation, replace) = match decision {
-            Decision::TearDown | Decision::Member { .. } => {
-                unreachable!("handled by the caller")
-            }
+            Decision::TearDown | Decision::Member { .. } => unreachable!("reconcile handles these"),
             Decision::NotReady(nr) => return Err(nr.into()),
             Decision::Keep(t) => {
                 let w = self.state.lock().wired.get(key).cloned().expect("it stands");
@@ -242,21 +240,15 @@ impl Reconciler {
                 w.refreshed = Some(Instant::now());
             }
         }
-        let extras = async {
-            // A tunnelled vWire's route beyond its peer (veth vWires got theirs from `wire`).
-            if let Some(route) = w.route.filter(|_| w.remote.is_some()) {
-                let (_ns, nl) = nsm_mechanisms::netlink_in(&w.netns).await?;
-                nl.add_route(route, Some(w.pair.dst.addr()), &w.interface).await?;
-            }
-            if let Some(route) = w.nat_route() {
-                self.gateway.masquerade(w.pair.src.addr(), route.addr()).await?;
-            }
-            Ok::<_, crate::NodeError>(())
-        }
-        .await;
-        if let Err(e) = extras {
+        // The route beyond the peer came with the end (the veth's `configure`, a tunnel's
+        // `connect`); a gateway vWire's NAT pair is the last step.
+        let masqueraded = match w.nat_route() {
+            Some(route) => self.gateway.masquerade(w.pair.src.addr(), route.addr()).await,
+            None => Ok(()),
+        };
+        if let Err(e) = masqueraded {
             self.unwire(&w).await;
-            return Err(e);
+            return Err(e.into());
         }
         Ok(w)
     }

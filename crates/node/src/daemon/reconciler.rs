@@ -203,6 +203,12 @@ impl Reconciler {
         });
         tracing::debug!(client = %key, ?decision, elapsed_us = started.elapsed().as_micros() as u64, "planned");
         let result = match decision {
+            // Not this node's (the client moved): what stands goes, and its status is the new
+            // node's to write.
+            Decision::TearDown => {
+                self.teardown(&key).await;
+                return Outcome::Done;
+            }
             Decision::Member { service, vl3 } => {
                 self.reconcile_member(
                     &key,

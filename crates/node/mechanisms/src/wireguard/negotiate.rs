@@ -222,6 +222,10 @@ impl Tunnel for Wg {
                 .collect(),
         })
         .await?;
+        if let Err(e) = crate::route_beyond(end).await {
+            Wg::remove(self, &id).await;
+            return Err(e);
+        }
         Ok(Connected { mtu, wg_id: Some(id) })
     }
 
