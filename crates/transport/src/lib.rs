@@ -4,13 +4,18 @@
 //! A server binds every listener before it serves any, so a bad address fails start-up with a
 //! message naming it instead of leaving a half-started daemon.
 //!
-//! TCP listeners take a TLS configuration ([`ServerTls`]): server certificate, and with a client
-//! CA, mutual TLS — SPIFFE-shaped identities (`spiffe://trust-domain/…` URI SANs) as upstream uses
-//! them. Unix sockets stay local to the host and are not wrapped in TLS.
+//! Security (DESIGN.md §6): [`Listener::serve_secure`] and [`connect_secure`] speak mutual TLS
+//! checked by SPIFFE ID ([`ServerSecurity`], [`ClientSecurity`], with credentials from
+//! `nsm-identity` that rotate in place), and hand every request the [`Peer`] its connection proved.
+//! Unix sockets stay local to the host, are not wrapped in TLS, and identify callers by the kernel's
+//! peer credentials and the socket's file mode ([`UnixOptions`]). The older [`ServerTls`] /
+//! [`ClientTls`] (PEM files, host-name checks) remain for callers that still use them.
 #![forbid(unsafe_code)]
 
+mod secure;
 mod tls;
 
+pub use secure::{ClientSecurity, Peer, ServerSecurity, UnixOptions, connect_lazy_secure, connect_secure};
 pub use tls::{ClientTls, ServerTls};
 
 use std::fmt;
@@ -126,8 +131,13 @@ pub enum Listener {
 
 impl Listener {
     /// Binds `url`. A unix socket file left over from a dead process is replaced; one that a live
-    /// process still answers on is refused.
+    /// process still answers on is refused. A unix socket gets mode 0660 ([`UnixOptions`]'s default).
     pub async fn bind(url: &Url) -> Result<Listener, TransportError> {
+        Listener::bind_with(url, UnixOptions::default()).await
+    }
+
+    /// [`Listener::bind`] without touching a unix socket's mode.
+    pub(crate) async fn bind_plain(url: &Url) -> Result<Listener, TransportError> {
         let bind_err = |source| TransportError::Bind {
             url: url.to_string(),
             source,
