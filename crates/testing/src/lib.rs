@@ -3,7 +3,8 @@
 //! [`Etcd`] runs the real `etcd` binary (Debian package `etcd-server`) on loopback with its own
 //! ports and a data directory in a temporary directory, so store tests exercise the actual server
 //! (leases, compaction, dropped streams) rather than a mock. Each test may start its own instance;
-//! one takes well under a second to become healthy.
+//! one takes well under a second to become healthy. [`Etcd::start_tls`] runs it with TLS and
+//! client-certificate authentication on its client port.
 #![forbid(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -39,6 +40,11 @@ pub struct Etcd {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` (and metrics), so readiness is polled the same way with or without
+    /// TLS on the client port.
+    metrics_port: u16,
+    /// Whether the client port requires TLS with a client certificate.
+    tls: bool,
     /// Holds `data/` and `etcd.log`; removed on drop.
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -57,13 +63,41 @@ impl Etcd {
 
     /// Like [`start`](Self::start), with an explicit etcd binary.
     pub fn start_with_binary(binary: impl Into<PathBuf>) -> anyhow::Result<Etcd> {
+        Etcd::start_inner(binary.into(), None)
+    }
+
+    /// Like [`start`](Self::start), but the client port speaks only TLS with the server
+    /// certificate `server_cert_pem`/`server_key_pem` and requires client certificates signed by
+    /// `ca_pem` (`--client-cert-auth`). Peer traffic stays plain HTTP (one member, loopback).
+    /// The server certificate must be valid for `127.0.0.1`, the address clients dial.
+    pub fn start_tls(
+        ca_pem: impl AsRef<[u8]>,
+        server_cert_pem: impl AsRef<[u8]>,
+        server_key_pem: impl AsRef<[u8]>,
+    ) -> anyhow::Result<Etcd> {
+        let binary = std::env::var_os(ETCD_BINARY_ENV).map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
+        let tls = ServerTls {
+            ca: ca_pem.as_ref().to_vec(),
+            cert: server_cert_pem.as_ref().to_vec(),
+            key: server_key_pem.as_ref().to_vec(),
+        };
+        Etcd::start_inner(binary, Some(&tls))
+    }
+
+    /// [`start_tls`](Self::start_tls) with a server certificate (`spiffe://nsm.test/etcd`) issued
+    /// by `pki`, whose CA also authenticates clients.
+    pub fn start_tls_with_pki(pki: &TestPki) -> anyhow::Result<Etcd> {
+        let server = pki.issue("etcd")?;
+        Etcd::start_tls(pki.ca_pem(), server.cert, server.key)
+    }
+
+    fn start_inner(binary: PathBuf, tls: Option<&ServerTls>) -> anyhow::Result<Etcd> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let binary = binary.into();
         let mut last_error = None;
         // Free ports are found by binding port 0 and releasing it, so another process may take one
         // before etcd binds it; try a few times with fresh ports.
         for _ in 0..3 {
-            let (client_port, peer_port) = free_ports()?;
+            let [client_port, peer_port, metrics_port] = free_ports()?;
             let name = format!(
                 "nsm-test-{}-{}",
                 std::process::id(),
@@ -74,12 +108,17 @@ impl Etcd {
                 name,
                 client_port,
                 peer_port,
+                metrics_port,
+                tls: tls.is_some(),
                 dir: tempfile::Builder::new()
                     .prefix("nsm-etcd-")
                     .tempdir()
                     .context("creating etcd temp dir")?,
                 child: None,
             };
+            if let Some(tls) = tls {
+                tls.write(&etcd.tls_dir())?;
+            }
             match etcd.launch() {
                 Ok(()) => return Ok(etcd),
                 Err(e) if etcd.log_tail().contains("address already in use") => last_error = Some(e),
@@ -94,9 +133,15 @@ impl Etcd {
         format!("127.0.0.1:{}", self.client_port)
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` when started with TLS).
     pub fn client_url(&self) -> String {
-        format!("http://{}", self.endpoint())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.endpoint())
+    }
+
+    /// Whether the client port requires TLS and a client certificate.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// The data directory (kept across [`restart`](Self::restart)).
@@ -143,7 +188,20 @@ impl Etcd {
             .with_context(|| format!("opening {}", log_path.display()))?;
         let client_url = self.client_url();
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&self.binary)
+        let metrics_url = format!("http://127.0.0.1:{}", self.metrics_port);
+        let mut command = Command::new(&self.binary);
+        if self.tls {
+            let dir = self.tls_dir();
+            command
+                .arg("--cert-file")
+                .arg(dir.join(SERVER_CERT))
+                .arg("--key-file")
+                .arg(dir.join(SERVER_KEY))
+                .arg("--trusted-ca-file")
+                .arg(dir.join(CA_CERT))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
@@ -154,6 +212,7 @@ impl Etcd {
                 "--advertise-client-urls",
                 &client_url,
             ])
+            .args(["--listen-metrics-urls", &metrics_url])
             .args([
                 "--listen-peer-urls",
                 &peer_url,
@@ -188,7 +247,7 @@ impl Etcd {
 
     fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port));
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port));
         loop {
             let child = self.child.as_mut().expect("launched");
             if let Some(status) = child.try_wait().context("polling etcd")? {
@@ -218,6 +277,10 @@ impl Etcd {
         self.dir.path().join("etcd.log")
     }
 
+    fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
     /// The last lines of the server's log (stdout and stderr of every run).
     pub fn log_tail(&self) -> String {
         tail(&self.log_path(), LOG_TAIL_LINES)
@@ -230,11 +293,37 @@ impl Drop for Etcd {
     }
 }
 
-/// Two distinct free loopback ports (client, peer).
-fn free_ports() -> anyhow::Result<(u16, u16)> {
-    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+const CA_CERT: &str = "ca.pem";
+const SERVER_CERT: &str = "server.pem";
+const SERVER_KEY: &str = "server.key";
+
+/// The server's TLS material, written into its directory (etcd takes only file paths).
+struct ServerTls {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl ServerTls {
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, pem) in [(CA_CERT, &self.ca), (SERVER_CERT, &self.cert), (SERVER_KEY, &self.key)] {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Distinct free loopback ports (client, peer, metrics); all are held until all are found.
+fn free_ports() -> anyhow::Result<[u16; 3]> {
+    let bind = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port");
+    let held = [bind()?, bind()?, bind()?];
+    let mut ports = [0; 3];
+    for (port, listener) in ports.iter_mut().zip(&held) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// One `GET /health` over plain HTTP/1.0; true if etcd reports itself healthy.
@@ -295,5 +384,18 @@ mod tests {
             "process killed and reaped on drop"
         );
         assert!(!data.exists(), "data directory removed on drop");
+    }
+
+    #[test]
+    fn tls_client_port_refuses_plain_http() {
+        let pki = TestPki::new().unwrap();
+        let mut etcd = Etcd::start_tls_with_pki(&pki).unwrap();
+        assert!(etcd.is_tls());
+        assert_eq!(etcd.client_url(), format!("https://{}", etcd.endpoint()));
+        let client: SocketAddr = etcd.endpoint().parse().unwrap();
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, etcd.metrics_port));
+        assert!(health_ok(metrics) && !health_ok(client));
+        etcd.restart().unwrap();
+        assert!(health_ok(metrics) && !health_ok(client));
     }
 }

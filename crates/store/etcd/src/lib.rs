@@ -26,6 +26,10 @@
 //!   asked to start at an already compacted revision fails at once with
 //!   [`StoreError::Compacted`], as with the embedded backend. The task stops when the consumer
 //!   drops the stream.
+//!
+//! A cluster that requires TLS (and client certificates) is reached with
+//! [`EtcdStore::connect_with`] and an [`EtcdTls`]; TLS is rustls with the ring provider, as for
+//! nsm's own gRPC, and only the given CA is trusted.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -38,6 +42,9 @@ use futures::StreamExt;
 use nsm_store::{Condition, KeyValue, PutOptions, Revision, Store, StoreError, WatchEvent, WatchStream};
 use parking_lot::Mutex;
 use tokio::sync::{OnceCell, mpsc};
+
+mod tls;
+pub use tls::{EtcdTls, EtcdTlsError};
 
 /// Bound on each unary request; a request that takes longer reports [`StoreError::Unavailable`].
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,14 +120,66 @@ impl RpcError {
 
 impl std::fmt::Display for RpcError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
+        let (head, source) = match self {
             RpcError::Etcd(etcd::Error::GRpcStatus(s)) => {
-                write!(f, "{:?}: {}", s.code(), s.message())
+                (format!("{:?}: {}", s.code(), s.message()), std::error::Error::source(s))
             }
-            RpcError::Etcd(e) => e.fmt(f),
-            RpcError::TimedOut(what) => write!(f, "{what} timed out after {REQUEST_TIMEOUT:?}"),
-        }
+            RpcError::Etcd(e) => (e.to_string(), std::error::Error::source(e)),
+            RpcError::TimedOut(what) => return write!(f, "{what} timed out after {REQUEST_TIMEOUT:?}"),
+        };
+        f.write_str(&head)?;
+        write_causes(f, head, source)
     }
+}
+
+/// What a TLS connection that etcd closed most likely means. etcd (Go) refuses a missing or
+/// untrusted client certificate with a `bad_certificate` alert (newer Go: `certificate_required`
+/// for a missing one), but under TLS 1.3 it checks the certificate only after the client considers
+/// the handshake done, so the client often meets a closed connection (broken pipe, reset, closed)
+/// instead of reading the alert, and tonic reports no more than that.
+fn handshake_hint(message: &str, tls: &EtcdTls) -> Option<&'static str> {
+    let alert = [
+        "alert: BadCertificate",
+        "alert: CertificateRequired",
+        "alert: UnknownCA",
+    ]
+    .iter()
+    .any(|a| message.contains(a));
+    let closed = ["broken pipe", "onnection reset", "connection closed"]
+        .iter()
+        .any(|c| message.contains(c));
+    match (alert, closed, &tls.identity) {
+        (true, _, None) => Some(" (etcd requires a client certificate, and none is configured)"),
+        (true, _, Some(_)) => Some(" (etcd rejected the client certificate: is it signed by a CA etcd trusts?)"),
+        (false, true, None) => {
+            Some(" (etcd closed the TLS connection: it probably requires a client certificate, and none is configured)")
+        }
+        (false, true, Some(_)) => Some(
+            " (etcd closed the TLS connection: it probably rejected the client certificate; is it signed by a CA \
+             etcd trusts?)",
+        ),
+        (false, false, _) => None,
+    }
+}
+
+/// Appends the causes of a transport failure: tonic reports a refused TLS handshake or a
+/// connection reset only as "transport error", with what actually happened (an unknown CA, a
+/// missing client certificate) further down the chain. Causes whose text the previous one already
+/// contains are skipped.
+fn write_causes(
+    f: &mut std::fmt::Formatter<'_>,
+    mut last: String,
+    mut cause: Option<&(dyn std::error::Error + 'static)>,
+) -> std::fmt::Result {
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !text.is_empty() && !last.contains(&text) {
+            write!(f, ": {text}")?;
+        }
+        last = text;
+        cause = e.source();
+    }
+    Ok(())
 }
 
 /// Runs one etcd request with [`REQUEST_TIMEOUT`].
@@ -448,17 +507,40 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 impl EtcdStore {
-    /// Connects to the etcd cluster at `endpoints` (`host:port` or `http://host:port`) and checks
-    /// that it answers. An unreachable cluster is [`StoreError::Unavailable`] naming the
-    /// endpoints.
+    /// Connects to the etcd cluster at `endpoints` (`host:port` or `http://host:port`) over
+    /// plain HTTP and checks that it answers. An unreachable cluster is
+    /// [`StoreError::Unavailable`] naming the endpoints.
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// Connects to the etcd cluster at `endpoints` and checks that it answers; with `tls`, over
+    /// TLS (`host:port` endpoints are dialed as `https://host:port`), trusting only `tls.ca_pem`
+    /// and presenting `tls.identity` if given.
+    ///
+    /// An endpoint whose scheme contradicts the choice (`http://` with TLS, `https://` without)
+    /// is refused up front, since it could only fail later with a less helpful error. A cluster
+    /// that is unreachable or refuses the handshake (unknown CA, missing or rejected client
+    /// certificate) is [`StoreError::Unavailable`] naming the endpoints and the TLS failure.
+    pub async fn connect_with(endpoints: &[String], tls: Option<EtcdTls>) -> Result<Self, StoreError> {
         let label = endpoints.join(",");
         if endpoints.is_empty() {
             return Err(StoreError::Unavailable("no etcd endpoints given".into()));
         }
-        let options = etcd::ConnectOptions::new()
+        let contradicting = if tls.is_some() { "http://" } else { "https://" };
+        if let Some(e) = endpoints.iter().find(|e| e.starts_with(contradicting)) {
+            return Err(StoreError::Backend(if tls.is_some() {
+                format!("etcd endpoint {e} is plain HTTP but TLS is configured; use https:// or host:port")
+            } else {
+                format!("etcd endpoint {e} is HTTPS but no TLS settings (CA certificate) are given")
+            }));
+        }
+        let mut options = etcd::ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
+        if let Some(tls) = &tls {
+            options = options.with_tls(tls.to_options());
+        }
         let client = timed("connect", etcd::Client::connect(endpoints, Some(options)))
             .await
             .map_err(|e| StoreError::Unavailable(format!("etcd at {label}: {e}")))?;
@@ -472,7 +554,10 @@ impl EtcdStore {
         timed("status", maintenance.status())
             .await
             .map_err(|e| match inner.error(e) {
-                StoreError::Backend(m) | StoreError::Unavailable(m) => StoreError::Unavailable(m),
+                StoreError::Backend(m) | StoreError::Unavailable(m) => {
+                    let hint = tls.as_ref().and_then(|tls| handshake_hint(&m, tls));
+                    StoreError::Unavailable(format!("{m}{}", hint.unwrap_or_default()))
+                }
                 other => other,
             })?;
         Ok(EtcdStore { inner: Arc::new(inner) })
