@@ -370,7 +370,10 @@ fn tls_connector(
             let name = ServerName::IpAddress(addr.ip().into());
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
                 Ok(Ok(tls)) => Ok(hyper_util::rt::TokioIo::new(tls)),
-                Ok(Err(e)) => Err(io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))),
+                Ok(Err(e)) => Err(io::Error::new(
+                    e.kind(),
+                    format!("TLS handshake failed: {}", tls_reason(&e)),
+                )),
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("TLS handshake failed: no answer within {HANDSHAKE_TIMEOUT:?}"),
@@ -378,6 +381,18 @@ fn tls_connector(
             }
         }
     })
+}
+
+/// The reason of a failed handshake in words: rustls shows a verifier's own reason (the SPIFFE ID
+/// checks) only in its Debug form.
+fn tls_reason(e: &io::Error) -> String {
+    use tokio_rustls::rustls::{CertificateError, Error, OtherError};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(CertificateError::Other(OtherError(reason)))) => {
+            format!("invalid peer certificate: {reason}")
+        }
+        _ => e.to_string(),
+    }
 }
 
 fn plain_endpoint(url: &str, addr: SocketAddr) -> Result<Endpoint, TransportError> {
