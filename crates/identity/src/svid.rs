@@ -307,9 +307,11 @@ pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
 /// Writes `path` through a temporary file in the same directory and a rename.
 pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    // Unique per process and call, so that two saves racing in one process never share a file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}.{seq}", std::process::id()));
     let result = (|| {
-        let _ = fs::remove_file(&tmp);
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
