@@ -47,6 +47,8 @@ pub mod service_names {
     pub const NSE_REGISTRY: &str = "registry.NetworkServiceEndpointRegistry";
     /// `nsm.v1.ResourceService`.
     pub const RESOURCES: &str = "nsm.v1.ResourceService";
+    /// `nsm.v1.IdentityService`.
+    pub const IDENTITY: &str = "nsm.v1.IdentityService";
     /// `nsm.v1.NodeService`.
     pub const NODE: &str = "nsm.v1.NodeService";
     /// `networkservice.NetworkService`.

@@ -391,13 +391,10 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
         R::Node(node) => {
             check_meta(kind, node.metadata.get_or_insert_with(Default::default))?;
             let spec = node.spec.get_or_insert_with(Default::default);
-            if spec.address.is_empty() {
-                return Err(ValidationError::new(
-                    "spec.address",
-                    "a node needs its underlay address",
-                ));
+            // Empty until its daemon registers it (`nsmctl node create` before the node joins).
+            if !spec.address.is_empty() {
+                spec.address = ip("spec.address", &spec.address)?.to_string();
             }
-            spec.address = ip("spec.address", &spec.address)?.to_string();
             url("spec.url", &spec.url)?;
         }
     }

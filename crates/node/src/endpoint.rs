@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::cache::Cache;
+use crate::gate::Caller;
 use crate::{NodeError, Result};
 use nsm_mechanisms::vxlan::{self, DST_IP, MTU};
 use nsm_mechanisms::{self as mechanism, EndRequest, EndState, Tunnels};
@@ -38,6 +39,9 @@ pub const MAX_RESYNC: Duration = Duration::from_secs(40);
 /// One endpoint-side tunnel end this node built.
 #[derive(Clone, Debug)]
 struct End {
+    /// The node whose client it serves (None: an `--insecure` daemon's caller): only that node
+    /// refreshes or closes it.
+    owner: Option<String>,
     netns: PathBuf,
     link: String,
     expires: SystemTime,
@@ -257,7 +261,7 @@ impl RemoteEnds {
         })
     }
 
-    async fn handle(&self, req: NetworkServiceRequest) -> Result<Connection> {
+    async fn handle(&self, req: NetworkServiceRequest, owner: Option<&str>) -> Result<Connection> {
         let Checked {
             mut conn,
             endpoint,
@@ -282,6 +286,9 @@ impl RemoteEnds {
         let link = mechanism::peer_link(&conn.id);
         let expires = SystemTime::now() + self.lifetime;
         let mut ends = self.inner.lock().await;
+        if let Some(e) = ends.get(&conn.id) {
+            check_owner(&conn.id, e, owner)?;
+        }
         // An end of another mechanism (the policy changed) goes before this one is built.
         let mut known = ends.get(&conn.id).cloned();
         if let Some(old) = known.take_if(|e| e.state.kind() != kind) {
@@ -306,6 +313,7 @@ impl RemoteEnds {
         ends.insert(
             conn.id.clone(),
             End {
+                owner: owner.map(str::to_owned),
                 netns,
                 link,
                 expires,
@@ -345,8 +353,14 @@ impl RemoteEnds {
         Ok(conn)
     }
 
-    async fn close(&self, conn: Connection) -> Result<()> {
-        let end = self.inner.lock().await.remove(&conn.id);
+    async fn close(&self, conn: Connection, owner: Option<&str>) -> Result<()> {
+        let end = {
+            let mut ends = self.inner.lock().await;
+            if let Some(e) = ends.get(&conn.id) {
+                check_owner(&conn.id, e, owner)?;
+            }
+            ends.remove(&conn.id)
+        };
         if let Some(end) = end {
             self.remove_end(&end).await;
             self.monitor.delete(&conn.id);
@@ -359,6 +373,16 @@ impl RemoteEnds {
         if let Some(t) = self.tunnels.get(end.state.kind()) {
             t.remove(&end.netns, &end.link, end.state.tunnel()).await;
         }
+    }
+}
+
+/// Only the node that asked for an end refreshes or closes it.
+fn check_owner(id: &str, end: &End, caller: Option<&str>) -> Result<()> {
+    match (&end.owner, caller) {
+        (Some(owner), Some(c)) if owner != c => Err(NodeError::PermissionDenied(format!(
+            "node {c} may not change connection {id}: node {owner} asked for it (rule: a node acts on its own connections)"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -387,6 +411,7 @@ pub(crate) struct NodeService {
 #[tonic::async_trait]
 impl NetworkService for NodeService {
     async fn request(&self, req: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
+        let caller: Caller = nsm_authz::caller(&req)?;
         let req = req.into_inner();
         let refreshing = req.connection.as_ref().and_then(|c| c.mechanism.clone());
         let kernel = refreshing
@@ -397,21 +422,27 @@ impl NetworkService for NodeService {
                     .find(|m| m.r#type == crate::local::upstream_kernel::TYPE)
                     .cloned()
             });
-        let conn = match kernel {
-            Some(mech) => {
+        let conn = match (kernel, &caller) {
+            (Some(mech), Caller::Local) => {
                 self.local
                     .request(&self.ends.registry, &self.ends.node, req, mech)
                     .await?
             }
-            None => self.ends.handle(req).await?,
+            (Some(_), Caller::Node(n)) => {
+                return Err(Status::permission_denied(format!(
+                    "node {n} may not request a KERNEL connection (rule: KERNEL is for workloads on this host's unix socket)"
+                )));
+            }
+            (None, c) => self.ends.handle(req, c.node()).await?,
         };
         Ok(Response::new(conn))
     }
 
     async fn close(&self, req: Request<Connection>) -> Result<Response<()>, Status> {
+        let caller: Caller = nsm_authz::caller(&req)?;
         let conn = req.into_inner();
-        if !self.local.close(&self.ends.registry, &conn.id).await {
-            self.ends.close(conn).await?;
+        if caller.node().is_some() || !self.local.close(&self.ends.registry, &conn.id).await {
+            self.ends.close(conn, caller.node()).await?;
         }
         Ok(Response::new(()))
     }

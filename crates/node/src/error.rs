@@ -38,6 +38,10 @@ pub enum NodeError {
     /// not build, an endpoint that lives elsewhere).
     #[error("{0}")]
     Precondition(String),
+    /// The caller may not do this (another node's connection, a method not for it); the message
+    /// names the caller and the rule.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// What the request names does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -81,6 +85,7 @@ impl From<NodeError> for tonic::Status {
         match e {
             NodeError::Invalid { .. } => Status::invalid_argument(msg),
             NodeError::Precondition(_) | NodeError::WireGuard(_) => Status::failed_precondition(msg),
+            NodeError::PermissionDenied(_) => Status::permission_denied(msg),
             NodeError::NotFound(_) => Status::not_found(msg),
             NodeError::RegistryCall(s) | NodeError::Peer { status: s, .. } => {
                 // Keep the code the registry or peer gave; say where it came from.

@@ -19,6 +19,8 @@ mod cache;
 mod daemon;
 mod endpoint;
 mod error;
+mod gate;
+pub mod identity;
 pub mod ipam;
 mod local;
 pub mod monitor;
@@ -45,8 +47,11 @@ pub struct Config {
     pub registry: String,
     /// The host's underlay address, where tunnels to it end.
     pub underlay: IpAddr,
-    /// TLS towards the registry.
-    pub tls: Option<nsm_transport::ClientTls>,
+    /// The node's identity: mutual TLS with the registry and other nodes. None: `--insecure`
+    /// (plaintext TCP, for tests and benchmarks that measure without TLS).
+    pub credentials: Option<nsm_identity::Credentials>,
+    /// Group whose members may use the unix socket, besides root and the daemon's own user.
+    pub socket_group: Option<u32>,
     /// How often counters are refreshed into client statuses and failed clients are retried.
     pub resync: Duration,
     /// How long an end this node built for another node's client lives without a refresh (its

@@ -57,6 +57,9 @@ pub enum RegistryError {
     /// A watcher fell too far behind the change stream.
     #[error("watch fell behind the registry's change stream; start a new one")]
     WatchLagged,
+    /// The caller may not do this (see `authz.rs`); the message names the caller and the rule.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -71,6 +74,7 @@ impl From<RegistryError> for Status {
             RegistryError::AlreadyExists { .. } => Status::already_exists(msg),
             RegistryError::Conflict { .. } | RegistryError::WatchLagged => Status::aborted(msg),
             RegistryError::Interdomain(_) => Status::unimplemented(msg),
+            RegistryError::PermissionDenied(_) => Status::permission_denied(msg),
             RegistryError::Precondition(_) | RegistryError::PoolExhausted { .. } => Status::failed_precondition(msg),
             RegistryError::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
             RegistryError::Store(_) => Status::internal(msg),

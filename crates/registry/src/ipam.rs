@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::upstream_api::BoxStream;
-use crate::{Registry, RegistryError, Result};
+use crate::{Caller, Registry, RegistryError, Result};
 
 /// A vL3 whose pool is leased from.
 #[derive(Clone, Debug)]
@@ -200,7 +200,7 @@ impl Registry {
                 }),
             })),
         };
-        match self.insert(r).await {
+        match self.insert(&Caller::internal(), r).await {
             Ok(_) => Ok(Some(name)),
             Err(RegistryError::AlreadyExists { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -218,7 +218,9 @@ impl Registry {
                 continue;
             };
             if pred(spec)
-                && let Err(e) = self.delete_one(Kind::Prefix, &m.namespace, &m.name).await
+                && let Err(e) = self
+                    .delete_one(&Caller::internal(), Kind::Prefix, &m.namespace, &m.name)
+                    .await
                 && !matches!(e, RegistryError::NotFound { .. })
             {
                 tracing::warn!(prefix = %spec.prefix, error = %e, "releasing a prefix");
@@ -277,10 +279,13 @@ impl Ipam for PrefixServer {
                 .filter(|s| !s.is_empty())
         };
         let vl3 = self.0.vl3_for(header(IPAM_VL3_HEADER).as_deref())?;
-        let node = header(IPAM_NODE_HEADER).unwrap_or_default();
-        if !node.is_empty() {
-            validate::name(IPAM_NODE_HEADER, &node).map_err(RegistryError::from)?;
+        let node = header(IPAM_NODE_HEADER);
+        if let Some(n) = &node {
+            validate::name(IPAM_NODE_HEADER, n).map_err(RegistryError::from)?;
         }
+        // The node is the caller's identity, not what a header claims.
+        let who: Caller = nsm_authz::caller(&req)?;
+        let node = who.prefix_node(node.as_deref())?.unwrap_or_default();
         let member = header(IPAM_MEMBER_HEADER).unwrap_or_else(|| vl3.upstream.clone());
         if member != vl3.upstream {
             let on_vl3 = self.0.member_service_vl3(&member);
@@ -330,7 +335,9 @@ impl Ipam for PrefixServer {
                                 && ((!node.is_empty() && l.spec.node == node) || own.contains(&l.name))
                             {
                                 own.retain(|n| *n != l.name);
-                                registry.delete_one(Kind::Prefix, &vl3.namespace, &l.name).await?;
+                                registry
+                                    .delete_one(&Caller::internal(), Kind::Prefix, &vl3.namespace, &l.name)
+                                    .await?;
                             }
                             Ok(None)
                         }
@@ -349,7 +356,9 @@ impl Ipam for PrefixServer {
                 }
             }
             for name in own {
-                let _ = registry.delete_one(Kind::Prefix, &vl3.namespace, &name).await;
+                let _ = registry
+                    .delete_one(&Caller::internal(), Kind::Prefix, &vl3.namespace, &name)
+                    .await;
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

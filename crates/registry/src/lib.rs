@@ -9,8 +9,10 @@
 #![forbid(unsafe_code)]
 
 mod addresses;
+mod authz;
 mod cache;
 mod error;
+mod identity;
 mod ipam;
 mod resources;
 mod upstream_api;
@@ -23,7 +25,9 @@ use nsm_store::{Condition, PutOptions, Store, StoreError};
 use prost::Message;
 use tonic::service::Routes;
 
+pub use authz::{Caller, Grant, RegistryGate, UnixPolicy, UserRole};
 pub use error::RegistryError;
+pub use identity::{DEFAULT_USER_TTL, Security, Users};
 pub use nsm_model::Kind;
 
 use crate::cache::{Cache, Item};
@@ -35,6 +39,10 @@ pub struct Config {
     pub default_expiration: Duration,
     /// This registry's domain: names `x@<domain>` are local. None = only undomained names.
     pub domain: Option<String>,
+    /// The domain's CA and what it issues; None: `--insecure` (every caller is an admin).
+    pub security: Option<Security>,
+    /// Who is an admin on the unix socket.
+    pub unix: UnixPolicy,
 }
 
 impl Default for Config {
@@ -42,6 +50,11 @@ impl Default for Config {
         Config {
             default_expiration: Duration::from_secs(60),
             domain: None,
+            security: None,
+            unix: UnixPolicy {
+                own_uid: 0,
+                group: None,
+            },
         }
     }
 }
@@ -58,6 +71,8 @@ struct Inner {
     config: Config,
     /// Addresses this registry is writing a lease for right now (see `addresses.rs`).
     addresses_in_flight: parking_lot::Mutex<std::collections::HashSet<std::net::IpAddr>>,
+    /// Users and their grants (empty without security).
+    users: Users,
 }
 
 /// What an apply did.
@@ -141,12 +156,18 @@ impl Registry {
     /// Loads the store's state and starts following it.
     pub async fn start(store: Arc<dyn Store>, config: Config) -> std::result::Result<Registry, StoreError> {
         let cache = Cache::start(store.clone()).await?;
+        let users = if config.security.is_some() {
+            Users::start(store.clone()).await?
+        } else {
+            Users::default()
+        };
         let registry = Registry {
             inner: Arc::new(Inner {
                 store,
                 cache,
                 config,
                 addresses_in_flight: Default::default(),
+                users,
             }),
         };
         if let Err(e) = registry.sweep_address_leases().await {
@@ -155,13 +176,24 @@ impl Registry {
         Ok(registry)
     }
 
-    /// The gRPC services: upstream registry ×2, nsm.v1 resources, health (all SERVING).
+    /// The gRPC services — upstream registry ×2, nsm.v1 resources and identities, upstream IPAM,
+    /// health (all SERVING) — each behind the registry's authorization gate.
     pub async fn routes(&self) -> Routes {
+        let gate = Arc::new(RegistryGate::new(
+            self.inner
+                .config
+                .security
+                .as_ref()
+                .map(|s| s.ca.trust_domain().to_owned()),
+            self.inner.config.unix,
+            self.inner.users.0.clone(),
+        ));
         let (reporter, health) = tonic_health::server::health_reporter();
         for name in [
             nsm_api::service_names::NS_REGISTRY,
             nsm_api::service_names::NSE_REGISTRY,
             nsm_api::service_names::RESOURCES,
+            nsm_api::service_names::IDENTITY,
             nsm_api::service_names::IPAM,
             "",
         ] {
@@ -170,23 +202,35 @@ impl Registry {
                 .await;
         }
         let mut b = Routes::builder();
-        b.add_service(health)
-            .add_service(
+        b.add_service(nsm_authz::Gated::new(gate.clone(), health))
+            .add_service(nsm_authz::Gated::new(
+                gate.clone(),
                 nsm_api::registry::network_service_registry_server::NetworkServiceRegistryServer::new(
                     upstream_api::NsRegistry(self.clone()),
                 ),
-            )
-            .add_service(
+            ))
+            .add_service(nsm_authz::Gated::new(
+                gate.clone(),
                 nsm_api::registry::network_service_endpoint_registry_server::NetworkServiceEndpointRegistryServer::new(
                     upstream_api::NseRegistry(self.clone()),
                 ),
-            )
-            .add_service(nsm_api::nsm::v1::resource_service_server::ResourceServiceServer::new(
-                resources::ResourceApi(self.clone()),
             ))
-            .add_service(nsm_api::ipam::ipam_server::IpamServer::new(ipam::PrefixServer(
-                self.clone(),
-            )));
+            .add_service(nsm_authz::Gated::new(
+                gate.clone(),
+                nsm_api::nsm::v1::resource_service_server::ResourceServiceServer::new(resources::ResourceApi(
+                    self.clone(),
+                )),
+            ))
+            .add_service(nsm_authz::Gated::new(
+                gate.clone(),
+                nsm_api::nsm::v1::identity_service_server::IdentityServiceServer::new(identity::IdentityApi(
+                    self.clone(),
+                )),
+            ))
+            .add_service(nsm_authz::Gated::new(
+                gate,
+                nsm_api::ipam::ipam_server::IpamServer::new(ipam::PrefixServer(self.clone())),
+            ));
         b.routes()
     }
 
@@ -232,6 +276,7 @@ impl Registry {
     /// current value and returns what to store, or None to leave it as is.
     async fn write(
         &self,
+        who: &Caller,
         kind: Kind,
         namespace: &str,
         name: &str,
@@ -242,8 +287,11 @@ impl Registry {
         for _ in 0..WRITE_ATTEMPTS {
             let Some(next) = decide(current.as_deref())? else {
                 let cur = current.clone().expect("decide keeps only what exists");
+                // Even "unchanged" is an answer about someone else's resource.
+                who.may_write(kind, namespace, Some(&cur), Some(&cur))?;
                 return Ok((current, cur));
             };
+            who.may_write(kind, namespace, current.as_deref(), Some(&next))?;
             let condition = match &current {
                 Some(c) => Condition::ModRevision(kind::meta(c).map_or(0, |m| m.resource_version)),
                 None => Condition::Absent,
@@ -300,22 +348,43 @@ impl Registry {
         }
     }
 
+    /// Whether `who` may lease or release the addresses of `client`: its node (or an admin). A client
+    /// that does not exist is judged by the lease call itself (allocating needs it; releasing what
+    /// a deleted client left is harmless).
+    pub(crate) fn may_act_for(&self, who: &Caller, client: &(String, String)) -> Result<()> {
+        if matches!(who, Caller::Admin(_)) {
+            return Ok(());
+        }
+        match self.get_item(Kind::Client, &client.0, &client.1) {
+            Some(c) => who.may_act_for_client(&c),
+            None => Ok(()),
+        }
+    }
+
     /// Replaces a client's status (node daemons report what they observed); the spec stays.
-    pub async fn update_status(&self, namespace: &str, name: &str, status: pb::ClientStatus) -> Result<Item> {
+    pub async fn update_status(
+        &self,
+        who: &Caller,
+        namespace: &str,
+        name: &str,
+        status: pb::ClientStatus,
+    ) -> Result<Item> {
         let kind = Kind::Client;
         let namespace = if namespace.is_empty() {
             nsm_model::DEFAULT_NAMESPACE
         } else {
             namespace
         };
+        // The status is the node's to write; the write itself is checked as the registry's own.
         let (_, stored) = self
-            .write(kind, namespace, name, |current| {
+            .write(&Caller::internal(), kind, namespace, name, |current| {
                 let Some(cur) = current else {
                     return Err(RegistryError::NotFound {
                         kind,
                         name: display_name(kind, namespace, name),
                     });
                 };
+                who.may_act_for_client(cur)?;
                 let mut next = cur.clone();
                 if let Some(pb::resource::Kind::Client(c)) = &mut next.kind {
                     if c.status.as_ref() == Some(&status) {
@@ -330,9 +399,9 @@ impl Registry {
     }
 
     /// Creates a resource; fails with AlreadyExists if it exists.
-    pub async fn create(&self, resource: pb::Resource) -> Result<Item> {
+    pub async fn create(&self, who: &Caller, resource: pb::Resource) -> Result<Item> {
         refuse_prefix(&resource)?;
-        self.insert(resource).await
+        self.insert(who, resource).await
     }
 
     /// The upstream name of the vL3 that the service `upstream_name` is on, if it is on one.
@@ -347,14 +416,14 @@ impl Registry {
     }
 
     /// Creates a resource of any kind (prefix leases included); AlreadyExists if it exists.
-    async fn insert(&self, mut resource: pb::Resource) -> Result<Item> {
+    async fn insert(&self, who: &Caller, mut resource: pb::Resource) -> Result<Item> {
         let kind = validate::resource(&mut resource)?;
         self.check_vl3(&resource)?;
         Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         Self::stamp_new(&mut resource);
         let (_, stored) = self
-            .write(kind, &namespace, &name, |current| match current {
+            .write(who, kind, &namespace, &name, |current| match current {
                 Some(_) => Err(RegistryError::AlreadyExists {
                     kind,
                     name: display_name(kind, &namespace, &name),
@@ -366,21 +435,23 @@ impl Registry {
     }
 
     /// Creates or updates a resource. With `dry_run`, only validates and reports the outcome.
-    pub async fn apply(&self, mut resource: pb::Resource, dry_run: bool) -> Result<(Applied, Item)> {
+    pub async fn apply(&self, who: &Caller, mut resource: pb::Resource, dry_run: bool) -> Result<(Applied, Item)> {
         refuse_prefix(&resource)?;
         let kind = validate::resource(&mut resource)?;
         self.check_vl3(&resource)?;
         Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         if dry_run {
-            return Ok(match self.get_item(kind, &namespace, &name) {
+            let current = self.get_item(kind, &namespace, &name);
+            who.may_write(kind, &namespace, current.as_deref(), Some(&resource))?;
+            return Ok(match current {
                 None => (Applied::Created, Arc::new(resource)),
                 Some(cur) if same_content(&cur, &resource) => (Applied::Unchanged, cur),
                 Some(_) => (Applied::Configured, Arc::new(resource)),
             });
         }
         let (before, stored) = self
-            .write(kind, &namespace, &name, |current| {
+            .write(who, kind, &namespace, &name, |current| {
                 let mut next = resource.clone();
                 match current {
                     None => Self::stamp_new(&mut next),
@@ -400,8 +471,8 @@ impl Registry {
 
     /// Deletes a resource, returning its last state. A node takes its routers' prefix leases with
     /// it, a vL3 every lease of its pool, and a client its address pair.
-    pub async fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
-        let gone = self.delete_one(kind, namespace, name).await?;
+    pub async fn delete(&self, who: &Caller, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
+        let gone = self.delete_one(who, kind, namespace, name).await?;
         match &gone.kind {
             Some(pb::resource::Kind::Client(_)) => {
                 if let Err(e) = self.release_addresses(&meta_of(&gone)).await {
@@ -419,14 +490,32 @@ impl Registry {
         Ok(gone)
     }
 
-    pub(crate) async fn delete_one(&self, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
+    pub(crate) async fn delete_one(&self, who: &Caller, kind: Kind, namespace: &str, name: &str) -> Result<Item> {
         let namespace = if kind.namespaced() && namespace.is_empty() {
             nsm_model::DEFAULT_NAMESPACE
         } else {
             namespace
         };
         let key = kind.key(namespace, name);
-        match self.inner.store.delete(&key, Condition::None).await {
+        // A caller that is not an admin deletes what it was judged on, not what replaced it since.
+        let condition = match who {
+            Caller::Admin(_) => Condition::None,
+            _ => {
+                let current = self
+                    .get_item(kind, namespace, name)
+                    .ok_or_else(|| RegistryError::NotFound {
+                        kind,
+                        name: display_name(kind, namespace, name),
+                    })?;
+                who.may_write(kind, namespace, Some(&current), None)?;
+                Condition::ModRevision(kind::meta(&current).map_or(0, |m| m.resource_version))
+            }
+        };
+        match self.inner.store.delete(&key, condition).await {
+            Err(StoreError::Conflict { .. }) => Err(RegistryError::Conflict {
+                kind,
+                name: display_name(kind, namespace, name),
+            }),
             Ok((prev, revision)) => {
                 self.inner.cache.wait_for(revision).await?;
                 cache::decode(&prev).ok_or_else(|| StoreError::Backend(format!("undecodable value at {key}")).into())
@@ -455,15 +544,20 @@ impl Registry {
     }
 
     /// Upstream NetworkServiceRegistry.Register: creates or updates the service.
-    pub async fn register_ns(&self, ns: &pb::registry::NetworkService) -> Result<pb::registry::NetworkService> {
+    pub async fn register_ns(
+        &self,
+        who: &Caller,
+        ns: &pb::registry::NetworkService,
+    ) -> Result<pb::registry::NetworkService> {
         if ns.name.is_empty() {
             return Err(ValidationError::new("name", "must not be empty").into());
         }
         let (namespace, name) = self.local_name("name", &ns.name)?;
         let mut local = ns.clone();
         local.name = upstream::name_of(&namespace, &name);
+        registrant(who, &mut local.path_ids);
         let (_, stored) = self
-            .write(Kind::NetworkService, &namespace, &name, |current| {
+            .write(who, Kind::NetworkService, &namespace, &name, |current| {
                 let existing = match current.and_then(|c| c.kind.as_ref()) {
                     Some(pb::resource::Kind::NetworkService(n)) => Some(n),
                     _ => None,
@@ -494,6 +588,7 @@ impl Registry {
     /// expiry of at most `default_expiration` from now (upstream `expire` semantics).
     pub async fn register_nse(
         &self,
+        who: &Caller,
         nse: &pb::registry::NetworkServiceEndpoint,
     ) -> Result<pb::registry::NetworkServiceEndpoint> {
         if nse.name.is_empty() {
@@ -509,8 +604,9 @@ impl Registry {
             _ => cap,
         };
         local.expiration_time = Some(prost_types::Timestamp::from(expires));
+        registrant(who, &mut local.path_ids);
         let (_, stored) = self
-            .write(Kind::Endpoint, &namespace, &name, |current| {
+            .write(who, Kind::Endpoint, &namespace, &name, |current| {
                 let existing = match current.and_then(|c| c.kind.as_ref()) {
                     Some(pb::resource::Kind::Endpoint(e)) => Some(e),
                     _ => None,
@@ -542,14 +638,24 @@ impl Registry {
 
     /// Upstream Unregister: removes the resource; like upstream, removing what is not there is
     /// not an error (clients unregister after their registration may already have expired).
-    pub async fn unregister(&self, kind: Kind, upstream_name: &str) -> Result<()> {
+    pub async fn unregister(&self, who: &Caller, kind: Kind, upstream_name: &str) -> Result<()> {
         if upstream_name.is_empty() {
             return Err(ValidationError::new("name", "must not be empty").into());
         }
         let (namespace, name) = self.local_name("name", upstream_name)?;
-        match self.delete(kind, &namespace, &name).await {
+        match self.delete(who, kind, &namespace, &name).await {
             Ok(_) | Err(RegistryError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Upstream's updatepath: a workload's registration records its SPIFFE ID first in `path_ids`, so
+/// that only it may refresh or remove the name later (registry/client_allowed).
+fn registrant(who: &Caller, path_ids: &mut Vec<String>) {
+    if let Caller::Workload { id, .. } = who {
+        if path_ids.first() != Some(id) {
+            path_ids.insert(0, id.clone());
         }
     }
 }

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::addresses;
 use crate::cache::Item;
 use crate::upstream_api::{BoxStream, follow};
-use crate::{Applied, Registry, RegistryError};
+use crate::{Applied, Caller, Registry, RegistryError};
 
 pub(crate) struct ResourceApi(pub(crate) Registry);
 
@@ -43,19 +43,21 @@ impl ResourceService for ResourceApi {
     type WatchStream = BoxStream<v1::WatchEvent>;
 
     async fn create(&self, req: Request<v1::CreateRequest>) -> Result<Response<pb::Resource>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let r = req
             .into_inner()
             .resource
             .ok_or_else(|| Status::invalid_argument("resource: missing"))?;
-        Ok(Response::new(owned(self.0.create(r).await?)))
+        Ok(Response::new(owned(self.0.create(&who, r).await?)))
     }
 
     async fn apply(&self, req: Request<v1::ApplyRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let req = req.into_inner();
         let r = req
             .resource
             .ok_or_else(|| Status::invalid_argument("resource: missing"))?;
-        let (outcome, stored) = self.0.apply(r, req.dry_run).await?;
+        let (outcome, stored) = self.0.apply(&who, r, req.dry_run).await?;
         let outcome = match outcome {
             Applied::Created => v1::ApplyOutcome::Created,
             Applied::Configured => v1::ApplyOutcome::Configured,
@@ -68,13 +70,17 @@ impl ResourceService for ResourceApi {
     }
 
     async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<pb::Resource>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let (kind, namespace, name) = reference(req.into_inner().r#ref)?;
+        who.may_read(kind, &namespace)?;
         Ok(Response::new(owned(self.0.get(kind, &namespace, &name)?)))
     }
 
     async fn list(&self, req: Request<v1::ListRequest>) -> Result<Response<v1::ListResponse>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let req = req.into_inner();
         let kind = Kind::from_pb(req.kind).map_err(RegistryError::from)?;
+        who.may_read(kind, &req.namespace)?;
         let (items, revision) = self.0.list(kind, &req.namespace, &req.label_selector);
         Ok(Response::new(v1::ListResponse {
             items: items.into_iter().map(owned).collect(),
@@ -83,11 +89,15 @@ impl ResourceService for ResourceApi {
     }
 
     async fn delete(&self, req: Request<v1::DeleteRequest>) -> Result<Response<pb::Resource>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let (kind, namespace, name) = reference(req.into_inner().r#ref)?;
-        Ok(Response::new(owned(self.0.delete(kind, &namespace, &name).await?)))
+        Ok(Response::new(owned(
+            self.0.delete(&who, kind, &namespace, &name).await?,
+        )))
     }
 
     async fn update_status(&self, req: Request<v1::UpdateStatusRequest>) -> Result<Response<pb::Resource>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let req = req.into_inner();
         let (kind, namespace, name) = reference(req.r#ref)?;
         if kind != Kind::Client {
@@ -95,7 +105,7 @@ impl ResourceService for ResourceApi {
         }
         let status = req.status.ok_or_else(|| Status::invalid_argument("status: missing"))?;
         Ok(Response::new(owned(
-            self.0.update_status(&namespace, &name, status).await?,
+            self.0.update_status(&who, &namespace, &name, status).await?,
         )))
     }
 
@@ -103,8 +113,10 @@ impl ResourceService for ResourceApi {
         &self,
         req: Request<v1::AllocateAddressesRequest>,
     ) -> Result<Response<v1::AllocateAddressesResponse>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let req = req.into_inner();
         let client = addresses::client_of("client", req.client)?;
+        self.0.may_act_for(&who, &client)?;
         let pool = pairs::pool("pool", &req.pool).map_err(RegistryError::from)?;
         let wanted = addresses::wanted_of(&req.src_ip_addr, &req.dst_ip_addr, pool)?;
         let (lease, created) = self.0.allocate_addresses(client, pool, wanted).await?;
@@ -118,7 +130,9 @@ impl ResourceService for ResourceApi {
         &self,
         req: Request<v1::ReleaseAddressesRequest>,
     ) -> Result<Response<v1::ReleaseAddressesResponse>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let client = addresses::client_of("client", req.into_inner().client)?;
+        self.0.may_act_for(&who, &client)?;
         Ok(Response::new(v1::ReleaseAddressesResponse {
             released: self.0.release_addresses(&client).await?,
         }))
@@ -128,7 +142,9 @@ impl ResourceService for ResourceApi {
         &self,
         req: Request<v1::ListAddressLeasesRequest>,
     ) -> Result<Response<v1::ListAddressLeasesResponse>, Status> {
+        let who: Caller = nsm_authz::caller(&req)?;
         let namespace = req.into_inner().namespace;
+        who.may_read(Kind::Client, &namespace)?;
         Ok(Response::new(v1::ListAddressLeasesResponse {
             leases: self.0.address_leases(&namespace).await?,
         }))
@@ -136,8 +152,10 @@ impl ResourceService for ResourceApi {
 
     async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         use v1::watch_event::Type;
+        let who: Caller = nsm_authz::caller(&req)?;
         let req = req.into_inner();
         let kind = Kind::from_pb(req.kind).map_err(RegistryError::from)?;
+        who.may_read(kind, &req.namespace)?;
         let (namespace, selector) = (req.namespace, req.label_selector);
         let (initial, rx) = self.0.inner.cache.snapshot_and_subscribe(|s| {
             let revision = s.revision;

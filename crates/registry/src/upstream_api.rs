@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{Change, State};
-use crate::{Registry, RegistryError};
+use crate::{Caller, Registry, RegistryError};
 
 pub(crate) struct NsRegistry(pub(crate) Registry);
 pub(crate) struct NseRegistry(pub(crate) Registry);
@@ -152,11 +152,13 @@ impl NetworkServiceRegistry for NsRegistry {
     type FindStream = BoxStream<reg::NetworkServiceResponse>;
 
     async fn register(&self, req: Request<reg::NetworkService>) -> Result<Response<reg::NetworkService>, Status> {
-        let out = self.0.register_ns(req.get_ref()).await?;
+        let who: Caller = nsm_authz::caller(&req)?;
+        let out = self.0.register_ns(&who, req.get_ref()).await?;
         Ok(with_path(&req, out))
     }
 
     async fn find(&self, req: Request<reg::NetworkServiceQuery>) -> Result<Response<Self::FindStream>, Status> {
+        nsm_authz::caller::<Caller, _>(&req)?.may_read(Kind::NetworkService, "")?;
         let q = req.into_inner();
         let mut query = q.network_service.unwrap_or_default();
         query.name = self.0.local_query_name("network_service.name", &query.name)?;
@@ -179,7 +181,10 @@ impl NetworkServiceRegistry for NsRegistry {
     }
 
     async fn unregister(&self, req: Request<reg::NetworkService>) -> Result<Response<()>, Status> {
-        self.0.unregister(Kind::NetworkService, &req.get_ref().name).await?;
+        let who: Caller = nsm_authz::caller(&req)?;
+        self.0
+            .unregister(&who, Kind::NetworkService, &req.get_ref().name)
+            .await?;
         Ok(with_path(&req, ()))
     }
 }
@@ -192,11 +197,13 @@ impl NetworkServiceEndpointRegistry for NseRegistry {
         &self,
         req: Request<reg::NetworkServiceEndpoint>,
     ) -> Result<Response<reg::NetworkServiceEndpoint>, Status> {
-        let out = self.0.register_nse(req.get_ref()).await?;
+        let who: Caller = nsm_authz::caller(&req)?;
+        let out = self.0.register_nse(&who, req.get_ref()).await?;
         Ok(with_path(&req, out))
     }
 
     async fn find(&self, req: Request<reg::NetworkServiceEndpointQuery>) -> Result<Response<Self::FindStream>, Status> {
+        nsm_authz::caller::<Caller, _>(&req)?.may_read(Kind::Endpoint, "")?;
         let q = req.into_inner();
         let mut query = q.network_service_endpoint.unwrap_or_default();
         query.name = self.0.local_query_name("network_service_endpoint.name", &query.name)?;
@@ -220,7 +227,8 @@ impl NetworkServiceEndpointRegistry for NseRegistry {
     }
 
     async fn unregister(&self, req: Request<reg::NetworkServiceEndpoint>) -> Result<Response<()>, Status> {
-        self.0.unregister(Kind::Endpoint, &req.get_ref().name).await?;
+        let who: Caller = nsm_authz::caller(&req)?;
+        self.0.unregister(&who, Kind::Endpoint, &req.get_ref().name).await?;
         Ok(with_path(&req, ()))
     }
 }

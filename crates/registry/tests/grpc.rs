@@ -168,6 +168,7 @@ async fn upstream_endpoints_expire_and_find_by_example() {
     let h = start(Config {
         default_expiration: Duration::from_secs(2),
         domain: Some("cluster1".into()),
+        ..Default::default()
     })
     .await;
     let mut c = NetworkServiceEndpointRegistryClient::new(channel(&h.tcp).await);

@@ -21,8 +21,56 @@ pub fn sibling_binary(sibling: &str, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Admin configs of the registries this process started, by URL: what a node joining a registry
+/// that a test names only by URL gets its token with (see [`join_token`]).
+static ADMIN_CONFIGS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// The admin config of the registry at `url`, if this process started it with identities on.
+pub fn admin_config_for(url: &str) -> Option<PathBuf> {
+    ADMIN_CONFIGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .find(|(u, _)| u == url)
+        .map(|(_, p)| p.clone())
+}
+
+/// A one-time join token for node `name` from the registry at `url` (started by this process),
+/// made as an operator makes it: `nsmctl node create NAME -o json`, or `nsmctl node token NAME`
+/// when the node exists. None: that registry runs `--insecure`.
+pub fn join_token(nsm_bin: &Path, url: &str, name: &str) -> anyhow::Result<Option<String>> {
+    let Some(config) = admin_config_for(url) else {
+        return Ok(None);
+    };
+    let nsmctl = sibling_binary(&nsm_bin.display().to_string(), "nsmctl")?;
+    let run = |args: &[&str]| {
+        Command::new(&nsmctl)
+            .args(args)
+            .args(["-o", "json", "--registry", url])
+            .env("NSM_CONFIG", &config)
+            .output()
+    };
+    let mut out = run(&["node", "create", name])?;
+    if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists") {
+        out = run(&["node", "token", name])?;
+    }
+    if !out.status.success() {
+        bail!(
+            "nsmctl node create/token {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("nsmctl printed {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    v["joinToken"]
+        .as_str()
+        .map(|t| Some(t.to_owned()))
+        .with_context(|| format!("no joinToken in {v}"))
+}
+
 /// `nsm registry` on a free loopback port with a data directory of its own, killed (by its own PID)
-/// when dropped.
+/// when dropped. With identities on (unless started with `--insecure`): its admin config is
+/// [`NsmRegistry::admin_config`].
 pub struct NsmRegistry {
     bin: PathBuf,
     port: u16,
@@ -44,7 +92,40 @@ impl NsmRegistry {
             child: None,
         };
         r.launch()?;
+        if !r.is_insecure() {
+            ADMIN_CONFIGS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((r.url(), r.admin_config()));
+        }
         Ok(r)
+    }
+
+    /// Whether it was started with `--insecure`.
+    pub fn is_insecure(&self) -> bool {
+        self.args.iter().any(|a| a == "--insecure")
+    }
+
+    /// Its admin's client configuration (`<data-dir>/admin.config`).
+    pub fn admin_config(&self) -> PathBuf {
+        self.dir.path().join("data").join("admin.config")
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A gRPC channel to it as its admin (mutual TLS), or plaintext when it runs `--insecure`.
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let security = if self.is_insecure() {
+            nsm_transport::ClientSecurity::Insecure
+        } else {
+            let credentials = nsm_identity::ClientConfig::load(&self.admin_config())?.credentials()?;
+            let expect = nsm_identity::Expect::Id(nsm_identity::SpiffeId::registry(&credentials.trust_domain())?);
+            nsm_transport::ClientSecurity::Mtls { credentials, expect }
+        };
+        Ok(nsm_transport::connect_secure(&self.url(), Duration::from_secs(10), &security).await?)
     }
 
     fn launch(&mut self) -> anyhow::Result<()> {

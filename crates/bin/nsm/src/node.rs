@@ -9,12 +9,26 @@ use anyhow::Context;
 /// Flags of `nsm node`.
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Node name (also its Node resource; clients name it in spec.node).
+    /// Node name (also its Node resource; clients name it in spec.node). Default: the name in
+    /// the join token, or in the identity the node holds.
     #[arg(long, env = "NSM_NAME")]
-    name: String,
-    /// Registry to follow: tcp://HOST:PORT or unix:///PATH.
-    #[arg(long, env = "NSM_REGISTRY_URL", default_value = "tcp://127.0.0.1:5002")]
-    registry: String,
+    name: Option<String>,
+    /// Registry to follow: tcp://HOST:PORT or unix:///PATH. Default: the join token's, or the
+    /// one the node joined through (tcp://127.0.0.1:5002 with --insecure).
+    #[arg(long, env = "NSM_REGISTRY_URL")]
+    registry: Option<String>,
+    /// One-time join token (`nsmctl node create NAME` prints it): the node redeems it for its
+    /// identity, which it keeps in --data-dir/identity and renews; later starts need no token.
+    #[arg(long, env = "NSM_JOIN_TOKEN", hide_env_values = true)]
+    join: Option<String>,
+    /// No identity: plaintext TCP to the registry and other nodes, for a registry started with
+    /// --insecure (tests and benchmarks that measure without TLS only).
+    #[arg(long, env = "NSM_INSECURE", conflicts_with = "join")]
+    insecure: bool,
+    /// Group (name or number) whose members may use the node's unix socket (mode 0660), besides
+    /// root and the daemon's own user.
+    #[arg(long, env = "NSM_SOCKET_GROUP")]
+    socket_group: Option<String>,
     /// The host's underlay address, where tunnels to it end.
     #[arg(long, env = "NSM_TUNNEL_IP")]
     underlay_address: IpAddr,
@@ -76,19 +90,12 @@ pub(crate) struct Args {
     /// know. Default: the nameservers of /etc/resolv.conf.
     #[arg(long, value_delimiter = ',')]
     dns_forward: Vec<String>,
-    /// CA (PEM) to verify the registry with: connect over TLS.
-    #[arg(long, env = "NSM_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS with the registry.
-    #[arg(long, env = "NSM_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// Key (PEM) of --tls-cert.
-    #[arg(long, env = "NSM_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    nsm_model::validate::name("--name", &args.name)?;
+    if let Some(n) = &args.name {
+        nsm_model::validate::name("--name", n)?;
+    }
     if args.resync.is_zero() || args.resync > nsm_node::MAX_RESYNC {
         anyhow::bail!(
             "--resync {}: must be longer than zero and at most {} (remote ends expire without a refresh)",
@@ -105,18 +112,39 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
-    let tls = match &args.tls_ca {
-        Some(ca) => Some(nsm_transport::ClientTls::from_files(
-            ca,
-            args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
-            None,
-        )?),
-        None => None,
+    let (credentials, name, registry) = if args.insecure {
+        tracing::warn!("--insecure: plaintext TCP to the registry and other nodes; never run a domain like this");
+        let name = args.name.clone().context("--name: required with --insecure")?;
+        let registry = args.registry.clone().unwrap_or_else(|| "tcp://127.0.0.1:5002".into());
+        (None, name, registry)
+    } else {
+        let joined = nsm_node::identity::establish(
+            &args.data_dir,
+            args.name.as_deref(),
+            args.registry.as_deref(),
+            args.join.as_deref(),
+        )
+        .await?;
+        (Some(joined.credentials), joined.name, joined.registry)
     };
+    let socket_group = args
+        .socket_group
+        .as_deref()
+        .map(crate::registry::group_id)
+        .transpose()?;
     let mut listeners = Vec::new();
     for l in &args.listen {
         let url: nsm_transport::Url = l.parse().context("--listen")?;
-        listeners.push(nsm_transport::Listener::bind(&url).await?);
+        listeners.push(
+            nsm_transport::Listener::bind_with(
+                &url,
+                nsm_transport::UnixOptions {
+                    mode: 0o660,
+                    group: socket_group,
+                },
+            )
+            .await?,
+        );
     }
     let advertise = match args.advertise_url {
         Some(u) => Some(u),
@@ -152,10 +180,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     });
     let config = nsm_node::Config {
         dns_forward,
-        name: args.name,
-        registry: args.registry,
+        name,
+        registry,
         underlay: args.underlay_address,
-        tls,
+        credentials,
+        socket_group,
         resync: args.resync,
         remote_lifetime: args.remote_lifetime,
         url: advertise,

@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use clap::builder::PossibleValuesParser;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use nsm_api::nsm::v1;
+use nsm_api::nsm::v1::identity_service_client::IdentityServiceClient;
 use nsm_api::nsm::v1::resource_service_client::ResourceServiceClient;
 use nsm_model::{Kind, pb, validate};
 use tonic::transport::Channel;
@@ -27,21 +28,28 @@ use crate::output::Format;
 #[derive(Parser)]
 #[command(name = "nsmctl", version, about, long_about = None, propagate_version = true)]
 struct Cli {
-    /// Registry to talk to: tcp://HOST:PORT or unix:///PATH.
-    #[arg(long, global = true, env = "NSM_REGISTRY", default_value = "tcp://127.0.0.1:5002")]
-    registry: String,
-    /// CA (PEM) to verify the registry's certificate with: connect over TLS.
+    /// Configuration to act with: registry URLs, CA bundle, certificate and key (the registry
+    /// writes its admin's to DATA_DIR/admin.config; `nsmctl user create` writes users'). Default:
+    /// ~/.config/nsm/config, else /var/lib/nsm/registry/admin.config when readable.
+    #[arg(long, global = true, env = "NSM_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Registry to talk to: tcp://HOST:PORT or unix:///PATH (default: the config's, else
+    /// tcp://127.0.0.1:5002). A unix socket needs no certificate: the registry checks the caller's
+    /// uid.
+    #[arg(long, global = true, env = "NSM_REGISTRY")]
+    registry: Option<String>,
+    /// Talk plaintext TCP to a registry started with --insecure.
+    #[arg(long, global = true, env = "NSM_INSECURE")]
+    insecure: bool,
+    /// CA bundle (PEM) to verify the registry with, instead of the config's.
     #[arg(long, global = true, env = "NSM_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
-    /// Client certificate (PEM) for mutual TLS (with --tls-key and --tls-ca).
+    /// Client certificate (PEM, an SVID of the domain) instead of the config's (with --tls-key).
     #[arg(long, global = true, env = "NSM_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
     /// Private key (PEM) of --tls-cert.
     #[arg(long, global = true, env = "NSM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
-    /// Name expected in the registry's certificate (default: the address dialed).
-    #[arg(long, global = true, env = "NSM_TLS_SERVER_NAME")]
-    tls_server_name: Option<String>,
     /// Namespace of the resources (ignored for nodes).
     #[arg(short = 'n', long, global = true, env = "NSM_NAMESPACE", default_value = nsm_model::DEFAULT_NAMESPACE)]
     namespace: String,
@@ -66,10 +74,11 @@ enum Command {
         #[command(subcommand)]
         verb: Verb<EndpointCreate>,
     },
-    /// Nodes: hosts running the nsm-node daemon (cluster-scoped).
+    /// Nodes: hosts running the nsm-node daemon (cluster-scoped). `create` prints the one-time
+    /// join token the node's daemon starts with; `token NAME` issues a new one.
     Node {
         #[command(subcommand)]
-        verb: Verb<NodeCreate>,
+        verb: NodeVerb,
     },
     /// Clients: declarative vWires from a workload to a network service (alias: vwire).
     #[command(alias = "vwire")]
@@ -77,6 +86,14 @@ enum Command {
         #[command(subcommand)]
         verb: Verb<ClientCreate>,
     },
+    /// Users scoped to namespaces (admins only): `nsmctl user create alice -n tenant-a --role edit`
+    /// writes alice's config file.
+    User {
+        #[command(subcommand)]
+        verb: UserVerb,
+    },
+    /// Who the registry takes this nsmctl for.
+    Whoami,
     /// List resources of a kind, or show one: `nsmctl get ns [NAME]`.
     Get(GetArgs),
     /// Show one resource in detail: `nsmctl describe endpoint NAME`.
@@ -124,6 +141,51 @@ enum Verb<C: Args> {
         #[arg(required = true)]
         names: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeVerb {
+    #[command(flatten)]
+    Common(Verb<NodeCreate>),
+    /// Issue a new one-time join token for an existing node (the previous one stops working).
+    Token {
+        /// The node.
+        name: String,
+        /// How long it can be redeemed.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        token_ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserVerb {
+    /// Create a user (or change its grant) with the role in the namespaces of -n (comma-separated),
+    /// and write its config file: nsmctl generates the key, the registry signs its certificate.
+    Create(UserCreate),
+    /// List the users and their grants.
+    Get,
+    /// Delete users: their certificates are refused from then on.
+    Delete {
+        /// Names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct UserCreate {
+    /// The user's name.
+    name: String,
+    /// admin: everything in its namespaces; edit: create, change and delete services, endpoints and
+    /// clients there; view: read.
+    #[arg(long, default_value = "edit", value_parser = PossibleValuesParser::new(["admin", "edit", "view"]))]
+    role: String,
+    /// Where to write its config (mode 0600). Default: ./NAME.config.
+    #[arg(long, short = 'f')]
+    file: Option<std::path::PathBuf>,
+    /// Lifetime of its certificate.
+    #[arg(long, default_value = "720h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
 }
 
 #[derive(Args)]
@@ -238,12 +300,15 @@ struct EndpointCreate {
 struct NodeCreate {
     /// Name of the node.
     name: String,
-    /// Underlay address of the host.
-    #[arg(long, required = true)]
-    address: String,
+    /// Underlay address of the host (its daemon sets it when it starts).
+    #[arg(long)]
+    address: Option<String>,
     /// Labels: k=v,k2=v2.
     #[arg(long)]
     labels: Option<String>,
+    /// How long the printed join token can be redeemed (`nsm node --join TOKEN`), once.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    token_ttl: Duration,
 }
 
 #[derive(Args)]
@@ -279,8 +344,23 @@ struct ClientCreate {
 /// Connection to the registry.
 pub(crate) struct Ctx {
     pub(crate) client: ResourceServiceClient<Channel>,
+    /// None when talking to an --insecure registry, which issues no identities.
+    identity: Option<IdentityServiceClient<Channel>>,
     pub(crate) namespace: String,
     pub(crate) format: Format,
+    /// The URL dialed.
+    registry: String,
+    /// What nsmctl authenticated with, if anything (unused over a unix socket).
+    #[allow(dead_code)]
+    credentials: Option<nsm_identity::Credentials>,
+}
+
+impl Ctx {
+    fn identity(&mut self) -> anyhow::Result<&mut IdentityServiceClient<Channel>> {
+        self.identity
+            .as_mut()
+            .context("--insecure: the registry issues no identities (it has no CA)")
+    }
 }
 
 fn labels(s: &Option<String>) -> anyhow::Result<std::collections::HashMap<String, String>> {
@@ -410,18 +490,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             other => verb_common(&mut ctx, Kind::Endpoint, other).await,
         },
         Command::Node { verb } => match verb {
-            Verb::Create(c) => {
+            NodeVerb::Common(Verb::Create(c)) => {
                 let r = pb::resource::Kind::Node(pb::Node {
                     metadata: meta(&c.name, "", labels(&c.labels)?),
                     spec: Some(pb::NodeSpec {
-                        address: c.address,
+                        address: c.address.unwrap_or_default(),
                         ..Default::default()
                     }),
                 });
-                create(&mut ctx, pb::Resource { kind: Some(r) }).await
+                let created = ctx
+                    .client
+                    .create(v1::CreateRequest {
+                        resource: Some(pb::Resource { kind: Some(r) }),
+                    })
+                    .await?
+                    .into_inner();
+                if ctx.format == Format::Table {
+                    output::print_changed(ctx.format, &created, "created")?;
+                }
+                if ctx.identity.is_none() {
+                    // An --insecure registry issues no identities: the node starts with --insecure.
+                    return if ctx.format == Format::Table {
+                        Ok(())
+                    } else {
+                        output::print_changed(ctx.format, &created, "created")
+                    };
+                }
+                join_token(&mut ctx, &c.name, c.token_ttl).await
             }
-            other => verb_common(&mut ctx, Kind::Node, other).await,
+            NodeVerb::Common(other) => verb_common(&mut ctx, Kind::Node, other).await,
+            NodeVerb::Token { name, token_ttl } => join_token(&mut ctx, &name, token_ttl).await,
         },
+        Command::User { verb } => users(&mut ctx, verb).await,
+        Command::Whoami => {
+            let me = ctx.identity()?.who_am_i(v1::WhoAmIRequest {}).await?.into_inner();
+            match ctx.format {
+                Format::Table => {
+                    println!("{}", me.identity);
+                    if !me.spiffe_id.is_empty() {
+                        println!("{}", me.spiffe_id);
+                    }
+                }
+                _ => output::print_value(
+                    ctx.format,
+                    &serde_json::json!({
+                        "identity": me.identity, "spiffeId": me.spiffe_id
+                    }),
+                )?,
+            }
+            Ok(())
+        }
         Command::Client { verb } => match verb {
             Verb::Create(_) => unreachable!("handled before dialing the registry"),
             other => verb_common(&mut ctx, Kind::Client, other).await,
@@ -512,27 +630,207 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
+/// The config file to use: --config / NSM_CONFIG, else the user's, else the local registry's
+/// admin config when this user can read it.
+fn config_path(cli: &Cli) -> Option<std::path::PathBuf> {
+    if let Some(p) = &cli.config {
+        return Some(p.clone());
+    }
+    let home = std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".config/nsm/config"));
+    [home, Some(std::path::PathBuf::from(DEFAULT_ADMIN_CONFIG))]
+        .into_iter()
+        .flatten()
+        .find(|p| std::fs::File::open(p).is_ok())
+}
+
+/// The registry's admin config where a registry with default flags writes it.
+const DEFAULT_ADMIN_CONFIG: &str = "/var/lib/nsm/registry/admin.config";
+
 async fn connect(cli: &Cli) -> anyhow::Result<Ctx> {
-    let tls = match &cli.tls_ca {
-        Some(ca) => {
-            let identity = cli.tls_cert.as_deref().zip(cli.tls_key.as_deref());
-            Some(nsm_transport::ClientTls::from_files(
-                ca,
-                identity,
-                cli.tls_server_name.clone(),
-            )?)
-        }
-        None if cli.tls_cert.is_some() => bail!("--tls-cert needs --tls-ca (the CA to verify the registry with)"),
+    use nsm_identity::{ClientConfig, Credentials, Expect, SpiffeId, Svid};
+    let config = match config_path(cli) {
+        Some(p) => Some(ClientConfig::load(&p).with_context(|| format!("--config {}", p.display()))?),
         None => None,
     };
-    let channel = nsm_transport::connect_with(&cli.registry, Duration::from_secs(5), tls.as_ref())
+    let registry = cli
+        .registry
+        .clone()
+        .or_else(|| config.as_ref().and_then(|c| c.registries.first().cloned()))
+        .unwrap_or_else(|| "tcp://127.0.0.1:5002".to_owned());
+    let unix = registry.starts_with("unix://");
+    let credentials = match (&cli.tls_cert, &cli.tls_key, &config) {
+        (Some(cert), Some(key), _) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let ca = match (&cli.tls_ca, &config) {
+                (Some(ca), _) => read(ca)?,
+                (None, Some(c)) => c.ca_bundle.clone(),
+                (None, None) => bail!("--tls-cert needs --tls-ca (the CA to verify the registry with)"),
+            };
+            Some(Credentials::new(
+                Svid::from_pem(&read(cert)?, &read(key)?).context("--tls-cert/--tls-key")?,
+                &ca,
+            )?)
+        }
+        (_, _, Some(c)) => {
+            let creds = c.credentials()?;
+            if let Some(ca) = &cli.tls_ca {
+                creds.set_bundle(
+                    &std::fs::read_to_string(ca).with_context(|| format!("cannot read {}", ca.display()))?,
+                )?;
+            }
+            Some(creds)
+        }
+        _ => None,
+    };
+    let security = if unix {
+        nsm_transport::ClientSecurity::Insecure
+    } else if cli.insecure {
+        nsm_transport::ClientSecurity::Insecure
+    } else {
+        let Some(credentials) = credentials.clone() else {
+            bail!(
+                "no identity to reach {registry} with: give --config FILE (a registry writes its admin's to \
+                 DATA_DIR/admin.config; `nsmctl user create` writes users'), or --insecure for a registry \
+                 started with --insecure"
+            );
+        };
+        let expect = Expect::Id(SpiffeId::registry(&credentials.trust_domain())?);
+        nsm_transport::ClientSecurity::Mtls { credentials, expect }
+    };
+    let channel = nsm_transport::connect_secure(&registry, Duration::from_secs(5), &security)
         .await
         .map_err(|e| anyhow::anyhow!("{e} (set --registry or NSM_REGISTRY; is `nsm registry` running?)"))?;
     Ok(Ctx {
-        client: ResourceServiceClient::new(channel),
+        client: ResourceServiceClient::new(channel.clone()),
+        identity: (!cli.insecure).then(|| IdentityServiceClient::new(channel)),
         namespace: cli.namespace.clone(),
         format: cli.output,
+        registry,
+        credentials,
     })
+}
+
+/// Prints a new join token for `node`.
+async fn join_token(ctx: &mut Ctx, node: &str, ttl: Duration) -> anyhow::Result<()> {
+    let t = ctx
+        .identity()?
+        .create_join_token(v1::CreateJoinTokenRequest {
+            node: node.to_owned(),
+            ttl_seconds: ttl.as_secs().max(1),
+        })
+        .await?
+        .into_inner();
+    match ctx.format {
+        Format::Table => {
+            println!(
+                "join token for node {node} (single use, valid for {}):\n{}\n\non the node:  nsm node --join TOKEN --underlay-address ADDRESS …  (or NSM_JOIN_TOKEN=TOKEN)",
+                humantime::format_duration(ttl),
+                t.join_token
+            );
+            Ok(())
+        }
+        _ => output::print_value(
+            ctx.format,
+            &serde_json::json!({ "joinToken": t.join_token, "expires": t.expires.map(|e| e.to_string()) }),
+        ),
+    }
+}
+
+async fn users(ctx: &mut Ctx, verb: UserVerb) -> anyhow::Result<()> {
+    match verb {
+        UserVerb::Create(c) => {
+            validate::name("NAME", &c.name)?;
+            let namespaces: Vec<String> = ctx.namespace.split(',').map(|n| n.trim().to_owned()).collect();
+            let file = c
+                .file
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(format!("{}.config", c.name)));
+            let key = nsm_identity::KeyAndCsr::generate()?;
+            let out = ctx
+                .identity()?
+                .create_user(v1::CreateUserRequest {
+                    user: Some(v1::User {
+                        name: c.name.clone(),
+                        namespaces: namespaces.clone(),
+                        role: c.role.clone(),
+                        creation_timestamp: None,
+                    }),
+                    csr: key.csr_der.clone(),
+                    ttl_seconds: c.ttl.as_secs().max(1),
+                })
+                .await?
+                .into_inner();
+            let svid = out.svid.context("the registry answered without a certificate")?;
+            let cert = nsm_identity::Svid::from_pem(&svid.certificate_chain, &key.key_pem)?;
+            let registries = if svid.registries.is_empty() {
+                vec![ctx.registry.clone()]
+            } else {
+                svid.registries.clone()
+            };
+            nsm_identity::ClientConfig::new(registries, &cert, &svid.trust_bundle)
+                .save(&file)
+                .with_context(|| format!("writing {}", file.display()))?;
+            match ctx.format {
+                Format::Table => println!(
+                    "user/{} created ({} in {}); config written to {} — give it to the user: nsmctl --config {} …",
+                    c.name,
+                    c.role,
+                    namespaces.join(","),
+                    file.display(),
+                    file.display()
+                ),
+                _ => output::print_value(
+                    ctx.format,
+                    &serde_json::json!({ "user": c.name, "role": c.role, "namespaces": namespaces,
+                        "spiffeId": svid.spiffe_id, "config": file }),
+                )?,
+            }
+            Ok(())
+        }
+        UserVerb::Get => {
+            let list = ctx.identity()?.list_users(v1::ListUsersRequest {}).await?.into_inner();
+            match ctx.format {
+                Format::Table => {
+                    println!("{:<24} {:<6} NAMESPACES", "NAME", "ROLE");
+                    for u in list.users {
+                        println!("{:<24} {:<6} {}", u.name, u.role, u.namespaces.join(","));
+                    }
+                    Ok(())
+                }
+                _ => output::print_value(
+                    ctx.format,
+                    &serde_json::Value::Array(
+                        list.users
+                            .iter()
+                            .map(|u| serde_json::json!({"name": u.name, "role": u.role, "namespaces": u.namespaces}))
+                            .collect(),
+                    ),
+                ),
+            }
+        }
+        UserVerb::Delete { names } => {
+            let mut failed = 0;
+            for name in names {
+                match ctx
+                    .identity()?
+                    .delete_user(v1::DeleteUserRequest { name: name.clone() })
+                    .await
+                {
+                    Ok(_) => println!("user/{name} deleted"),
+                    Err(s) => {
+                        failed += 1;
+                        eprintln!("Error: {}", s.message());
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!(Reported);
+            }
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -74,6 +74,15 @@ pub(crate) fn print_changed(format: Format, r: &pb::Resource, verb: &str) -> any
     Ok(())
 }
 
+/// Prints a plain value as JSON or YAML (answers that are not resources: tokens, users).
+pub(crate) fn print_value(format: Format, v: &serde_json::Value) -> anyhow::Result<()> {
+    match format {
+        Format::Yaml => out!("{}", serde_norway::to_string(v)?),
+        _ => outln!("{}", serde_json::to_string_pretty(v)?),
+    }
+    Ok(())
+}
+
 fn print_one(format: Format, r: &pb::Resource) -> anyhow::Result<()> {
     match format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&doc(r)?)?),

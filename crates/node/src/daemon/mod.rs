@@ -51,8 +51,16 @@ pub async fn run(
     let host_netns = Arc::new(NetNs::open(&host_path).map_err(|e| NodeError::HostNetns(e.to_string()))?);
     // The registry's channel reconnects by itself; the first registration is retried until the
     // registry answers, so the daemon may start before it (as on a booting host).
-    let endpoint_check =
-        nsm_transport::connect_with(&config.registry, Duration::from_millis(100), config.tls.as_ref()).await;
+    let security = match &config.credentials {
+        Some(c) => nsm_transport::ClientSecurity::Mtls {
+            credentials: c.clone(),
+            expect: nsm_identity::Expect::Id(
+                nsm_identity::SpiffeId::registry(&c.trust_domain()).map_err(|e| NodeError::Registry(e.to_string()))?,
+            ),
+        },
+        None => nsm_transport::ClientSecurity::Insecure,
+    };
+    let endpoint_check = nsm_transport::connect_secure(&config.registry, Duration::from_millis(100), &security).await;
     if let Err(nsm_transport::TransportError::InvalidUrl { .. } | nsm_transport::TransportError::Tls(_)) =
         &endpoint_check
     {
@@ -62,8 +70,15 @@ pub async fn run(
     }
     let channel = match endpoint_check {
         Ok(ch) => ch,
-        Err(_) => nsm_transport::connect_lazy_with(&config.registry, config.tls.as_ref())?,
+        Err(_) => nsm_transport::connect_lazy_secure(&config.registry, &security)?,
     };
+    if let Some(c) = &config.credentials {
+        tokio::spawn(crate::identity::renew_forever(
+            c.clone(),
+            config.data_dir.clone(),
+            channel.clone(),
+        ));
+    }
     let mut registry = Registry::new(channel.clone());
     let wg = match &config.wireguard_ports {
         Some(ports) => {
@@ -165,6 +180,7 @@ pub async fn run(
     );
     let records = records::Records::open(&config.data_dir)
         .map_err(|e| NodeError::DataDir(format!("{}: {e}", config.data_dir.join("wired").display())))?;
+    let peers = peers::Peers::new(config.credentials.clone(), cache.clone());
     let r = Arc::new(Reconciler {
         gateway: Gateway::new(host_netns.clone()),
         tunnels,
@@ -173,7 +189,7 @@ pub async fn run(
         registry,
         cache,
         host_netns,
-        peers: peers::Peers::default(),
+        peers,
         monitor,
         interfaces,
         state: parking_lot::Mutex::new(State::default()),
@@ -256,33 +272,48 @@ async fn serve(
             .set_service_status(svc, tonic_health::ServingStatus::Serving)
             .await;
     }
+    let gate = Arc::new(crate::gate::NodeGate {
+        trust_domain: config.credentials.as_ref().map(|c| c.trust_domain()),
+        own_uid: nix::unistd::geteuid().as_raw(),
+        group: config.socket_group,
+    });
     let mut b = tonic::service::Routes::builder();
-    b.add_service(health)
-        .add_service(
+    b.add_service(nsm_authz::Gated::new(gate.clone(), health))
+        .add_service(nsm_authz::Gated::new(
+            gate.clone(),
             nsm_api::networkservice::network_service_server::NetworkServiceServer::new(crate::endpoint::NodeService {
                 ends: ends.clone(),
                 local: upstream_conns.clone(),
             }),
-        )
-        .add_service(nsm_api::nsm::v1::node_service_server::NodeServiceServer::new(
-            crate::local::LocalApi {
+        ))
+        .add_service(nsm_authz::Gated::new(
+            gate.clone(),
+            nsm_api::nsm::v1::node_service_server::NodeServiceServer::new(crate::local::LocalApi {
                 registry: registry.clone(),
                 node: config.name.clone(),
                 interfaces: interfaces.clone(),
-            },
+            }),
         ))
-        .add_service(nsm_api::connection::monitor_connection_server::MonitorConnectionServer::new(monitor.clone()));
+        .add_service(nsm_authz::Gated::new(
+            gate.clone(),
+            nsm_api::connection::monitor_connection_server::MonitorConnectionServer::new(monitor.clone()),
+        ));
     let routes = b.routes();
+    let server_security = match &config.credentials {
+        Some(c) => nsm_transport::ServerSecurity::Mtls(c.clone()),
+        None => nsm_transport::ServerSecurity::Insecure,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for l in listeners {
         let mut rx = stop_rx.clone();
         let url = l.url().clone();
         let routes = routes.clone();
+        let security = server_security.clone();
         tokio::spawn(async move {
             let stopped = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = l.serve(routes, None, stopped).await {
+            if let Err(e) = l.serve_secure(routes, security, stopped).await {
                 tracing::error!(%url, error = %e, "node listener failed");
             }
         });
@@ -369,7 +400,7 @@ pub(crate) async fn register_node(
             .await
         {
             Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::PermissionDenied) => {
                 return Err(NodeError::Registry(format!("register node: {}", s.message())));
             }
             Err(s) => {

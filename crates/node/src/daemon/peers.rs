@@ -1,6 +1,7 @@
 //! Channels to other nodes' NetworkService APIs, one per URL, kept and reused: a refresh or a
-//! close does not dial a new connection. A channel whose node stops answering is dropped and
-//! dialled again on the next call.
+//! close does not dial a new connection (nor a TLS handshake). A channel whose node stops
+//! answering is dropped and dialled again on the next call. With identities, the node at a URL
+//! must prove to be the node the registry lists at that URL (`spiffe://<domain>/node/<name>`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use nsm_api::connection::{Connection, Mechanism};
 use nsm_api::networkservice::{NetworkServiceRequest, network_service_client::NetworkServiceClient};
 use tonic::transport::Channel;
 
+use crate::cache::Cache;
 use crate::{NodeError, Result};
 
 /// How long dialling another node may take.
@@ -20,17 +22,50 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pool.
-#[derive(Clone, Default)]
-pub(crate) struct Peers(Arc<parking_lot::Mutex<HashMap<String, NetworkServiceClient<Channel>>>>);
+#[derive(Clone)]
+pub(crate) struct Peers {
+    channels: Arc<parking_lot::Mutex<HashMap<String, NetworkServiceClient<Channel>>>>,
+    /// This node's identity; None: `--insecure`.
+    credentials: Option<nsm_identity::Credentials>,
+    /// The registry's view: which node is at which URL.
+    cache: Cache,
+}
 
 impl Peers {
+    pub(crate) fn new(credentials: Option<nsm_identity::Credentials>, cache: Cache) -> Self {
+        Peers {
+            channels: Arc::default(),
+            credentials,
+            cache,
+        }
+    }
+
+    /// How to reach `url`: as the node the registry lists there.
+    fn security(&self, url: &str) -> Result<nsm_transport::ClientSecurity> {
+        let Some(credentials) = &self.credentials else {
+            return Ok(nsm_transport::ClientSecurity::Insecure);
+        };
+        let view = self.cache.snapshot();
+        let name = view
+            .nodes()
+            .find(|n| n.spec.as_ref().is_some_and(|s| s.url == url))
+            .and_then(|n| n.metadata.as_ref().map(|m| m.name.clone()))
+            .ok_or_else(|| NodeError::Precondition(format!("no node of the registry is at {url}")))?;
+        let id = nsm_identity::SpiffeId::node(&credentials.trust_domain(), &name)
+            .map_err(|e| NodeError::Precondition(format!("node {name:?} at {url}: {e}")))?;
+        Ok(nsm_transport::ClientSecurity::Mtls {
+            credentials: credentials.clone(),
+            expect: nsm_identity::Expect::Id(id),
+        })
+    }
+
     async fn client(&self, url: &str) -> Result<NetworkServiceClient<Channel>> {
-        if let Some(c) = self.0.lock().get(url) {
+        if let Some(c) = self.channels.lock().get(url) {
             return Ok(c.clone());
         }
-        let ch = nsm_transport::connect(url, DIAL_TIMEOUT).await?;
+        let ch = nsm_transport::connect_secure(url, DIAL_TIMEOUT, &self.security(url)?).await?;
         let c = NetworkServiceClient::new(ch);
-        self.0.lock().insert(url.to_owned(), c.clone());
+        self.channels.lock().insert(url.to_owned(), c.clone());
         Ok(c)
     }
 
@@ -40,7 +75,7 @@ impl Peers {
             s.code(),
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
         ) {
-            self.0.lock().remove(url);
+            self.channels.lock().remove(url);
         }
     }
 

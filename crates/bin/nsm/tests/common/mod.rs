@@ -45,6 +45,13 @@ impl NodeProc {
         args.extend(extra.iter().cloned());
         let log = dir.path().join("node.log");
         let socket = format!("unix://{}", dir.path().join("nsm.sock").display());
+        // Joins the registry as an operator would have it: a token from `nsmctl node create`,
+        // used on the first launch only (later launches rejoin with the stored identity).
+        let token = if args.iter().any(|a| a == "--insecure") {
+            None
+        } else {
+            nsm_testing::join_token(std::path::Path::new(NSM), registry, name).unwrap()
+        };
         let mut n = NodeProc {
             socket,
             child: None,
@@ -52,11 +59,24 @@ impl NodeProc {
             log,
             _dir: dir,
         };
-        n.launch();
+        match token {
+            Some(t) => n.launch_with(&["--join".into(), t]),
+            None => {
+                if nsm_testing::admin_config_for(registry).is_none() {
+                    n.args.push("--insecure".into());
+                }
+                n.launch()
+            }
+        }
         n
     }
 
     pub fn launch(&mut self) {
+        self.launch_with(&[]);
+    }
+
+    /// Launches with `extra` flags for this launch only.
+    pub fn launch_with(&mut self, extra: &[String]) {
         let log = std::fs::File::options()
             .create(true)
             .append(true)
@@ -65,6 +85,7 @@ impl NodeProc {
         self.child = Some(
             Command::new(NSM)
                 .args(&self.args)
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -137,11 +158,14 @@ impl Drop for NodeProc {
 }
 
 pub fn nsmctl(registry: &NsmRegistry, args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(sibling_binary(NSM, "nsmctl").unwrap())
-        .args(args)
-        .env("NSM_REGISTRY", registry.url())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(sibling_binary(NSM, "nsmctl").unwrap());
+    cmd.args(args).env("NSM_REGISTRY", registry.url());
+    if registry.is_insecure() {
+        cmd.env("NSM_INSECURE", "1");
+    } else {
+        cmd.env("NSM_CONFIG", registry.admin_config());
+    }
+    let o = cmd.output().unwrap();
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stdout).into_owned(),
