@@ -186,10 +186,13 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
 }
 
 /// `nsm registry` on a free local port with its data under `dir`; the process and its URL.
+/// `--insecure`: these benchmarks measure the mesh without TLS, as their earlier figures did.
 pub(crate) fn spawn_registry(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
     let url = format!("tcp://127.0.0.1:{}", free_port()?);
     let mut c = Command::new(bin);
-    c.args(["registry", "--listen", &url]).arg("--data-dir").arg(dir);
+    c.args(["registry", "--insecure", "--listen", &url])
+        .arg("--data-dir")
+        .arg(dir);
     quiet(&mut c);
     let registry = Proc(c.spawn().with_context(|| format!("cannot start {}", bin.display()))?);
     Ok((registry, url))

@@ -121,6 +121,7 @@ impl RegistryProc {
         let child = cmd
             .args([
                 "registry",
+                "--insecure",
                 "--listen",
                 &url,
                 "--store",

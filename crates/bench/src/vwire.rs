@@ -169,6 +169,7 @@ impl Mesh {
         let mut c = Command::new(&self.bin);
         c.args([
             "node",
+            "--insecure",
             "--name",
             name,
             "--registry",

@@ -10,7 +10,6 @@ use nsm_api::nsm::v1::{self as v1, node_service_server::NodeService, resource_se
 use nsm_dataplane::netns_identity;
 use nsm_model::pb;
 use tonic::transport::Channel;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 /// Serves `nsm.v1.NodeService`.
@@ -135,11 +134,10 @@ pub(crate) fn lasting_netns_of(pid: i32) -> Result<PathBuf, String> {
 #[tonic::async_trait]
 impl NodeService for LocalApi {
     async fn create_client(&self, req: Request<v1::CreateRequest>) -> Result<Response<pb::Resource>, Status> {
-        let caller = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .and_then(|c| c.pid());
+        let caller = match nsm_transport::Peer::of(&req) {
+            Some(nsm_transport::Peer::Unix { pid, .. }) => *pid,
+            _ => None,
+        };
         let mut resource = req
             .into_inner()
             .resource

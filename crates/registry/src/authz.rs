@@ -561,7 +561,7 @@ mod tests {
             u.may_write(Kind::Client, "a", None, c.as_ref()).unwrap();
             u.may_write(Kind::NetworkService, "a", None, None).unwrap();
             assert!(denied_msg(u.may_write(Kind::Client, "b", None, c.as_ref())).contains("namespace \"b\""));
-            assert!(denied_msg(u.may_write(Kind::Node, "", None, Some(&node("n1")))).contains("change Nodes"));
+            assert!(denied_msg(u.may_write(Kind::Node, "", None, Some(&node("n1")))).contains("change nodes"));
             assert!(u.may_write(Kind::Prefix, "a", None, None).is_err());
         }
         assert!(denied_msg(user(UserRole::View).may_write(Kind::Client, "a", None, c.as_ref())).contains("view"));

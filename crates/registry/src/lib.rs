@@ -497,21 +497,43 @@ impl Registry {
             namespace
         };
         let key = kind.key(namespace, name);
-        // A caller that is not an admin deletes what it was judged on, not what replaced it since.
-        let condition = match who {
-            Caller::Admin(_) => Condition::None,
-            _ => {
-                let current = self
-                    .get_item(kind, namespace, name)
-                    .ok_or_else(|| RegistryError::NotFound {
+        // A caller that is not an admin deletes what it was judged on, not what replaced it since
+        // (a status written meanwhile is judged again).
+        if !matches!(who, Caller::Admin(_)) {
+            let mut current = self.get_item(kind, namespace, name);
+            let mut attempts = 0;
+            loop {
+                let Some(cur) = current.clone() else {
+                    return Err(RegistryError::NotFound {
                         kind,
                         name: display_name(kind, namespace, name),
-                    })?;
-                who.may_write(kind, namespace, Some(&current), None)?;
-                Condition::ModRevision(kind::meta(&current).map_or(0, |m| m.resource_version))
+                    });
+                };
+                who.may_write(kind, namespace, Some(&cur), None)?;
+                let rev = kind::meta(&cur).map_or(0, |m| m.resource_version);
+                match self.inner.store.delete(&key, Condition::ModRevision(rev)).await {
+                    Err(StoreError::Conflict { .. }) if attempts < WRITE_ATTEMPTS => {
+                        attempts += 1;
+                        // The store's own revision decides the next attempt.
+                        current = self.inner.store.get(&key).await?.as_ref().and_then(cache::decode);
+                    }
+                    other => return self.finish_delete(kind, namespace, name, &key, other).await,
+                }
             }
-        };
-        match self.inner.store.delete(&key, condition).await {
+        }
+        let outcome = self.inner.store.delete(&key, Condition::None).await;
+        self.finish_delete(kind, namespace, name, &key, outcome).await
+    }
+
+    async fn finish_delete(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        outcome: std::result::Result<(nsm_store::KeyValue, nsm_store::Revision), StoreError>,
+    ) -> Result<Item> {
+        match outcome {
             Err(StoreError::Conflict { .. }) => Err(RegistryError::Conflict {
                 kind,
                 name: display_name(kind, namespace, name),

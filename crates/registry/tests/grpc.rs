@@ -485,7 +485,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
         (
             v1::resource::Kind::Node(v1::Node {
                 metadata: meta("n1", ""),
-                spec: None,
+                spec: Some(v1::NodeSpec {
+                    address: "10.0.0".into(),
+                    ..Default::default()
+                }),
             }),
             "spec.address",
         ),

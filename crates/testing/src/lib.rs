@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod registry;
-pub use registry::{NsmRegistry, admin_config_for, join_token, sibling_binary};
+pub use registry::{NsmRegistry, admin_config_for, channel_to, join_token, sibling_binary};
 
 mod pki;
 pub use pki::{Pem, TestPki};

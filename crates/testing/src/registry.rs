@@ -68,6 +68,20 @@ pub fn join_token(nsm_bin: &Path, url: &str, name: &str) -> anyhow::Result<Optio
         .with_context(|| format!("no joinToken in {v}"))
 }
 
+/// A gRPC channel to the registry at `url` as its admin when this process started it with
+/// identities (mutual TLS), else plaintext.
+pub async fn channel_to(url: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let security = match admin_config_for(url) {
+        None => nsm_transport::ClientSecurity::Insecure,
+        Some(config) => {
+            let credentials = nsm_identity::ClientConfig::load(&config)?.credentials()?;
+            let expect = nsm_identity::Expect::Id(nsm_identity::SpiffeId::registry(&credentials.trust_domain())?);
+            nsm_transport::ClientSecurity::Mtls { credentials, expect }
+        }
+    };
+    Ok(nsm_transport::connect_secure(url, Duration::from_secs(10), &security).await?)
+}
+
 /// `nsm registry` on a free loopback port with a data directory of its own, killed (by its own PID)
 /// when dropped. With identities on (unless started with `--insecure`): its admin config is
 /// [`NsmRegistry::admin_config`].
@@ -118,14 +132,7 @@ impl NsmRegistry {
 
     /// A gRPC channel to it as its admin (mutual TLS), or plaintext when it runs `--insecure`.
     pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
-        let security = if self.is_insecure() {
-            nsm_transport::ClientSecurity::Insecure
-        } else {
-            let credentials = nsm_identity::ClientConfig::load(&self.admin_config())?.credentials()?;
-            let expect = nsm_identity::Expect::Id(nsm_identity::SpiffeId::registry(&credentials.trust_domain())?);
-            nsm_transport::ClientSecurity::Mtls { credentials, expect }
-        };
-        Ok(nsm_transport::connect_secure(&self.url(), Duration::from_secs(10), &security).await?)
+        channel_to(&self.url()).await
     }
 
     fn launch(&mut self) -> anyhow::Result<()> {

@@ -104,7 +104,10 @@ struct Demo {
     children: Vec<Child>,
     bed: Option<Testbed>,
     nsmctl: PathBuf,
+    /// The registry's TCP URL (mutual TLS): what nsmctl and the nodes dial.
     registry: String,
+    /// Its admin config (the registry writes it on its first start).
+    admin_config: PathBuf,
     pod_node: String,
 }
 
@@ -150,7 +153,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.state_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut demo = Demo {
-        registry: format!("unix://{}", dir.join("registry.sock").display()),
+        registry: format!("tcp://127.0.0.1:{}", free_port()?),
+        admin_config: dir.join("registry-data").join("admin.config"),
         pod_node: format!("unix://{}", dir.join(format!("{K8S_NODE}.sock")).display()),
         dir,
         state: State {
@@ -187,6 +191,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             println!();
             println!("The mesh stays up. Try:");
             println!("  export NSM_REGISTRY={}", demo.registry);
+            println!("  export NSM_CONFIG={}", demo.admin_config.display());
             println!("  {} get clients", demo.nsmctl.display());
             println!(
                 "  nsenter --net={} ping {VM_ADDR}",
@@ -237,7 +242,21 @@ impl Demo {
         let _ = std::fs::remove_dir_all(&data);
         let registry = self.registry.clone();
         let data = data.display().to_string();
-        self.spawn("registry", &["registry", "--listen", &registry, "--data-dir", &data])?;
+        let socket = format!("unix://{}", self.dir.join("registry.sock").display());
+        // Identities on, as a domain runs: the registry creates its CA and the admin config, and
+        // each node joins with a one-time token from `nsmctl node create`.
+        self.spawn(
+            "registry",
+            &[
+                "registry",
+                "--listen",
+                &registry,
+                "--listen",
+                &socket,
+                "--data-dir",
+                &data,
+            ],
+        )?;
         self.until("the registry answers", Duration::from_secs(10), |d| {
             d.ctl_quiet(&["get", "nodes"]).is_ok()
         })
@@ -247,12 +266,17 @@ impl Demo {
             let sock = format!("unix://{}", self.dir.join(format!("{name}.sock")).display());
             let tcp = format!("tcp://127.0.0.1:{}", free_port()?);
             let data = self.dir.join(name).display().to_string();
+            let created = self.ctl_quiet(&["node", "create", name, "-o", "json"])?;
+            let token = serde_json::from_str::<serde_json::Value>(&created)
+                .ok()
+                .and_then(|v| v["joinToken"].as_str().map(str::to_owned))
+                .with_context(|| format!("no join token for node {name} in {created:?}"))?;
             self.spawn(
                 name,
                 &[
                     "node",
-                    "--name",
-                    name,
+                    "--join",
+                    &token,
                     "--registry",
                     &registry,
                     "--host-netns",
@@ -270,15 +294,24 @@ impl Demo {
                 ],
             )?;
         }
+        // `node create` made the Nodes; a node has registered when its daemon has set its URL.
         self.until("every node registers", Duration::from_secs(10), |d| {
-            d.ctl_quiet(&["get", "nodes", "-o", "json"])
-                .is_ok_and(|o| NODES.iter().all(|(n, _)| o.contains(n)))
+            NODES.iter().all(|(n, _)| {
+                d.ctl_quiet(&["get", "node", n, "-o", "json"])
+                    .ok()
+                    .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+                    .is_some_and(|v| v["spec"]["url"].as_str().is_some_and(|u| !u.is_empty()))
+            })
         })
         .await?;
         println!("done in {} ms", t.elapsed().as_millis());
 
         println!("[3/7] The design document's commands (the client creates run inside the pod):");
         println!("  export NSM_REGISTRY={}", self.registry);
+        println!(
+            "  export NSM_CONFIG={}    # the admin's identity",
+            self.admin_config.display()
+        );
         let pod = self.bed().netns_path(POD);
         let payments_ns = self.bed().netns_path(PAYMENTS).display().to_string();
         self.ctl(None, &["ns", "create", "istio-namespace", "--namespace=istio-system"])?;
@@ -589,6 +622,7 @@ impl Demo {
         };
         c.args(args)
             .env("NSM_REGISTRY", &self.registry)
+            .env("NSM_CONFIG", &self.admin_config)
             .env("NSM_NODE", &self.pod_node)
             .stdin(Stdio::null());
         c

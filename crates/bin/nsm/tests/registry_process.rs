@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 const NSM: &str = env!("CARGO_BIN_EXE_nsm");
 
 async fn client(url: &str) -> NetworkServiceEndpointRegistryClient<Channel> {
-    NetworkServiceEndpointRegistryClient::new(nsm_transport::connect(url, Duration::from_secs(10)).await.unwrap())
+    NetworkServiceEndpointRegistryClient::new(nsm_testing::channel_to(url).await.unwrap())
 }
 
 fn nse(i: usize) -> reg::NetworkServiceEndpoint {

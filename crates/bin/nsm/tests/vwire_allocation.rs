@@ -10,7 +10,6 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
 
 mod common;
 
@@ -21,11 +20,7 @@ use nsm_testing::NsmRegistry;
 use tonic::transport::Channel;
 
 async fn resources(registry: &NsmRegistry) -> ResourceServiceClient<Channel> {
-    ResourceServiceClient::new(
-        nsm_transport::connect(&registry.url(), Duration::from_secs(5))
-            .await
-            .unwrap(),
-    )
+    ResourceServiceClient::new(registry.channel().await.unwrap())
 }
 
 /// Every lease as (client name, src, dst).

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use nsm_api::registry::{self as reg, network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient};
 use nsm_testing::{NsmRegistry, sibling_binary};
@@ -29,6 +28,7 @@ fn nsmctl_stdin(r: &NsmRegistry, args: &[&str], stdin: &str) -> Out {
     let mut child = Command::new(NSMCTL)
         .args(args)
         .env("NSM_REGISTRY", r.url())
+        .env("NSM_CONFIG", r.admin_config())
         .env_remove("NSM_NAMESPACE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -215,7 +215,7 @@ async fn nsmctl_and_upstream_api_see_each_other() {
             "tcp://192.0.2.7:5001",
         ],
     ));
-    let ch = nsm_transport::connect(&r.url(), Duration::from_secs(5)).await.unwrap();
+    let ch = r.channel().await.unwrap();
     let mut c = NetworkServiceEndpointRegistryClient::new(ch);
     let q = reg::NetworkServiceEndpoint {
         network_service_names: vec!["istio-namespace.istio-system".into()],
@@ -346,7 +346,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         "spec.address",
     );
     fails(nsmctl(&r, &["endpoint", "create", "e"]), "spec: an endpoint needs");
-    fails(nsmctl(&r, &["node", "create", "n"]), "--address");
+    fails(
+        nsmctl(&r, &["node", "create", "n", "--address", "10.0.0.300"]),
+        "spec.address",
+    );
     fails(nsmctl(&r, &["get", "gadgets"]), "unknown kind \"gadgets\"");
     fails(
         nsmctl(&r, &["delete", "ns", "nope"]),
@@ -413,56 +416,35 @@ fn completions() {
 /// no certificate, another CA's certificate, plain text, or an untrusted server do not.
 #[test]
 fn mutual_tls() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = nsm_testing::TestPki::new().unwrap();
-    let (ca, certs) = pki.write(dir.path(), &["registry", "admin"]).unwrap();
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = nsm_testing::TestPki::new().unwrap();
-    let (other_ca, other_certs) = other.write(other_dir.path(), &["intruder"]).unwrap();
-    let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    let (reg_cert, reg_key) = (p(&certs[0].0), p(&certs[0].1));
-    let r = NsmRegistry::start(
-        &sibling_binary(NSMCTL, "nsm").unwrap(),
-        &[
-            "--tls-cert",
-            &reg_cert,
-            "--tls-key",
-            &reg_key,
-            "--tls-client-ca",
-            &p(&ca),
-        ],
-    )
-    .unwrap();
+    let r = registry();
     assert!(r.log().contains("(mutual TLS)"), "{}", r.log());
-    let with = |ca: &str, cert: &str, key: &str, rest: &[&str]| {
-        let mut args = vec!["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key];
-        args.extend_from_slice(rest);
-        nsmctl(&r, &args)
-    };
-    let (admin_cert, admin_key) = (p(&certs[1].0), p(&certs[1].1));
-    ok(with(
-        &p(&ca),
-        &admin_cert,
-        &admin_key,
-        &["node", "create", "n1", "--address", "192.0.2.1"],
-    ));
-    assert!(ok(with(&p(&ca), &admin_cert, &admin_key, &["get", "nodes"])).contains("n1"));
-
-    let o = nsmctl(&r, &["--tls-ca", &p(&ca), "get", "nodes"]);
-    assert!(!o.ok, "no client certificate must be refused: {}", o.stdout);
-    let o = with(&p(&ca), &p(&other_certs[0].0), &p(&other_certs[0].1), &["get", "nodes"]);
-    assert!(!o.ok, "a certificate of another CA must be refused: {}", o.stdout);
-    let o = with(&p(&other_ca), &admin_cert, &admin_key, &["get", "nodes"]);
+    let other = NsmRegistry::start(&sibling_binary(NSMCTL, "nsm").unwrap(), &["--domain", "other.example"]).unwrap();
+    let other_ca = other.data_dir().join("ca").join("ca.pem");
+    let other_ca = other_ca.to_str().unwrap();
+    // The admin config works; overriding its CA with another domain's distrusts the registry.
+    ok(nsmctl(&r, &["get", "nodes"]));
+    let o = nsmctl(&r, &["--tls-ca", other_ca, "get", "nodes"]);
     assert!(
         !o.ok,
         "a server the client does not trust must be refused: {}",
         o.stdout
     );
-    let o = nsmctl(&r, &["get", "nodes"]);
+    // Another domain's admin is refused by this registry.
+    let o = nsmctl(
+        &r,
+        &["--config", other.admin_config().to_str().unwrap(), "get", "nodes"],
+    );
+    assert!(!o.ok, "a certificate of another CA must be refused: {}", o.stdout);
+    // Plaintext gets nothing.
+    let o = nsmctl(&r, &["--insecure", "get", "nodes"]);
     assert!(!o.ok, "plain text must be refused: {}", o.stdout);
     fails(
         nsmctl(&r, &["--tls-ca", "/nonexistent.pem", "get", "nodes"]),
-        "cannot read CA /nonexistent.pem",
+        "cannot read /nonexistent.pem",
+    );
+    fails(
+        nsmctl(&r, &["--config", "/nonexistent.config", "get", "nodes"]),
+        "--config /nonexistent.config",
     );
 }
 
@@ -548,6 +530,7 @@ fn closed_stdout_is_not_an_error() {
     ok(nsmctl(&r, &["ns", "create", "a"]));
     let mut child = Command::new(NSMCTL)
         .args(["--registry", &r.url(), "get", "ns", "-o", "yaml"])
+        .env("NSM_CONFIG", r.admin_config())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -1,0 +1,331 @@
+//! Zero trust against real processes (docs/SECURITY.md): a registry with its CA, nodes that join
+//! with one-time tokens, namespaced users, and callers that try what they may not — each refusal
+//! checked to have changed nothing.
+
+mod common;
+
+use std::path::Path;
+
+use common::{NSM, NodeProc, nsmctl, ok};
+use nsm_api::nsm::v1::{self as v1, resource_service_client::ResourceServiceClient};
+use nsm_api::registry::{self as reg, network_service_endpoint_registry_client::NetworkServiceEndpointRegistryClient};
+use nsm_identity::{ClientConfig, Credentials, Expect, SpiffeId, Svid};
+use nsm_model::pb;
+use nsm_testing::NsmRegistry;
+
+fn ctl_as(registry: &NsmRegistry, config: &Path, args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(nsm_testing::sibling_binary(NSM, "nsmctl").unwrap())
+        .args(args)
+        .env("NSM_REGISTRY", registry.url())
+        .env("NSM_CONFIG", config)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A channel to the registry as the holder of the SVID stored in `identity_dir`.
+async fn as_holder(registry: &NsmRegistry, identity_dir: &Path) -> tonic::transport::Channel {
+    let (svid, bundle) = Svid::load(identity_dir).unwrap().expect("an identity");
+    let credentials = Credentials::new(svid, &bundle).unwrap();
+    let expect = Expect::Id(SpiffeId::registry(&credentials.trust_domain()).unwrap());
+    nsm_transport::connect_secure(
+        &registry.url(),
+        std::time::Duration::from_secs(5),
+        &nsm_transport::ClientSecurity::Mtls { credentials, expect },
+    )
+    .await
+    .unwrap()
+}
+
+fn client_of(node: &str, name: &str) -> pb::Resource {
+    pb::Resource {
+        kind: Some(pb::resource::Kind::Client(pb::Client {
+            metadata: Some(pb::ObjectMeta {
+                name: name.into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            spec: Some(pb::ClientSpec {
+                network_service: "s".into(),
+                netns: "/var/run/netns/nowhere".into(),
+                node: node.into(),
+                ..Default::default()
+            }),
+            status: None,
+        })),
+    }
+}
+
+#[tokio::test]
+async fn identities_tokens_users_and_refusals() {
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let admin = registry.admin_config();
+    // The admin config: 0600, and it works.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&admin).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(ok(nsmctl(&registry, &["whoami"])).contains("spiffe://nsm.local/admin/admin"));
+
+    // Plaintext to the mTLS port gets nothing.
+    let (good, _, err) = ctl_as(&registry, &admin, &["--insecure", "get", "ns"]);
+    assert!(!good, "plaintext worked: {err}");
+    // Another domain's admin (a CA this registry does not know) is refused.
+    let other = NsmRegistry::start(Path::new(NSM), &["--domain", "other.example"]).unwrap();
+    let (good, _, err) = ctl_as(&registry, &other.admin_config(), &["get", "ns"]);
+    assert!(!good, "a foreign CA's certificate was accepted");
+    assert!(!err.is_empty());
+
+    // Join tokens: malformed and foreign ones refused with clear errors, nothing created.
+    let foreign: serde_json::Value = serde_json::from_str(&ok(ctl_as(
+        &other,
+        &other.admin_config(),
+        &["node", "create", "n9", "-o", "json"],
+    )))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start_node = |token: &str, data: &Path| {
+        std::process::Command::new(NSM)
+            .args([
+                "node",
+                "--join",
+                token,
+                "--registry",
+                &registry.url(),
+                "--underlay-address",
+                "192.0.2.9",
+            ])
+            .arg("--data-dir")
+            .arg(data)
+            .args([
+                "--listen",
+                &format!("unix://{}/x.sock", data.display()),
+                "--no-wireguard",
+            ])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let out = start_node("nsmjoin1.garbage", &dir.path().join("a"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--join"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = start_node(foreign["joinToken"].as_str().unwrap(), &dir.path().join("b"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused") || err.contains("fingerprint") || err.contains("CA"),
+        "{err}"
+    );
+    assert!(!dir.path().join("b/identity/svid.pem").exists());
+    assert!(!ok(nsmctl(&registry, &["get", "nodes"])).contains("n9"));
+
+    // A node joins with a token; the same token a second time is refused; a restart rejoins
+    // without one.
+    let mut n1 = NodeProc::start(&registry.url(), "n1");
+    assert!(
+        common::eventually(10, || async { n1.log().contains("node registered") }).await,
+        "{}",
+        n1.log()
+    );
+    let token = ok(nsmctl(&registry, &["node", "token", "n1", "-o", "json"]));
+    let token: serde_json::Value = serde_json::from_str(&token).unwrap();
+    let t = token["joinToken"].as_str().unwrap().to_owned();
+    let fingerprint = nsm_identity::JoinToken::decode(&t).unwrap().ca_fingerprint;
+    let join = || async {
+        let ch = nsm_transport::connect_secure(
+            &registry.url(),
+            std::time::Duration::from_secs(5),
+            &nsm_transport::ClientSecurity::Joining {
+                ca_fingerprint: fingerprint.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let csr = nsm_identity::KeyAndCsr::generate().unwrap().csr_der;
+        nsm_api::nsm::v1::identity_service_client::IdentityServiceClient::new(ch)
+            .join(v1::JoinRequest { token: t.clone(), csr })
+            .await
+    };
+    let first = join().await.unwrap().into_inner();
+    assert_eq!(first.spiffe_id, "spiffe://nsm.local/node/n1");
+    let second = join().await.unwrap_err();
+    assert_eq!(second.code(), tonic::Code::PermissionDenied);
+    assert!(second.message().contains("not valid"), "{}", second.message());
+    // The token's owner, a node holding no identity, cannot start with the spent token.
+    let out = start_node(&t, &dir.path().join("d"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid"));
+    assert!(!dir.path().join("d/identity/svid.pem").exists());
+    n1.kill9();
+    let before = n1.log().matches("joined the domain").count();
+    n1.launch();
+    assert!(
+        common::eventually(10, || async { n1.log().matches("node registered").count() >= 2 }).await,
+        "{}",
+        n1.log()
+    );
+    assert_eq!(
+        n1.log().matches("joined the domain").count(),
+        before,
+        "rejoined with a token"
+    );
+
+    // A node acts only for what is placed on it.
+    let mut as_n1 = ResourceServiceClient::new(as_holder(&registry, &n1.data_dir().join("identity")).await);
+    let e = as_n1
+        .create(v1::CreateRequest {
+            resource: Some(client_of("n2", "foreign")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("node n1") && e.message().contains("rule"),
+        "{}",
+        e.message()
+    );
+    ok(nsmctl(&registry, &["ns", "create", "s"]));
+    // The admin creates a client placed on n2; n1 may neither write its status, nor take it over,
+    // nor delete it, nor lease its addresses.
+    let mut as_admin = ResourceServiceClient::new(registry.channel().await.unwrap());
+    as_admin
+        .create(v1::CreateRequest {
+            resource: Some(client_of("n2", "c2")),
+        })
+        .await
+        .unwrap();
+    let r = v1::ResourceRef {
+        kind: v1::Kind::Client as i32,
+        namespace: "default".into(),
+        name: "c2".into(),
+    };
+    let status = as_n1
+        .update_status(v1::UpdateStatusRequest {
+            r#ref: Some(r.clone()),
+            status: Some(pb::ClientStatus {
+                phase: pb::client_status::Phase::Ready as i32,
+                reason: "forged".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let takeover = as_n1
+        .apply(v1::ApplyRequest {
+            resource: Some(client_of("n1", "c2")),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(takeover.code(), tonic::Code::PermissionDenied);
+    let delete = as_n1
+        .delete(v1::DeleteRequest { r#ref: Some(r.clone()) })
+        .await
+        .unwrap_err();
+    assert_eq!(delete.code(), tonic::Code::PermissionDenied);
+    let lease = as_n1
+        .allocate_addresses(v1::AllocateAddressesRequest {
+            client: Some(r.clone()),
+            pool: "169.254.100.0/24".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(lease.code(), tonic::Code::PermissionDenied);
+    let token = tonic::Request::new(v1::CreateJoinTokenRequest {
+        node: "n1".into(),
+        ttl_seconds: 60,
+    });
+    let e = nsm_api::nsm::v1::identity_service_client::IdentityServiceClient::new(
+        as_holder(&registry, &n1.data_dir().join("identity")).await,
+    )
+    .create_join_token(token)
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    // Nothing changed.
+    let got = as_admin
+        .get(v1::GetRequest { r#ref: Some(r) })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::resource::Kind::Client(c)) = got.kind else {
+        panic!()
+    };
+    assert_eq!(c.spec.unwrap().node, "n2");
+    assert!(c.status.is_none_or(|s| s.reason != "forged"));
+
+    // Users: alice edits tenant-a and nothing else; deleting her revokes her certificate.
+    let alice = dir.path().join("alice.config");
+    ok(nsmctl(
+        &registry,
+        &[
+            "user",
+            "create",
+            "alice",
+            "-n",
+            "tenant-a",
+            "--role",
+            "edit",
+            "-f",
+            alice.to_str().unwrap(),
+        ],
+    ));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&alice).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(ClientConfig::load(&alice).is_ok());
+    ok(ctl_as(&registry, &alice, &["ns", "create", "a1", "-n", "tenant-a"]));
+    ok(nsmctl(&registry, &["ns", "create", "b1", "-n", "tenant-b"]));
+    for args in [
+        &["ns", "create", "b2", "-n", "tenant-b"][..],
+        &["get", "ns", "-n", "tenant-b"],
+        &["delete", "ns", "b1", "-n", "tenant-b"],
+        &["get", "nodes"],
+        &["get", "ns", "-A"],
+        &["node", "create", "evil"],
+        &["user", "create", "mallory", "-n", "tenant-b"],
+    ] {
+        let (good, _, err) = ctl_as(&registry, &alice, args);
+        assert!(!good, "alice could {args:?}");
+        assert!(err.contains("alice") && err.contains("may not"), "{args:?}: {err}");
+    }
+    let all = ok(nsmctl(&registry, &["get", "ns", "-A"]));
+    assert!(all.contains("b1") && !all.contains("b2"), "{all}");
+    assert!(!ok(nsmctl(&registry, &["get", "nodes"])).contains("evil"));
+    assert!(!ok(nsmctl(&registry, &["user", "get"])).contains("mallory"));
+    ok(nsmctl(&registry, &["user", "delete", "alice"]));
+    let (good, _, err) = ctl_as(&registry, &alice, &["get", "ns", "-n", "tenant-a"]);
+    assert!(!good && err.contains("does not exist"), "{err}");
+
+    // A stock TLS client built from upstream's protos, with a SPIFFE certificate from the domain
+    // CA (here the admin's), verifying the registry by its address: upstream's registry API works.
+    let config = ClientConfig::load(&admin).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&config.ca_bundle))
+        .identity(tonic::transport::Identity::from_pem(&config.certificate, &config.key))
+        .domain_name("127.0.0.1");
+    let url = registry.url().replace("tcp://", "https://");
+    let ch = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut upstream = NetworkServiceEndpointRegistryClient::new(ch);
+    let nse = reg::NetworkServiceEndpoint {
+        name: "upstream-nse".into(),
+        network_service_names: vec!["s".into()],
+        url: "tcp://192.0.2.50:5001".into(),
+        ..Default::default()
+    };
+    upstream.register(nse).await.unwrap();
+    assert!(ok(nsmctl(&registry, &["get", "endpoints"])).contains("upstream-nse"));
+}
