@@ -24,7 +24,7 @@ use crate::{IdentityError, KeyAndCsr, SpiffeId, Svid};
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this much in the past, so that a holder whose clock is a little behind
 /// still accepts them.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// A domain CA: its certificate and signing key.
 pub struct Ca {

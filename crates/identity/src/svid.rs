@@ -206,13 +206,12 @@ impl Svid {
 
     /// When to renew: halfway through its lifetime (as SPIRE does), so that a registry that is down
     /// for less than half a lifetime costs no identity.
+    /// The CA backdates `notBefore` by its clock-skew allowance, which is not lifetime to wait
+    /// through: a 4 s SVID would otherwise be due for renewal the moment it is issued.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .inner
-            .not_after
-            .duration_since(self.inner.not_before)
-            .unwrap_or_default();
-        self.inner.not_before + life / 2
+        let issued = (self.inner.not_before + crate::ca::CLOCK_SKEW).min(self.inner.not_after);
+        let life = self.inner.not_after.duration_since(issued).unwrap_or_default();
+        issued + life / 2
     }
 
     pub(crate) fn certified_key(&self) -> Arc<CertifiedKey> {

@@ -29,9 +29,17 @@ fn save_and_load_round_trip() {
     assert_eq!(loaded.leaf_der(), svid.leaf_der());
     assert_eq!(loaded.not_after(), svid.not_after());
     assert_eq!(peer_id(loaded.leaf_der()).unwrap(), id);
-    // Halfway through its life.
-    let life = svid.not_after().duration_since(svid.not_before()).unwrap();
-    assert_eq!(svid.renew_at(), svid.not_before() + life / 2);
+    // Halfway through its life, counted from issue (the CA backdates notBefore by a minute).
+    let issued = svid.not_before() + std::time::Duration::from_secs(60);
+    let life = svid.not_after().duration_since(issued).unwrap();
+    assert_eq!(svid.renew_at(), issued + life / 2);
+    // A lifetime shorter than the backdating is not due at once.
+    let short = ca.issue_new(&id, std::time::Duration::from_secs(4), &[]).unwrap();
+    let due = short.renew_at().duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        due > std::time::Duration::from_secs(1) && due <= std::time::Duration::from_secs(2),
+        "{due:?}"
+    );
     // No temporary files are left behind.
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()

@@ -72,6 +72,8 @@ pub(crate) struct RemoteEnds {
     monitor: crate::monitor::Monitor,
     tunnels: Tunnels,
     cache: Cache,
+    /// Path tokens and policies (None: `--insecure`).
+    checker: Option<crate::tokens::Checker>,
 }
 
 /// What `handle` needs from a request, checked.
@@ -96,6 +98,7 @@ impl RemoteEnds {
         tunnels: Tunnels,
         cache: Cache,
         lifetime: Duration,
+        checker: Option<crate::tokens::Checker>,
     ) -> Self {
         RemoteEnds {
             inner: Arc::default(),
@@ -108,6 +111,7 @@ impl RemoteEnds {
             monitor,
             tunnels,
             cache,
+            checker,
         }
     }
 
@@ -261,7 +265,12 @@ impl RemoteEnds {
         })
     }
 
-    async fn handle(&self, req: NetworkServiceRequest, owner: Option<&str>) -> Result<Connection> {
+    async fn handle(
+        &self,
+        req: NetworkServiceRequest,
+        owner: Option<&str>,
+        peer: Option<&nsm_transport::Peer>,
+    ) -> Result<Connection> {
         let Checked {
             mut conn,
             endpoint,
@@ -269,6 +278,31 @@ impl RemoteEnds {
             kind,
             pair,
         } = self.check(req)?;
+        let expires = SystemTime::now() + self.lifetime;
+        // Another node's request: path tokens and policies, before anything is looked up or
+        // built. (Local callers on the unix socket are the host's own, trusted as root is.)
+        let checked = match (&self.checker, owner) {
+            (Some(checker), Some(_)) => {
+                checker.check(&mut conn, peer, &self.node, &endpoint, expires)?;
+                true
+            }
+            _ => false,
+        };
+        // The client node's WireGuard key must be the one it publishes.
+        if let (MechanismKind::WireGuard, Some(node), Some(_)) = (kind, owner, &self.checker) {
+            let key = mechanism
+                .parameters
+                .get(mechanism::wireguard::SRC_PUBLIC_KEY)
+                .cloned()
+                .unwrap_or_default();
+            crate::wgkeys::check(
+                &self.cache,
+                node,
+                &key,
+                &format!("mechanism.parameters.{}", mechanism::wireguard::SRC_PUBLIC_KEY),
+            )
+            .await?;
+        }
         let tunnel = self.tunnels.get(kind).expect("checked: this node builds it");
         let ep = self.endpoint(&endpoint).await?;
         // The end goes into the endpoint's namespace here, or into this host's own namespace when
@@ -284,7 +318,6 @@ impl RemoteEnds {
             )));
         };
         let link = mechanism::peer_link(&conn.id);
-        let expires = SystemTime::now() + self.lifetime;
         let mut ends = self.inner.lock().await;
         if let Some(e) = ends.get(&conn.id) {
             check_owner(&conn.id, e, owner)?;
@@ -333,17 +366,20 @@ impl RemoteEnds {
             r#type: kind.as_str().into(),
             parameters: params,
         });
-        let path = conn.path.get_or_insert_with(Default::default);
-        let segment = PathSegment {
-            name: self.node.clone(),
-            id: conn.id.clone(),
-            token: String::new(),
-            expires: Some(prost_types::Timestamp::from(expires)),
-            metrics: HashMap::new(),
-        };
-        match path.path_segments.iter_mut().find(|s| s.name == self.node) {
-            Some(s) => *s = segment,
-            None => path.path_segments.push(segment),
+        // With path tokens the checker has added this node's signed segment already.
+        if !checked {
+            let path = conn.path.get_or_insert_with(Default::default);
+            let segment = PathSegment {
+                name: self.node.clone(),
+                id: conn.id.clone(),
+                token: String::new(),
+                expires: Some(prost_types::Timestamp::from(expires)),
+                metrics: HashMap::new(),
+            };
+            match path.path_segments.iter_mut().find(|s| s.name == self.node) {
+                Some(s) => *s = segment,
+                None => path.path_segments.push(segment),
+            }
         }
         conn.state = connection::State::Up as i32;
         if let Some(ctx) = conn.context.as_mut() {
@@ -412,6 +448,7 @@ pub(crate) struct NodeService {
 impl NetworkService for NodeService {
     async fn request(&self, req: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
         let caller: Caller = nsm_authz::caller(&req)?;
+        let peer = nsm_transport::Peer::of(&req).cloned();
         let req = req.into_inner();
         let refreshing = req.connection.as_ref().and_then(|c| c.mechanism.clone());
         let kernel = refreshing
@@ -433,7 +470,7 @@ impl NetworkService for NodeService {
                     "node {n} may not request a KERNEL connection (rule: KERNEL is for workloads on this host's unix socket)"
                 )));
             }
-            (None, c) => self.ends.handle(req, c.node()).await?,
+            (None, c) => self.ends.handle(req, c.node(), peer.as_ref()).await?,
         };
         Ok(Response::new(conn))
     }

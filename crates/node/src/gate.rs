@@ -102,6 +102,7 @@ mod tests {
         Peer::Spiffe {
             id: SpiffeId::parse(s).unwrap(),
             addr: None,
+            cert: Default::default(),
         }
     }
 

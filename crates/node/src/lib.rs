@@ -24,6 +24,8 @@ pub mod identity;
 pub mod ipam;
 mod local;
 pub mod monitor;
+mod tokens;
+mod wgkeys;
 pub use nsm_mechanisms::WireGuardBackend;
 pub use nsm_node_plan::select;
 pub use nsm_vl3 as vl3;
@@ -52,6 +54,9 @@ pub struct Config {
     pub credentials: Option<nsm_identity::Credentials>,
     /// Group whose members may use the unix socket, besides root and the daemon's own user.
     pub socket_group: Option<u32>,
+    /// The policies other nodes' requests are checked with (with identities on): upstream's
+    /// default server set and the operator's (`--policy-dir`).
+    pub policies: nsm_policy::PolicySet,
     /// How often counters are refreshed into client statuses and failed clients are retried.
     pub resync: Duration,
     /// How long an end this node built for another node's client lives without a refresh (its

@@ -156,9 +156,7 @@ impl Caller {
                 }
             }
             Caller::Workload { namespace: own, .. } => {
-                if matches!(kind, Kind::NetworkService | Kind::Endpoint) {
-                    Ok(())
-                } else if kind.namespaced() && namespace == own {
+                if matches!(kind, Kind::NetworkService | Kind::Endpoint) || (kind.namespaced() && namespace == own) {
                     Ok(())
                 } else {
                     Err(denied(
@@ -647,6 +645,7 @@ mod tests {
         Peer::Spiffe {
             id: SpiffeId::parse(s).unwrap(),
             addr: None,
+            cert: Default::default(),
         }
     }
 

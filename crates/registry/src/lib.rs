@@ -675,9 +675,9 @@ impl Registry {
 /// Upstream's updatepath: a workload's registration records its SPIFFE ID first in `path_ids`, so
 /// that only it may refresh or remove the name later (registry/client_allowed).
 fn registrant(who: &Caller, path_ids: &mut Vec<String>) {
-    if let Caller::Workload { id, .. } = who {
-        if path_ids.first() != Some(id) {
-            path_ids.insert(0, id.clone());
-        }
+    if let Caller::Workload { id, .. } = who
+        && path_ids.first() != Some(id)
+    {
+        path_ids.insert(0, id.clone());
     }
 }

@@ -41,6 +41,8 @@ pub enum Peer {
         id: SpiffeId,
         /// The client's address.
         addr: Option<SocketAddr>,
+        /// Its certificate (DER): what a path token of this peer is verified against.
+        cert: std::sync::Arc<Vec<u8>>,
     },
     /// TLS without a client certificate (e.g. a node calling Join).
     Anonymous {
@@ -212,7 +214,11 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, addr: SocketAddr) -> O
     let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         None => Peer::Anonymous { addr: Some(addr) },
         Some(leaf) => match nsm_identity::peer_id(leaf) {
-            Ok(id) => Peer::Spiffe { id, addr: Some(addr) },
+            Ok(id) => Peer::Spiffe {
+                id,
+                addr: Some(addr),
+                cert: std::sync::Arc::new(leaf.to_vec()),
+            },
             Err(e) => {
                 // The verifier already refuses such certificates; never let one through as anonymous.
                 tracing::debug!(%addr, reason = %e, "TLS client certificate without a SPIFFE ID");

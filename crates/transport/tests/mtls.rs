@@ -172,7 +172,7 @@ async fn the_handler_sees_the_clients_spiffe_id() {
     let client = d.creds(&node("c"));
     call(&server.url, &mtls(&client, node("s"))).await.unwrap();
     match server.recorder.last() {
-        Some(Peer::Spiffe { id, addr }) => {
+        Some(Peer::Spiffe { id, addr, .. }) => {
             assert_eq!(id, node("c"));
             assert_eq!(addr.unwrap().ip().to_string(), "127.0.0.1");
         }

@@ -29,6 +29,12 @@ pub(crate) struct Args {
     /// root and the daemon's own user.
     #[arg(long, env = "NSM_SOCKET_GROUP")]
     socket_group: Option<String>,
+    /// Directory of the operator's Rego policies (`*.rego`, `package nsm`, a boolean `valid`),
+    /// checked on every request of another node together with upstream's defaults (valid,
+    /// unexpired, chained path tokens; the caller's token signed by the caller). A file named as a
+    /// default replaces it.
+    #[arg(long, env = "NSM_POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
     /// The host's underlay address, where tunnels to it end.
     #[arg(long, env = "NSM_TUNNEL_IP")]
     underlay_address: IpAddr,
@@ -132,6 +138,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .map(crate::registry::group_id)
         .transpose()?;
+    let mut policies = nsm_policy::PolicySet::server_defaults();
+    if let Some(dir) = &args.policy_dir {
+        policies.add_dir(dir).context("--policy-dir")?;
+        tracing::info!(dir = %dir.display(), policies = ?policies.names(), "policies loaded");
+    }
     let mut listeners = Vec::new();
     for l in &args.listen {
         let url: nsm_transport::Url = l.parse().context("--listen")?;
@@ -185,6 +196,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         underlay: args.underlay_address,
         credentials,
         socket_group,
+        policies,
         resync: args.resync,
         remote_lifetime: args.remote_lifetime,
         url: advertise,

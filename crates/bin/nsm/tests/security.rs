@@ -329,3 +329,192 @@ async fn identities_tokens_users_and_refusals() {
     upstream.register(nse).await.unwrap();
     assert!(ok(nsmctl(&registry, &["get", "endpoints"])).contains("upstream-nse"));
 }
+
+/// A request path as the client's node stamps it for the endpoint's node `to`: the client's
+/// segment and the node's, signed with the node's key (`key`), with these audiences.
+fn path(id: &str, node: &str, key: &[u8], client_aud: &str, node_aud: &str, sub: &str) -> nsm_api::connection::Path {
+    let exp = std::time::SystemTime::now() + std::time::Duration::from_secs(600);
+    let seg = |name: &str, token: String| nsm_api::connection::PathSegment {
+        name: name.into(),
+        id: id.into(),
+        token,
+        expires: None,
+        metrics: Default::default(),
+    };
+    nsm_api::connection::Path {
+        index: 1,
+        path_segments: vec![
+            seg(
+                "c1.default",
+                nsm_policy::sign("spiffe://nsm.local/ns/default/client/c1", client_aud, exp, key).unwrap(),
+            ),
+            seg(node, nsm_policy::sign(sub, node_aud, exp, key).unwrap()),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn path_tokens_and_policies_guard_the_endpoint_node() {
+    use nsm_api::connection::{Connection, Mechanism};
+    use nsm_api::connectioncontext::{ConnectionContext, IpContext};
+    use nsm_api::networkservice::{NetworkServiceRequest, network_service_client::NetworkServiceClient};
+    let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("no_forbidden.rego"),
+        "package nsm\n\ndefault valid := false\n\nvalid if input.service != \"forbidden\"\n",
+    )
+    .unwrap();
+    let port_x = common::free_port();
+    let port_y = common::free_port();
+    let mut x = NodeProc::start_with(
+        &registry.url(),
+        "x",
+        &[
+            "--underlay-address".into(),
+            "192.0.2.1".into(),
+            "--listen".into(),
+            format!("tcp://127.0.0.1:{port_x}"),
+        ],
+    );
+    let mut y = NodeProc::start_with(
+        &registry.url(),
+        "y",
+        &[
+            "--underlay-address".into(),
+            "192.0.2.2".into(),
+            "--listen".into(),
+            format!("tcp://127.0.0.1:{port_y}"),
+            "--policy-dir".into(),
+            policies.path().display().to_string(),
+        ],
+    );
+    for n in [&mut x, &mut y] {
+        assert!(
+            common::eventually(10, || async { n.log().contains("node registered") }).await,
+            "{}",
+            n.log()
+        );
+    }
+    let (svid, bundle) = Svid::load(&x.data_dir().join("identity")).unwrap().unwrap();
+    let key = svid.key_pkcs8_der().to_vec();
+    let credentials = Credentials::new(svid, &bundle).unwrap();
+    let ch = nsm_transport::connect_secure(
+        &format!("tcp://127.0.0.1:{port_y}"),
+        std::time::Duration::from_secs(5),
+        &nsm_transport::ClientSecurity::Mtls {
+            credentials,
+            expect: Expect::Id(SpiffeId::node("nsm.local", "y").unwrap()),
+        },
+    )
+    .await
+    .unwrap();
+    let mut y_api = NetworkServiceClient::new(ch);
+    let (sx, sy) = ("spiffe://nsm.local/node/x", "spiffe://nsm.local/node/y");
+    let request = |service: &str, p: nsm_api::connection::Path| NetworkServiceRequest {
+        connection: Some(Connection {
+            id: "conn-1".into(),
+            network_service: service.into(),
+            network_service_endpoint_name: "ep.default".into(),
+            context: Some(ConnectionContext {
+                ip_context: Some(IpContext {
+                    src_ip_addrs: vec!["169.254.100.1/32".into()],
+                    dst_ip_addrs: vec!["169.254.100.2/32".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            path: Some(p),
+            ..Default::default()
+        }),
+        mechanism_preferences: vec![Mechanism {
+            cls: "REMOTE".into(),
+            r#type: "VXLAN".into(),
+            parameters: [
+                ("src_ip".to_string(), "192.0.2.1".to_string()),
+                ("vni".to_string(), "4242".to_string()),
+            ]
+            .into(),
+        }],
+    };
+    // A well-stamped request passes every policy: what stops it is the endpoint that does not exist.
+    let e = y_api
+        .request(request("s", path("conn-1", "x", &key, sx, sy, sx)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    // Tampered: the node's token with its payload changed (the signature no longer fits).
+    let mut tampered = path("conn-1", "x", &key, sx, sy, sx);
+    let t = &mut tampered.path_segments[1].token;
+    let parts: Vec<&str> = t.split('.').collect();
+    let forged = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        format!(r#"{{"sub":"{sx}","aud":["{sy}"],"exp":9999999999,"iat":1}}"#),
+    );
+    *t = format!("{}.{forged}.{}", parts[0], parts[2]);
+    let e = y_api.request(request("s", tampered)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("prev_token_signed"), "{}", e.message());
+    // Replayed: a genuine token of x's that was addressed to another node.
+    let e = y_api
+        .request(request(
+            "s",
+            path("conn-1", "x", &key, sx, "spiffe://nsm.local/node/z", sx),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("tokens_chained"), "{}", e.message());
+    // Claiming to be another node in its own segment.
+    let e = y_api
+        .request(request(
+            "s",
+            path(
+                "conn-1",
+                "x",
+                &key,
+                "spiffe://nsm.local/node/w",
+                sy,
+                "spiffe://nsm.local/node/w",
+            ),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // No tokens at all.
+    let mut bare = path("conn-1", "x", &key, sx, sy, sx);
+    for s in &mut bare.path_segments {
+        s.token.clear();
+    }
+    let e = y_api.request(request("s", bare)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // The operator's Rego policy.
+    let e = y_api
+        .request(request("forbidden", path("conn-1", "x", &key, sx, sy, sx)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("policy no_forbidden refused"), "{}", e.message());
+    // Over TCP a node may call nothing but NetworkService.
+    let ch = nsm_transport::connect_secure(
+        &format!("tcp://127.0.0.1:{port_y}"),
+        std::time::Duration::from_secs(5),
+        &nsm_transport::ClientSecurity::Mtls {
+            credentials: Credentials::new(Svid::load(&x.data_dir().join("identity")).unwrap().unwrap().0, &bundle)
+                .unwrap(),
+            expect: Expect::Id(SpiffeId::node("nsm.local", "y").unwrap()),
+        },
+    )
+    .await
+    .unwrap();
+    let e = nsm_api::nsm::v1::node_service_client::NodeServiceClient::new(ch)
+        .create_client(v1::CreateRequest {
+            resource: Some(client_of("y", "sneaky")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // y built nothing and registered nothing for any of it.
+    assert!(!ok(nsmctl(&registry, &["get", "clients"])).contains("sneaky"));
+    assert!(!y.log().contains("remote vWire end ready"), "{}", y.log());
+}

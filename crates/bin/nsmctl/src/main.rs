@@ -657,7 +657,8 @@ async fn connect(cli: &Cli) -> anyhow::Result<Ctx> {
         .clone()
         .or_else(|| config.as_ref().and_then(|c| c.registries.first().cloned()))
         .unwrap_or_else(|| "tcp://127.0.0.1:5002".to_owned());
-    let unix = registry.starts_with("unix://");
+    // A bad URL is reported as such, before any question of identity.
+    let unix = matches!(registry.parse::<nsm_transport::Url>()?, nsm_transport::Url::Unix(_));
     let credentials = match (&cli.tls_cert, &cli.tls_key, &config) {
         (Some(cert), Some(key), _) => {
             let read = |p: &std::path::Path| {
@@ -684,9 +685,8 @@ async fn connect(cli: &Cli) -> anyhow::Result<Ctx> {
         }
         _ => None,
     };
-    let security = if unix {
-        nsm_transport::ClientSecurity::Insecure
-    } else if cli.insecure {
+    // A unix socket is not wrapped in TLS: the registry judges the caller's uid.
+    let security = if unix || cli.insecure {
         nsm_transport::ClientSecurity::Insecure
     } else {
         let Some(credentials) = credentials.clone() else {

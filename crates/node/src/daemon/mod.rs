@@ -131,6 +131,10 @@ pub async fn run(
         tunnels.clone(),
         cache.clone(),
         config.remote_lifetime,
+        config.credentials.clone().map(|credentials| crate::tokens::Checker {
+            credentials,
+            policies: config.policies.clone(),
+        }),
     );
     let upstream_conns = crate::local::upstream_kernel::Connections::default();
     let interfaces = crate::local::Interfaces::default();

@@ -45,18 +45,22 @@ impl Peers {
         let Some(credentials) = &self.credentials else {
             return Ok(nsm_transport::ClientSecurity::Insecure);
         };
+        Ok(nsm_transport::ClientSecurity::Mtls {
+            credentials: credentials.clone(),
+            expect: nsm_identity::Expect::Id(self.peer_id(credentials, url)?),
+        })
+    }
+
+    /// The SPIFFE ID of the node the registry lists at `url`.
+    fn peer_id(&self, credentials: &nsm_identity::Credentials, url: &str) -> Result<nsm_identity::SpiffeId> {
         let view = self.cache.snapshot();
         let name = view
             .nodes()
             .find(|n| n.spec.as_ref().is_some_and(|s| s.url == url))
             .and_then(|n| n.metadata.as_ref().map(|m| m.name.clone()))
             .ok_or_else(|| NodeError::Precondition(format!("no node of the registry is at {url}")))?;
-        let id = nsm_identity::SpiffeId::node(&credentials.trust_domain(), &name)
-            .map_err(|e| NodeError::Precondition(format!("node {name:?} at {url}: {e}")))?;
-        Ok(nsm_transport::ClientSecurity::Mtls {
-            credentials: credentials.clone(),
-            expect: nsm_identity::Expect::Id(id),
-        })
+        nsm_identity::SpiffeId::node(&credentials.trust_domain(), &name)
+            .map_err(|e| NodeError::Precondition(format!("node {name:?} at {url}: {e}")))
     }
 
     async fn client(&self, url: &str) -> Result<NetworkServiceClient<Channel>> {
@@ -80,14 +84,21 @@ impl Peers {
     }
 
     /// Requests (or refreshes) a connection at the node at `url`.
-    pub(crate) async fn request(&self, url: &str, conn: Connection, prefs: Vec<Mechanism>) -> Result<Connection> {
+    pub(crate) async fn request(&self, url: &str, mut conn: Connection, prefs: Vec<Mechanism>) -> Result<Connection> {
+        if let Some(credentials) = &self.credentials {
+            crate::tokens::stamp_client_path(&mut conn, credentials, &self.peer_id(credentials, url)?)?;
+        }
         let req = NetworkServiceRequest {
             connection: Some(conn),
             mechanism_preferences: prefs,
         };
         let mut client = self.client(url).await?;
         match deadline(client.request(req)).await {
-            Ok(r) => Ok(r.into_inner()),
+            Ok(r) => {
+                let answer = r.into_inner();
+                self.check_key(url, &answer).await?;
+                Ok(answer)
+            }
             Err(status) => {
                 self.check(url, &status);
                 Err(NodeError::Peer {
@@ -96,6 +107,33 @@ impl Peers {
                 })
             }
         }
+    }
+
+    /// The endpoint's node answered WIREGUARD with its key: the one it publishes in its Node.
+    async fn check_key(&self, url: &str, answer: &Connection) -> Result<()> {
+        let Some(credentials) = &self.credentials else {
+            return Ok(());
+        };
+        let Some(m) = answer
+            .mechanism
+            .as_ref()
+            .filter(|m| m.r#type == nsm_mechanisms::wireguard::TYPE)
+        else {
+            return Ok(());
+        };
+        let id = self.peer_id(credentials, url)?;
+        let nsm_identity::Role::Node(node) = id.role() else {
+            return Ok(());
+        };
+        let key = m
+            .parameters
+            .get(nsm_mechanisms::wireguard::DST_PUBLIC_KEY)
+            .map_or("", String::as_str);
+        let field = format!(
+            "the answer's mechanism.parameters.{}",
+            nsm_mechanisms::wireguard::DST_PUBLIC_KEY
+        );
+        crate::wgkeys::check(&self.cache, node, key, &field).await
     }
 
     /// Closes a connection at the node at `url` (logged, not returned: nothing waits on it).

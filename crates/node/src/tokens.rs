@@ -1,0 +1,133 @@
+//! Path tokens on cross-node requests, as upstream signs and checks them (docs/SECURITY.md).
+//!
+//! The client's node sends `[client, itself]` with index 1: the client's segment says
+//! `sub` = the client's workload ID (`spiffe://<domain>/ns/<namespace>/client/<name>`), `aud` = the
+//! node — signed by the node on its client's behalf, since nsm's clients hold no keys of their own
+//! — and the node's segment `sub` = the node, `aud` = the endpoint's node, signed with the node's
+//! SVID key. The endpoint's node adds its own signed segment and runs the policies (upstream's
+//! default server set, plus `--policy-dir`) over the path before it builds anything: the token of
+//! the caller's segment must verify against the caller's TLS certificate, the chain of `aud`s and
+//! `sub`s must be unbroken, no token may be expired.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
+
+use nsm_api::connection::{Connection, Path, PathSegment};
+use nsm_identity::{Credentials, SpiffeId};
+use nsm_model::upstream;
+use nsm_policy::PolicySet;
+use nsm_transport::Peer;
+
+use crate::{NodeError, Result};
+
+/// A token's expiry: upstream's default lifetime, and never past the signer's certificate.
+fn expiry(credentials: &Credentials) -> SystemTime {
+    (SystemTime::now() + nsm_policy::DEFAULT_TOKEN_LIFETIME).min(credentials.svid().not_after())
+}
+
+fn sign(credentials: &Credentials, sub: &str, aud: &str, expires: SystemTime) -> Result<String> {
+    nsm_policy::sign(sub, aud, expires, credentials.svid().key_pkcs8_der())
+        .map_err(|e| NodeError::Precondition(format!("signing a path token: {e}")))
+}
+
+fn segment(name: &str, id: &str, token: String, expires: SystemTime) -> PathSegment {
+    PathSegment {
+        name: name.to_owned(),
+        id: id.to_owned(),
+        token,
+        expires: Some(prost_types::Timestamp::from(expires)),
+        metrics: HashMap::new(),
+    }
+}
+
+/// The client's node: signs `[client, this node]` for a request to the node `peer` (a refresh
+/// carries the last answer's path back; the endpoint node's segment is dropped and made anew).
+pub(crate) fn stamp_client_path(conn: &mut Connection, credentials: &Credentials, peer: &SpiffeId) -> Result<()> {
+    let me = credentials.id();
+    let path = conn.path.get_or_insert_with(Path::default);
+    let client = path
+        .path_segments
+        .first()
+        .map(|s| s.name.clone())
+        .ok_or_else(|| NodeError::invalid("connection.path", "the client's segment is missing"))?;
+    let node_name = path.path_segments.get(1).map_or_else(String::new, |s| s.name.clone());
+    let (namespace, name, _) = upstream::parse_name("connection.path.path_segments[0].name", &client)
+        .map_err(|e| NodeError::invalid(e.field, e.reason))?;
+    let workload = SpiffeId::client(me.trust_domain(), &namespace, &name)
+        .map_err(|e| NodeError::invalid("connection.path.path_segments[0].name", e.to_string()))?;
+    let expires = expiry(credentials);
+    let client_token = sign(credentials, workload.as_str(), me.as_str(), expires)?;
+    let node_token = sign(credentials, me.as_str(), peer.as_str(), expires)?;
+    path.index = 1;
+    path.path_segments = vec![
+        segment(&client, &conn.id, client_token, expires),
+        segment(&node_name, &conn.id, node_token, expires),
+    ];
+    Ok(())
+}
+
+/// The endpoint's node: what it checks requests with.
+#[derive(Clone)]
+pub(crate) struct Checker {
+    pub(crate) credentials: Credentials,
+    pub(crate) policies: PolicySet,
+}
+
+impl Checker {
+    /// Adds this node's signed segment (after the caller's, dropping any beyond it) and runs the
+    /// policies over the path; a refusal names the policy. `endpoint` is the endpoint's name in
+    /// `namespace/name` form, the next hop this node's token is addressed to.
+    pub(crate) fn check(
+        &self,
+        conn: &mut Connection,
+        peer: Option<&Peer>,
+        node: &str,
+        endpoint: &str,
+        segment_expires: SystemTime,
+    ) -> Result<()> {
+        let Some(Peer::Spiffe { id, cert, .. }) = peer else {
+            return Err(NodeError::PermissionDenied(
+                "path tokens: the caller presented no certificate to check its token against".into(),
+            ));
+        };
+        let me = self.credentials.id();
+        let path = conn.path.get_or_insert_with(Path::default);
+        let index = path.index as usize;
+        if index + 1 > path.path_segments.len() {
+            return Err(NodeError::invalid(
+                "connection.path.index",
+                format!(
+                    "{} is beyond the path's {} segments",
+                    path.index,
+                    path.path_segments.len()
+                ),
+            ));
+        }
+        path.path_segments.truncate(index + 1);
+        let (ns, name, _) = upstream::parse_name("connection.network_service_endpoint_name", endpoint)
+            .map_err(|e| NodeError::invalid(e.field, e.reason))?;
+        let next = format!("spiffe://{}/ns/{ns}/endpoint/{name}", me.trust_domain());
+        let expires = expiry(&self.credentials);
+        let token = sign(&self.credentials, me.as_str(), &next, expires)?;
+        path.path_segments.push(segment(node, &conn.id, token, segment_expires));
+        path.index += 1;
+        let raw: Vec<(String, String, String)> = path
+            .path_segments
+            .iter()
+            .map(|s| (s.name.clone(), s.id.clone(), s.token.clone()))
+            .collect();
+        let labels: BTreeMap<String, String> = conn.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let input = nsm_policy::path_input(
+            path.index,
+            &raw,
+            id.as_str(),
+            cert,
+            SystemTime::now(),
+            &conn.network_service,
+            &labels,
+        );
+        self.policies
+            .check(&input)
+            .map_err(|r| NodeError::PermissionDenied(format!("{id}: {r}")))
+    }
+}
