@@ -186,13 +186,16 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
 }
 
 /// `nsm registry` on a free local port with its data under `dir`; the process and its URL.
-/// `--insecure`: these benchmarks measure the mesh without TLS, as their earlier figures did.
-pub(crate) fn spawn_registry(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
+/// Unless `secure`, `--insecure`: most benchmarks measure the mesh without TLS, as their earlier
+/// figures did.
+pub(crate) fn spawn_registry(bin: &Path, dir: &Path, secure: bool) -> anyhow::Result<(Proc, String)> {
     let url = format!("tcp://127.0.0.1:{}", free_port()?);
     let mut c = Command::new(bin);
-    c.args(["registry", "--insecure", "--listen", &url])
-        .arg("--data-dir")
-        .arg(dir);
+    c.arg("registry");
+    if !secure {
+        c.arg("--insecure");
+    }
+    c.args(["--listen", &url]).arg("--data-dir").arg(dir);
     quiet(&mut c);
     let registry = Proc(c.spawn().with_context(|| format!("cannot start {}", bin.display()))?);
     Ok((registry, url))
@@ -207,7 +210,17 @@ pub(crate) async fn wait_registered(res: &mut ResourceServiceClient<Channel>, na
         namespace: String::new(),
         name: name.into(),
     };
-    while res.get(v1::GetRequest { r#ref: Some(r.clone()) }).await.is_err() {
+    // Its daemon has registered once the Node carries its start time (a joining node's Node is
+    // made before the daemon starts).
+    let started = |n: Result<tonic::Response<v1::Resource>, tonic::Status>| {
+        n.ok()
+            .and_then(|r| match r.into_inner().kind {
+                Some(v1::resource::Kind::Node(n)) => n.spec.and_then(|s| s.started),
+                _ => None,
+            })
+            .is_some()
+    };
+    while !started(res.get(v1::GetRequest { r#ref: Some(r.clone()) }).await) {
         if start.elapsed() > Duration::from_secs(20) {
             bail!("node {name} did not register within 20 s");
         }
@@ -218,14 +231,35 @@ pub(crate) async fn wait_registered(res: &mut ResourceServiceClient<Channel>, na
 
 /// A channel to `url`, retried every 20 ms for up to 20 s while the server starts.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Channel> {
+    connect_with(url, &nsm_transport::ClientSecurity::Insecure).await
+}
+
+/// Like [`connect`], with `security`.
+pub(crate) async fn connect_with(url: &str, security: &nsm_transport::ClientSecurity) -> anyhow::Result<Channel> {
     let start = Instant::now();
     loop {
-        match nsm_transport::connect(url, Duration::from_millis(200)).await {
+        match nsm_transport::connect_secure(url, Duration::from_millis(200), security).await {
             Ok(ch) => return Ok(ch),
             Err(e) if start.elapsed() > Duration::from_secs(20) => bail!("{url}: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
+}
+
+/// Mutual TLS as the admin of the registry that writes `config` on its first start (waited for,
+/// up to 20 s).
+pub(crate) fn admin_security(config: &Path) -> anyhow::Result<nsm_transport::ClientSecurity> {
+    let start = Instant::now();
+    let cfg = loop {
+        match nsm_identity::ClientConfig::load(config) {
+            Ok(c) => break c,
+            Err(_) if start.elapsed() < Duration::from_secs(20) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => bail!("{}: {e}", config.display()),
+        }
+    };
+    let credentials = cfg.credentials()?;
+    let expect = nsm_identity::Expect::Id(nsm_identity::SpiffeId::registry(&credentials.trust_domain())?);
+    Ok(nsm_transport::ClientSecurity::Mtls { credentials, expect })
 }
 
 pub(crate) fn meta(name: &str) -> Option<v1::ObjectMeta> {

@@ -73,6 +73,24 @@ impl StoreKind {
     }
 }
 
+/// How the benchmark reaches the registry.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Security {
+    /// `--insecure`: plaintext TCP, every caller an admin (the figures before issue 17).
+    Insecure,
+    /// The default: mutual TLS with the admin's identity, every call authorized.
+    Mtls,
+}
+
+impl Security {
+    fn name(self) -> &'static str {
+        match self {
+            Security::Insecure => "plaintext",
+            Security::Mtls => "mTLS",
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct RegistryArgs {
     /// Numbers of endpoints to measure at.
@@ -84,6 +102,10 @@ struct RegistryArgs {
     /// Concurrent registering clients.
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    /// Security modes, measured one after the other for each store and size (mTLS: the admin's
+    /// identity, connections reused as nodes and nsmctl reuse them).
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Security::Insecure, Security::Mtls])]
+    security: Vec<Security>,
     /// Find-by-name calls per measurement.
     #[arg(long, default_value_t = 5_000)]
     finds: usize,
@@ -99,6 +121,8 @@ struct RegistryArgs {
 struct RegistryProc {
     child: Child,
     url: String,
+    /// How to reach it.
+    client: nsm_transport::ClientSecurity,
 }
 
 impl RegistryProc {
@@ -108,6 +132,7 @@ impl RegistryProc {
         port: u16,
         data_dir: &std::path::Path,
         store: &str,
+        security: Security,
     ) -> anyhow::Result<Self> {
         let url = format!("tcp://127.0.0.1:{port}");
         let mut cmd = match cpus {
@@ -118,17 +143,12 @@ impl RegistryProc {
             }
             None => Command::new(bin),
         };
-        let child = cmd
-            .args([
-                "registry",
-                "--insecure",
-                "--listen",
-                &url,
-                "--store",
-                store,
-                "--default-expiration",
-                "1h",
-            ])
+        cmd.arg("registry");
+        if security == Security::Insecure {
+            cmd.arg("--insecure");
+        }
+        let mut child = cmd
+            .args(["--listen", &url, "--store", store, "--default-expiration", "1h"])
             .arg("--data-dir")
             .arg(data_dir)
             .env("NSM_LOG_LEVEL", "warn")
@@ -136,7 +156,18 @@ impl RegistryProc {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
-        Ok(RegistryProc { child, url })
+        let client = match security {
+            Security::Insecure => nsm_transport::ClientSecurity::Insecure,
+            Security::Mtls => match common::admin_security(&data_dir.join("admin.config")) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            },
+        };
+        Ok(RegistryProc { child, url, client })
     }
 
     fn rss_mb(&self) -> f64 {
@@ -156,10 +187,15 @@ impl Drop for RegistryProc {
 }
 
 /// Waits until `name` can be found, returning how long that took.
-async fn wait_serving(url: &str, name: &str, timeout: Duration) -> anyhow::Result<Duration> {
+async fn wait_serving(
+    url: &str,
+    security: &nsm_transport::ClientSecurity,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     while start.elapsed() < timeout {
-        if let Ok(ch) = nsm_transport::connect(url, Duration::from_millis(200)).await {
+        if let Ok(ch) = nsm_transport::connect_secure(url, Duration::from_millis(200), security).await {
             let mut c = NetworkServiceEndpointRegistryClient::new(ch);
             if find_one(&mut c, name).await.is_ok_and(|found| found) {
                 return Ok(start.elapsed());
@@ -205,6 +241,7 @@ fn endpoint(i: usize) -> reg::NetworkServiceEndpoint {
 
 struct Row {
     store: &'static str,
+    security: &'static str,
     n: usize,
     reg_per_s: f64,
     find_p50: Duration,
@@ -215,7 +252,13 @@ struct Row {
     restart: Duration,
 }
 
-async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize) -> anyhow::Result<Row> {
+async fn measure(
+    args: &RegistryArgs,
+    bin: &PathBuf,
+    store: StoreKind,
+    n: usize,
+    security: Security,
+) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir()?;
     let etcd = match store {
         StoreKind::Etcd => Some(nsm_testing::Etcd::start()?),
@@ -225,15 +268,24 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
         .as_ref()
         .map_or("embedded".to_string(), |e| format!("etcd://{}", e.endpoint()));
     let port = common::free_port()?;
-    let mut proc = RegistryProc::spawn(bin, args.registry_cpus.as_deref(), port, dir.path(), &store_arg)?;
+    let mut proc = RegistryProc::spawn(
+        bin,
+        args.registry_cpus.as_deref(),
+        port,
+        dir.path(),
+        &store_arg,
+        security,
+    )?;
     let url = proc.url.clone();
     // Wait for the listener.
-    let ch = common::connect(&url).await.context("registry did not start")?;
+    let ch = common::connect_with(&url, &proc.client)
+        .await
+        .context("registry did not start")?;
 
     // Register N endpoints with `clients` concurrent callers over 8 HTTP/2 connections.
     let mut channels = vec![ch];
     for _ in 1..8 {
-        channels.push(nsm_transport::connect(&url, Duration::from_secs(5)).await?);
+        channels.push(nsm_transport::connect_secure(&url, Duration::from_secs(5), &proc.client).await?);
     }
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -290,11 +342,24 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
     drop(channels);
     drop(client);
     let t = Instant::now();
-    let proc2 = RegistryProc::spawn(bin, args.registry_cpus.as_deref(), port, dir.path(), &store_arg)?;
-    let ready = wait_serving(&proc2.url, &format!("nse-{}", n - 1), Duration::from_secs(60)).await?;
+    let proc2 = RegistryProc::spawn(
+        bin,
+        args.registry_cpus.as_deref(),
+        port,
+        dir.path(),
+        &store_arg,
+        security,
+    )?;
+    let ready = wait_serving(
+        &proc2.url,
+        &proc2.client,
+        &format!("nse-{}", n - 1),
+        Duration::from_secs(60),
+    )
+    .await?;
     let restart = t.elapsed().max(ready);
     // Every acknowledged registration survived.
-    let ch = nsm_transport::connect(&proc2.url, Duration::from_secs(5)).await?;
+    let ch = nsm_transport::connect_secure(&proc2.url, Duration::from_secs(5), &proc2.client).await?;
     let mut c = NetworkServiceEndpointRegistryClient::new(ch);
     let mut s = c
         .find(reg::NetworkServiceEndpointQuery {
@@ -314,6 +379,7 @@ async fn measure(args: &RegistryArgs, bin: &PathBuf, store: StoreKind, n: usize)
     drop(etcd);
     Ok(Row {
         store: store.name(),
+        security: security.name(),
         n,
         reg_per_s: n as f64 / reg_elapsed.as_secs_f64(),
         find_p50: percentile(&lat, 0.5),
@@ -344,26 +410,29 @@ fn nsm_bin(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     let bin = nsm_bin(args.nsm_bin.as_ref())?;
     println!(
-        "| store | endpoints | Register/s ({} clients) | Find p50 | Find p99 | health-check p50 / p99 (floor) | RSS after load | kill -9 → serving |",
+        "| store | security | endpoints | Register/s ({} clients) | Find p50 | Find p99 | health-check p50 / p99 (floor) | RSS after load | kill -9 → serving |",
         args.clients
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for &store in &args.store {
         for &n in &args.endpoints {
-            eprintln!("measuring {n} endpoints on {} …", store.name());
-            let r = measure(&args, &bin, store, n).await?;
-            println!(
-                "| {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} / {:.0} µs | {:.0} MB | {:.0} ms |",
-                r.store,
-                r.n,
-                r.reg_per_s,
-                r.find_p50.as_secs_f64() * 1e6,
-                r.find_p99.as_secs_f64() * 1e6,
-                r.floor_p50.as_secs_f64() * 1e6,
-                r.floor_p99.as_secs_f64() * 1e6,
-                r.rss_mb,
-                r.restart.as_secs_f64() * 1e3
-            );
+            for &security in &args.security {
+                eprintln!("measuring {n} endpoints on {} ({}) …", store.name(), security.name());
+                let r = measure(&args, &bin, store, n, security).await?;
+                println!(
+                    "| {} | {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} / {:.0} µs | {:.0} MB | {:.0} ms |",
+                    r.store,
+                    r.security,
+                    r.n,
+                    r.reg_per_s,
+                    r.find_p50.as_secs_f64() * 1e6,
+                    r.find_p99.as_secs_f64() * 1e6,
+                    r.floor_p50.as_secs_f64() * 1e6,
+                    r.floor_p99.as_secs_f64() * 1e6,
+                    r.rss_mb,
+                    r.restart.as_secs_f64() * 1e3
+                );
+            }
         }
     }
     Ok(())

@@ -24,6 +24,7 @@ mod cross;
 mod heal;
 mod same;
 mod scale;
+mod security;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -57,6 +58,9 @@ pub(crate) enum Part {
     Scale,
     /// Heal: endpoint deleted → traffic via the other endpoint.
     Heal,
+    /// Set-up latency with identities on (mutual TLS, authorization, path tokens) against
+    /// `--insecure`, same node and cross node, two meshes side by side, clients alternating.
+    Security,
 }
 
 /// Flags of `nsm-bench vwire`.
@@ -64,7 +68,7 @@ pub(crate) enum Part {
 pub(crate) struct Args {
     /// Parts to run (comma-separated).
     #[arg(long, value_delimiter = ',', value_enum,
-          default_values_t = [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal])]
+          default_values_t = [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal, Part::Security])]
     only: Vec<Part>,
     /// Repetitions of each throughput measurement; bare and nsm runs alternate, medians are
     /// compared. Fewer than ~15 leave the ratios at the mercy of this machine's noise (a bare veth
@@ -106,7 +110,14 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args, bin: PathBuf) -> anyhow::Result<()> {
-    let all = [Part::Throughput, Part::Setup, Part::Crossnode, Part::Scale, Part::Heal];
+    let all = [
+        Part::Throughput,
+        Part::Setup,
+        Part::Crossnode,
+        Part::Scale,
+        Part::Heal,
+        Part::Security,
+    ];
     run_parts(&all, &args.only, async |part| run_part(part, &args, &bin).await).await
 }
 
@@ -117,6 +128,7 @@ async fn run_part(part: Part, args: &Args, bin: &Path) -> anyhow::Result<Vec<Ver
         Part::Crossnode => cross::run(args, bin).await,
         Part::Scale => scale::run(args, bin).await,
         Part::Heal => heal::run(args, bin).await,
+        Part::Security => security::run(args, bin).await,
     }
 }
 
@@ -126,6 +138,8 @@ pub(crate) struct Mesh {
     nodes: Vec<Proc>,
     pub(crate) registry: Proc,
     pub(crate) res: ResourceServiceClient<Channel>,
+    /// The admin's identity API; None for an `--insecure` mesh.
+    identity: Option<nsm_api::nsm::v1::identity_service_client::IdentityServiceClient<Channel>>,
     bin: PathBuf,
     reg_url: String,
     dir: tempfile::TempDir,
@@ -140,17 +154,31 @@ pub(crate) struct NodeHandle {
 }
 
 impl Mesh {
+    /// An `--insecure` mesh: what the figures before the security work measured.
     pub(crate) async fn start(bin: &Path) -> anyhow::Result<Mesh> {
+        Self::start_with(bin, false).await
+    }
+
+    /// A mesh with identities on (`secure`: nodes join with tokens, everything is mutual TLS) or
+    /// `--insecure`.
+    pub(crate) async fn start_with(bin: &Path, secure: bool) -> anyhow::Result<Mesh> {
         let dir = tempfile::tempdir()?;
-        let (registry, reg_url) = spawn_registry(bin, &dir.path().join("reg"))?;
-        let res = ResourceServiceClient::new(connect(&reg_url).await?);
+        let reg_dir = dir.path().join("reg");
+        let (registry, reg_url) = spawn_registry(bin, &reg_dir, secure)?;
+        let security = if secure {
+            crate::common::admin_security(&reg_dir.join("admin.config"))?
+        } else {
+            nsm_transport::ClientSecurity::Insecure
+        };
+        let channel = crate::common::connect_with(&reg_url, &security).await?;
         Ok(Mesh {
             bin: bin.to_path_buf(),
             dir,
             reg_url,
             registry,
             nodes: Vec::new(),
-            res,
+            res: ResourceServiceClient::new(channel.clone()),
+            identity: secure.then(|| nsm_api::nsm::v1::identity_service_client::IdentityServiceClient::new(channel)),
             node_flags: Vec::new(),
         })
     }
@@ -167,9 +195,33 @@ impl Mesh {
     ) -> anyhow::Result<NodeHandle> {
         let sock = format!("unix://{}", self.dir.path().join(format!("{name}.sock")).display());
         let mut c = Command::new(&self.bin);
+        c.arg("node");
+        match &mut self.identity {
+            // As an operator joins a node: its Node, then a one-time token.
+            Some(identity) => {
+                self.res
+                    .create(v1::CreateRequest {
+                        resource: resource(v1::resource::Kind::Node(v1::Node {
+                            metadata: meta(name),
+                            spec: None,
+                        })),
+                    })
+                    .await?;
+                let token = identity
+                    .create_join_token(v1::CreateJoinTokenRequest {
+                        node: name.into(),
+                        ttl_seconds: 600,
+                    })
+                    .await?
+                    .into_inner()
+                    .join_token;
+                c.args(["--join", &token]);
+            }
+            None => {
+                c.arg("--insecure");
+            }
+        }
         c.args([
-            "node",
-            "--insecure",
             "--name",
             name,
             "--registry",
