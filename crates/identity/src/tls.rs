@@ -176,6 +176,30 @@ impl Credentials {
         self.shared.id.trust_domain().to_owned()
     }
 
+    /// Verifies `leaf` (DER, with its `intermediates`) as a client certificate is verified at a
+    /// handshake — chains to the current bundle, valid now, one SPIFFE ID of this trust domain —
+    /// and returns its ID. For certificates that arrive other than in a handshake: a path token's
+    /// signer's, which after a rotation is no longer the one the connection was made with.
+    pub fn verify_certificate(&self, leaf: &[u8], intermediates: &[Vec<u8>]) -> Result<SpiffeId, IdentityError> {
+        let bad = |reason: String| IdentityError::BadMaterial {
+            what: "certificate".into(),
+            reason,
+        };
+        let webpki = self.shared.state.read().client_verifier.clone();
+        let end_entity = CertificateDer::from(leaf.to_vec());
+        let intermediates: Vec<CertificateDer<'static>> =
+            intermediates.iter().map(|c| CertificateDer::from(c.clone())).collect();
+        webpki
+            .verify_client_cert(&end_entity, &intermediates, UnixTime::now())
+            .map_err(|e| bad(e.to_string()))?;
+        let id = peer_id(leaf)?;
+        let td = self.shared.id.trust_domain();
+        if id.trust_domain() != td {
+            return Err(bad(format!("{id} is not of trust domain {td}")));
+        }
+        Ok(id)
+    }
+
     /// Server side: presents the current SVID. A client certificate is optional at the TLS layer (a
     /// node that has not joined yet calls Join without one), but one that is given must chain to the
     /// bundle, be unexpired and carry a SPIFFE ID of this trust domain, or the handshake fails.

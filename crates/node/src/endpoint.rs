@@ -270,6 +270,7 @@ impl RemoteEnds {
         req: NetworkServiceRequest,
         owner: Option<&str>,
         peer: Option<&nsm_transport::Peer>,
+        signer: Option<&[u8]>,
     ) -> Result<Connection> {
         let Checked {
             mut conn,
@@ -283,7 +284,7 @@ impl RemoteEnds {
         // built. (Local callers on the unix socket are the host's own, trusted as root is.)
         let checked = match (&self.checker, owner) {
             (Some(checker), Some(_)) => {
-                checker.check(&mut conn, peer, &self.node, &endpoint, expires)?;
+                checker.check(&mut conn, peer, signer, &self.node, &endpoint, expires)?;
                 true
             }
             _ => false,
@@ -449,6 +450,11 @@ impl NetworkService for NodeService {
     async fn request(&self, req: Request<NetworkServiceRequest>) -> Result<Response<Connection>, Status> {
         let caller: Caller = nsm_authz::caller(&req)?;
         let peer = nsm_transport::Peer::of(&req).cloned();
+        let signer = req
+            .metadata()
+            .get_bin(crate::tokens::SIGNER_CERT)
+            .and_then(|v| v.to_bytes().ok())
+            .map(|b| b.to_vec());
         let req = req.into_inner();
         let refreshing = req.connection.as_ref().and_then(|c| c.mechanism.clone());
         let kernel = refreshing
@@ -470,7 +476,11 @@ impl NetworkService for NodeService {
                     "node {n} may not request a KERNEL connection (rule: KERNEL is for workloads on this host's unix socket)"
                 )));
             }
-            (None, c) => self.ends.handle(req, c.node(), peer.as_ref()).await?,
+            (None, c) => {
+                self.ends
+                    .handle(req, c.node(), peer.as_ref(), signer.as_deref())
+                    .await?
+            }
         };
         Ok(Response::new(conn))
     }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
 use nsm_api::connection::{Connection, Path, PathSegment};
-use nsm_identity::{Credentials, SpiffeId};
+use nsm_identity::{Credentials, SpiffeId, Svid};
 use nsm_model::upstream;
 use nsm_policy::PolicySet;
 use nsm_transport::Peer;
@@ -21,12 +21,12 @@ use nsm_transport::Peer;
 use crate::{NodeError, Result};
 
 /// A token's expiry: upstream's default lifetime, and never past the signer's certificate.
-fn expiry(credentials: &Credentials) -> SystemTime {
-    (SystemTime::now() + nsm_policy::DEFAULT_TOKEN_LIFETIME).min(credentials.svid().not_after())
+fn expiry(svid: &Svid) -> SystemTime {
+    (SystemTime::now() + nsm_policy::DEFAULT_TOKEN_LIFETIME).min(svid.not_after())
 }
 
-fn sign(credentials: &Credentials, sub: &str, aud: &str, expires: SystemTime) -> Result<String> {
-    nsm_policy::sign(sub, aud, expires, credentials.svid().key_pkcs8_der())
+fn sign(svid: &Svid, sub: &str, aud: &str, expires: SystemTime) -> Result<String> {
+    nsm_policy::sign(sub, aud, expires, svid.key_pkcs8_der())
         .map_err(|e| NodeError::Precondition(format!("signing a path token: {e}")))
 }
 
@@ -40,10 +40,19 @@ fn segment(name: &str, id: &str, token: String, expires: SystemTime) -> PathSegm
     }
 }
 
+/// gRPC metadata with the certificate (DER) whose key signed the caller's path tokens. A pooled
+/// connection was made with the certificate of its day; after a renewal the tokens are signed with
+/// the new key, so the endpoint's node checks them against this certificate — once it has verified
+/// it against the bundle and found it names the TLS peer.
+pub(crate) const SIGNER_CERT: &str = "nsm-token-signer-bin";
+
 /// The client's node: signs `[client, this node]` for a request to the node `peer` (a refresh
 /// carries the last answer's path back; the endpoint node's segment is dropped and made anew).
-pub(crate) fn stamp_client_path(conn: &mut Connection, credentials: &Credentials, peer: &SpiffeId) -> Result<()> {
-    let me = credentials.id();
+/// Returns the certificate (DER) of the key that signed, for [`SIGNER_CERT`].
+pub(crate) fn stamp_client_path(conn: &mut Connection, credentials: &Credentials, peer: &SpiffeId) -> Result<Vec<u8>> {
+    // One SVID for both tokens and the certificate sent with them, whatever rotates meanwhile.
+    let svid = credentials.svid();
+    let me = svid.id().clone();
     let path = conn.path.get_or_insert_with(Path::default);
     let client = path
         .path_segments
@@ -55,15 +64,15 @@ pub(crate) fn stamp_client_path(conn: &mut Connection, credentials: &Credentials
         .map_err(|e| NodeError::invalid(e.field, e.reason))?;
     let workload = SpiffeId::client(me.trust_domain(), &namespace, &name)
         .map_err(|e| NodeError::invalid("connection.path.path_segments[0].name", e.to_string()))?;
-    let expires = expiry(credentials);
-    let client_token = sign(credentials, workload.as_str(), me.as_str(), expires)?;
-    let node_token = sign(credentials, me.as_str(), peer.as_str(), expires)?;
+    let expires = expiry(&svid);
+    let client_token = sign(&svid, workload.as_str(), me.as_str(), expires)?;
+    let node_token = sign(&svid, me.as_str(), peer.as_str(), expires)?;
     path.index = 1;
     path.path_segments = vec![
         segment(&client, &conn.id, client_token, expires),
         segment(&node_name, &conn.id, node_token, expires),
     ];
-    Ok(())
+    Ok(svid.leaf_der().to_vec())
 }
 
 /// The endpoint's node: what it checks requests with.
@@ -77,10 +86,12 @@ impl Checker {
     /// Adds this node's signed segment (after the caller's, dropping any beyond it) and runs the
     /// policies over the path; a refusal names the policy. `endpoint` is the endpoint's name in
     /// `namespace/name` form, the next hop this node's token is addressed to.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn check(
         &self,
         conn: &mut Connection,
         peer: Option<&Peer>,
+        signer: Option<&[u8]>,
         node: &str,
         endpoint: &str,
         segment_expires: SystemTime,
@@ -90,7 +101,25 @@ impl Checker {
                 "path tokens: the caller presented no certificate to check its token against".into(),
             ));
         };
-        let me = self.credentials.id();
+        // The caller's token is checked against the certificate it says signed it (a renewal
+        // later than its connection), provided that certificate is the domain's and the caller's.
+        let cert: &[u8] = match signer {
+            Some(der) => {
+                let signer_id = self
+                    .credentials
+                    .verify_certificate(der, &[])
+                    .map_err(|e| NodeError::PermissionDenied(format!("{id}: metadata {SIGNER_CERT}: {e}")))?;
+                if &signer_id != id {
+                    return Err(NodeError::PermissionDenied(format!(
+                        "{id}: metadata {SIGNER_CERT} is {signer_id}'s certificate, not the caller's"
+                    )));
+                }
+                der
+            }
+            None => cert,
+        };
+        let svid = self.credentials.svid();
+        let me = svid.id().clone();
         let path = conn.path.get_or_insert_with(Path::default);
         let index = path.index as usize;
         if index + 1 > path.path_segments.len() {
@@ -107,8 +136,8 @@ impl Checker {
         let (ns, name, _) = upstream::parse_name("connection.network_service_endpoint_name", endpoint)
             .map_err(|e| NodeError::invalid(e.field, e.reason))?;
         let next = format!("spiffe://{}/ns/{ns}/endpoint/{name}", me.trust_domain());
-        let expires = expiry(&self.credentials);
-        let token = sign(&self.credentials, me.as_str(), &next, expires)?;
+        let expires = expiry(&svid);
+        let token = sign(&svid, me.as_str(), &next, expires)?;
         path.path_segments.push(segment(node, &conn.id, token, segment_expires));
         path.index += 1;
         let raw: Vec<(String, String, String)> = path

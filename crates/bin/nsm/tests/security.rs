@@ -125,6 +125,37 @@ async fn identities_tokens_users_and_refusals() {
     assert!(!dir.path().join("b/identity/svid.pem").exists());
     assert!(!ok(nsmctl(&registry, &["get", "nodes"])).contains("n9"));
 
+    // An expired token, and an expired certificate of this very domain, are refused too.
+    let short: serde_json::Value = serde_json::from_str(&ok(nsmctl(
+        &registry,
+        &["node", "create", "n5", "--token-ttl", "1s", "-o", "json"],
+    )))
+    .unwrap();
+    let (ca, _) = nsm_identity::Ca::load_or_create(&registry.data_dir().join("ca"), "nsm.local").unwrap();
+    let old = ca
+        .issue_new(
+            &SpiffeId::admin("nsm.local", "old").unwrap(),
+            std::time::Duration::from_secs(1),
+            &[],
+        )
+        .unwrap();
+    let old_config = dir.path().join("old.config");
+    ClientConfig::new(vec![registry.url()], &old, &ca.bundle_pem())
+        .save(&old_config)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let out = start_node(short["joinToken"].as_str().unwrap(), &dir.path().join("e"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not valid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("e/identity/svid.pem").exists());
+    let (good, _, err) = ctl_as(&registry, &old_config, &["get", "ns"]);
+    assert!(!good, "an expired certificate was accepted");
+    assert!(!err.is_empty());
+
     // A node joins with a token; the same token a second time is refused; a restart rejoins
     // without one.
     let mut n1 = NodeProc::start(&registry.url(), "n1");
@@ -488,6 +519,25 @@ async fn path_tokens_and_policies_guard_the_endpoint_node() {
     }
     let e = y_api.request(request("s", bare)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A signer certificate in the metadata that is not the caller's: the admin's (valid, of the
+    // domain), and garbage.
+    let admin_leaf = ClientConfig::load(&registry.admin_config())
+        .unwrap()
+        .svid()
+        .unwrap()
+        .leaf_der()
+        .to_vec();
+    for (der, needle) in [
+        (admin_leaf, "not the caller's"),
+        (b"garbage".to_vec(), "nsm-token-signer-bin"),
+    ] {
+        let mut r = tonic::Request::new(request("s", path("conn-1", "x", &key, sx, sy, sx)));
+        r.metadata_mut()
+            .insert_bin("nsm-token-signer-bin", tonic::metadata::MetadataValue::from_bytes(&der));
+        let e = y_api.request(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains(needle), "{}", e.message());
+    }
     // The operator's Rego policy.
     let e = y_api
         .request(request("forbidden", path("conn-1", "x", &key, sx, sy, sx)))
@@ -531,17 +581,37 @@ async fn svid_rotation_under_traffic_loses_nothing() {
     let registry = NsmRegistry::start(Path::new(NSM), &["--svid-ttl", "4s"]).unwrap();
     let a = NodeProc::start_with(&registry.url(), "node-a", &node_args(&bed, "h1", "192.0.2.11", &[]));
     let b = NodeProc::start_with(&registry.url(), "node-b", &node_args(&bed, "h2", "192.0.2.12", &[]));
-    ok(nsmctl(&registry, &["ns", "create", "secure", "--cidr", "10.71.0.0/24", "--encryption", "required"]));
+    ok(nsmctl(
+        &registry,
+        &[
+            "ns",
+            "create",
+            "secure",
+            "--cidr",
+            "10.71.0.0/24",
+            "--encryption",
+            "required",
+        ],
+    ));
     endpoint_in(&registry, "ep", "secure", &path("svc"), "node-b");
     let first_svid = std::fs::read_to_string(a.data_dir().join("identity/svid.pem")).unwrap();
-    ok(common::nsmctl_in(&registry, &path("pod"), &a, &["client", "create", "c1", "--service", "secure"]));
+    ok(common::nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c1", "--service", "secure"],
+    ));
     let j = wait_client(&registry, &a, "c1", "Ready", |j| phase(j) == "Ready");
     assert_eq!(j["status"]["mechanism"], "WIREGUARD", "{j:#}");
     let dst = common::dst_of(&j);
     // 12 s at 20 pings/s: several renewals of every identity in the domain.
     let o = bed.exec("pod", &["ping", "-q", "-i", "0.05", "-c", "240", "-W", "1", &dst]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("240 packets transmitted, 240 received"), "{out}\nnode-a:\n{}", a.log());
+    assert!(
+        out.contains("240 packets transmitted, 240 received"),
+        "{out}\nnode-a:\n{}",
+        a.log()
+    );
     for (who, log, needle) in [
         ("node-a", a.log(), "renewed the node's SVID"),
         ("node-b", b.log(), "renewed the node's SVID"),
@@ -565,7 +635,12 @@ async fn svid_rotation_under_traffic_loses_nothing() {
     // Fresh connections with the rotated certificates: a second vWire comes up.
     ok(nsmctl(&registry, &["ns", "create", "plain", "--cidr", "10.72.0.0/24"]));
     endpoint_in(&registry, "ep2", "plain", &path("svc"), "node-b");
-    ok(common::nsmctl_in(&registry, &path("pod"), &a, &["client", "create", "c2", "--service", "plain"]));
+    ok(common::nsmctl_in(
+        &registry,
+        &path("pod"),
+        &a,
+        &["client", "create", "c2", "--service", "plain"],
+    ));
     let j = wait_client(&registry, &a, "c2", "Ready", |j| phase(j) == "Ready");
     assert!(bed.ping("pod", common::dst_of(&j).parse().unwrap(), 2));
     drop((a, b));

@@ -85,13 +85,24 @@ impl Peers {
 
     /// Requests (or refreshes) a connection at the node at `url`.
     pub(crate) async fn request(&self, url: &str, mut conn: Connection, prefs: Vec<Mechanism>) -> Result<Connection> {
-        if let Some(credentials) = &self.credentials {
-            crate::tokens::stamp_client_path(&mut conn, credentials, &self.peer_id(credentials, url)?)?;
-        }
-        let req = NetworkServiceRequest {
+        let signer = match &self.credentials {
+            Some(credentials) => Some(crate::tokens::stamp_client_path(
+                &mut conn,
+                credentials,
+                &self.peer_id(credentials, url)?,
+            )?),
+            None => None,
+        };
+        let mut req = tonic::Request::new(NetworkServiceRequest {
             connection: Some(conn),
             mechanism_preferences: prefs,
-        };
+        });
+        if let Some(der) = signer {
+            req.metadata_mut().insert_bin(
+                crate::tokens::SIGNER_CERT,
+                tonic::metadata::MetadataValue::from_bytes(&der),
+            );
+        }
         let mut client = self.client(url).await?;
         match deadline(client.request(req)).await {
             Ok(r) => {
