@@ -160,3 +160,77 @@ fn bad_flags_fail_with_the_flag_named() {
     let (ok, err) = run(&["--listen", &url]);
     assert!(!ok && err.contains(&url), "{err}");
 }
+
+/// The registries of an etcd-backed domain: etcd over TLS with a client certificate
+/// (`--etcd-ca/--etcd-cert/--etcd-key`), and one CA brought to both (`--ca-cert/--ca-key`), so an
+/// identity issued by one is good at the other. A wrong etcd CA file stops start-up by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registries_share_a_tls_etcd_and_a_brought_ca() {
+    let pki = nsm_testing::TestPki::new().unwrap();
+    let etcd = Etcd::start_tls_with_pki(&pki).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write(dir.path(), &["registry"]).unwrap();
+    let (ca, _) = nsm_identity::Ca::load_or_create(&dir.path().join("domain-ca"), "nsm.local").unwrap();
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    let store = format!("etcd://{}", etcd.endpoint());
+    let (ca_cert, ca_key) = (p("domain-ca/ca.pem"), p("domain-ca/ca.key"));
+    let args = |etcd_ca: &str| -> Vec<String> {
+        [
+            "--store",
+            &store,
+            "--etcd-ca",
+            etcd_ca,
+            "--etcd-cert",
+            &p("registry.pem"),
+            "--etcd-key",
+            &p("registry.key"),
+            "--ca-cert",
+            &ca_cert,
+            "--ca-key",
+            &ca_key,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a_args = args(&p("ca.pem"));
+    let a = NsmRegistry::start(Path::new(NSM), &a_args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let b = NsmRegistry::start(Path::new(NSM), &a_args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    // One CA: both admin configs carry it, and a's admin is trusted by b.
+    let a_cfg = nsm_identity::ClientConfig::load(&a.admin_config()).unwrap();
+    assert_eq!(a_cfg.ca_bundle, ca.bundle_pem());
+    client(&a.url()).await.register(nse(7)).await.unwrap();
+    let credentials = a_cfg.credentials().unwrap();
+    let expect = nsm_identity::Expect::Id(nsm_identity::SpiffeId::registry("nsm.local").unwrap());
+    let ch = nsm_transport::connect_secure(
+        &b.url(),
+        Duration::from_secs(5),
+        &nsm_transport::ClientSecurity::Mtls { credentials, expect },
+    )
+    .await
+    .unwrap();
+    let mut at_b = NetworkServiceEndpointRegistryClient::new(ch);
+    let mut s = at_b
+        .find(reg::NetworkServiceEndpointQuery {
+            network_service_endpoint: Some(Default::default()),
+            watch: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let found = s
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .network_service_endpoint
+        .unwrap()
+        .name;
+    assert_eq!(found, "nse-7");
+    // A wrong etcd CA: start-up fails naming the file.
+    let bad = args("/nonexistent/etcd-ca.pem");
+    let e = NsmRegistry::start(Path::new(NSM), &bad.iter().map(String::as_str).collect::<Vec<_>>())
+        .err()
+        .expect("a registry without its etcd CA must not start");
+    assert!(e.to_string().contains("/nonexistent/etcd-ca.pem"), "{e}");
+}
