@@ -194,6 +194,47 @@ impl RemoteEnds {
         }
     }
 
+    /// What a calling node says about its client is checked against the registry: the client its
+    /// path names exists, is placed on that node, and is the connection (its uid is the
+    /// connection's id); the service and labels the policies see are the client's, not what the
+    /// caller wrote. A node can thus neither act for another node's client nor take its
+    /// connection id.
+    async fn vouch(&self, conn: &mut Connection, node: &str) -> Result<()> {
+        let (ns, name) = crate::tokens::client_of(conn)?;
+        let r = v1::ResourceRef {
+            kind: Kind::Client.to_pb() as i32,
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        let refused = |why: &str| {
+            NodeError::PermissionDenied(format!(
+                "node {node} may not ask for connection {} for client {ns}/{name}: {why} (rule: a node acts for its own clients)",
+                conn.id
+            ))
+        };
+        let client = match self.registry.clone().get(v1::GetRequest { r#ref: Some(r) }).await {
+            Ok(r) => match r.into_inner().kind {
+                Some(pb::resource::Kind::Client(c)) => c,
+                _ => return Err(refused("no such client")),
+            },
+            Err(s) if s.code() == tonic::Code::NotFound => return Err(refused("no such client")),
+            Err(s) => return Err(NodeError::RegistryCall(s)),
+        };
+        let (meta, spec) = (client.metadata.unwrap_or_default(), client.spec.unwrap_or_default());
+        if spec.node != node {
+            return Err(refused(&format!("the client is placed on node {:?}", spec.node)));
+        }
+        if meta.uid != conn.id {
+            return Err(refused("the connection id is not the client's"));
+        }
+        let service = upstream::qualify(&spec.network_service, &ns);
+        if conn.network_service != service {
+            return Err(refused(&format!("the client asks for {service:?}")));
+        }
+        conn.labels = meta.labels;
+        Ok(())
+    }
+
     /// Checks a request's fields, and picks the mechanism: the connection's own on a refresh,
     /// else the first preference this node builds. Nothing is touched before this passes.
     fn check(&self, req: NetworkServiceRequest) -> Result<Checked> {
@@ -283,7 +324,8 @@ impl RemoteEnds {
         // Another node's request: path tokens and policies, before anything is looked up or
         // built. (Local callers on the unix socket are the host's own, trusted as root is.)
         let checked = match (&self.checker, owner) {
-            (Some(checker), Some(_)) => {
+            (Some(checker), Some(node)) => {
+                self.vouch(&mut conn, node).await?;
                 checker.check(&mut conn, peer, signer, &self.node, &endpoint, expires)?;
                 true
             }
@@ -306,6 +348,23 @@ impl RemoteEnds {
         }
         let tunnel = self.tunnels.get(kind).expect("checked: this node builds it");
         let ep = self.endpoint(&endpoint).await?;
+        // A node's request is for a service the endpoint offers (an address endpoint without a
+        // list serves what its clients pin it for).
+        if checked && !ep.network_services.is_empty() {
+            let ep_ns = upstream::parse_name("connection.network_service_endpoint_name", &endpoint)
+                .map_err(|e| NodeError::invalid(e.field, e.reason))?
+                .0;
+            if !ep
+                .network_services
+                .iter()
+                .any(|s| upstream::qualify(s, &ep_ns) == conn.network_service)
+            {
+                return Err(NodeError::PermissionDenied(format!(
+                    "endpoint {endpoint:?} does not offer {:?}",
+                    conn.network_service
+                )));
+            }
+        }
         // The end goes into the endpoint's namespace here, or into this host's own namespace when
         // the endpoint is this host's address (a server running nsm).
         let netns = if !ep.netns.is_empty() && ep.node == self.node {

@@ -121,6 +121,13 @@ impl Checker {
         let svid = self.credentials.svid();
         let me = svid.id().clone();
         let path = conn.path.get_or_insert_with(Path::default);
+        if path.index < 1 {
+            // Without a client's segment before the caller's, nothing says for whom it asks.
+            return Err(NodeError::PermissionDenied(format!(
+                "{id}: connection.path.index {}: the path must hold the client's segment and then the caller's",
+                path.index
+            )));
+        }
         let index = path.index as usize;
         if index + 1 > path.path_segments.len() {
             return Err(NodeError::invalid(
@@ -158,5 +165,23 @@ impl Checker {
         self.policies
             .check(&input)
             .map_err(|r| NodeError::PermissionDenied(format!("{id}: {r}")))
+    }
+}
+
+/// The client a caller's path names in its first segment (whose token's `sub` is the client's
+/// workload ID): `(namespace, name)`.
+pub(crate) fn client_of(conn: &Connection) -> Result<(String, String)> {
+    let refuse = |why: String| NodeError::PermissionDenied(format!("connection.path.path_segments[0]: {why}"));
+    let token = conn
+        .path
+        .as_ref()
+        .and_then(|p| p.path_segments.first())
+        .map(|s| s.token.as_str())
+        .unwrap_or_default();
+    let claims = nsm_policy::decode(token).map_err(|e| refuse(e.to_string()))?;
+    let id = SpiffeId::parse(&claims.sub).map_err(|e| refuse(e.to_string()))?;
+    match id.role() {
+        nsm_identity::Role::Client { namespace, name } => Ok((namespace.to_owned(), name.to_owned())),
+        _ => Err(refuse(format!("{id} is not a client's identity"))),
     }
 }

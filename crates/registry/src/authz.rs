@@ -110,6 +110,45 @@ fn placed_on(r: &pb::Resource) -> Option<&str> {
     }
 }
 
+/// What only admins (and, for what is placed on them, nodes) may say about where traffic goes: a
+/// client's workload namespace, an endpoint's namespace, node or host address. A tenant who could
+/// set them would have a node build interfaces in the host's or another tenant's namespace, or
+/// masquerade to any address.
+fn binds_hosts(r: &pb::Resource) -> Option<&'static str> {
+    match &r.kind {
+        Some(pb::resource::Kind::Client(_)) => {
+            Some("clients are made through a node's unix socket, by the workload itself or the host's operator")
+        }
+        Some(pb::resource::Kind::Endpoint(e)) => {
+            let s = e.spec.as_ref()?;
+            if !s.netns.is_empty() {
+                Some("spec.netns binds an endpoint to a host's namespace")
+            } else if !s.node.is_empty() {
+                Some("spec.node places an endpoint on a node")
+            } else if !s.address.is_empty() {
+                Some("spec.address makes nodes route and masquerade to that address")
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A service an endpoint offers outside its own namespace (`name.other`), if any: offering another
+/// namespace's service would draw that tenant's clients.
+fn foreign_service(r: &pb::Resource, namespace: &str) -> Option<String> {
+    let Some(pb::resource::Kind::Endpoint(e)) = &r.kind else {
+        return None;
+    };
+    let s = e.spec.as_ref()?;
+    s.network_services
+        .iter()
+        .chain(s.service_labels.keys())
+        .find(|svc| svc.split_once('.').is_some_and(|(_, ns)| ns != namespace))
+        .cloned()
+}
+
 fn endpoint_registrant(r: &pb::Resource) -> Option<&str> {
     match &r.kind {
         Some(pb::resource::Kind::Endpoint(e)) => e.spec.as_ref()?.path_ids.first().map(String::as_str),
@@ -172,7 +211,9 @@ impl Caller {
     }
 
     /// Whether it may change the resource of `kind` in `namespace` from `current` to `next`
-    /// (create: no current; delete: no next).
+    /// (create: no current; delete: no next; `(None, None)`: whether it may change anything of
+    /// `kind` there at all — asked before a resource is looked at, so that a refusal does not
+    /// depend on, and so reveal, what exists).
     pub fn may_write(
         &self,
         kind: Kind,
@@ -203,7 +244,7 @@ impl Caller {
                         ),
                     ));
                 }
-                Ok(())
+                self.tenant_content(kind, namespace, next)
             }
             Caller::Node(me) => {
                 if !matches!(kind, Kind::Node | Kind::Client | Kind::Endpoint) {
@@ -211,6 +252,21 @@ impl Caller {
                         self,
                         format_args!(
                             "change {kind}s (rule: a node changes only its Node and the clients and endpoints placed on it)"
+                        ),
+                    ));
+                }
+                if kind == Kind::Node && current.is_none() && next.is_some() {
+                    // Only an admin makes a Node: a deleted node cannot bring itself back.
+                    return Err(denied(
+                        self,
+                        "create a Node (rule: only admins create Nodes; a deleted node stays deleted)",
+                    ));
+                }
+                if let Some(svc) = next.and_then(|r| foreign_service(r, namespace)) {
+                    return Err(denied(
+                        self,
+                        format_args!(
+                            "offer service {svc:?} from namespace {namespace:?} (rule: an endpoint offers its own namespace's services)"
                         ),
                     ));
                 }
@@ -242,6 +298,7 @@ impl Caller {
                         ),
                     ));
                 }
+                self.tenant_content(kind, namespace, next)?;
                 // Upstream's registry/client_allowed: only the original registrant refreshes or
                 // unregisters a name.
                 if let Some(first) = current.and_then(endpoint_registrant) {
@@ -263,6 +320,27 @@ impl Caller {
             }
             Caller::Anonymous => Err(denied(self, "change anything (rule: only Join without a certificate)")),
         }
+    }
+
+    /// What a user or workload writes stays in its tenancy: no host bindings, no other
+    /// namespace's services.
+    fn tenant_content(&self, kind: Kind, namespace: &str, next: Option<&pb::Resource>) -> Result<(), RegistryError> {
+        let Some(r) = next else { return Ok(()) };
+        if let Some(why) = binds_hosts(r) {
+            return Err(denied(
+                self,
+                format_args!("write this {kind}: {why} (rule: only admins bind to hosts and namespaces)"),
+            ));
+        }
+        if let Some(svc) = foreign_service(r, namespace) {
+            return Err(denied(
+                self,
+                format_args!(
+                    "offer service {svc:?} from namespace {namespace:?} (rule: an endpoint offers its own namespace's services)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether it may write the status of `client`, or lease and release its addresses: the node
@@ -318,7 +396,12 @@ pub struct RegistryGate {
     trust_domain: Option<String>,
     unix: UnixPolicy,
     users: Arc<RwLock<HashMap<String, Grant>>>,
+    /// Whether a Node exists: a deleted node's SVID, valid for the rest of its life, is refused.
+    nodes: NodeExists,
 }
+
+/// Looks a Node up in the registry's view.
+pub type NodeExists = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Which callers a method admits; everything else is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,15 +412,20 @@ enum Admits {
     Operators,
     NodesAndAdmins,
     NodesAdminsWorkloads,
+    NodesAndWorkloads,
     NotWorkloads,
 }
 
 fn method_rule(method: &str) -> Option<Admits> {
     let (service, m) = method.trim_start_matches('/').split_once('/')?;
     Some(match (service, m) {
-        ("grpc.health.v1.Health", _) => Admits::Anyone,
+        // Not Watch: an anonymous caller holds no stream open.
+        ("grpc.health.v1.Health", "Check") => Admits::Anyone,
+        ("grpc.health.v1.Health", _) => Admits::Authenticated,
         ("nsm.v1.IdentityService", "Join") => Admits::Anyone,
-        ("nsm.v1.IdentityService", "Renew" | "WhoAmI") => Admits::Authenticated,
+        ("nsm.v1.IdentityService", "WhoAmI") => Admits::Authenticated,
+        // People's certificates end when they end: renewing is for daemons' short-lived SVIDs.
+        ("nsm.v1.IdentityService", "Renew") => Admits::NodesAndWorkloads,
         ("nsm.v1.IdentityService", _) => Admits::AdminsOnly,
         ("nsm.v1.ResourceService", "UpdateStatus" | "AllocateAddresses" | "ReleaseAddresses") => Admits::NodesAndAdmins,
         ("nsm.v1.ResourceService", "ListAddressLeases") => Admits::Operators,
@@ -350,11 +438,17 @@ fn method_rule(method: &str) -> Option<Admits> {
 
 impl RegistryGate {
     /// The gate of a registry whose callers authenticate in `trust_domain` (None: `--insecure`).
-    pub fn new(trust_domain: Option<String>, unix: UnixPolicy, users: Arc<RwLock<HashMap<String, Grant>>>) -> Self {
+    pub fn new(
+        trust_domain: Option<String>,
+        unix: UnixPolicy,
+        users: Arc<RwLock<HashMap<String, Grant>>>,
+        nodes: NodeExists,
+    ) -> Self {
         RegistryGate {
             trust_domain,
             unix,
             users,
+            nodes,
         }
     }
 
@@ -393,7 +487,10 @@ impl RegistryGate {
         let path = id.path();
         match id.role() {
             Role::Admin(name) => Ok(Caller::Admin(name.to_owned())),
-            Role::Node(name) => Ok(Caller::Node(name.to_owned())),
+            Role::Node(name) if (self.nodes)(name) => Ok(Caller::Node(name.to_owned())),
+            Role::Node(name) => Err(Status::permission_denied(format!(
+                "{id}: node {name:?} does not exist (deleted?); its certificate is no longer honoured"
+            ))),
             Role::User(name) => match self.users.read().get(name) {
                 Some(g) => Ok(Caller::User(g.clone())),
                 None => Err(Status::permission_denied(format!(
@@ -426,6 +523,7 @@ impl nsm_authz::Gate for RegistryGate {
             )));
         };
         let ok = match (rule, &caller) {
+            (Admits::NodesAndWorkloads, c) => matches!(c, Caller::Node(_) | Caller::Workload { .. }),
             (Admits::Anyone, _) | (_, Caller::Admin(_)) => true,
             (_, Caller::Anonymous) => false,
             (Admits::Authenticated, _) => true,
@@ -443,6 +541,7 @@ impl nsm_authz::Gate for RegistryGate {
                 Admits::Operators => "admins and users",
                 Admits::NodesAndAdmins => "nodes and admins",
                 Admits::NodesAdminsWorkloads => "nodes, admins and workloads",
+                Admits::NodesAndWorkloads => "nodes and workloads, whose SVIDs are short-lived",
                 Admits::NotWorkloads => "admins, users and nodes",
                 Admits::Authenticated | Admits::Anyone => "callers with a certificate",
             };
@@ -493,6 +592,21 @@ mod tests {
                 metadata: None,
                 spec: Some(pb::EndpointSpec {
                     path_ids: path_ids.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                }),
+            })),
+        }
+    }
+
+    fn endpoint_with(services: &[&str], netns: &str, node: &str, address: &str) -> pb::Resource {
+        pb::Resource {
+            kind: Some(pb::resource::Kind::Endpoint(pb::Endpoint {
+                metadata: None,
+                spec: Some(pb::EndpointSpec {
+                    network_services: services.iter().map(|s| s.to_string()).collect(),
+                    netns: netns.into(),
+                    node: node.into(),
+                    address: address.into(),
                     ..Default::default()
                 }),
             })),
@@ -553,11 +667,26 @@ mod tests {
         let c = Some(client_on("n1"));
         let admin = Caller::Admin("admin".into());
         admin.may_write(Kind::Client, "a", None, c.as_ref()).unwrap();
-        // Users: edit and admin in their namespaces, services, endpoints and clients only.
+        // Users: edit and admin in their namespaces, services and endpoints that bind no host;
+        // clients only deleted (they are made through a node's socket).
         for role in [UserRole::Edit, UserRole::Admin] {
             let u = user(role);
-            u.may_write(Kind::Client, "a", None, c.as_ref()).unwrap();
+            assert!(denied_msg(u.may_write(Kind::Client, "a", None, c.as_ref())).contains("node's unix socket"));
+            u.may_write(Kind::Client, "a", c.as_ref(), None).unwrap();
             u.may_write(Kind::NetworkService, "a", None, None).unwrap();
+            u.may_write(Kind::Endpoint, "a", None, Some(&endpoint_with(&["s"], "", "", "")))
+                .unwrap();
+            for (ep, why) in [
+                (endpoint_with(&["s"], "/proc/1/ns/net", "n1", ""), "spec.netns"),
+                (endpoint_with(&["s"], "", "n1", ""), "spec.node"),
+                (endpoint_with(&[], "", "", "169.254.169.254"), "spec.address"),
+                (endpoint_with(&["payments.b"], "", "", ""), "\"payments.b\""),
+            ] {
+                assert!(
+                    denied_msg(u.may_write(Kind::Endpoint, "a", None, Some(&ep))).contains(why),
+                    "{why}"
+                );
+            }
             assert!(denied_msg(u.may_write(Kind::Client, "b", None, c.as_ref())).contains("namespace \"b\""));
             assert!(denied_msg(u.may_write(Kind::Node, "", None, Some(&node("n1")))).contains("change nodes"));
             assert!(u.may_write(Kind::Prefix, "a", None, None).is_err());
@@ -565,8 +694,15 @@ mod tests {
         assert!(denied_msg(user(UserRole::View).may_write(Kind::Client, "a", None, c.as_ref())).contains("view"));
         // Nodes: own Node, what is placed on them, nothing else.
         let n1 = Caller::Node("n1".into());
-        n1.may_write(Kind::Node, "", None, Some(&node("n1"))).unwrap();
-        assert!(denied_msg(n1.may_write(Kind::Node, "", None, Some(&node("n2")))).contains("Node \"n2\""));
+        n1.may_write(Kind::Node, "", Some(&node("n1")), Some(&node("n1")))
+            .unwrap();
+        // A node never creates its Node: deleting a node revokes it for good.
+        assert!(denied_msg(n1.may_write(Kind::Node, "", None, Some(&node("n1")))).contains("only admins create Nodes"));
+        let mut on_n1 = endpoint_with(&["payments.b"], "/run/netns/x", "n1", "");
+        assert!(denied_msg(n1.may_write(Kind::Endpoint, "a", None, Some(&on_n1))).contains("payments.b"));
+        on_n1 = endpoint_with(&["s"], "/run/netns/x", "n1", "");
+        n1.may_write(Kind::Endpoint, "a", None, Some(&on_n1)).unwrap();
+        assert!(denied_msg(n1.may_write(Kind::Node, "", Some(&node("n2")), Some(&node("n2")))).contains("Node \"n2\""));
         n1.may_write(Kind::Client, "a", None, c.as_ref()).unwrap();
         n1.may_write(Kind::Client, "a", c.as_ref(), None).unwrap();
         let c2 = Some(client_on("n2"));
@@ -638,6 +774,7 @@ mod tests {
                 group: Some(60),
             },
             users,
+            Arc::new(|n| n == "n1"),
         )
     }
 
@@ -664,6 +801,7 @@ mod tests {
         let register = "/registry.NetworkServiceEndpointRegistry/Register";
         let ipam = "/ipam.IPAM/ManagePrefixes";
         let health = "/grpc.health.v1.Health/Check";
+        let watch_health = "/grpc.health.v1.Health/Watch";
         let unknown = "/nsm.v1.Other/Thing";
         let admin = spiffe("spiffe://d/admin/admin");
         let node = spiffe("spiffe://d/node/n1");
@@ -692,12 +830,14 @@ mod tests {
         let table: &[(&Peer, &str, bool)] = &[
             (&admin, create, true), (&admin, status, true), (&admin, token, true), (&admin, user, true),
             (&admin, leases, true), (&admin, unknown, false),
+            (&spiffe("spiffe://d/node/gone"), create, false),
             (&root, create, true), (&root, token, true), (&member, token, true), (&stranger, create, false),
             (&node, create, true), (&node, status, true), (&node, lease, true), (&node, ipam, true),
             (&node, renew, true), (&node, register, true), (&node, token, false), (&node, user, false),
             (&node, leases, false),
             (&alice, create, true), (&alice, leases, true), (&alice, status, false), (&alice, lease, false),
-            (&alice, token, false), (&alice, ipam, false), (&alice, renew, true),
+            (&alice, token, false), (&alice, ipam, false), (&alice, renew, false), (&admin, renew, false),
+            (&workload, renew, true), (&anonymous, watch_health, false), (&node, watch_health, true),
             (&bob, create, false), (&bob, health, false),
             (&workload, register, true), (&workload, ipam, true), (&workload, create, false),
             (&workload, status, false), (&workload, token, false),
@@ -724,7 +864,7 @@ mod tests {
         let e = g.admit(Some(&alice), create).unwrap_err();
         assert!(e.message().contains("does not exist"), "{}", e.message());
         // --insecure: everyone is an admin.
-        let open = RegistryGate::new(None, g.unix, Arc::default());
+        let open = RegistryGate::new(None, g.unix, Arc::default(), Arc::new(|_| false));
         assert!(matches!(open.admit(Some(&plain), token).unwrap(), Caller::Admin(_)));
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use nsm_api::nsm::v1::{self as v1, identity_service_server::IdentityService};
-use nsm_identity::{Ca, JoinToken, Role, SpiffeId};
+use nsm_identity::{Ca, JoinToken, SpiffeId};
 use nsm_model::{Kind, ValidationError, validate};
 use nsm_store::{Condition, PutOptions, Store, StoreError};
 use nsm_transport::Peer;
@@ -231,18 +231,17 @@ impl IdentityService for IdentityApi {
                 "only a caller with a certificate renews it (this one came through the unix socket)",
             ));
         };
-        let ttl = match (&who, id.role()) {
-            (Caller::Node(n), _) if !self.node_exists(n) => {
-                return Err(Status::permission_denied(format!(
-                    "{id}: node {n:?} no longer exists; its identity is not renewed"
-                )));
-            }
-            (_, Role::Admin(_) | Role::User(_)) => DEFAULT_USER_TTL,
-            _ => sec.svid_ttl,
-        };
+        if let Caller::Node(n) = &who
+            && !self.node_exists(n)
+        {
+            return Err(Status::permission_denied(format!(
+                "{id}: node {n:?} no longer exists; its identity is not renewed"
+            )));
+        }
+        // The same lifetime as before: the gate admits only daemons (nodes, workloads) here.
         let issued = sec
             .ca
-            .issue(&req.into_inner().csr, &id, ttl, &[])
+            .issue(&req.into_inner().csr, &id, sec.svid_ttl, &[])
             .map_err(issue_status)?;
         Ok(Response::new(self.response(sec, issued, &id)))
     }

@@ -278,13 +278,23 @@ impl Ipam for PrefixServer {
                 .map(str::to_owned)
                 .filter(|s| !s.is_empty())
         };
+        let who: Caller = nsm_authz::caller(&req)?;
         let vl3 = self.0.vl3_for(header(IPAM_VL3_HEADER).as_deref())?;
+        // A workload leases only from its own namespace's vL3s (nodes lease for their routers).
+        if let Caller::Workload { namespace, .. } = &who
+            && vl3.namespace != *namespace
+        {
+            return Err(RegistryError::PermissionDenied(format!(
+                "{who} may not lease prefixes of a vL3 in namespace {:?} (rule: workloads lease from their own namespace)",
+                vl3.namespace
+            ))
+            .into());
+        }
         let node = header(IPAM_NODE_HEADER);
         if let Some(n) = &node {
             validate::name(IPAM_NODE_HEADER, n).map_err(RegistryError::from)?;
         }
         // The node is the caller's identity, not what a header claims.
-        let who: Caller = nsm_authz::caller(&req)?;
         let node = who.prefix_node(node.as_deref())?.unwrap_or_default();
         let member = header(IPAM_MEMBER_HEADER).unwrap_or_else(|| vl3.upstream.clone());
         if member != vl3.upstream {

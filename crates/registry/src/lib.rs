@@ -25,7 +25,7 @@ use nsm_store::{Condition, PutOptions, Store, StoreError};
 use prost::Message;
 use tonic::service::Routes;
 
-pub use authz::{Caller, Grant, RegistryGate, UnixPolicy, UserRole};
+pub use authz::{Caller, Grant, NodeExists, RegistryGate, UnixPolicy, UserRole};
 pub use error::RegistryError;
 pub use identity::{DEFAULT_USER_TTL, Security, Users};
 pub use nsm_model::Kind;
@@ -187,6 +187,10 @@ impl Registry {
                 .map(|s| s.ca.trust_domain().to_owned()),
             self.inner.config.unix,
             self.inner.users.0.clone(),
+            {
+                let registry = self.clone();
+                Arc::new(move |name: &str| registry.get_item(Kind::Node, "", name).is_some())
+            },
         ));
         let (reporter, health) = tonic_health::server::health_reporter();
         for name in [
@@ -282,6 +286,8 @@ impl Registry {
         name: &str,
         mut decide: impl FnMut(Option<&pb::Resource>) -> Result<Option<pb::Resource>>,
     ) -> Result<(Option<Item>, Item)> {
+        // Refused before anything is looked at: a refusal must not depend on what exists.
+        who.may_write(kind, namespace, None, None)?;
         let key = kind.key(namespace, name);
         let mut current = self.inner.cache.state.read().get(kind, &key);
         for _ in 0..WRITE_ATTEMPTS {
@@ -404,6 +410,43 @@ impl Registry {
         self.insert(who, resource).await
     }
 
+    /// Two Nodes may not share a URL or an underlay address: nodes find each other by them, so a
+    /// node that claimed another's would be dialled, and trusted, in its place.
+    fn check_node_unique(&self, r: &pb::Resource) -> Result<()> {
+        let Some(pb::resource::Kind::Node(n)) = &r.kind else {
+            return Ok(());
+        };
+        let (Some(m), Some(spec)) = (&n.metadata, &n.spec) else {
+            return Ok(());
+        };
+        let state = self.inner.cache.state.read();
+        for other in state.kind(Kind::Node) {
+            let Some(pb::resource::Kind::Node(o)) = &other.kind else {
+                continue;
+            };
+            let (Some(om), Some(os)) = (&o.metadata, &o.spec) else {
+                continue;
+            };
+            if om.name == m.name {
+                continue;
+            }
+            let clash = if !spec.url.is_empty() && spec.url == os.url {
+                Some(("spec.url", &spec.url))
+            } else if !spec.address.is_empty() && spec.address == os.address {
+                Some(("spec.address", &spec.address))
+            } else {
+                None
+            };
+            if let Some((field, value)) = clash {
+                return Err(RegistryError::Precondition(format!(
+                    "{field}: {value} is node {:?}'s already",
+                    om.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The upstream name of the vL3 that the service `upstream_name` is on, if it is on one.
     pub(crate) fn member_service_vl3(&self, upstream_name: &str) -> Option<String> {
         let (ns, name, _) = upstream::parse_name("service", upstream_name).ok()?;
@@ -418,7 +461,11 @@ impl Registry {
     /// Creates a resource of any kind (prefix leases included); AlreadyExists if it exists.
     async fn insert(&self, who: &Caller, mut resource: pb::Resource) -> Result<Item> {
         let kind = validate::resource(&mut resource)?;
+        let (namespace, _) = meta_of(&resource);
+        // Before the pool checks, whose errors name other namespaces' vL3s.
+        who.may_write(kind, &namespace, None, Some(&resource))?;
         self.check_vl3(&resource)?;
+        self.check_node_unique(&resource)?;
         Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         Self::stamp_new(&mut resource);
@@ -438,7 +485,15 @@ impl Registry {
     pub async fn apply(&self, who: &Caller, mut resource: pb::Resource, dry_run: bool) -> Result<(Applied, Item)> {
         refuse_prefix(&resource)?;
         let kind = validate::resource(&mut resource)?;
+        // Whether it may write here at all, and what it writes — before the pool checks, whose
+        // errors name other namespaces' vL3s (whether it may create or change is judged with what
+        // is stored, in the write).
+        who.may_write(kind, &meta_of(&resource).0, None, None)?;
+        if !matches!(who, Caller::Admin(_) | Caller::Node(_)) {
+            who.may_write(kind, &meta_of(&resource).0, None, Some(&resource))?;
+        }
         self.check_vl3(&resource)?;
+        self.check_node_unique(&resource)?;
         Self::strip_status(&mut resource);
         let (namespace, name) = meta_of(&resource);
         if dry_run {
@@ -500,6 +555,7 @@ impl Registry {
         // A caller that is not an admin deletes what it was judged on, not what replaced it since
         // (a status written meanwhile is judged again).
         if !matches!(who, Caller::Admin(_)) {
+            who.may_write(kind, namespace, None, None)?;
             let mut current = self.get_item(kind, namespace, name);
             let mut attempts = 0;
             loop {

@@ -231,6 +231,9 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, addr: SocketAddr) -> O
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// TLS handshakes one listener runs at once; connections beyond it are closed unanswered.
+const MAX_HANDSHAKES: usize = 512;
+
 /// Accepted TLS connections: each handshake runs in its own task, so a slow or bad client never
 /// stalls the others; dropping the stream (server stopped) aborts handshakes still under way.
 fn tls_incoming(
@@ -244,6 +247,12 @@ fn tls_incoming(
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((tcp, addr)) => {
+                            if handshakes.len() >= MAX_HANDSHAKES {
+                                // A flood of connections that never finish their handshake must
+                                // not take every descriptor: newcomers wait for the next accept.
+                                tracing::debug!(%addr, "too many TLS handshakes under way; connection dropped");
+                                continue;
+                            }
                             // Without it, Nagle holds a response's second write until the client's
                             // delayed ACK (40 ms) on every small unary call.
                             let _ = tcp.set_nodelay(true);

@@ -293,6 +293,28 @@ async fn identities_tokens_users_and_refusals() {
     assert_eq!(c.spec.unwrap().node, "n2");
     assert!(c.status.is_none_or(|s| s.reason != "forged"));
 
+    // A deleted node is revoked: its certificate, still unexpired, is refused, and it cannot
+    // bring its Node back.
+    ok(nsmctl(&registry, &["delete", "node", "n1"]));
+    let e = as_n1
+        .apply(v1::ApplyRequest {
+            resource: Some(pb::Resource {
+                kind: Some(pb::resource::Kind::Node(pb::Node {
+                    metadata: Some(pb::ObjectMeta {
+                        name: "n1".into(),
+                        ..Default::default()
+                    }),
+                    spec: None,
+                })),
+            }),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("does not exist"), "{}", e.message());
+    assert!(!ok(nsmctl(&registry, &["get", "nodes"])).contains("n1 "));
+
     // Users: alice edits tenant-a and nothing else; deleting her revokes her certificate.
     let alice = dir.path().join("alice.config");
     ok(nsmctl(
@@ -316,6 +338,39 @@ async fn identities_tokens_users_and_refusals() {
     ok(nsmctl(&registry, &["ns", "create", "b1", "-n", "tenant-b"]));
     for args in [
         &["ns", "create", "b2", "-n", "tenant-b"][..],
+        &[
+            "endpoint",
+            "create",
+            "meta",
+            "-n",
+            "tenant-a",
+            "--address",
+            "169.254.169.254",
+        ],
+        &[
+            "endpoint",
+            "create",
+            "host",
+            "-n",
+            "tenant-a",
+            "--service",
+            "a1",
+            "--node",
+            "n1",
+            "--netns",
+            "/proc/1/ns/net",
+        ],
+        &[
+            "endpoint",
+            "create",
+            "mitm",
+            "-n",
+            "tenant-a",
+            "--service",
+            "b1.tenant-b",
+            "--url",
+            "tcp://192.0.2.9:5001",
+        ],
         &["get", "ns", "-n", "tenant-b"],
         &["delete", "ns", "b1", "-n", "tenant-b"],
         &["get", "nodes"],
@@ -441,10 +496,24 @@ async fn path_tokens_and_policies_guard_the_endpoint_node() {
     .await
     .unwrap();
     let mut y_api = NetworkServiceClient::new(ch);
+    // The client x asks for: on x, so its uid is the connection's id.
+    let mut admin = ResourceServiceClient::new(registry.channel().await.unwrap());
+    let created = admin
+        .create(v1::CreateRequest {
+            resource: Some(client_of("x", "c1")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::resource::Kind::Client(c1)) = created.kind else {
+        panic!()
+    };
+    let uid = c1.metadata.unwrap().uid;
+    let uid = uid.as_str();
     let (sx, sy) = ("spiffe://nsm.local/node/x", "spiffe://nsm.local/node/y");
-    let request = |service: &str, p: nsm_api::connection::Path| NetworkServiceRequest {
+    let request_as = |id: &str, service: &str, p: nsm_api::connection::Path| NetworkServiceRequest {
         connection: Some(Connection {
-            id: "conn-1".into(),
+            id: id.into(),
             network_service: service.into(),
             network_service_endpoint_name: "ep.default".into(),
             context: Some(ConnectionContext {
@@ -468,14 +537,50 @@ async fn path_tokens_and_policies_guard_the_endpoint_node() {
             .into(),
         }],
     };
+    let request = |service: &str, p: nsm_api::connection::Path| request_as(uid, service, p);
     // A well-stamped request passes every policy: what stops it is the endpoint that does not exist.
     let e = y_api
-        .request(request("s", path("conn-1", "x", &key, sx, sy, sx)))
+        .request(request("s", path(uid, "x", &key, sx, sy, sx)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    // x may ask only for its own client's connection: not under another id, not for a client
+    // placed on another node.
+    let e = y_api
+        .request(request_as(
+            "someone-elses-connection",
+            "s",
+            path("someone-elses-connection", "x", &key, sx, sy, sx),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("not the client's"), "{}", e.message());
+    admin
+        .create(v1::CreateRequest {
+            resource: Some(client_of("y", "c9")),
+        })
+        .await
+        .unwrap();
+    let mut on_y = path(uid, "x", &key, sx, sy, sx);
+    on_y.path_segments[0].token = nsm_policy::sign(
+        "spiffe://nsm.local/ns/default/client/c9",
+        sx,
+        std::time::SystemTime::now() + std::time::Duration::from_secs(600),
+        &key,
+    )
+    .unwrap();
+    let e = y_api.request(request("s", on_y)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("placed on node \"y\""), "{}", e.message());
+    // Without a client segment (index 0, the caller's segment alone).
+    let mut alone = path(uid, "x", &key, sx, sy, sx);
+    alone.path_segments.remove(0);
+    alone.index = 0;
+    let e = y_api.request(request("s", alone)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     // Tampered: the node's token with its payload changed (the signature no longer fits).
-    let mut tampered = path("conn-1", "x", &key, sx, sy, sx);
+    let mut tampered = path(uid, "x", &key, sx, sy, sx);
     let t = &mut tampered.path_segments[1].token;
     let parts: Vec<&str> = t.split('.').collect();
     let forged = base64::Engine::encode(
@@ -488,10 +593,7 @@ async fn path_tokens_and_policies_guard_the_endpoint_node() {
     assert!(e.message().contains("prev_token_signed"), "{}", e.message());
     // Replayed: a genuine token of x's that was addressed to another node.
     let e = y_api
-        .request(request(
-            "s",
-            path("conn-1", "x", &key, sx, "spiffe://nsm.local/node/z", sx),
-        ))
+        .request(request("s", path(uid, "x", &key, sx, "spiffe://nsm.local/node/z", sx)))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
@@ -501,7 +603,7 @@ async fn path_tokens_and_policies_guard_the_endpoint_node() {
         .request(request(
             "s",
             path(
-                "conn-1",
+                uid,
                 "x",
                 &key,
                 "spiffe://nsm.local/node/w",
@@ -513,7 +615,7 @@ async fn path_tokens_and_policies_guard_the_endpoint_node() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     // No tokens at all.
-    let mut bare = path("conn-1", "x", &key, sx, sy, sx);
+    let mut bare = path(uid, "x", &key, sx, sy, sx);
     for s in &mut bare.path_segments {
         s.token.clear();
     }
@@ -531,18 +633,38 @@ async fn path_tokens_and_policies_guard_the_endpoint_node() {
         (admin_leaf, "not the caller's"),
         (b"garbage".to_vec(), "nsm-token-signer-bin"),
     ] {
-        let mut r = tonic::Request::new(request("s", path("conn-1", "x", &key, sx, sy, sx)));
+        let mut r = tonic::Request::new(request("s", path(uid, "x", &key, sx, sy, sx)));
         r.metadata_mut()
             .insert_bin("nsm-token-signer-bin", tonic::metadata::MetadataValue::from_bytes(&der));
         let e = y_api.request(r).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains(needle), "{}", e.message());
     }
-    // The operator's Rego policy.
-    let e = y_api
-        .request(request("forbidden", path("conn-1", "x", &key, sx, sy, sx)))
+    // The operator's Rego policy, for a client of x that asks for the forbidden service.
+    let mut forbidden = client_of("x", "c2");
+    if let Some(pb::resource::Kind::Client(c)) = &mut forbidden.kind {
+        c.spec.as_mut().unwrap().network_service = "forbidden".into();
+    }
+    let created = admin
+        .create(v1::CreateRequest {
+            resource: Some(forbidden),
+        })
         .await
-        .unwrap_err();
+        .unwrap()
+        .into_inner();
+    let Some(pb::resource::Kind::Client(c2)) = created.kind else {
+        panic!()
+    };
+    let uid2 = c2.metadata.unwrap().uid;
+    let mut p2 = path(&uid2, "x", &key, sx, sy, sx);
+    p2.path_segments[0].token = nsm_policy::sign(
+        "spiffe://nsm.local/ns/default/client/c2",
+        sx,
+        std::time::SystemTime::now() + std::time::Duration::from_secs(600),
+        &key,
+    )
+    .unwrap();
+    let e = y_api.request(request_as(&uid2, "forbidden", p2)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("policy no_forbidden refused"), "{}", e.message());
     // Over TCP a node may call nothing but NetworkService.
