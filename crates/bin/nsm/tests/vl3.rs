@@ -393,7 +393,10 @@ async fn vl3_across_three_nodes_with_dns_and_healing() {
         all_pairs(&mesh.bed, &rest).is_empty(),
         "the remaining routers' mesh is intact"
     );
-    // It returns: nothing duplicated, c1 gets its old address (and so its name) back.
+    // It returns — a deleted node is revoked, so an admin creates it again first; the daemon
+    // rejoins with the identity it kept: nothing duplicated, c1 gets its old address (and so its
+    // name) back.
+    ok(nsmctl(&mesh.registry, &["node", "create", "vlc"]));
     node_c.launch();
     mesh.nodes.insert("vlc".into(), node_c);
     let healed = eventually(15, || async { all_pairs(&mesh.bed, &members).is_empty() }).await;
