@@ -20,6 +20,34 @@ struct Inner {
     changes: std::sync::atomic::AtomicU64,
     /// Since when the endpoint watch has been down (None: it is up, or never was down).
     endpoints_stale_since: parking_lot::Mutex<Option<SystemTime>>,
+    /// Every client of the domain, by (namespace, name): what a calling node's claims about its
+    /// client are checked against without a registry call (the watch brings all of them anyway).
+    clients: parking_lot::RwLock<std::collections::HashMap<(String, String), ClientFacts>>,
+}
+
+/// What the endpoint side needs to know of a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientFacts {
+    pub(crate) uid: String,
+    pub(crate) node: String,
+    /// `spec.network_service` as written (relative to the client's namespace).
+    pub(crate) service: String,
+    pub(crate) labels: std::collections::HashMap<String, String>,
+}
+
+impl ClientFacts {
+    pub(crate) fn of(c: &pb::Client) -> ClientFacts {
+        let (m, spec) = (
+            c.metadata.clone().unwrap_or_default(),
+            c.spec.clone().unwrap_or_default(),
+        );
+        ClientFacts {
+            uid: m.uid,
+            node: spec.node,
+            service: spec.network_service,
+            labels: m.labels,
+        }
+    }
 }
 
 impl Cache {
@@ -74,6 +102,27 @@ impl Cache {
         }
         Arc::make_mut(&mut view).replace(kind, items);
         true
+    }
+
+    /// Follows a client's watch event.
+    pub(crate) fn note_client(&self, c: &pb::Client, deleted: bool) {
+        let Some(m) = &c.metadata else { return };
+        let key = (m.namespace.clone(), m.name.clone());
+        let mut clients = self.0.clients.write();
+        if deleted {
+            clients.remove(&key);
+        } else {
+            clients.insert(key, ClientFacts::of(c));
+        }
+    }
+
+    /// Client `namespace`/`name` as the watch last showed it.
+    pub(crate) fn client(&self, namespace: &str, name: &str) -> Option<ClientFacts> {
+        self.0
+            .clients
+            .read()
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
     }
 
     /// The spec of endpoint `namespace`/`name`, if the view has it.

@@ -212,26 +212,30 @@ impl RemoteEnds {
                 conn.id
             ))
         };
-        let client = match self.registry.clone().get(v1::GetRequest { r#ref: Some(r) }).await {
-            Ok(r) => match r.into_inner().kind {
-                Some(pb::resource::Kind::Client(c)) => c,
-                _ => return Err(refused("no such client")),
+        // The watch's copy when it knows this connection; the registry itself when it does not
+        // (a client created a moment ago whose event has not arrived, or one recreated since).
+        let facts = match self.cache.client(&ns, &name).filter(|f| f.uid == conn.id) {
+            Some(f) => f,
+            None => match self.registry.clone().get(v1::GetRequest { r#ref: Some(r) }).await {
+                Ok(r) => match r.into_inner().kind {
+                    Some(pb::resource::Kind::Client(c)) => crate::cache::ClientFacts::of(&c),
+                    _ => return Err(refused("no such client")),
+                },
+                Err(s) if s.code() == tonic::Code::NotFound => return Err(refused("no such client")),
+                Err(s) => return Err(NodeError::RegistryCall(s)),
             },
-            Err(s) if s.code() == tonic::Code::NotFound => return Err(refused("no such client")),
-            Err(s) => return Err(NodeError::RegistryCall(s)),
         };
-        let (meta, spec) = (client.metadata.unwrap_or_default(), client.spec.unwrap_or_default());
-        if spec.node != node {
-            return Err(refused(&format!("the client is placed on node {:?}", spec.node)));
+        if facts.node != node {
+            return Err(refused(&format!("the client is placed on node {:?}", facts.node)));
         }
-        if meta.uid != conn.id {
+        if facts.uid != conn.id {
             return Err(refused("the connection id is not the client's"));
         }
-        let service = upstream::qualify(&spec.network_service, &ns);
+        let service = upstream::qualify(&facts.service, &ns);
         if conn.network_service != service {
             return Err(refused(&format!("the client asks for {service:?}")));
         }
-        conn.labels = meta.labels;
+        conn.labels = facts.labels;
         Ok(())
     }
 

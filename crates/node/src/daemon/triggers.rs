@@ -98,6 +98,9 @@ pub(crate) fn spawn_watch(mut registry: Registry, kind: Kind, cache: Cache, tx: 
                     while let Some(Ok(ev)) = s.next().await {
                         let deleted = ev.r#type == v1::watch_event::Type::Deleted as i32;
                         let Some(resource) = ev.resource else { continue };
+                        if let Some(pb::resource::Kind::Client(c)) = &resource.kind {
+                            cache.note_client(c, deleted);
+                        }
                         let changed = !nsm_node_plan::View::keeps(kind) || cache.apply(resource.clone(), deleted);
                         // Nothing changed for the view (an INITIAL event repeating it, or what a
                         // listing brought already); a node's restart is still looked at.
