@@ -187,6 +187,12 @@ impl SpiffeId {
         Self::build(td, &["ns", namespace, "client", name])
     }
 
+    /// `spiffe://td/ns/<namespace>/<kind>/<name>`: a workload of a namespace (an upstream NSC or
+    /// NSE, a pod).
+    pub fn workload(td: &str, namespace: &str, kind: &str, name: &str) -> Result<Self, IdentityError> {
+        Self::build(td, &["ns", namespace, kind, name])
+    }
+
     /// What this ID stands for in nsm.
     pub fn role(&self) -> Role<'_> {
         let segs: Vec<&str> = match self.path().strip_prefix('/') {

@@ -424,6 +424,8 @@ fn method_rule(method: &str) -> Option<Admits> {
         ("grpc.health.v1.Health", _) => Admits::Authenticated,
         ("nsm.v1.IdentityService", "Join") => Admits::Anyone,
         ("nsm.v1.IdentityService", "WhoAmI") => Admits::Authenticated,
+        // Users mint their own namespaces' workloads (the handler checks the grant).
+        ("nsm.v1.IdentityService", "IssueWorkload") => Admits::Operators,
         // People's certificates end when they end: renewing is for daemons' short-lived SVIDs.
         ("nsm.v1.IdentityService", "Renew") => Admits::NodesAndWorkloads,
         ("nsm.v1.IdentityService", _) => Admits::AdminsOnly,

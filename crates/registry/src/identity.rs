@@ -22,6 +22,8 @@ use crate::{Registry, RegistryError};
 
 const USERS: &str = "/nsm/identity/v1/users/";
 const JOIN: &str = "/nsm/identity/v1/join/";
+/// The longest workload SVID: workloads renew theirs (`Renew`).
+const MAX_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// A join token's lifetime when the request gives none.
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// A user certificate's lifetime when the request gives none: people are not daemons that renew
@@ -376,6 +378,47 @@ impl IdentityService for IdentityApi {
             })
             .collect();
         Ok(Response::new(v1::ListUsersResponse { users }))
+    }
+
+    async fn issue_workload(
+        &self,
+        req: Request<v1::IssueWorkloadRequest>,
+    ) -> Result<Response<v1::SvidResponse>, Status> {
+        let sec = self.security()?;
+        let who: Caller = nsm_authz::caller(&req)?;
+        let req = req.into_inner();
+        validate::namespace("namespace", &req.namespace).map_err(RegistryError::from)?;
+        validate::name("name", &req.name).map_err(RegistryError::from)?;
+        let kind = if req.kind.is_empty() {
+            "workload"
+        } else {
+            req.kind.as_str()
+        };
+        validate::name("kind", kind).map_err(RegistryError::from)?;
+        if matches!(kind, "client") {
+            // Client IDs are what nodes sign their clients' path segments as.
+            return Err(invalid(
+                "kind",
+                "\"client\" is reserved for nsm's clients; name the workload's kind (pod, nse, nsc, …)",
+            ));
+        }
+        // A user mints identities only for its namespaces, and only with a role that changes them.
+        who.may_write(Kind::NetworkService, &req.namespace, None, None)?;
+        let ttl = match req.ttl_seconds {
+            0 => sec.svid_ttl,
+            s => Duration::from_secs(s),
+        };
+        if ttl > MAX_WORKLOAD_TTL {
+            return Err(invalid(
+                "ttl_seconds",
+                format!("at most {} (24 h): workloads renew", MAX_WORKLOAD_TTL.as_secs()),
+            ));
+        }
+        let id = SpiffeId::workload(sec.ca.trust_domain(), &req.namespace, kind, &req.name)
+            .map_err(|e| invalid("name", e.to_string()))?;
+        let issued = sec.ca.issue(&req.csr, &id, ttl, &[]).map_err(issue_status)?;
+        tracing::info!(id = %id, by = %who, "workload identity issued");
+        Ok(Response::new(self.response(sec, issued, &id)))
     }
 
     async fn who_am_i(&self, req: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {

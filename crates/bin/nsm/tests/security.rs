@@ -390,12 +390,31 @@ async fn identities_tokens_users_and_refusals() {
     let (good, _, err) = ctl_as(&registry, &alice, &["get", "ns", "-n", "tenant-a"]);
     assert!(!good && err.contains("does not exist"), "{err}");
 
-    // A stock TLS client built from upstream's protos, with a SPIFFE certificate from the domain
-    // CA (here the admin's), verifying the registry by its address: upstream's registry API works.
-    let config = ClientConfig::load(&admin).unwrap();
+    // A workload identity from the domain CA (`nsmctl workload issue`), presented by a stock TLS
+    // client built from upstream's protos that verifies the registry by its address: upstream's
+    // registry API works, in the workload's namespace only.
+    let wl = dir.path().join("nse-1");
+    let issued = ok(nsmctl(
+        &registry,
+        &[
+            "workload",
+            "issue",
+            "nse-1",
+            "-n",
+            "tenant-a",
+            "--kind",
+            "nse",
+            "--dir",
+            wl.to_str().unwrap(),
+        ],
+    ));
+    assert!(issued.contains("spiffe://nsm.local/ns/tenant-a/nse/nse-1"), "{issued}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(wl.join("svid.key")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let read = |f: &str| std::fs::read_to_string(wl.join(f)).unwrap();
     let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&config.ca_bundle))
-        .identity(tonic::transport::Identity::from_pem(&config.certificate, &config.key))
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("bundle.pem")))
+        .identity(tonic::transport::Identity::from_pem(read("svid.pem"), read("svid.key")))
         .domain_name("127.0.0.1");
     let url = registry.url().replace("tcp://", "https://");
     let ch = tonic::transport::Endpoint::from_shared(url)
@@ -406,14 +425,47 @@ async fn identities_tokens_users_and_refusals() {
         .await
         .unwrap();
     let mut upstream = NetworkServiceEndpointRegistryClient::new(ch);
-    let nse = reg::NetworkServiceEndpoint {
-        name: "upstream-nse".into(),
-        network_service_names: vec!["s".into()],
+    let nse = |name: &str, service: &str| reg::NetworkServiceEndpoint {
+        name: name.into(),
+        network_service_names: vec![service.into()],
         url: "tcp://192.0.2.50:5001".into(),
         ..Default::default()
     };
-    upstream.register(nse).await.unwrap();
-    assert!(ok(nsmctl(&registry, &["get", "endpoints"])).contains("upstream-nse"));
+    upstream
+        .register(nse("upstream-nse.tenant-a", "a1.tenant-a"))
+        .await
+        .unwrap();
+    assert!(ok(nsmctl(&registry, &["get", "endpoints", "-n", "tenant-a"])).contains("upstream-nse"));
+    for (name, service) in [("x.tenant-b", "b1.tenant-b"), ("y.tenant-a", "b1.tenant-b"), ("z", "s")] {
+        let e = upstream.register(nse(name, service)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{name}: {e:?}");
+    }
+    assert!(!ok(nsmctl(&registry, &["get", "endpoints", "-A"])).contains("x "));
+    // Minting identities is the admins' (and the namespace's users'): not a workload's.
+    let e = nsm_api::nsm::v1::identity_service_client::IdentityServiceClient::new(
+        tonic::transport::Endpoint::from_shared(registry.url().replace("tcp://", "https://"))
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read("bundle.pem")))
+                    .identity(tonic::transport::Identity::from_pem(read("svid.pem"), read("svid.key")))
+                    .domain_name("127.0.0.1"),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+    .issue_workload(v1::IssueWorkloadRequest {
+        namespace: "tenant-a".into(),
+        name: "more".into(),
+        kind: "nse".into(),
+        csr: nsm_identity::KeyAndCsr::generate().unwrap().csr_der,
+        ttl_seconds: 60,
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 }
 
 /// A request path as the client's node stamps it for the endpoint's node `to`: the client's

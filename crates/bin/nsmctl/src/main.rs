@@ -92,6 +92,13 @@ enum Command {
         #[command(subcommand)]
         verb: UserVerb,
     },
+    /// Workload identities: `nsmctl workload issue my-nse -n tenant-a --kind nse --dir DIR`
+    /// writes an SVID (`spiffe://<domain>/ns/tenant-a/nse/my-nse`), its key and the trust bundle
+    /// for an upstream NSC or NSE to present to the registry and nodes.
+    Workload {
+        #[command(subcommand)]
+        verb: WorkloadVerb,
+    },
     /// Who the registry takes this nsmctl for.
     Whoami,
     /// List resources of a kind, or show one: `nsmctl get ns [NAME]`.
@@ -154,6 +161,26 @@ enum NodeVerb {
         /// How long it can be redeemed.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         token_ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadVerb {
+    /// Issue an SVID for a workload of the namespace of -n (admins, or users with edit or admin
+    /// there): nsmctl generates the key, the registry signs. Writes DIR/svid.pem (certificate
+    /// chain), DIR/svid.key (0600) and DIR/bundle.pem (the CA to trust).
+    Issue {
+        /// The workload's name.
+        name: String,
+        /// Its kind, the ID's path segment before the name (pod, nse, nsc, …).
+        #[arg(long, default_value = "workload")]
+        kind: String,
+        /// Lifetime (at most 24h; the workload renews it with IdentityService/Renew).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Directory to write the files to (created 0700).
+        #[arg(long)]
+        dir: std::path::PathBuf,
     },
 }
 
@@ -522,6 +549,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             NodeVerb::Token { name, token_ttl } => join_token(&mut ctx, &name, token_ttl).await,
         },
         Command::User { verb } => users(&mut ctx, verb).await,
+        Command::Workload {
+            verb: WorkloadVerb::Issue { name, kind, ttl, dir },
+        } => {
+            let key = nsm_identity::KeyAndCsr::generate()?;
+            let namespace = ctx.namespace.clone();
+            let svid = ctx
+                .identity()?
+                .issue_workload(v1::IssueWorkloadRequest {
+                    namespace,
+                    name,
+                    kind,
+                    csr: key.csr_der.clone(),
+                    ttl_seconds: ttl.as_secs().max(1),
+                })
+                .await?
+                .into_inner();
+            nsm_identity::Svid::from_pem(&svid.certificate_chain, &key.key_pem)?
+                .save(&dir, &svid.trust_bundle)
+                .with_context(|| format!("writing to {}", dir.display()))?;
+            match ctx.format {
+                Format::Table => println!(
+                    "{} issued, expires {}; written to {}/svid.pem, svid.key, bundle.pem",
+                    svid.spiffe_id,
+                    svid.expires.map(|e| e.to_string()).unwrap_or_default(),
+                    dir.display()
+                ),
+                _ => output::print_value(
+                    ctx.format,
+                    &serde_json::json!({"spiffeId": svid.spiffe_id, "dir": dir,
+                        "expires": svid.expires.map(|e| e.to_string())}),
+                )?,
+            }
+            Ok(())
+        }
         Command::Whoami => {
             let me = ctx.identity()?.who_am_i(v1::WhoAmIRequest {}).await?.into_inner();
             match ctx.format {
