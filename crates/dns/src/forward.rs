@@ -1,10 +1,7 @@
 //! Relaying queries for names the table does not know to upstream resolvers.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Instant;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::LowerName;
@@ -119,9 +116,12 @@ fn answers(message: &Message, request: &Request) -> bool {
         })
 }
 
-/// An unpredictable 16-bit ID: std's hasher keys are random per process and change with every
-/// `RandomState`, which is all the unpredictability a DNS ID needs without another dependency.
+/// A 16-bit ID from the operating system's CSPRNG: a forwarded query's ID is what an off-path
+/// attacker must guess to poison the answer, so it must not follow from earlier ones.
 fn random_id() -> u16 {
-    let hash = RandomState::new().hash_one(Instant::now());
-    (hash ^ (hash >> 16) ^ (hash >> 32) ^ (hash >> 48)) as u16
+    let mut b = [0u8; 2];
+    // The kernel's getrandom does not fail once the system has booted; a zero ID would still be
+    // matched against the question, as every answer is.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u16::from_ne_bytes(b)
 }

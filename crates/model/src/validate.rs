@@ -175,6 +175,50 @@ pub fn ip(field: &str, s: &str) -> Result<IpAddr> {
         .map_err(|_| ValidationError::new(field, format!("{s:?} is not an IP address")))
 }
 
+/// A host's address on the network — what nodes tunnel to or route and masquerade towards: not
+/// unspecified, loopback, multicast or broadcast (each would point a node at itself or at
+/// everyone).
+pub fn host_ip(field: &str, s: &str) -> Result<IpAddr> {
+    let a = ip(field, s)?;
+    let bad =
+        a.is_unspecified() || a.is_loopback() || a.is_multicast() || matches!(a, IpAddr::V4(v4) if v4.is_broadcast());
+    if bad {
+        return Err(ValidationError::new(
+            field,
+            format!("{a} is unspecified, loopback, multicast or broadcast: not a host's address"),
+        ));
+    }
+    Ok(a)
+}
+
+/// An address pool of a service: a CIDR that is not every address (`0.0.0.0/0`, `::/0`) and
+/// overlaps neither loopback nor multicast — addresses from it are put on interfaces and routed.
+pub fn pool_cidr(field: &str, s: &str) -> Result<IpNet> {
+    let net = cidr(field, s)?;
+    if net.prefix_len() == 0 {
+        return Err(ValidationError::new(
+            field,
+            format!("{net} is every address; give a pool such as 10.60.0.0/16"),
+        ));
+    }
+    let reserved: [IpNet; 4] = [
+        "127.0.0.0/8".parse().expect("literal"),
+        "224.0.0.0/4".parse().expect("literal"),
+        "::1/128".parse().expect("literal"),
+        "ff00::/8".parse().expect("literal"),
+    ];
+    if let Some(r) = reserved
+        .iter()
+        .find(|r| r.contains(&net.network()) || net.contains(&r.network()))
+    {
+        return Err(ValidationError::new(
+            field,
+            format!("{net} overlaps {r} (loopback or multicast)"),
+        ));
+    }
+    Ok(net)
+}
+
 /// Upstream payloads; returns the canonical upper-case spelling.
 pub fn payload(field: &str, s: &str) -> Result<&'static str> {
     match s.to_ascii_uppercase().as_str() {
@@ -287,7 +331,7 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             pb::ServiceType::try_from(spec.r#type)
                 .map_err(|_| ValidationError::new("spec.type", format!("unknown service type {}", spec.r#type)))?;
             if !spec.cidr.is_empty() {
-                spec.cidr = cidr("spec.cidr", &spec.cidr)?.to_string();
+                spec.cidr = pool_cidr("spec.cidr", &spec.cidr)?.to_string();
             }
             vl3_fields(spec)?;
             encryption("spec.encryption", &spec.encryption)?;
@@ -320,7 +364,7 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             }
             url("spec.url", &spec.url)?;
             if !spec.address.is_empty() {
-                spec.address = ip("spec.address", &spec.address)?.to_string();
+                spec.address = host_ip("spec.address", &spec.address)?.to_string();
             }
             if !spec.node.is_empty() {
                 name("spec.node", &spec.node)?;
@@ -393,7 +437,7 @@ pub fn resource(resource: &mut pb::Resource) -> Result<Kind> {
             let spec = node.spec.get_or_insert_with(Default::default);
             // Empty until its daemon registers it (`nsmctl node create` before the node joins).
             if !spec.address.is_empty() {
-                spec.address = ip("spec.address", &spec.address)?.to_string();
+                spec.address = host_ip("spec.address", &spec.address)?.to_string();
             }
             url("spec.url", &spec.url)?;
         }
@@ -547,5 +591,44 @@ mod tests {
         assert!(url("u", "unix:///run/nsm.sock").is_ok());
         assert!(url("u", "tcp://10.0.0.1").is_err());
         assert!(url("u", "http://x:1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod hostile_addresses {
+    use super::*;
+
+    #[test]
+    fn host_addresses_and_pools() {
+        for ok_addr in ["10.0.0.5", "192.0.2.10", "fd00::1"] {
+            host_ip("spec.address", ok_addr).unwrap();
+        }
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "ff02::1",
+        ] {
+            let e = host_ip("spec.address", bad).unwrap_err();
+            assert_eq!(e.field, "spec.address");
+            assert!(e.reason.contains("not a host's address"), "{bad}: {}", e.reason);
+        }
+        for ok_pool in ["10.60.0.0/16", "169.254.100.0/24", "fd00::/64"] {
+            pool_cidr("spec.cidr", ok_pool).unwrap();
+        }
+        for (bad, why) in [
+            ("0.0.0.0/0", "every address"),
+            ("::/0", "every address"),
+            ("127.0.0.0/24", "overlaps 127.0.0.0/8"),
+            ("64.0.0.0/2", "overlaps 127.0.0.0/8"),
+            ("224.1.0.0/16", "overlaps 224.0.0.0/4"),
+            ("ff02::/16", "overlaps ff00::/8"),
+        ] {
+            let e = pool_cidr("spec.cidr", bad).unwrap_err();
+            assert!(e.reason.contains(why), "{bad}: {}", e.reason);
+        }
     }
 }

@@ -289,13 +289,35 @@ impl RemoteEnds {
             .as_ref()
             .and_then(|c| c.ip_context.clone())
             .unwrap_or_default();
+        // One host address each (/32, /128) that may be a vWire's: an address is what this node
+        // adds to the endpoint's namespace, with a host route to the peer — a prefix such as
+        // 0.0.0.0/0 would be a route over the namespace's own (the host's, for an endpoint there).
         let parse = |field: &str, v: &[String]| -> Result<IpNet> {
-            v.first().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                NodeError::invalid(
-                    format!("connection.context.ip_context.{field}"),
-                    "expected one addr/len",
-                )
-            })
+            let field = format!("connection.context.ip_context.{field}");
+            let [one] = v else {
+                return Err(NodeError::invalid(
+                    field,
+                    format!("expected exactly one addr/len, got {}", v.len()),
+                ));
+            };
+            let net: IpNet = one
+                .parse()
+                .map_err(|_| NodeError::invalid(&field, format!("{one:?} is not an addr/len")))?;
+            let addr = net.addr();
+            if net.prefix_len() != net.max_prefix_len() {
+                return Err(NodeError::invalid(
+                    &field,
+                    format!("{net} is not a single address (/32 or /128)"),
+                ));
+            }
+            if addr.is_unspecified()
+                || addr.is_loopback()
+                || addr.is_multicast()
+                || net == "255.255.255.255/32".parse::<IpNet>().expect("literal")
+            {
+                return Err(NodeError::invalid(&field, format!("{net} cannot be a vWire's address")));
+            }
+            Ok(net)
         };
         let pair = Pair {
             src: parse("src_ip_addrs", &ip.src_ip_addrs)?,
@@ -352,6 +374,37 @@ impl RemoteEnds {
         }
         let tunnel = self.tunnels.get(kind).expect("checked: this node builds it");
         let ep = self.endpoint(&endpoint).await?;
+        // A node's request carries addresses of the service's pool, as the registry leased them.
+        if checked {
+            let (svc_ns, svc_name, _) = upstream::parse_name("connection.network_service", &conn.network_service)
+                .map_err(|e| NodeError::invalid(e.field, e.reason))?;
+            let view = self.cache.snapshot();
+            let spec = view.service(&svc_ns, &svc_name).and_then(|s| s.spec.as_ref());
+            // The service's encryption binds the endpoint's side too: whatever the client's node
+            // decided, a `required` service gets no plaintext tunnel here.
+            if spec.is_some_and(|s| s.encryption == "required") && !kind.encrypted() {
+                return Err(NodeError::PermissionDenied(format!(
+                    "service {} requires encryption; {} is not encrypted (rule: the service's encryption is a floor, on both nodes)",
+                    conn.network_service,
+                    kind.as_str()
+                )));
+            }
+            let cidr = spec
+                .map(|s| s.cidr.clone())
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| nsm_model::pairs::DEFAULT_POOL.to_owned());
+            let pool: IpNet = cidr
+                .parse()
+                .map_err(|_| NodeError::Precondition(format!("service {}: pool {cidr:?}", conn.network_service)))?;
+            for (field, a) in [("src_ip_addrs", pair.src), ("dst_ip_addrs", pair.dst)] {
+                if !pool.contains(&a.addr()) {
+                    return Err(NodeError::PermissionDenied(format!(
+                        "connection.context.ip_context.{field}: {a} is not in service {}'s pool {pool} (rule: a vWire's addresses come from its service's pool)",
+                        conn.network_service
+                    )));
+                }
+            }
+        }
         // A node's request is for a service the endpoint offers (an address endpoint without a
         // list serves what its clients pin it for).
         if checked && !ep.network_services.is_empty() {

@@ -141,3 +141,12 @@ fn raise_fd_limit() {
         Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
     }
 }
+
+/// Creates `dir` (and its parents) if missing and makes it 0700: a daemon's data directory holds
+/// keys and state that only the daemon reads.
+pub(crate) fn private_dir(dir: &Path, flag: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {flag} {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {flag} {} private (0700)", dir.display()))
+}

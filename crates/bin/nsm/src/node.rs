@@ -116,8 +116,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             humantime::format_duration(args.resync)
         );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
+    crate::private_dir(&args.data_dir, "--data-dir")?;
     let (credentials, name, registry) = if args.insecure {
         tracing::warn!("--insecure: plaintext TCP to the registry and other nodes; never run a domain like this");
         let name = args.name.clone().context("--name: required with --insecure")?;

@@ -64,11 +64,15 @@ pub(crate) struct Args {
 
 async fn open_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
     if args.store == "embedded" {
-        std::fs::create_dir_all(&args.data_dir)
-            .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
+        crate::private_dir(&args.data_dir, "--data-dir")?;
         let path = args.data_dir.join("registry.redb");
         let store = nsm_store_redb::RedbStore::open(&path)
             .with_context(|| format!("cannot open the embedded store {}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot make {} private (0600)", path.display()))?;
+        }
         return Ok(Arc::new(store));
     }
     if let Some(list) = args.store.strip_prefix("etcd://") {
@@ -106,6 +110,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if urls.is_empty() {
         bail!("--listen: give at least one URL");
     }
+    crate::private_dir(&args.data_dir, "--data-dir")?;
     let group = args.socket_group.as_deref().map(group_id).transpose()?;
     let unix = nsm_transport::UnixOptions { mode: 0o660, group };
     // Bind everything first: a bad address stops start-up before anything is served.

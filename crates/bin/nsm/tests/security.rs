@@ -64,9 +64,13 @@ fn client_of(node: &str, name: &str) -> pb::Resource {
 async fn identities_tokens_users_and_refusals() {
     let registry = NsmRegistry::start(Path::new(NSM), &[]).unwrap();
     let admin = registry.admin_config();
-    // The admin config: 0600, and it works.
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&admin).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o600);
+    // The admin config: 0600, and it works; the data directory 0700, the database 0600.
+    let mode_of =
+        |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+    assert_eq!(mode_of(&admin), 0o600);
+    assert_eq!(mode_of(&registry.data_dir()), 0o700);
+    assert_eq!(mode_of(&registry.data_dir().join("registry.redb")), 0o600);
+    assert_eq!(mode_of(&registry.data_dir().join("ca/ca.key")), 0o600);
     assert!(ok(nsmctl(&registry, &["whoami"])).contains("spiffe://nsm.local/admin/admin"));
 
     // Plaintext to the mTLS port gets nothing.
@@ -164,6 +168,8 @@ async fn identities_tokens_users_and_refusals() {
         "{}",
         n1.log()
     );
+    assert_eq!(mode_of(&n1.data_dir()), 0o700);
+    assert_eq!(mode_of(&n1.data_dir().join("identity/svid.key")), 0o600);
     let token = ok(nsmctl(&registry, &["node", "token", "n1", "-o", "json"]));
     let token: serde_json::Value = serde_json::from_str(&token).unwrap();
     let t = token["joinToken"].as_str().unwrap().to_owned();

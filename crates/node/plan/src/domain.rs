@@ -113,14 +113,22 @@ pub enum Encryption {
 }
 
 impl Encryption {
-    /// The client's setting, else its service's, else none.
+    /// The stronger of the client's setting and its service's: the service's is a floor that a
+    /// client may raise, never lower (a client asking `none` of a `required` service gets
+    /// WIREGUARD or nothing).
     pub fn effective(client: &str, service: &str) -> Encryption {
-        let s = if client.is_empty() { service } else { client };
-        match s {
+        let parse = |s: &str| match s {
             "required" => Encryption::Required,
             "preferred" => Encryption::Preferred,
             _ => Encryption::None,
-        }
+        };
+        let rank = |e: Encryption| match e {
+            Encryption::None => 0,
+            Encryption::Preferred => 1,
+            Encryption::Required => 2,
+        };
+        let (c, s) = (parse(client), parse(service));
+        if rank(c) >= rank(s) { c } else { s }
     }
 
     /// Whether a cross-node vWire built with `mechanism` may stand under this setting.
@@ -195,7 +203,10 @@ mod tests {
     #[test]
     fn encryption_is_the_clients_else_the_services() {
         assert_eq!(Encryption::effective("", "required"), Encryption::Required);
-        assert_eq!(Encryption::effective("none", "required"), Encryption::None);
+        assert_eq!(Encryption::effective("none", "required"), Encryption::Required);
+        assert_eq!(Encryption::effective("none", "preferred"), Encryption::Preferred);
+        assert_eq!(Encryption::effective("required", "none"), Encryption::Required);
+        assert_eq!(Encryption::effective("preferred", "required"), Encryption::Required);
         assert_eq!(Encryption::effective("preferred", ""), Encryption::Preferred);
         assert_eq!(Encryption::effective("", ""), Encryption::None);
         assert!(!Encryption::Required.allows(MechanismKind::Vxlan));
