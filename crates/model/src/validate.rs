@@ -103,6 +103,12 @@ fn label_part(field: &str, what: &str, s: &str, allow_empty: bool) -> Result<()>
 
 /// Labels as Kubernetes defines them: key `[prefix/]name`, value up to 63 characters.
 pub fn labels(field: &str, labels: &HashMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return Err(ValidationError::new(
+            field,
+            format!("{} labels; at most {MAX_LABELS}", labels.len()),
+        ));
+    }
     for (k, v) in labels {
         let f = format!("{field}[{k}]");
         let name = match k.split_once('/') {
@@ -123,12 +129,32 @@ pub fn labels(field: &str, labels: &HashMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// Labels (or selector entries) one map may hold: every label is carried on every copy of a
+/// resource, in every watch event to every node, so a map is bounded like Kubernetes' practice.
+pub const MAX_LABELS: usize = 64;
+/// A selector key: a DNS-subdomain prefix (253), `/` and a name (63).
+const MAX_SELECTOR_KEY: usize = 317;
+/// A selector value: upstream templates (`{{.nodeName}}`) are longer than label values.
+const MAX_SELECTOR_VALUE: usize = 1024;
+
 /// Selector maps of upstream `matches` and per-service labels: keys must be non-empty; values may
 /// be upstream templates such as `{{.nodeName}}`, so only control characters are refused.
 pub fn selector(field: &str, map: &HashMap<String, String>) -> Result<()> {
+    if map.len() > MAX_LABELS {
+        return Err(ValidationError::new(
+            field,
+            format!("{} entries; at most {MAX_LABELS}", map.len()),
+        ));
+    }
     for (k, v) in map {
         if k.is_empty() {
             return Err(ValidationError::new(field, "label keys must not be empty"));
+        }
+        if k.len() > MAX_SELECTOR_KEY || v.len() > MAX_SELECTOR_VALUE {
+            return Err(ValidationError::new(
+                format!("{field}[{k}]"),
+                format!("keys are at most {MAX_SELECTOR_KEY} bytes and values {MAX_SELECTOR_VALUE}"),
+            ));
         }
         if k.chars().chain(v.chars()).any(char::is_control) {
             return Err(ValidationError::new(
@@ -597,6 +623,29 @@ mod tests {
 #[cfg(test)]
 mod hostile_addresses {
     use super::*;
+
+    #[test]
+    fn label_maps_are_bounded() {
+        let many: HashMap<String, String> = (0..=MAX_LABELS).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        assert!(
+            labels("metadata.labels", &many)
+                .unwrap_err()
+                .reason
+                .contains("at most 64")
+        );
+        assert!(
+            selector("spec.matches[0].sourceSelector", &many)
+                .unwrap_err()
+                .reason
+                .contains("at most 64")
+        );
+        let long: HashMap<String, String> = [("k".to_string(), "v".repeat(MAX_SELECTOR_VALUE + 1))].into();
+        let e = selector("s", &long).unwrap_err();
+        assert_eq!(e.field, "s[k]");
+        let fine: HashMap<String, String> = (0..MAX_LABELS).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        labels("metadata.labels", &fine).unwrap();
+        selector("s", &fine).unwrap();
+    }
 
     #[test]
     fn host_addresses_and_pools() {
