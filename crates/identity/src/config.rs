@@ -26,6 +26,13 @@ pub struct ClientConfig {
     pub key: String,
 }
 
+impl Drop for ClientConfig {
+    /// The key is wiped from memory with the configuration.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
 impl std::fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientConfig")

@@ -28,8 +28,9 @@ pub struct Svid {
 struct Inner {
     id: SpiffeId,
     chain_pem: String,
-    key_pem: String,
-    key_der: Vec<u8>,
+    /// Wiped when the last holder drops it, as are all private keys nsm keeps.
+    key_pem: zeroize::Zeroizing<String>,
+    key_der: zeroize::Zeroizing<Vec<u8>>,
     chain: Vec<CertificateDer<'static>>,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -154,8 +155,8 @@ impl Svid {
             inner: Arc::new(Inner {
                 id,
                 chain_pem: chain_pem.to_owned(),
-                key_pem: key_pem.to_owned(),
-                key_der: key_der.secret_pkcs8_der().to_vec(),
+                key_pem: zeroize::Zeroizing::new(key_pem.to_owned()),
+                key_der: zeroize::Zeroizing::new(key_der.secret_pkcs8_der().to_vec()),
                 chain,
                 not_before,
                 not_after,
@@ -250,8 +251,8 @@ impl Svid {
 
 /// A fresh P-256 key and a CSR for it (the CSR carries no names; the CA decides them).
 pub struct KeyAndCsr {
-    /// The key, PKCS#8 PEM; it stays with its holder.
-    pub key_pem: String,
+    /// The key, PKCS#8 PEM; it stays with its holder (wiped when dropped).
+    pub key_pem: zeroize::Zeroizing<String>,
     /// The PKCS#10 request, DER; it goes to the CA.
     pub csr_der: Vec<u8>,
 }
@@ -274,7 +275,7 @@ impl KeyAndCsr {
             .serialize_request(&key)
             .map_err(|e| IdentityError::Issue(format!("cannot make a CSR: {e}")))?;
         Ok(KeyAndCsr {
-            key_pem: key.serialize_pem(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
             csr_der: csr.der().to_vec(),
         })
     }
