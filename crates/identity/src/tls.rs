@@ -208,6 +208,7 @@ impl Credentials {
     pub fn server_config(&self) -> Arc<ServerConfig> {
         let verifier = Arc::new(SpiffeClientVerifier {
             shared: self.shared.clone(),
+            algs: self.shared.provider.signature_verification_algorithms,
         });
         let mut config = ServerConfig::builder_with_provider(self.shared.provider.clone())
             .with_safe_default_protocol_versions()
@@ -228,6 +229,7 @@ impl Credentials {
         let verifier = Arc::new(SpiffeServerVerifier {
             shared: self.shared.clone(),
             expect,
+            algs: self.shared.provider.signature_verification_algorithms,
         });
         let mut config = ClientConfig::builder_with_provider(self.shared.provider.clone())
             .with_safe_default_protocol_versions()
@@ -311,9 +313,38 @@ impl ResolvesClientCert for CurrentSvid {
     }
 }
 
+/// The handshake-signature methods every verifier here has alike: checked with the ring
+/// provider's algorithms, which each verifier keeps as `algs`.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    };
+}
+
 /// Server side: optional client certificates, checked against the current bundle and trust domain.
 struct SpiffeClientVerifier {
     shared: Arc<Shared>,
+    algs: WebPkiSupportedAlgorithms,
 }
 
 impl fmt::Debug for SpiffeClientVerifier {
@@ -354,46 +385,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.shared.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.shared.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.shared
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks!();
 }
 
 /// Client side: the server's chain against the current bundle, its SPIFFE ID against `expect`.
 struct SpiffeServerVerifier {
     shared: Arc<Shared>,
     expect: Expect,
+    algs: WebPkiSupportedAlgorithms,
 }
 
 impl fmt::Debug for SpiffeServerVerifier {
@@ -415,9 +414,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let roots = self.shared.state.read().roots.clone();
-        let algs = &self.shared.provider.signature_verification_algorithms;
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&parsed, &roots, intermediates, now, algs.all)?;
+        verify_server_cert_signed_by_trust_anchor(&parsed, &roots, intermediates, now, self.algs.all)?;
         let id = peer_id(end_entity).map_err(bad_peer_cert)?;
         match &self.expect {
             Expect::Id(want) if &id != want => Err(refuse(format!("server is {id}, expected {want}"))),
@@ -429,40 +427,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.shared.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.shared.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.shared
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks!();
 }
 
 /// Joining: the registry's chain must contain the CA the join token pins, and its leaf must verify
@@ -511,25 +476,5 @@ impl ServerCertVerifier for PinnedCaVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!();
 }

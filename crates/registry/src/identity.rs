@@ -70,7 +70,7 @@ struct StoredToken {
 /// The users and their grants, as the gate needs them on every call: in memory, following the
 /// store.
 #[derive(Clone, Default)]
-pub struct Users(pub(crate) Arc<RwLock<HashMap<String, Grant>>>);
+pub(crate) struct Users(pub(crate) Arc<RwLock<HashMap<String, Grant>>>);
 
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())

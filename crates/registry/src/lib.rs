@@ -27,7 +27,8 @@ use tonic::service::Routes;
 
 pub use authz::{Caller, Grant, NodeExists, RegistryGate, UnixPolicy, UserRole};
 pub use error::RegistryError;
-pub use identity::{DEFAULT_USER_TTL, Security, Users};
+use identity::Users;
+pub use identity::{DEFAULT_USER_TTL, Security};
 pub use nsm_model::Kind;
 
 use crate::cache::{Cache, Item};

@@ -80,9 +80,13 @@ impl Harness {
             .unwrap();
         let url = l.url().to_string();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(l.serve(registry.routes().await, None, async move {
-            let _ = rx.await;
-        }));
+        tokio::spawn(l.serve_secure(
+            registry.routes().await,
+            nsm_transport::ServerSecurity::Insecure,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         self._stops.push(stop);
         let api = ResourceServiceClient::new(nsm_transport::connect(&url, Duration::from_secs(5)).await.unwrap());
         self.registries.push(api.clone());

@@ -41,8 +41,8 @@ async fn start(config: Config) -> Harness {
     let shared = futures::FutureExt::shared(async move {
         let _ = rx.await;
     });
-    tokio::spawn(tcp.serve(routes.clone(), None, shared.clone()));
-    tokio::spawn(unix.serve(routes, None, shared));
+    tokio::spawn(tcp.serve_secure(routes.clone(), nsm_transport::ServerSecurity::Insecure, shared.clone()));
+    tokio::spawn(unix.serve_secure(routes, nsm_transport::ServerSecurity::Insecure, shared));
     Harness {
         _dir: dir,
         tcp: tcp_url,

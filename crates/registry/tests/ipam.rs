@@ -33,9 +33,11 @@ async fn start() -> Harness {
         .unwrap();
     let url = l.url().to_string();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(l.serve(routes, None, async move {
-        let _ = rx.await;
-    }));
+    tokio::spawn(
+        l.serve_secure(routes, nsm_transport::ServerSecurity::Insecure, async move {
+            let _ = rx.await;
+        }),
+    );
     let channel = nsm_transport::connect(&url, Duration::from_secs(5)).await.unwrap();
     Harness {
         _dir: dir,

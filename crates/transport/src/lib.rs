@@ -8,27 +8,24 @@
 //! checked by SPIFFE ID ([`ServerSecurity`], [`ClientSecurity`], with credentials from
 //! `nsm-identity` that rotate in place), and hand every request the [`Peer`] its connection proved.
 //! Unix sockets stay local to the host, are not wrapped in TLS, and identify callers by the kernel's
-//! peer credentials and the socket's file mode ([`UnixOptions`]). The older [`ServerTls`] /
-//! [`ClientTls`] (PEM files, host-name checks) remain for callers that still use them.
+//! peer credentials and the socket's file mode ([`UnixOptions`]). [`connect`] is plaintext
+//! [`connect_secure`]: for unix sockets, and servers started with `--insecure`.
 #![forbid(unsafe_code)]
 
 mod secure;
-mod tls;
 
-pub use secure::{ClientSecurity, Peer, ServerSecurity, UnixOptions, connect_lazy_secure, connect_secure};
-pub use tls::{ClientTls, ServerTls};
+pub use secure::{
+    ClientSecurity, MAX_HANDSHAKES, Peer, ServerSecurity, UnixOptions, connect_lazy_secure, connect_secure,
+};
 
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::Channel;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -170,108 +167,12 @@ impl Listener {
             Listener::Tcp(_, u) | Listener::Unix(_, u) => u,
         }
     }
-
-    /// Serves `routes` on this listener until `shutdown` resolves; TCP over TLS when `tls` is given.
-    pub async fn serve(
-        self,
-        routes: Routes,
-        tls: Option<ServerTls>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), TransportError> {
-        let url = self.url().clone();
-        let mut builder = Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)));
-        let result = match self {
-            Listener::Tcp(l, _) => {
-                if let Some(tls) = tls {
-                    builder = builder
-                        .tls_config(tls.config()?)
-                        .map_err(|e| TransportError::Tls(error_chain(&e)))?;
-                }
-                // tonic's own `tcp_nodelay` applies only to listeners it binds itself; without it on
-                // accepted connections, Nagle holds a response's second write until the client's
-                // delayed ACK (40 ms) — every small unary call would cost 40 ms.
-                let incoming = futures::StreamExt::map(TcpListenerStream::new(l), |conn| {
-                    conn.and_then(|c| {
-                        c.set_nodelay(true)?;
-                        Ok(c)
-                    })
-                });
-                builder
-                    .add_routes(routes)
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-            }
-            Listener::Unix(l, _) => {
-                let r = builder
-                    .add_routes(routes)
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
-                    .await;
-                if let Url::Unix(path) = &url {
-                    let _ = std::fs::remove_file(path);
-                }
-                r
-            }
-        };
-        result.map_err(|source| TransportError::Serve {
-            url: url.to_string(),
-            source,
-        })
-    }
 }
 
-/// Dials `url` and waits until connected (up to `timeout`), so that an unreachable server is
-/// reported at once and by name.
+/// Dials `url` in plaintext and waits until connected (up to `timeout`), so that an unreachable
+/// server is reported at once and by name.
 pub async fn connect(url: &str, timeout: Duration) -> Result<Channel, TransportError> {
-    connect_with(url, timeout, None).await
-}
-
-/// Like [`connect`], over TLS for `tcp://` URLs when `tls` is given.
-pub async fn connect_with(url: &str, timeout: Duration, tls: Option<&ClientTls>) -> Result<Channel, TransportError> {
-    let endpoint = endpoint_with(url, tls)?.connect_timeout(timeout);
-    match tokio::time::timeout(timeout, endpoint.connect()).await {
-        Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e)) => Err(TransportError::Connect {
-            url: url.to_owned(),
-            reason: error_chain(&e),
-        }),
-        Err(_) => Err(TransportError::Connect {
-            url: url.to_owned(),
-            reason: format!("no answer within {timeout:?}"),
-        }),
-    }
-}
-
-/// A lazily connecting channel to `url` (reconnects by itself).
-pub fn connect_lazy(url: &str) -> Result<Channel, TransportError> {
-    connect_lazy_with(url, None)
-}
-
-/// Like [`connect_lazy`], over TLS for `tcp://` URLs when `tls` is given.
-pub fn connect_lazy_with(url: &str, tls: Option<&ClientTls>) -> Result<Channel, TransportError> {
-    Ok(endpoint_with(url, tls)?.connect_lazy())
-}
-
-fn endpoint_with(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, TransportError> {
-    let parsed: Url = url.parse()?;
-    let uri = match (&parsed, tls) {
-        (Url::Tcp(addr), None) => format!("http://{addr}"),
-        (Url::Tcp(addr), Some(_)) => format!("https://{addr}"),
-        (Url::Unix(path), _) => format!("unix://{}", path.display()),
-    };
-    let endpoint = Endpoint::from_shared(uri)
-        .map(|e| e.tcp_nodelay(true))
-        .map_err(|e| TransportError::InvalidUrl {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        })?;
-    match (&parsed, tls) {
-        (Url::Tcp(addr), Some(tls)) => endpoint
-            .tls_config(tls.config(&addr.ip().to_string())?)
-            .map_err(|e| TransportError::Tls(error_chain(&e))),
-        _ => Ok(endpoint),
-    }
+    connect_secure(url, timeout, &ClientSecurity::Insecure).await
 }
 
 /// "outer: inner: innermost" for errors whose Display hides their cause.

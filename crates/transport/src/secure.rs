@@ -231,8 +231,9 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, addr: SocketAddr) -> O
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
-/// TLS handshakes one listener runs at once; connections beyond it are closed unanswered.
-const MAX_HANDSHAKES: usize = 512;
+/// TLS handshakes one listener runs at once; connections beyond it are closed unanswered (a flood
+/// of clients that never finish must not take every descriptor).
+pub const MAX_HANDSHAKES: usize = 512;
 
 /// Accepted TLS connections: each handshake runs in its own task, so a slow or bad client never
 /// stalls the others; dropping the stream (server stopped) aborts handshakes still under way.
@@ -410,8 +411,14 @@ fn tls_reason(e: &io::Error) -> String {
     }
 }
 
-fn plain_endpoint(url: &str, addr: SocketAddr) -> Result<Endpoint, TransportError> {
-    Endpoint::from_shared(format!("http://{addr}"))
+/// A tonic endpoint for `url`: `http://ADDR` for TCP (tonic adds no TLS of its own: with
+/// security, [`tls_connector`] does the handshake), `unix://PATH` for a unix socket.
+fn endpoint(url: &str, parsed: &Url) -> Result<Endpoint, TransportError> {
+    let uri = match parsed {
+        Url::Tcp(addr) => format!("http://{addr}"),
+        Url::Unix(path) => format!("unix://{}", path.display()),
+    };
+    Endpoint::from_shared(uri)
         .map(|e| e.tcp_nodelay(true))
         .map_err(|e| TransportError::InvalidUrl {
             url: url.to_owned(),
@@ -419,42 +426,41 @@ fn plain_endpoint(url: &str, addr: SocketAddr) -> Result<Endpoint, TransportErro
         })
 }
 
-/// Dials `url` and waits until connected (up to `timeout`). `tcp://` URLs use `security`; `unix://`
-/// URLs ignore it (the server knows the caller from the kernel). Errors name the URL and give the
-/// TLS reason.
+/// Dials `url` and waits until connected (up to `timeout`), so that an unreachable server is
+/// reported at once and by name. `tcp://` URLs use `security`; `unix://` URLs ignore it (the
+/// server knows the caller from the kernel). Errors name the URL and give the TLS reason.
 pub async fn connect_secure(
     url: &str,
     timeout: Duration,
     security: &ClientSecurity,
 ) -> Result<Channel, TransportError> {
-    let Url::Tcp(addr) = url.parse()? else {
-        return crate::connect(url, timeout).await;
-    };
-    let Some(config) = client_config(security)? else {
-        return crate::connect(url, timeout).await;
-    };
-    let endpoint = plain_endpoint(url, addr)?.connect_timeout(timeout);
-    match tokio::time::timeout(timeout, endpoint.connect_with_connector(tls_connector(addr, config))).await {
-        Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e)) => Err(TransportError::Connect {
+    let parsed: Url = url.parse()?;
+    let endpoint = endpoint(url, &parsed)?.connect_timeout(timeout);
+    let connecting = async {
+        match (&parsed, client_config(security)?) {
+            (Url::Tcp(addr), Some(config)) => endpoint.connect_with_connector(tls_connector(*addr, config)).await,
+            _ => endpoint.connect().await,
+        }
+        .map_err(|e| TransportError::Connect {
             url: url.to_owned(),
             reason: error_chain(&e),
-        }),
-        Err(_) => Err(TransportError::Connect {
+        })
+    };
+    tokio::time::timeout(timeout, connecting).await.unwrap_or_else(|_| {
+        Err(TransportError::Connect {
             url: url.to_owned(),
             reason: format!("no answer within {timeout:?}"),
-        }),
-    }
+        })
+    })
 }
 
 /// A lazily connecting channel to `url` (reconnects by itself, each time with the credentials'
 /// current SVID).
 pub fn connect_lazy_secure(url: &str, security: &ClientSecurity) -> Result<Channel, TransportError> {
-    let Url::Tcp(addr) = url.parse()? else {
-        return crate::connect_lazy(url);
-    };
-    let Some(config) = client_config(security)? else {
-        return crate::connect_lazy(url);
-    };
-    Ok(plain_endpoint(url, addr)?.connect_with_connector_lazy(tls_connector(addr, config)))
+    let parsed: Url = url.parse()?;
+    let endpoint = endpoint(url, &parsed)?;
+    Ok(match (&parsed, client_config(security)?) {
+        (Url::Tcp(addr), Some(config)) => endpoint.connect_with_connector_lazy(tls_connector(*addr, config)),
+        _ => endpoint.connect_lazy(),
+    })
 }

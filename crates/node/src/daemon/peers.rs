@@ -85,13 +85,14 @@ impl Peers {
 
     /// Requests (or refreshes) a connection at the node at `url`.
     pub(crate) async fn request(&self, url: &str, mut conn: Connection, prefs: Vec<Mechanism>) -> Result<Connection> {
-        let signer = match &self.credentials {
-            Some(credentials) => Some(crate::tokens::stamp_client_path(
-                &mut conn,
-                credentials,
-                &self.peer_id(credentials, url)?,
-            )?),
+        // Who is at `url`, looked up once: the tokens are addressed to it, its answer checked.
+        let peer = match &self.credentials {
+            Some(credentials) => Some(self.peer_id(credentials, url)?),
             None => None,
+        };
+        let signer = match (&self.credentials, &peer) {
+            (Some(credentials), Some(id)) => Some(crate::tokens::stamp_client_path(&mut conn, credentials, id)?),
+            _ => None,
         };
         let mut req = tonic::Request::new(NetworkServiceRequest {
             connection: Some(conn),
@@ -107,7 +108,9 @@ impl Peers {
         match deadline(client.request(req)).await {
             Ok(r) => {
                 let answer = r.into_inner();
-                self.check_key(url, &answer).await?;
+                if let Some(id) = &peer {
+                    self.check_key(id, &answer).await?;
+                }
                 Ok(answer)
             }
             Err(status) => {
@@ -121,10 +124,7 @@ impl Peers {
     }
 
     /// The endpoint's node answered WIREGUARD with its key: the one it publishes in its Node.
-    async fn check_key(&self, url: &str, answer: &Connection) -> Result<()> {
-        let Some(credentials) = &self.credentials else {
-            return Ok(());
-        };
+    async fn check_key(&self, id: &nsm_identity::SpiffeId, answer: &Connection) -> Result<()> {
         let Some(m) = answer
             .mechanism
             .as_ref()
@@ -132,7 +132,6 @@ impl Peers {
         else {
             return Ok(());
         };
-        let id = self.peer_id(credentials, url)?;
         let nsm_identity::Role::Node(node) = id.role() else {
             return Ok(());
         };
