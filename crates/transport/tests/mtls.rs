@@ -430,3 +430,54 @@ async fn a_stalled_handshake_does_not_block_others() {
     }
     call(&server.url, &mtls(&d.creds(&node("c")), node("s"))).await.unwrap();
 }
+
+/// A flood of connections that never finish their handshake holds at most
+/// `MAX_HANDSHAKES` of the server's descriptors: the next connection is closed unanswered, and
+/// once the flood goes, clients are served again.
+#[tokio::test]
+async fn handshakes_under_way_are_capped() {
+    // Both ends of every connection live in this process: room for twice the cap and more.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let want = (4 * nsm_transport::MAX_HANDSHAKES as u64).min(hard);
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, hard).unwrap();
+    let d = Domain::new();
+    let server = mtls_server(&d.creds(&node("s"))).await;
+    let addr = server.url.trim_start_matches("tcp://").to_owned();
+    let mut flood = Vec::new();
+    for _ in 0..nsm_transport::MAX_HANDSHAKES {
+        flood.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // The server has taken them all (each is waiting for its ClientHello).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut over = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut over, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection beyond the cap was not closed: {read:?}"
+    );
+    // One under the cap is held open, waiting for its handshake.
+    drop(flood.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut under = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let read = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(&mut under, &mut buf),
+    )
+    .await;
+    assert!(read.is_err(), "a connection under the cap was closed: {read:?}");
+    drop((flood, under));
+    let mut served = false;
+    for _ in 0..50 {
+        if call(&server.url, &mtls(&d.creds(&node("c")), node("s"))).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "clients are served again once the flood is gone");
+}

@@ -26,7 +26,11 @@ fn nse(i: usize) -> reg::NetworkServiceEndpoint {
 }
 
 async fn all_names(url: &str) -> Vec<String> {
-    let mut c = client(url).await;
+    names_at(client(url).await).await
+}
+
+/// Every endpoint name the registry at the other end of `c` serves, sorted.
+async fn names_at(mut c: NetworkServiceEndpointRegistryClient<Channel>) -> Vec<String> {
     let mut s = c
         .find(reg::NetworkServiceEndpointQuery {
             network_service_endpoint: Some(Default::default()),
@@ -209,24 +213,7 @@ async fn registries_share_a_tls_etcd_and_a_brought_ca() {
     )
     .await
     .unwrap();
-    let mut at_b = NetworkServiceEndpointRegistryClient::new(ch);
-    let mut s = at_b
-        .find(reg::NetworkServiceEndpointQuery {
-            network_service_endpoint: Some(Default::default()),
-            watch: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let found = s
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .network_service_endpoint
-        .unwrap()
-        .name;
-    assert_eq!(found, "nse-7");
+    assert_eq!(names_at(NetworkServiceEndpointRegistryClient::new(ch)).await, ["nse-7"]);
     // A wrong etcd CA: start-up fails naming the file.
     let bad = args("/nonexistent/etcd-ca.pem");
     let e = NsmRegistry::start(Path::new(NSM), &bad.iter().map(String::as_str).collect::<Vec<_>>())

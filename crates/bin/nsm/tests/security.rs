@@ -27,6 +27,23 @@ fn ctl_as(registry: &NsmRegistry, config: &Path, args: &[&str]) -> (bool, String
     )
 }
 
+/// A channel to the registry from a stock TLS client (tonic's own, as any gRPC stack is) presenting
+/// the workload SVID in `dir` and verifying the registry by its address with the CA bundle there.
+async fn stock_tls_channel(registry: &NsmRegistry, dir: &Path) -> tonic::transport::Channel {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("bundle.pem")))
+        .identity(tonic::transport::Identity::from_pem(read("svid.pem"), read("svid.key")))
+        .domain_name("127.0.0.1");
+    tonic::transport::Endpoint::from_shared(registry.url().replace("tcp://", "https://"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// A channel to the registry as the holder of the SVID stored in `identity_dir`.
 async fn as_holder(registry: &NsmRegistry, identity_dir: &Path) -> tonic::transport::Channel {
     let (svid, bundle) = Svid::load(identity_dir).unwrap().expect("an identity");
@@ -299,6 +316,11 @@ async fn identities_tokens_users_and_refusals() {
     assert_eq!(c.spec.unwrap().node, "n2");
     assert!(c.status.is_none_or(|s| s.reason != "forged"));
 
+    // Nodes find each other by URL and address: no Node may claim another's (n1 is at 192.0.2.1).
+    let dup = nsmctl(&registry, &["node", "create", "dup", "--address", "192.0.2.1"]);
+    assert!(!dup.0 && dup.2.contains("is node \"n1\"'s already"), "{dup:?}");
+    assert!(!ok(nsmctl(&registry, &["get", "nodes"])).contains("dup"));
+
     // A deleted node is revoked: its certificate, still unexpired, is refused, and it cannot
     // bring its Node back.
     ok(nsmctl(&registry, &["delete", "node", "n1"]));
@@ -392,6 +414,20 @@ async fn identities_tokens_users_and_refusals() {
     assert!(all.contains("b1") && !all.contains("b2"), "{all}");
     assert!(!ok(nsmctl(&registry, &["get", "nodes"])).contains("evil"));
     assert!(!ok(nsmctl(&registry, &["user", "get"])).contains("mallory"));
+    // alice mints workload identities in her namespace only.
+    let alice_wl = dir.path().join("alice-wl");
+    let aw = alice_wl.to_str().unwrap();
+    ok(ctl_as(
+        &registry,
+        &alice,
+        &["workload", "issue", "w1", "-n", "tenant-a", "--dir", aw],
+    ));
+    let (good, _, err) = ctl_as(
+        &registry,
+        &alice,
+        &["workload", "issue", "w2", "-n", "tenant-b", "--dir", aw],
+    );
+    assert!(!good && err.contains("alice") && err.contains("may not"), "{err}");
     ok(nsmctl(&registry, &["user", "delete", "alice"]));
     let (good, _, err) = ctl_as(&registry, &alice, &["get", "ns", "-n", "tenant-a"]);
     assert!(!good && err.contains("does not exist"), "{err}");
@@ -417,20 +453,8 @@ async fn identities_tokens_users_and_refusals() {
     assert!(issued.contains("spiffe://nsm.local/ns/tenant-a/nse/nse-1"), "{issued}");
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(wl.join("svid.key")).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
-    let read = |f: &str| std::fs::read_to_string(wl.join(f)).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read("bundle.pem")))
-        .identity(tonic::transport::Identity::from_pem(read("svid.pem"), read("svid.key")))
-        .domain_name("127.0.0.1");
-    let url = registry.url().replace("tcp://", "https://");
-    let ch = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut upstream = NetworkServiceEndpointRegistryClient::new(ch);
+    let upstream_channel = || stock_tls_channel(&registry, &wl);
+    let mut upstream = NetworkServiceEndpointRegistryClient::new(upstream_channel().await);
     let nse = |name: &str, service: &str| reg::NetworkServiceEndpoint {
         name: name.into(),
         network_service_names: vec![service.into()],
@@ -447,30 +471,40 @@ async fn identities_tokens_users_and_refusals() {
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{name}: {e:?}");
     }
     assert!(!ok(nsmctl(&registry, &["get", "endpoints", "-A"])).contains("x "));
+    // A workload leases vL3 prefixes of its own namespace's vL3s only.
+    ok(nsmctl(
+        &registry,
+        &[
+            "ns",
+            "create",
+            "v3",
+            "-n",
+            "tenant-b",
+            "--type",
+            "vl3",
+            "--cidr",
+            "10.90.0.0/16",
+        ],
+    ));
+    let mut ipam = nsm_api::ipam::ipam_client::IpamClient::new(upstream_channel().await);
+    let mut r = tonic::Request::new(futures::stream::iter(vec![nsm_api::ipam::PrefixRequest::default()]));
+    r.metadata_mut()
+        .insert("nsm-network-service", "v3.tenant-b".parse().unwrap());
+    let e = ipam.manage_prefixes(r).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("own namespace"), "{}", e.message());
+    assert!(!ok(nsmctl(&registry, &["get", "prefixes", "-n", "tenant-b"])).contains("10.90."));
     // Minting identities is the admins' (and the namespace's users'): not a workload's.
-    let e = nsm_api::nsm::v1::identity_service_client::IdentityServiceClient::new(
-        tonic::transport::Endpoint::from_shared(registry.url().replace("tcp://", "https://"))
-            .unwrap()
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(read("bundle.pem")))
-                    .identity(tonic::transport::Identity::from_pem(read("svid.pem"), read("svid.key")))
-                    .domain_name("127.0.0.1"),
-            )
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    )
-    .issue_workload(v1::IssueWorkloadRequest {
-        namespace: "tenant-a".into(),
-        name: "more".into(),
-        kind: "nse".into(),
-        csr: nsm_identity::KeyAndCsr::generate().unwrap().csr_der,
-        ttl_seconds: 60,
-    })
-    .await
-    .unwrap_err();
+    let e = nsm_api::nsm::v1::identity_service_client::IdentityServiceClient::new(upstream_channel().await)
+        .issue_workload(v1::IssueWorkloadRequest {
+            namespace: "tenant-a".into(),
+            name: "more".into(),
+            kind: "nse".into(),
+            csr: nsm_identity::KeyAndCsr::generate().unwrap().csr_der,
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 }
 
