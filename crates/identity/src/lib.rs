@@ -28,6 +28,3 @@ pub use join::JoinToken;
 pub use spiffe::{Role, SpiffeId};
 pub use svid::{KeyAndCsr, Svid, peer_id};
 pub use tls::{Credentials, Expect};
-
-/// Lifetime of the SVIDs of nodes and the registry unless configured (the default).
-pub const DEFAULT_SVID_TTL: std::time::Duration = std::time::Duration::from_secs(3600);

@@ -76,22 +76,6 @@ impl Peer {
     pub fn from_extensions(e: &http::Extensions) -> Option<&Peer> {
         e.get::<Peer>()
     }
-
-    /// The SPIFFE ID, when the peer proved one.
-    pub fn spiffe_id(&self) -> Option<&SpiffeId> {
-        match self {
-            Peer::Spiffe { id, .. } => Some(id),
-            _ => None,
-        }
-    }
-
-    /// The network address, for TCP peers.
-    pub fn addr(&self) -> Option<SocketAddr> {
-        match self {
-            Peer::Spiffe { addr, .. } | Peer::Anonymous { addr } | Peer::Insecure { addr } => *addr,
-            Peer::Unix { .. } => None,
-        }
-    }
 }
 
 /// How a server protects its TCP listeners (unix sockets never use TLS).
